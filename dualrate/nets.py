@@ -1,0 +1,187 @@
+"""The two networks of Dual-Rate Diffusion: a heavy ContextEncoder and a LightDenoiser.
+
+Both are small U-ViTs (conv ResBlocks at 32x32 and 16x16, a transformer on the 8x8 grid, an up path with skips).
+The encoder's features are the last activations of every level of its up path; the light denoiser projects
+them with 1x1 convs and concatenates them in at each level. Neither network knows the noise schedule: they
+take t in [0, 1] and return v (the denoiser) or features (the encoder).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dualrate.config import ModelConfig, NetConfig
+
+
+def timestep_embedding(t: Tensor, dim: int) -> Tensor:
+    """Sinusoidal embedding of continuous t in [0, 1] -> (B, dim)."""
+    half = dim // 2
+    freqs = torch.exp(-math.log(10000.0) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    args = 1000.0 * t.float()[:, None] * freqs[None]  # (B, half)
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=1)
+
+
+def _groups(c: int) -> int:
+    return min(8, c // 4) if c >= 8 else 1
+
+
+class ResBlock(nn.Module):
+    """GroupNorm -> FiLM(emb) -> SiLU -> conv3x3 -> GroupNorm -> SiLU -> conv3x3, plus a (1x1) skip."""
+
+    def __init__(self, c_in: int, c_out: int, emb_dim: int) -> None:
+        super().__init__()
+        self.norm1 = nn.GroupNorm(_groups(c_in), c_in)
+        self.film = nn.Linear(emb_dim, 2 * c_in)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = nn.GroupNorm(_groups(c_out), c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        nn.init.zeros_(self.conv2.weight)
+        nn.init.zeros_(self.conv2.bias)
+        self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:
+        scale, shift = self.film(emb)[:, :, None, None].chunk(2, dim=1)  # (B, C, 1, 1) each
+        h = F.silu(self.norm1(x) * (1 + scale) + shift)
+        h = self.conv2(F.silu(self.norm2(self.conv1(h))))
+        return self.skip(x) + h
+
+
+class TransformerBlock(nn.Module):
+    """DiT-style block with adaptive LayerNorm (scale, shift, gate) from the embedding."""
+
+    def __init__(self, dim: int, heads: int, emb_dim: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(approximate="tanh"), nn.Linear(4 * dim, dim))
+        self.ada = nn.Linear(emb_dim, 6 * dim)
+        nn.init.zeros_(self.ada.weight)
+        nn.init.zeros_(self.ada.bias)
+
+    def forward(self, x: Tensor, emb: Tensor) -> Tensor:  # x: (B, L, D)
+        b, n, d = x.shape
+        sh1, sc1, g1, sh2, sc2, g2 = self.ada(emb)[:, None, :].chunk(6, dim=2)  # (B, 1, D) each
+        h = self.norm1(x) * (1 + sc1) + sh1
+        q, k, v = self.qkv(h).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, L, Dh)
+        att = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
+        x = x + g1 * self.proj(att)
+        return x + g2 * self.mlp(self.norm2(x) * (1 + sc2) + sh2)
+
+
+class Embedding(nn.Module):
+    """MLP over sinusoidal embeddings of each time input, plus a label embedding (index num_classes = null)."""
+
+    def __init__(self, n_times: int, num_classes: int, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.times = nn.ModuleList(
+            nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim)) for _ in range(n_times)
+        )
+        self.label = nn.Embedding(num_classes + 1, dim)
+
+    def forward(self, times: list[Tensor], label: Tensor) -> Tensor:
+        e = self.label(label.long())
+        for mlp, t in zip(self.times, times, strict=True):
+            e = e + mlp(timestep_embedding(t, self.dim))
+        return F.silu(e)
+
+
+class UViT(nn.Module):
+    """The shared topology. `extra` gives per-level channels concatenated into the up path and the 8x8 tokens
+    (the light network's projected encoder features); the down path sees only z."""
+
+    def __init__(self, cfg: NetConfig, emb_dim: int, extra: tuple[int, int, int] = (0, 0, 0)) -> None:
+        super().__init__()
+        c0, c1, c2 = cfg.channels
+        x0, x1, x2 = extra
+        self.stem = nn.Conv2d(1, c0, 3, padding=1)
+        self.down0 = ResBlock(c0, c0, emb_dim)  # 32x32
+        self.pool0 = nn.Conv2d(c0, c1, 3, stride=2, padding=1)
+        self.down1 = ResBlock(c1, c1, emb_dim)  # 16x16
+        self.pool1 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
+        self.mid_in = nn.Linear(c2 + x2, c2)  # 8x8 grid as 64 tokens
+        self.pos = nn.Parameter(torch.zeros(1, 64, c2))
+        self.blocks = nn.ModuleList(TransformerBlock(c2, cfg.heads, emb_dim) for _ in range(cfg.transformer_blocks))
+        self.up2 = ResBlock(2 * c2, c2, emb_dim)  # 8x8, skip from pool1
+        self.up1 = ResBlock(c2 + c1 + x1, c1, emb_dim)  # 16x16, skip from down1
+        self.up0 = ResBlock(c1 + c0 + x0, c0, emb_dim)  # 32x32, skip from down0
+
+    def forward(self, z: Tensor, emb: Tensor, extra: list[Tensor] | None = None) -> list[Tensor]:
+        """Returns the last activation of each up-path level: [(B,c0,32,32), (B,c1,16,16), (B,c2,8,8)]."""
+
+        def cat(h: Tensor, i: int) -> Tensor:
+            return h if extra is None else torch.cat([h, extra[i]], dim=1)
+
+        h0 = self.down0(self.stem(z), emb)  # (B, c0, 32, 32)
+        h1 = self.down1(self.pool0(h0), emb)  # (B, c1, 16, 16)
+        h2 = self.pool1(h1)  # (B, c2, 8, 8)
+        b, c, hh, ww = h2.shape
+        tok = self.mid_in(cat(h2, 2).flatten(2).transpose(1, 2)) + self.pos  # (B, 64, c2)
+        for blk in self.blocks:
+            tok = blk(tok, emb)
+        m = tok.transpose(1, 2).reshape(b, c, hh, ww)
+        u2 = self.up2(torch.cat([m, h2], dim=1), emb)  # (B, c2, 8, 8)
+        u1 = self.up1(cat(torch.cat([F.interpolate(u2, scale_factor=2.0, mode="nearest"), h1], dim=1), 1), emb)
+        u0 = self.up0(cat(torch.cat([F.interpolate(u1, scale_factor=2.0, mode="nearest"), h0], dim=1), 0), emb)
+        return [u0, u1, u2]
+
+
+class ContextEncoder(nn.Module):
+    """Heavy network E(z_tau, tau, y) -> e, run every K-th step. e = the up path's activations at every level."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.embed = Embedding(1, cfg.num_classes, cfg.encoder.emb_dim)
+        self.net = UViT(cfg.encoder, cfg.encoder.emb_dim)
+
+    def forward(self, z_tau: Tensor, tau: Tensor, label: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        f0, f1, f2 = self.net(z_tau, self.embed([tau], label))
+        return f0, f1, f2
+
+
+class LightDenoiser(nn.Module):
+    """Light network g(z_t, t, tau, y, e) -> v, run at every step, reusing the most recent encoder features."""
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        d = cfg.denoiser
+        self.embed = Embedding(2, cfg.num_classes, d.emb_dim)
+        # 1x1 projections of the encoder features down to the light network's width at each level.
+        self.proj = nn.ModuleList(
+            nn.Conv2d(ce, cd, 1) for ce, cd in zip(cfg.encoder.channels, d.channels, strict=True)
+        )
+        self.net = UViT(d, d.emb_dim, extra=d.channels)
+        self.out_norm = nn.GroupNorm(_groups(d.channels[0]), d.channels[0])
+        self.out = nn.Conv2d(d.channels[0], 1, 3, padding=1)
+        nn.init.zeros_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, z_t: Tensor, t: Tensor, tau: Tensor, label: Tensor, f0: Tensor, f1: Tensor, f2: Tensor) -> Tensor:
+        extra = [p(f) for p, f in zip(self.proj, (f0, f1, f2), strict=True)]
+        u0 = self.net(z_t, self.embed([t, tau], label), extra)[0]
+        return self.out(F.silu(self.out_norm(u0)))  # (B, 1, 32, 32)
+
+
+def count_flops(module: nn.Module, *inputs: Tensor) -> int:
+    """FLOPs of one forward pass, counted by torch's FlopCounterMode (matmuls and convs, 2 per MAC)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        module(*inputs)
+    return int(counter.get_total_flops())
+
+
+def per_image_flops(cfg: ModelConfig) -> tuple[int, int]:
+    """(encoder, denoiser) FLOPs for one image, counted at batch 1."""
+    enc, den = ContextEncoder(cfg).eval(), LightDenoiser(cfg).eval()
+    s = cfg.image_size
+    z, t, y = torch.zeros(1, 1, s, s), torch.zeros(1), torch.zeros(1, dtype=torch.long)
+    feats = [torch.zeros(1, *shape) for shape in cfg.feature_shapes]
+    return count_flops(enc, z, t, y), count_flops(den, z, t, t, y, *feats)
