@@ -69,7 +69,7 @@ class TransformerBlock(nn.Module):
         b, n, d = x.shape
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(emb)[:, None, :].chunk(6, dim=2)  # (B, 1, D) each
         h = self.norm1(x) * (1 + sc1) + sh1
-        q, k, v = self.qkv(h).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)  # (B, H, L, Dh)
+        q, k, v = self.qkv(h).reshape(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)  # (B,H,L,Dh)
         att = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, n, d)
         x = x + g1 * self.proj(att)
         return x + g2 * self.mlp(self.norm2(x) * (1 + sc2) + sh2)

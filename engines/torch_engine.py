@@ -1,0 +1,121 @@
+"""Eager PyTorch backend on CPU or CUDA.
+
+On CUDA the encoder is enqueued on a dedicated stream; the denoiser, on the caller's stream, waits on a CUDA event
+recorded after the encoder, so only the rows that need fresh features wait for them. Optional CUDA graphs capture
+both networks per fixed batch bucket (inputs are padded up to the bucket).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from dualrate.checkpoint import load_checkpoint
+from engines.base import BackendUnavailable, Engine, EngineInfo, FeatureHandle, Features
+
+log = logging.getLogger("engines.torch")
+
+
+class _CudaFeatures:
+    """Features enqueued on the encoder stream; `result()` makes the current stream wait on the event (no host sync)."""
+
+    def __init__(self, feats: Features, event: torch.cuda.Event) -> None:
+        self._feats, self._event = feats, event
+
+    def result(self) -> Features:
+        torch.cuda.current_stream().wait_event(self._event)
+        for f in self._feats:  # the caller's stream now uses memory allocated on the encoder stream
+            f.record_stream(torch.cuda.current_stream())
+        return self._feats
+
+
+class _GraphRunner:
+    """One CUDA graph per batch bucket for a module with fixed-shape static inputs."""
+
+    def __init__(self, module: torch.nn.Module, buckets: tuple[int, ...]) -> None:
+        self.module, self.buckets = module, buckets
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[Tensor], Tensor | tuple[Tensor, ...]]] = {}
+
+    def __call__(self, *args: Tensor):  # noqa: ANN204
+        b = args[0].shape[0]
+        bucket = next((x for x in self.buckets if x >= b), None)
+        if bucket is None:
+            return self.module(*args)
+        if bucket not in self.graphs:
+            static = [torch.zeros((bucket, *a.shape[1:]), dtype=a.dtype, device=a.device) for a in args]
+            s = torch.cuda.Stream()
+            s.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(s):
+                self.module(*static)  # warm up outside the graph
+            torch.cuda.current_stream().wait_stream(s)
+            g = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(g):
+                out = self.module(*static)
+            self.graphs[bucket] = (g, static, out)
+        g, static, out = self.graphs[bucket]
+        for s_in, a in zip(static, args, strict=True):
+            s_in[:b].copy_(a)
+        g.replay()
+        if isinstance(out, tuple | list):
+            return tuple(o[:b].clone() for o in out)
+        return out[:b].clone()
+
+
+class TorchEngine(Engine):
+    def __init__(
+        self, checkpoint: Path, device: str = "cpu", max_batch: int = 64, cuda_graphs: bool = False,
+        graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
+    ) -> None:
+        super().__init__()
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise BackendUnavailable(f"device {device} asked for, but torch sees no CUDA GPU")
+        model = load_checkpoint(checkpoint)
+        self.cfg = model.cfg
+        self.feature_shapes = list(model.cfg.feature_shapes)
+        self.max_batch = max_batch
+        self._device = device
+        self.encoder = model.encoder.to(device).eval()
+        self.denoiser = model.denoiser.to(device).eval()
+        self._stream = torch.cuda.Stream(device=device) if device.startswith("cuda") else None
+        self._cuda_graphs = cuda_graphs and self._stream is not None
+        buckets = tuple(b for b in graph_buckets if b <= max_batch)
+        self._enc_fn = _GraphRunner(self.encoder, buckets) if self._cuda_graphs else self.encoder
+        self._den_fn = _GraphRunner(self.denoiser, buckets) if self._cuda_graphs else self.denoiser
+
+    @property
+    def info(self) -> EngineInfo:
+        return EngineInfo("torch", self._device, "fp32", (), self.max_batch)
+
+    @property
+    def device(self) -> str:
+        return self._device
+
+    def synchronize(self) -> None:
+        if self._stream is not None:
+            torch.cuda.synchronize(self._device)
+
+    @torch.inference_mode()
+    def encode(self, z: Tensor, tau: Tensor, label: Tensor) -> Features:
+        self.check_batch(z.shape[0])
+        d = self._device
+        return tuple(self._enc_fn(z.to(d).float(), tau.to(d).float(), label.to(d).long()))
+
+    @torch.inference_mode()
+    def denoise(self, z: Tensor, t: Tensor, tau: Tensor, label: Tensor, features: Features) -> Tensor:
+        self.check_batch(z.shape[0])
+        d = self._device
+        return self._den_fn(z.to(d).float(), t.to(d).float(), tau.to(d).float(), label.to(d).long(),
+                            *(f.to(d) for f in features))
+
+    def encode_async(self, z: Tensor, tau: Tensor, label: Tensor) -> FeatureHandle:
+        if self._stream is None:
+            return super().encode_async(z, tau, label)
+        self._stream.wait_stream(torch.cuda.current_stream())  # inputs were written on the caller's stream
+        with torch.cuda.stream(self._stream):
+            feats = self.encode(z, tau, label)
+            ev = torch.cuda.Event()
+            ev.record(self._stream)
+        return _CudaFeatures(feats, ev)

@@ -1,0 +1,30 @@
+"""Shared fixtures: the real shipped checkpoint, tiny models for fast unit tests."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from dualrate.checkpoint import DEFAULT_CHECKPOINT
+
+ROOT = Path(__file__).resolve().parent.parent
+
+# Two cores shared with whatever else runs: keep the tests from oversubscribing them.
+torch.set_num_threads(int(os.environ.get("DUALRATE_TEST_THREADS", "2")))
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir() -> Path:
+    if not (DEFAULT_CHECKPOINT / "model_card.json").is_file():
+        pytest.fail(f"the shipped checkpoint is missing at {DEFAULT_CHECKPOINT}")
+    return DEFAULT_CHECKPOINT
+
+
+@pytest.fixture(scope="session")
+def model(checkpoint_dir):  # noqa: ANN001, ANN201
+    from dualrate.checkpoint import load_checkpoint
+
+    return load_checkpoint(checkpoint_dir)
