@@ -1,0 +1,260 @@
+"""Assembles the FastAPI app: lifespan (load engine, warm up, start the scheduler; drain on shutdown), routes, and
+the single place where domain errors become HTTP responses."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import math
+import secrets
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+import numpy as np
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from PIL import Image
+from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
+
+from dualrate.checkpoint import load_checkpoint
+from dualrate.diffusion import CosineSchedule
+from engines import Engine, create_engine
+from service.errors import Cancelled, EngineFailure, NotReady, QueueFull, ServiceError
+from service.metrics import PrometheusStats
+from service.scheduler import GenerationSpec, Scheduler
+from service.schemas import ErrorBody, GenerateRequest, GenerateResponse, ImageOut, ModelInfo, Timings
+from service.settings import Settings
+
+log = logging.getLogger("service")
+disable_created_metrics()  # no *_created series: they clutter the dashboard queries
+
+
+class AppState:
+    """Everything the routes need; built in the lifespan."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.ready = False
+        self.draining = False
+        self.engine: Engine | None = None
+        self.scheduler: Scheduler | None = None
+        self.metrics = PrometheusStats()
+        self.model_card: dict = {}
+        self.defaults: dict = {}
+        self.null_label = 10
+
+
+def _error(status: int, kind: str, message: str, *, error_id: str | None = None, details: list | None = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorBody(error=kind, message=message, error_id=error_id, details=details)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
+def encode_pngs(images: list[np.ndarray]) -> list[str]:
+    out = []
+    for img in images:
+        buf = io.BytesIO()
+        Image.fromarray(img, mode="L").save(buf, format="PNG")
+        out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
+    return out
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    state = AppState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        model = await asyncio.to_thread(load_checkpoint, settings.checkpoint)
+        state.model_card = model.card
+        state.defaults = {"steps": model.defaults.steps, "encoder_interval": model.defaults.encoder_interval,
+                          "guidance_scale": model.defaults.guidance_scale}
+        state.null_label = model.cfg.null_label
+        device = None if settings.device == "auto" else settings.device
+        state.engine = await asyncio.to_thread(
+            create_engine, settings.backend, settings.checkpoint, device, 2 * settings.max_active_images,
+            settings.threads, settings.cuda_graphs,
+        )
+        if settings.warmup:
+            await asyncio.to_thread(state.engine.warmup, (1, 2 * settings.max_active_images))
+        state.scheduler = Scheduler(
+            state.engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
+            settings.max_active_images, settings.queue_size, settings.policy, state.metrics,
+            settings.fault_injection_seed,
+        )
+        state.scheduler.start()
+        state.metrics.set_engine(state.engine.info, settings.policy.value)
+        state.ready = True
+        log.info("ready: backend=%s device=%s policy=%s slots=%d queue=%d", state.engine.info.backend,
+                 state.engine.info.device, settings.policy, settings.max_active_images, settings.queue_size)
+        try:
+            yield
+        finally:
+            state.ready = False
+            await drain(state)
+            state.scheduler.shutdown(timeout=30)
+            state.engine.close()
+            log.info("stopped")
+
+    app = FastAPI(
+        title="Dual-Rate Diffusion service",
+        version="0.1.0",
+        description="Class-conditional MNIST digits from a Dual-Rate Diffusion model: a heavy context encoder every "
+        "K-th step, a light denoiser every step, batched at the step level.",
+        lifespan=lifespan,
+    )
+    app.state.dualrate = state
+
+    def authorize(request: Request) -> None:
+        if not settings.api_keys:
+            return
+        header = request.headers.get("authorization", "")
+        token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        if not any(secrets.compare_digest(token, k.get_secret_value()) for k in settings.api_keys):
+            raise _Unauthorized()
+
+    auth = [Depends(authorize)]
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [{"field": ".".join(str(p) for p in e["loc"] if p != "body"), "message": e["msg"]}
+                   for e in exc.errors()]
+        fields = ", ".join(d["field"] or "body" for d in details)
+        state.metrics.request_answered("invalid_request", 0.0)
+        return _error(422, "invalid_request", f"invalid field(s): {fields}", details=details)
+
+    @app.exception_handler(_Unauthorized)
+    async def _unauth(request: Request, exc: Exception) -> JSONResponse:
+        state.metrics.request_answered("unauthorized", 0.0)
+        return _error(401, "unauthorized", "missing or wrong API key: send Authorization: Bearer <key>",
+                      headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        error_id = uuid.uuid4().hex[:12]
+        log.exception("internal error %s on %s %s", error_id, request.method, request.url.path)
+        return _error(500, "internal", f"internal error (error id {error_id})", error_id=error_id)
+
+    @app.get("/health/live", tags=["health"])
+    async def live() -> dict[str, str]:
+        return {"status": "alive"}
+
+    @app.get("/health/ready", tags=["health"], responses={503: {"model": ErrorBody}})
+    async def ready() -> Response:
+        if not state.ready or state.draining:
+            return _error(503, "unavailable", "draining" if state.draining else "starting")
+        return JSONResponse({"status": "ready"})
+
+    @app.get("/metrics", tags=["ops"], response_class=Response)
+    async def metrics() -> Response:
+        if state.scheduler is not None:
+            state.metrics.refresh(state.scheduler.snapshot())
+        return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/model", response_model=ModelInfo, tags=["model"], dependencies=auth)
+    async def model_info() -> ModelInfo:
+        if state.engine is None:
+            raise NotReady("the engine is not loaded yet")
+        info = state.engine.info
+        limits = {"max_images_per_request": settings.max_images_per_request, "max_steps": settings.max_steps,
+                  "max_timeout_s": settings.max_timeout_s, "default_timeout_s": settings.default_timeout_s,
+                  "max_active_images": settings.max_active_images, "queue_size": settings.queue_size}
+        return ModelInfo(name=state.model_card.get("name", settings.checkpoint.name), card=state.model_card,
+                         backend=info.backend, device=info.device, precision=info.precision,
+                         providers=list(info.providers), policy=settings.policy.value, limits=limits,
+                         defaults=state.defaults)
+
+    @app.post(
+        "/generate", response_model=GenerateResponse, tags=["generate"], dependencies=auth,
+        responses={401: {"model": ErrorBody}, 422: {"model": ErrorBody}, 429: {"model": ErrorBody},
+                   500: {"model": ErrorBody}, 503: {"model": ErrorBody}, 504: {"model": ErrorBody}},
+    )
+    async def generate(req: GenerateRequest, request: Request) -> Response:
+        t0 = time.monotonic()
+        try:
+            resp = await _generate(req, request, t0)
+        except ServiceError as e:
+            state.metrics.request_answered(e.kind, time.monotonic() - t0)
+            return _service_error(e)
+        state.metrics.request_answered("ok", time.monotonic() - t0, len(resp.images))
+        return JSONResponse(resp.model_dump())
+
+    async def _generate(req: GenerateRequest, request: Request, t0: float) -> GenerateResponse:
+        if not state.ready or state.draining or state.scheduler is None:
+            raise NotReady("the service is draining" if state.draining else "the service is starting")
+        limit_errors = []
+        if req.num_images > settings.max_images_per_request:
+            limit_errors.append(("num_images", f"must be <= {settings.max_images_per_request}"))
+        steps = req.steps or state.defaults["steps"]
+        if steps > settings.max_steps:
+            limit_errors.append(("steps", f"must be <= {settings.max_steps}"))
+        if limit_errors:
+            raise _LimitError(limit_errors)
+        k = req.encoder_interval or state.defaults["encoder_interval"]
+        g = state.defaults["guidance_scale"] if req.guidance_scale is None else req.guidance_scale
+        seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
+        timeout = min(req.timeout_s or settings.default_timeout_s, settings.max_timeout_s)
+        label = state.null_label if req.class_label is None else req.class_label
+        spec = GenerationSpec(label, req.num_images, steps, k, g, seed, deadline=t0 + timeout)
+        job = state.scheduler.submit(spec)
+        fut = asyncio.wrap_future(job.future)
+        # Wait for the result, the deadline, or the client going away; whichever comes first.
+        while not fut.done():
+            done, _ = await asyncio.wait({fut}, timeout=0.1)
+            if done:
+                break
+            if await request.is_disconnected():
+                job.cancel()
+                raise Cancelled("client disconnected")
+        result = fut.result()
+        pngs = await asyncio.to_thread(encode_pngs, result.images)  # PNG encoding stays off the event loop
+        total = time.monotonic() - t0
+        return GenerateResponse(
+            images=[ImageOut(png_base64=p, seed=s) for p, s in zip(pngs, result.seeds, strict=True)],
+            class_label=req.class_label, steps=steps, encoder_interval=k, guidance_scale=g,
+            encoder_calls=result.encoder_calls, denoiser_calls=result.denoiser_calls,
+            timings=Timings(queue_ms=1000 * result.queue_seconds, compute_ms=1000 * result.compute_seconds,
+                            total_ms=1000 * total),
+        )
+
+    def _service_error(e: ServiceError) -> JSONResponse:
+        if isinstance(e, _LimitError):
+            return _error(422, "invalid_request", f"invalid field(s): {', '.join(f for f, _ in e.fields)}",
+                          details=[{"field": f, "message": m} for f, m in e.fields])
+        if isinstance(e, QueueFull):
+            return _error(429, e.kind, str(e), headers={"Retry-After": str(math.ceil(e.retry_after_s))})
+        if isinstance(e, EngineFailure):
+            return _error(500, e.kind, str(e), error_id=e.error_id)
+        return _error(e.status, e.kind, str(e))
+
+    @app.exception_handler(NotReady)
+    async def _not_ready(request: Request, exc: NotReady) -> JSONResponse:
+        return _error(503, "unavailable", str(exc))
+
+    return app
+
+
+class _Unauthorized(Exception):
+    pass
+
+
+class _LimitError(ServiceError):
+    status, kind = 422, "invalid_request"
+
+    def __init__(self, fields: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{f} {m}" for f, m in fields))
+        self.fields = fields
+
+
+async def drain(state: AppState, poll_s: float = 0.05) -> None:
+    """Stop admission (503) and wait until every accepted request has its answer."""
+    state.draining = True
+    if state.scheduler is None:
+        return
+    state.scheduler.stop_admission()
+    while not state.scheduler.idle():
+        await asyncio.sleep(poll_s)

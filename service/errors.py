@@ -1,0 +1,36 @@
+"""The service's domain errors; translated to HTTP in exactly one place (service.app)."""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    status = 500
+    kind = "internal"
+
+
+class QueueFull(ServiceError):
+    status, kind = 429, "queue_full"
+
+    def __init__(self, retry_after_s: float) -> None:
+        super().__init__(f"the request queue is full; retry after {retry_after_s:.0f} s")
+        self.retry_after_s = retry_after_s
+
+
+class NotReady(ServiceError):
+    status, kind = 503, "unavailable"
+
+
+class DeadlineExceeded(ServiceError):
+    status, kind = 504, "timeout"
+
+
+class Cancelled(ServiceError):
+    status, kind = 499, "cancelled"  # the client went away; nobody reads the answer
+
+
+class EngineFailure(ServiceError):
+    status, kind = 500, "engine_error"
+
+    def __init__(self, error_id: str, message: str) -> None:
+        super().__init__(message)
+        self.error_id = error_id

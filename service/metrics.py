@@ -1,0 +1,71 @@
+"""The one module that turns the scheduler's plain stats into Prometheus metrics (base units, _total counters)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+
+from engines import EngineInfo
+from service.stats import NetworkCall, RequestDone, SchedulerSnapshot, StatsSink, TickStats
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+class PrometheusStats(StatsSink):
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("dualrate_requests_total", "Requests by outcome", ["outcome"], registry=r)
+        self.request_duration = Histogram("dualrate_request_duration_seconds", "Request latency, arrival to answer",
+                                          ["outcome"], buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("dualrate_queue_wait_seconds", "Wait for a batch slot",
+                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_depth = Gauge("dualrate_queue_depth", "Requests waiting for a slot", registry=r)
+        self.active_images = Gauge("dualrate_active_images", "Images in the running batch", registry=r)
+        self.batch_rows = Histogram("dualrate_network_batch_rows", "Rows per network call", ["network"],
+                                    buckets=ROW_BUCKETS, registry=r)
+        self.call_duration = Histogram("dualrate_network_duration_seconds", "Wall time per network call", ["network"],
+                                       buckets=CALL_BUCKETS, registry=r)
+        self.calls = Counter("dualrate_network_calls_total", "Network calls", ["network"], registry=r)
+        self.rows = Counter("dualrate_network_rows_total", "Rows run per network", ["network"], registry=r)
+        self.reuse = Gauge("dualrate_encoder_reuse_ratio",
+                           "Fraction of light-network rows that reused cached encoder features", registry=r)
+        self.images = Counter("dualrate_images_generated_total", "Images returned to clients", registry=r)
+        self.tick_duration = Histogram("dualrate_tick_duration_seconds", "One scheduler tick (one denoising step)",
+                                       buckets=CALL_BUCKETS, registry=r)
+        self.engine = Info("dualrate_engine", "Backend, device and precision of the engine", registry=r)
+        for outcome in ("ok", "invalid_request", "queue_full", "timeout", "cancelled", "engine_error", "unavailable",
+                        "unauthorized", "internal"):
+            self.requests.labels(outcome)
+        for net in ("encoder", "denoiser"):
+            self.calls.labels(net)
+            self.rows.labels(net)
+
+    def set_engine(self, info: EngineInfo, policy: str) -> None:
+        self.engine.info({"backend": info.backend, "device": info.device, "precision": info.precision,
+                          "policy": policy})
+
+    def network_call(self, call: NetworkCall) -> None:
+        self.batch_rows.labels(call.network).observe(call.rows)
+        self.call_duration.labels(call.network).observe(call.seconds)
+        self.calls.labels(call.network).inc()
+        self.rows.labels(call.network).inc(call.rows)
+
+    def tick(self, stats: TickStats) -> None:
+        self.tick_duration.observe(stats.seconds)
+
+    def request_done(self, done: RequestDone) -> None:
+        if done.outcome == "ok":
+            self.queue_wait.observe(done.queue_seconds)
+
+    def request_answered(self, outcome: str, seconds: float, images: int = 0) -> None:
+        """Called by the HTTP layer once per request, whatever its outcome."""
+        self.requests.labels(outcome).inc()
+        self.request_duration.labels(outcome).observe(seconds)
+        if images:
+            self.images.inc(images)
+
+    def refresh(self, snap: SchedulerSnapshot) -> None:
+        self.queue_depth.set(snap.queue_depth)
+        self.active_images.set(snap.active_images)
+        self.reuse.set(snap.encoder_reuse_ratio)

@@ -1,0 +1,383 @@
+"""Step-level continuous batching of dual-rate diffusion requests.
+
+One loop, split like vLLM's engine core: schedule (admit, reap) -> run engine (encoder for the rows due a refresh on
+its own stream/thread, the light network meanwhile on the rows that are not due) -> ingest outputs (ancestral step,
+finished images leave). Each tick advances every active image by one denoising step; requests with different
+steps, K, labels and guidance share a batch. Features live in a preallocated per-slot cache.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from dualrate.data import to_uint8
+from dualrate.diffusion import CosineSchedule, ancestral_step, step_times
+from dualrate.sampler import draw_noise
+from engines import Engine
+from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, QueueFull, ServiceError
+from service.stats import NetworkCall, RequestDone, SchedulerSnapshot, StatsSink, TickStats
+
+log = logging.getLogger("service.scheduler")
+
+
+class Policy(StrEnum):
+    CONTINUOUS = "continuous"  # step-level: join and leave at every tick
+    REQUEST = "request"  # request-level: a batch of whole requests runs to completion before the next
+
+
+@dataclass(frozen=True)
+class GenerationSpec:
+    label: int  # 0-9, or the null label for unconditional
+    num_images: int
+    steps: int
+    encoder_interval: int
+    guidance_scale: float
+    seed: int
+    deadline: float | None = None  # time.monotonic() deadline
+
+
+@dataclass
+class JobResult:
+    images: list[np.ndarray]  # (28, 28) uint8 each
+    seeds: list[int]
+    encoder_calls: int  # per image
+    denoiser_calls: int
+    queue_seconds: float
+    compute_seconds: float
+
+
+@dataclass(eq=False)
+class Job:
+    spec: GenerationSpec
+    future: Future = field(default_factory=Future)  # resolved with a JobResult or a ServiceError
+    submitted: float = field(default_factory=time.monotonic)
+    first_admitted: float | None = None
+    next_image: int = 0  # images admitted so far
+    done_images: int = 0
+    images: list[np.ndarray | None] = field(default_factory=list)
+    encoder_calls: int = 0
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        """Called from any thread (client disconnect); the slot is freed at the next tick."""
+        self.cancelled = True
+
+
+@dataclass(eq=False)
+class ImageSlot:
+    job: Job
+    index: int  # image index within its job
+    slot: int  # cache rows 2*slot (conditional) and 2*slot+1 (unconditional)
+    gen: torch.Generator
+    z: Tensor  # (1, 32, 32)
+    guided: bool
+    step: int = 0
+    tau: float = 1.0
+    encoder_calls: int = 0
+
+
+@lru_cache(maxsize=64)
+def _times(steps: int) -> Tensor:
+    return step_times(steps).float()
+
+
+class Scheduler:
+    def __init__(
+        self,
+        engine: Engine,
+        sched: CosineSchedule,
+        null_label: int,
+        max_active_images: int,
+        queue_size: int,
+        policy: Policy = Policy.CONTINUOUS,
+        stats: StatsSink | None = None,
+        fault_injection_seed: int | None = None,  # tests only: fail the batch that holds this seed
+    ) -> None:
+        assert engine.max_batch >= 2 * max_active_images, "a guided image takes two rows"
+        self.engine, self.sched, self.null_label = engine, sched, null_label
+        self.max_active_images, self.queue_size, self.policy = max_active_images, queue_size, policy
+        self.stats = stats or StatsSink()
+        self.fault_injection_seed = fault_injection_seed
+        dev = engine.device
+        # Preallocated feature cache: two rows per slot, one tensor per encoder level.
+        self.cache = [torch.zeros(2 * max_active_images, *s, device=dev) for s in engine.feature_shapes]
+        self.queue: deque[Job] = deque()
+        self.active: list[ImageSlot] = []
+        self.free_slots = list(range(max_active_images))
+        self._cv = threading.Condition()
+        self._stop = False
+        self._accepting = True
+        self._thread: threading.Thread | None = None
+        self._encoder_rows = 0
+        self._denoiser_rows = 0
+        self.ticks = 0
+
+    # ---- submission side (event loop thread) -------------------------------------------------------------------
+
+    def submit(self, spec: GenerationSpec) -> Job:
+        with self._cv:
+            if not self._accepting:
+                raise NotReady("the service is draining and accepts no new requests")
+            if len(self.queue) >= self.queue_size:
+                raise QueueFull(retry_after_s=self._retry_after())
+            job = Job(spec, images=[None] * spec.num_images)
+            self.queue.append(job)
+            self._cv.notify()
+        return job
+
+    def _retry_after(self) -> float:
+        return max(1.0, float(np.ceil(len(self.queue) * 0.5)))
+
+    def snapshot(self) -> SchedulerSnapshot:
+        with self._cv:
+            queued = sum(j.spec.num_images - j.next_image for j in self.queue)
+            return SchedulerSnapshot(len(self.queue), queued, len(self.active), len(self.free_slots),
+                                     self._encoder_rows, self._denoiser_rows)
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def stop_admission(self) -> None:
+        with self._cv:
+            self._accepting = False
+
+    def idle(self) -> bool:
+        with self._cv:
+            return not self.queue and not self.active
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- the loop (scheduler thread) ---------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self.queue and not self.active:
+                    self._cv.wait()
+                if self._stop and not self.queue and not self.active:
+                    return
+            try:
+                self.tick()
+            except Exception:  # an invariant broke: fail what is in flight, keep serving
+                log.exception("scheduler tick failed")
+                self._fail_active(EngineFailure(uuid.uuid4().hex[:12], "internal scheduler error"))
+
+    def tick(self) -> None:
+        t0 = time.perf_counter()
+        with self._cv:
+            self._reap()
+            self._admit()
+            batch = list(self.active)
+        if not batch:
+            return
+        try:
+            v, enc_rows, den_rows = self._run_networks(batch)
+        except Exception as e:
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("engine failure (error id %s) in a batch of %d images", error_id, len(batch))
+            self._fail_slots(batch, EngineFailure(error_id, f"engine failure (error id {error_id})"))
+            return
+        self._ingest(batch, v)
+        self.ticks += 1
+        self.stats.tick(TickStats(len(batch), enc_rows, den_rows, time.perf_counter() - t0))
+
+    def _reap(self) -> None:
+        """Free the slots of cancelled or expired jobs (caller holds the lock)."""
+        now = time.monotonic()
+
+        def dead(job: Job) -> ServiceError | None:
+            if job.cancelled:
+                return Cancelled("client disconnected")
+            if job.spec.deadline is not None and now > job.spec.deadline:
+                return DeadlineExceeded("the request's deadline passed before its images were done")
+            return None
+
+        for job in list(self.queue):
+            err = dead(job)
+            if err is not None:
+                self.queue.remove(job)
+                self._finish_job(job, err)
+        failed: dict[Job, ServiceError] = {}
+        for s in self.active:
+            if s.job not in failed and (err := dead(s.job)) is not None:
+                failed[s.job] = err
+        if failed:
+            self._release([s for s in self.active if s.job in failed])
+            for job, err in failed.items():
+                if job in self.queue:
+                    self.queue.remove(job)
+                self._finish_job(job, err)
+
+    def _admit(self) -> None:
+        """Move queued images into free slots (caller holds the lock)."""
+        if self.policy is Policy.REQUEST:
+            if self.active:
+                return  # request-level: wait for the whole batch to finish
+            while self.queue and self.queue[0].spec.num_images <= len(self.free_slots):
+                job = self.queue.popleft()
+                while job.next_image < job.spec.num_images:
+                    self._admit_image(job)
+            return
+        while self.queue and self.free_slots:
+            job = self.queue[0]
+            self._admit_image(job)
+            if job.next_image == job.spec.num_images:
+                self.queue.popleft()
+
+    def _admit_image(self, job: Job) -> None:
+        spec = job.spec
+        i = job.next_image
+        job.next_image += 1
+        if job.first_admitted is None:
+            job.first_admitted = time.monotonic()
+        gen = torch.Generator().manual_seed(spec.seed + i)
+        z = draw_noise([gen])[0]  # (1, 32, 32): the same draw order as the reference sampler
+        guided = spec.guidance_scale != 1.0 and spec.label != self.null_label
+        self.active.append(ImageSlot(job, i, self.free_slots.pop(0), gen, z, guided))
+
+    def _rows(self, slots: list[ImageSlot]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Rows for the networks: conditional rows of all slots, then unconditional rows of guided slots."""
+        cond = list(slots)
+        uncond = [s for s in slots if s.guided]
+        all_rows = cond + uncond
+        z = torch.stack([s.z for s in all_rows])  # (R, 1, 32, 32)
+        t = torch.stack([_times(s.job.spec.steps)[s.step] for s in all_rows])  # (R,)
+        tau = torch.tensor([s.tau for s in all_rows], dtype=torch.float32)
+        label = torch.tensor([s.job.spec.label for s in cond] + [self.null_label] * len(uncond), dtype=torch.long)
+        cache_rows = torch.tensor([2 * s.slot for s in cond] + [2 * s.slot + 1 for s in uncond])
+        return z, t, tau, label, cache_rows
+
+    def _run_networks(self, batch: list[ImageSlot]) -> tuple[Tensor, int, int]:
+        """-> guided v per image (B, 1, 32, 32), encoder rows, denoiser rows."""
+        if self.fault_injection_seed is not None and any(
+            s.job.spec.seed + s.index == self.fault_injection_seed for s in batch
+        ):
+            raise RuntimeError("injected engine failure (fault_injection_seed)")
+        due_slots = [s for s in batch if s.step % s.job.spec.encoder_interval == 0]
+        rest_slots = [s for s in batch if s.step % s.job.spec.encoder_interval != 0]
+        dev = self.engine.device
+        v_parts: dict[int, Tensor] = {}  # id(slot) -> (rows, 1, 32, 32) cond [, uncond]
+        handle = None
+        if due_slots:
+            for s in due_slots:
+                s.tau = float(_times(s.job.spec.steps)[s.step])
+            zd, td, _, yd, rows_d = self._rows(due_slots)
+            t_enc = time.perf_counter()
+            # The encoder goes to its own stream / worker thread; the light network runs the other rows meanwhile.
+            handle = self.engine.encode_async(zd.to(dev), td.to(dev), yd.to(dev))
+        if rest_slots:
+            zr, tr, taur, yr, rows_r = self._rows(rest_slots)
+            feats = tuple(c[rows_r.to(dev)] for c in self.cache)
+            t1 = time.perf_counter()
+            vr = self.engine.denoise(zr.to(dev), tr.to(dev), taur.to(dev), yr.to(dev), feats).float().cpu()
+            self.stats.network_call(NetworkCall("denoiser", len(rows_r), time.perf_counter() - t1))
+            self._split(rest_slots, vr, v_parts)
+        if handle is not None:
+            feats = handle.result()
+            self.stats.network_call(NetworkCall("encoder", len(rows_d), time.perf_counter() - t_enc))
+            for c, f in zip(self.cache, feats, strict=True):
+                c[rows_d.to(dev)] = f.to(c.dtype)
+            for s in due_slots:
+                s.encoder_calls += 1
+            t1 = time.perf_counter()
+            vd = self.engine.denoise(zd.to(dev), td.to(dev), td.to(dev), yd.to(dev), feats).float().cpu()
+            self.stats.network_call(NetworkCall("denoiser", len(rows_d), time.perf_counter() - t1))
+            self._split(due_slots, vd, v_parts)
+        enc_rows, den_rows = sum(1 + s.guided for s in due_slots), sum(1 + s.guided for s in batch)
+        self._encoder_rows += enc_rows
+        self._denoiser_rows += den_rows
+        out = []
+        for s in batch:
+            v = v_parts[id(s)]
+            if s.guided:
+                v_cond, v_uncond = v[0], v[1]
+                out.append(v_uncond + s.job.spec.guidance_scale * (v_cond - v_uncond))
+            else:
+                out.append(v[0])
+        return torch.stack(out), enc_rows, den_rows
+
+    @staticmethod
+    def _split(slots: list[ImageSlot], v: Tensor, into: dict[int, Tensor]) -> None:
+        n = len(slots)
+        guided = iter(range(n, v.shape[0]))
+        for i, s in enumerate(slots):
+            into[id(s)] = torch.stack([v[i], v[next(guided)]]) if s.guided else v[i : i + 1]
+
+    def _ingest(self, batch: list[ImageSlot], v: Tensor) -> None:
+        t = torch.stack([_times(s.job.spec.steps)[s.step] for s in batch])
+        s_next = torch.stack([_times(s.job.spec.steps)[s.step + 1] for s in batch])
+        z = torch.stack([s.z for s in batch])
+        noise = draw_noise([s.gen for s in batch])
+        z_next = ancestral_step(z, v, t, s_next, self.sched, noise)
+        finished = []
+        for slot, zn in zip(batch, z_next, strict=True):
+            slot.z = zn
+            slot.step += 1
+            if slot.step == slot.job.spec.steps:
+                finished.append(slot)
+        if not finished:
+            return
+        images = to_uint8(torch.stack([s.z for s in finished]))
+        with self._cv:
+            self._release(finished)
+            for slot, img in zip(finished, images, strict=True):
+                job = slot.job
+                job.images[slot.index] = img
+                job.encoder_calls = max(job.encoder_calls, slot.encoder_calls)
+                job.done_images += 1
+                if job.done_images == job.spec.num_images and not job.future.done():
+                    self._finish_job(job, None)
+
+    def _release(self, slots: list[ImageSlot]) -> None:
+        gone = set(map(id, slots))
+        self.active = [s for s in self.active if id(s) not in gone]
+        self.free_slots.extend(s.slot for s in slots)
+        self.free_slots.sort()
+
+    def _fail_slots(self, slots: list[ImageSlot], err: ServiceError) -> None:
+        with self._cv:
+            self._release(slots)
+            for job in {id(s.job): s.job for s in slots}.values():
+                if job in self.queue:
+                    self.queue.remove(job)  # its remaining images would be computed for nobody
+                self._finish_job(job, err)
+
+    def _fail_active(self, err: ServiceError) -> None:
+        self._fail_slots(list(self.active), err)
+
+    def _finish_job(self, job: Job, err: ServiceError | None) -> None:
+        now = time.monotonic()
+        admitted = job.first_admitted or now
+        if job.future.done():
+            return
+        if err is None:
+            spec = job.spec
+            job.future.set_result(JobResult(
+                images=[im for im in job.images if im is not None], seeds=[spec.seed + i for i in range(spec.num_images)],
+                encoder_calls=job.encoder_calls, denoiser_calls=spec.steps,
+                queue_seconds=admitted - job.submitted, compute_seconds=now - admitted,
+            ))
+            outcome = "ok"
+        else:
+            job.future.set_exception(err)
+            outcome = err.kind
+        self.stats.request_done(RequestDone(outcome, job.spec.num_images, admitted - job.submitted, now - job.submitted))
+

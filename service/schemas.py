@@ -1,0 +1,63 @@
+"""Request and response schemas of the fixed API contract (DESIGN.md section 6), with limits and examples."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"class_label": 7, "num_images": 4, "encoder_interval": 4, "seed": 42}]},
+    )
+
+    class_label: int | None = Field(None, ge=0, le=9, description="digit 0-9; null = unconditional")
+    num_images: int = Field(1, ge=1, description="images to draw (capped by the server's max_images_per_request)")
+    steps: int | None = Field(None, ge=1, description="denoising steps N (default: model card; capped by max_steps)")
+    encoder_interval: int | None = Field(None, ge=1, description="K: heavy encoder every K-th step (1 = every step)")
+    guidance_scale: float | None = Field(None, ge=0, le=100, description="classifier-free guidance (default: card)")
+    seed: int | None = Field(None, ge=0, le=2**62, description="image i uses seed + i; absent = random, reported back")
+    timeout_s: float | None = Field(None, gt=0, description="deadline in seconds (capped by the server's maximum)")
+
+
+class ImageOut(BaseModel):
+    png_base64: str = Field(description="28x28 grayscale PNG, base64")
+    seed: int
+
+
+class Timings(BaseModel):
+    queue_ms: float
+    compute_ms: float
+    total_ms: float
+
+
+class GenerateResponse(BaseModel):
+    images: list[ImageOut]
+    class_label: int | None
+    steps: int
+    encoder_interval: int
+    guidance_scale: float
+    encoder_calls: int = Field(description="encoder calls per image = ceil(steps / encoder_interval)")
+    denoiser_calls: int = Field(description="light network calls per image = steps")
+    timings: Timings
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="kind: invalid_request, queue_full, unavailable, timeout, internal, ...")
+    message: str
+    error_id: str | None = None
+    details: list[dict[str, Any]] | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    card: dict[str, Any]
+    backend: str
+    device: str
+    precision: str
+    providers: list[str]
+    policy: str
+    limits: dict[str, Any]
+    defaults: dict[str, Any]

@@ -1,0 +1,50 @@
+"""One validated settings object, read from the environment (prefix DUALRATE_). Invalid values stop the start."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Self
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from dualrate.checkpoint import DEFAULT_CHECKPOINT
+from engines import Backend
+from service.scheduler import Policy
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DUALRATE_", extra="forbid")
+
+    host: str = Field("127.0.0.1", description="address uvicorn binds")
+    port: int = Field(8000, ge=1, le=65535)
+    backend: Backend = Field(Backend.ONNXRUNTIME, description="onnxruntime | torch | tensorrt | auto")
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = cuda:0 if present, else cpu")
+    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint folder (weights + model card)")
+    max_active_images: int = Field(32, ge=1, le=512, description="images advanced together per tick (batch slots)")
+    queue_size: int = Field(64, ge=1, le=100_000, description="requests waiting for a slot before 429")
+    max_images_per_request: int = Field(16, ge=1)
+    max_steps: int = Field(256, ge=1, le=4096)
+    default_timeout_s: float = Field(120.0, gt=0)
+    max_timeout_s: float = Field(600.0, gt=0)
+    policy: Policy = Field(Policy.CONTINUOUS, description="continuous (step-level) | request (whole requests)")
+    threads: int = Field(0, ge=0, description="CPU threads per network (0 = library default)")
+    cuda_graphs: bool = Field(False, description="torch backend on CUDA: capture graphs per batch bucket")
+    api_keys: list[SecretStr] = Field(default_factory=list, description="if set, require Authorization: Bearer <key>")
+    warmup: bool = True
+    log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
+    fault_injection_seed: int | None = Field(None, description="tests only: the batch holding this seed fails")
+
+    @model_validator(mode="after")
+    def _check(self) -> Self:
+        if not (self.checkpoint / "model_card.json").is_file():
+            raise ValueError(f"checkpoint {self.checkpoint} has no model_card.json: set DUALRATE_CHECKPOINT to a "
+                             "checkpoint folder (the shipped one is checkpoints/mnist-dualrate)")
+        if self.max_images_per_request > self.max_active_images:
+            raise ValueError(f"max_images_per_request ({self.max_images_per_request}) must be <= max_active_images "
+                             f"({self.max_active_images}): a request must fit the batch")
+        if self.default_timeout_s > self.max_timeout_s:
+            raise ValueError("default_timeout_s must be <= max_timeout_s")
+        if self.backend is Backend.TENSORRT and self.device == "cpu":
+            raise ValueError("backend tensorrt needs device cuda or auto")
+        return self

@@ -1,0 +1,56 @@
+"""Plain stats the scheduler emits; `service.metrics` turns them into Prometheus metrics.
+
+Nothing here imports prometheus_client: the scheduler talks to a `StatsSink`, whose default does nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class NetworkCall:
+    network: str  # "encoder" | "denoiser"
+    rows: int  # batch rows (a guided image contributes a conditional and an unconditional row)
+    seconds: float  # wall time of the call (for async encoder calls: submit -> features ready)
+
+
+@dataclass(frozen=True)
+class TickStats:
+    active_images: int  # images advanced by this tick
+    encoder_rows: int  # rows whose features were refreshed
+    denoiser_rows: int  # rows run by the light network
+    seconds: float
+
+
+@dataclass(frozen=True)
+class RequestDone:
+    outcome: str  # "ok" | "timeout" | "cancelled" | "engine_error"
+    images: int
+    queue_seconds: float
+    total_seconds: float
+
+
+@dataclass(frozen=True)
+class SchedulerSnapshot:
+    queue_depth: int  # requests waiting for a slot
+    queued_images: int
+    active_images: int
+    free_slots: int
+    encoder_rows_total: int
+    denoiser_rows_total: int
+
+    @property
+    def encoder_reuse_ratio(self) -> float:
+        """Fraction of light-network rows that reused cached features instead of fresh ones."""
+        return 0.0 if self.denoiser_rows_total == 0 else 1.0 - self.encoder_rows_total / self.denoiser_rows_total
+
+
+class StatsSink:
+    """Receives the scheduler's stats; the default drops them."""
+
+    def network_call(self, call: NetworkCall) -> None: ...
+
+    def tick(self, stats: TickStats) -> None: ...
+
+    def request_done(self, done: RequestDone) -> None: ...
