@@ -16,11 +16,21 @@ ROOT = Path(__file__).resolve().parent.parent
 torch.set_num_threads(int(os.environ.get("DUALRATE_TEST_THREADS", "2")))
 
 
+CHECKPOINT = Path(os.environ.get("DUALRATE_TEST_CHECKPOINT", DEFAULT_CHECKPOINT))
+
+
 @pytest.fixture(scope="session")
 def checkpoint_dir() -> Path:
-    if not (DEFAULT_CHECKPOINT / "model_card.json").is_file():
-        pytest.fail(f"the shipped checkpoint is missing at {DEFAULT_CHECKPOINT}")
-    return DEFAULT_CHECKPOINT
+    if not (CHECKPOINT / "model_card.json").is_file():
+        pytest.fail(f"the shipped checkpoint is missing at {CHECKPOINT}")
+    return CHECKPOINT
+
+
+@pytest.fixture(scope="session")
+def onnx_dir(checkpoint_dir):  # noqa: ANN001, ANN201
+    from export import export_onnx
+
+    return export_onnx(checkpoint_dir).directory
 
 
 @pytest.fixture(scope="session")
