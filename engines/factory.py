@@ -45,6 +45,7 @@ def create_engine(
     max_batch: int = 64,
     threads: int = 0,
     cuda_graphs: bool = False,
+    precision: str = "fp32",  # torch backend only: fp32 | bf16 | fp16 (autocast)
 ) -> Engine:
     """Build a ready engine (ONNX export / TensorRT build happen here if their caches are stale)."""
     kind, device = resolve_backend(backend, device)
@@ -55,7 +56,7 @@ def create_engine(
 
         if threads and device == "cpu":
             torch.set_num_threads(threads)
-        return TorchEngine(checkpoint, device, max_batch, cuda_graphs=cuda_graphs)
+        return TorchEngine(checkpoint, device, max_batch, cuda_graphs=cuda_graphs, precision=precision)
     from export import export_onnx
 
     if kind is Backend.ONNXRUNTIME:

@@ -7,6 +7,7 @@ both networks per fixed batch bucket (inputs are padded up to the bucket).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -67,7 +68,7 @@ class _GraphRunner:
 class TorchEngine(Engine):
     def __init__(
         self, checkpoint: Path, device: str = "cpu", max_batch: int = 64, cuda_graphs: bool = False,
-        graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64),
+        graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), precision: str = "fp32",
     ) -> None:
         super().__init__()
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -77,6 +78,11 @@ class TorchEngine(Engine):
         self.feature_shapes = list(model.cfg.feature_shapes)
         self.max_batch = max_batch
         self._device = device
+        if precision not in ("fp32", "bf16", "fp16"):
+            raise ValueError(f"precision must be fp32, bf16 or fp16, not {precision!r}")
+        self.precision = precision
+        # bf16/fp16 run under autocast: weights stay fp32, matmuls and convs run in the low precision.
+        self._autocast = None if precision == "fp32" else getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[precision])
         self.encoder = model.encoder.to(device).eval()
         self.denoiser = model.denoiser.to(device).eval()
         self._stream = torch.cuda.Stream(device=device) if device.startswith("cuda") else None
@@ -87,7 +93,7 @@ class TorchEngine(Engine):
 
     @property
     def info(self) -> EngineInfo:
-        return EngineInfo("torch", self._device, "fp32", (), self.max_batch)
+        return EngineInfo("torch", self._device, self.precision, (), self.max_batch)
 
     @property
     def device(self) -> str:
@@ -101,14 +107,23 @@ class TorchEngine(Engine):
     def encode(self, z: Tensor, tau: Tensor, label: Tensor) -> Features:
         self.check_batch(z.shape[0])
         d = self._device
-        return tuple(self._enc_fn(z.to(d).float(), tau.to(d).float(), label.to(d).long()))
+        with self._amp():
+            out = self._enc_fn(z.to(d).float(), tau.to(d).float(), label.to(d).long())
+        return tuple(o.float() for o in out)
+
+    def _amp(self):  # noqa: ANN202
+        if self._autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(torch.device(self._device).type, dtype=self._autocast)
 
     @torch.inference_mode()
     def denoise(self, z: Tensor, t: Tensor, tau: Tensor, label: Tensor, features: Features) -> Tensor:
         self.check_batch(z.shape[0])
         d = self._device
-        return self._den_fn(z.to(d).float(), t.to(d).float(), tau.to(d).float(), label.to(d).long(),
-                            *(f.to(d) for f in features))
+        with self._amp():
+            v = self._den_fn(z.to(d).float(), t.to(d).float(), tau.to(d).float(), label.to(d).long(),
+                             *(f.to(d) for f in features))
+        return v.float()
 
     def encode_async(self, z: Tensor, tau: Tensor, label: Tensor) -> FeatureHandle:
         if self._stream is None:

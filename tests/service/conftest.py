@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from tests.service.server import ServerProcess
+from service.process import ServerProcess
 
 
 @pytest.fixture(scope="module")

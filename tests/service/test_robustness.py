@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from tests.service.server import metric
+from service.process import metric
 
 LONG = {"class_label": 4, "num_images": 1, "steps": 256, "encoder_interval": 1, "seed": 5}
 

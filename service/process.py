@@ -1,4 +1,4 @@
-"""A real `python -m service` process on a free loopback port, for the HTTP tests."""
+"""Run `python -m service` as a child process on a free loopback port (benchmarks, load tests, tests)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def free_port() -> int:

@@ -1,0 +1,176 @@
+"""Service benchmark: the HTTP service against the bare engine loop, batching gains, continuous vs request-level.
+
+    python -m loadtests.service_bench [--seconds 20] [--out docs/service_bench.md]
+
+1. Saturation: many concurrent clients keep every batch slot busy; images/s of the service against the bare engine
+   loop (the reference sampler on the same batch size, no HTTP, no scheduler).
+2. 16 concurrent single-image clients against one sequential client, beside the bare engine's batch-1 and batch-16
+   images/s (the ceiling batching can reach on this CPU).
+3. A mix of short and long requests at a fixed arrival rate: p50/p95 latency under continuous (step-level) and
+   request-level batching, from one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import platform
+import random
+import statistics
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+import torch
+
+from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from dualrate.diffusion import CosineSchedule
+from dualrate.sampler import dual_rate_sample
+from engines import create_engine
+from service.process import ServerProcess
+
+log = logging.getLogger("loadtests.service_bench")
+
+
+def bare_engine_ips(checkpoint: Path, batch: int, steps: int, k: int, g: float, seconds: float) -> float:
+    model = load_checkpoint(checkpoint)
+    engine = create_engine("onnxruntime", checkpoint, "cpu", max_batch=2 * batch)
+    sched = CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max)
+    labels = torch.arange(batch) % 10
+
+    def run() -> None:
+        dual_rate_sample(engine.encode, engine.denoise, labels, list(range(batch)), steps, k, g, sched,
+                         model.cfg.null_label)
+
+    run()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        run()
+        n += batch
+    engine.close()
+    return n / (time.perf_counter() - t0)
+
+
+async def closed_loop(url: str, clients: int, seconds: float, body: dict) -> tuple[float, list[float]]:
+    """`clients` concurrent clients, each sending one request after another; -> images/s, latencies."""
+    latencies: list[float] = []
+    images = 0
+    stop = time.perf_counter() + seconds
+
+    async def client(c: httpx.AsyncClient, i: int) -> None:
+        nonlocal images
+        while time.perf_counter() < stop:
+            t0 = time.perf_counter()
+            r = await c.post("/generate", json={**body, "class_label": i % 10})
+            r.raise_for_status()
+            latencies.append(time.perf_counter() - t0)
+            images += len(r.json()["images"])
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=300) as c:
+        await asyncio.gather(*[client(c, i) for i in range(clients)])
+    return images / (time.perf_counter() - t0), latencies
+
+
+async def open_loop_mix(url: str, seconds: float, rate: float, short: dict, long: dict, long_frac: float,
+                        seed: int = 0) -> dict[str, list[float]]:
+    """Poisson arrivals at `rate` req/s, a fraction of them long; -> latencies by kind."""
+    rng = random.Random(seed)
+    out: dict[str, list[float]] = {"short": [], "long": []}
+
+    async def one(c: httpx.AsyncClient, kind: str, body: dict) -> None:
+        t0 = time.perf_counter()
+        r = await c.post("/generate", json=body)
+        r.raise_for_status()
+        out[kind].append(time.perf_counter() - t0)
+
+    tasks = []
+    async with httpx.AsyncClient(base_url=url, timeout=600) as c:
+        stop = time.perf_counter() + seconds
+        i = 0
+        while time.perf_counter() < stop:
+            kind = "long" if rng.random() < long_frac else "short"
+            body = {**(long if kind == "long" else short), "class_label": i % 10, "seed": i}
+            tasks.append(asyncio.create_task(one(c, kind, body)))
+            i += 1
+            await asyncio.sleep(rng.expovariate(rate))
+        await asyncio.gather(*tasks)
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m loadtests.service_bench", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--seconds", type=float, default=20.0, help="per measurement")
+    p.add_argument("--slots", type=int, default=16, help="max_active_images of the service")
+    p.add_argument("--out", type=Path, default=None, help="append the report to this markdown file")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    model = load_checkpoint(a.checkpoint)
+    d = model.defaults
+    body = {"num_images": 1, "steps": d.steps, "encoder_interval": d.encoder_interval,
+            "guidance_scale": d.guidance_scale}
+    res: dict[str, float] = {}
+    log.info("bare engine loop at batch 1, 16 and %d", a.slots)
+    for b in sorted({1, 16, a.slots}):
+        res[f"bare_b{b}"] = bare_engine_ips(a.checkpoint, b, d.steps, d.encoder_interval, d.guidance_scale, a.seconds)
+        log.info("bare engine batch %d: %.2f images/s", b, res[f"bare_b{b}"])
+    lat: dict[str, dict[str, list[float]]] = {}
+    for policy in ("continuous", "request"):
+        srv = ServerProcess(a.checkpoint, Path(f"/tmp/dualrate-bench-{policy}.log"), max_active_images=a.slots,
+                            max_images_per_request=a.slots, queue_size=1024, policy=policy)
+        try:
+            srv.wait_ready()
+            if policy == "continuous":
+                res["svc_sat"], _ = asyncio.run(closed_loop(srv.url, 2 * a.slots, a.seconds, body))
+                res["svc_c16"], _ = asyncio.run(closed_loop(srv.url, 16, a.seconds, body))
+                res["svc_c1"], _ = asyncio.run(closed_loop(srv.url, 1, a.seconds, body))
+                log.info("service: saturated %.2f, 16 clients %.2f, 1 client %.2f images/s",
+                         res["svc_sat"], res["svc_c16"], res["svc_c1"])
+            short = {"num_images": 1, "steps": 8, "encoder_interval": 4, "guidance_scale": d.guidance_scale}
+            long = {"num_images": 4, "steps": 64, "encoder_interval": 4, "guidance_scale": d.guidance_scale}
+            rate = 0.6 * res["svc_sat" if "svc_sat" in res else "bare_b16"] / (0.8 * 8 / d.steps + 0.2 * 4 * 64 / d.steps)
+            lat[policy] = asyncio.run(open_loop_mix(srv.url, 2 * a.seconds, rate, short, long, 0.2))
+            log.info("%s mix: short p95 %.2f s, long p95 %.2f s", policy, pct(lat[policy]["short"], 0.95),
+                     pct(lat[policy]["long"], 0.95))
+        finally:
+            srv.terminate()
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    sat_ratio = res["svc_sat"] / res[f"bare_b{a.slots}"]
+    lines = [
+        f"### Service benchmark, {stamp}, {platform.machine()} CPU ({torch.get_num_threads()} threads), onnxruntime",
+        "", f"Command: `python -m loadtests.service_bench {' '.join(argv or [])}`".rstrip(), "",
+        f"Requests: 1 image, N = {d.steps}, K = {d.encoder_interval}, guidance {d.guidance_scale}; "
+        f"service max_active_images = {a.slots}; {a.seconds:.0f} s per measurement.", "",
+        "| measurement | images/s | ratio |", "|---|---:|---:|",
+        f"| bare engine loop, batch {a.slots} | {res[f'bare_b{a.slots}']:.2f} | |",
+        f"| service at saturation ({2 * a.slots} clients) | {res['svc_sat']:.2f} | {sat_ratio:.2f} of bare |",
+        f"| bare engine, batch 1 | {res['bare_b1']:.2f} | |",
+        f"| bare engine, batch 16 | {res['bare_b16']:.2f} | {res['bare_b16'] / res['bare_b1']:.2f}x batch 1 (ceiling) |",
+        f"| service, 1 sequential client | {res['svc_c1']:.2f} | |",
+        f"| service, 16 concurrent clients | {res['svc_c16']:.2f} | {res['svc_c16'] / res['svc_c1']:.2f}x 1 client |",
+        "", "Mixed load (80% short: 1 image, 8 steps; 20% long: 4 images, 64 steps; Poisson arrivals at ~60% of "
+        "capacity), latency in seconds:", "",
+        "| policy | short p50 | short p95 | long p50 | long p95 | all p95 | requests |", "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for policy, l in lat.items():
+        lines.append(f"| {policy} | {statistics.median(l['short']):.2f} | {pct(l['short'], 0.95):.2f} | "
+                     f"{statistics.median(l['long']):.2f} | {pct(l['long'], 0.95):.2f} | "
+                     f"{pct(l['short'] + l['long'], 0.95):.2f} | {len(l['short']) + len(l['long'])} |")
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if a.out:
+        with a.out.open("a") as f:
+            f.write("\n" + report)
+
+
+if __name__ == "__main__":
+    main()
