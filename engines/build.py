@@ -13,13 +13,15 @@ import argparse
 import hashlib
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
 from engines.base import EngineError
 
 log = logging.getLogger("engines.build")
-ENGINE_ROOT = Path(__file__).resolve().parent.parent / "artifacts" / "engines"
+# Engines are specific to the GPU and TensorRT version: containers point this at a persistent volume.
+ENGINE_ROOT = Path(os.environ.get("DUALRATE_ENGINE_CACHE", Path(__file__).resolve().parent.parent / "artifacts" / "engines"))
 
 
 def engine_cache_key(onnx_paths: list[Path], trt_version: str, gpu_name: str, max_batch: int, opt_batch: int) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from export.contract import NetworkContract, contracts
 
 log = logging.getLogger("export")
 OPSET = 17  # within every recent TensorRT parser (TENSORRT_NOTES: opset 17-20)
-ARTIFACTS = Path(__file__).resolve().parent.parent / "artifacts" / "onnx"
+ARTIFACTS = Path(os.environ.get("DUALRATE_ONNX_CACHE", Path(__file__).resolve().parent.parent / "artifacts" / "onnx"))
 PARITY_BATCHES = (1, 3, 8)
 TOLERANCE = {"float32": 2e-3, "float16": 5e-2}  # max |onnx - torch| relative to max |torch|
 

@@ -1,0 +1,143 @@
+"""Drive the real service with locust, headless, and compare configurations side by side in one run.
+
+    python -m loadtests.run --duration 60 --users 16 --configs k1 k4 k8 request torch --out docs/benchmarks.md
+
+For each configuration: start the service (its own process, loopback), run locust headless for a fixed time and
+user count, keep locust's CSVs under --csv-dir, and summarise images/s, p50/p95/p99 latency of successful requests
+and failures by kind. Exits non-zero if any configuration had unexpected failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import platform
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import httpx
+
+from dualrate.checkpoint import DEFAULT_CHECKPOINT
+from service.process import ServerProcess, metric
+
+log = logging.getLogger("loadtests.run")
+HERE = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class LoadConfig:
+    name: str
+    settings: dict  # DUALRATE_* settings of the service
+    forced_k: int | None  # LOAD_ENCODER_INTERVAL for locust
+
+
+CONFIGS = {
+    "k1": LoadConfig("K=1 (encoder every step)", {}, 1),
+    "k4": LoadConfig("K=4", {}, 4),
+    "k8": LoadConfig("K=8", {}, 8),
+    "mixed": LoadConfig("mixed K (locust mix)", {}, None),
+    "request": LoadConfig("K=4, request-level batching", {"policy": "request"}, 4),
+    "torch": LoadConfig("K=4, torch backend", {"backend": "torch"}, 4),
+}
+
+
+@dataclass
+class Summary:
+    config: str
+    requests: int
+    images: float
+    images_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    failures: Counter
+    expected_invalid: int
+
+
+def run_locust(url: str, users: int, duration: int, csv_prefix: Path, forced_k: int | None) -> None:
+    import os
+
+    env = {**os.environ, "LOAD_ENCODER_INTERVAL": "" if forced_k is None else str(forced_k)}
+    cmd = [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless", "--host", url,
+           "-u", str(users), "-r", str(max(1, users // 4)), "-t", f"{duration}s", "--csv", str(csv_prefix),
+           "--only-summary", "--stop-timeout", "120", "--loglevel", "WARNING"]
+    subprocess.run(cmd, env=env, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def summarise(name: str, csv_prefix: Path, images: float, duration: float) -> Summary:
+    rows = list(csv.DictReader(open(f"{csv_prefix}_stats.csv")))
+    agg = next(r for r in rows if r["Name"] == "Aggregated")
+    ok_rows = [r for r in rows if r["Name"] not in ("Aggregated",) and "invalid" not in r["Name"]]
+    invalid = sum(int(r["Request Count"]) - int(r["Failure Count"]) for r in rows if "invalid" in r["Name"])
+    failures: Counter = Counter()
+    for r in csv.DictReader(open(f"{csv_prefix}_failures.csv")):
+        kind = r["Error"].split(":")[0].replace("CatchResponseError('", "").strip("(')\"")
+        failures[kind] += int(r["Occurrences"])
+    # Latency of the valid requests: locust's percentiles of the request-count-weighted rows.
+    weights = [int(r["Request Count"]) for r in ok_rows]
+
+    def wq(col: str) -> float:
+        vals = [float(r[col]) for r in ok_rows if r[col] not in ("N/A", "")]
+        if not vals:
+            return float("nan")
+        return sum(v * w for v, w in zip(vals, weights, strict=False)) / max(1, sum(weights))
+
+    return Summary(name, int(agg["Request Count"]), images, images / duration, wq("50%"), wq("95%"), wq("99%"),
+                   failures, invalid)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loadtests.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--configs", nargs="+", default=["k1", "k4", "k8", "request", "torch"], choices=sorted(CONFIGS))
+    p.add_argument("--duration", type=int, default=60, help="seconds of load per configuration")
+    p.add_argument("--users", type=int, default=16)
+    p.add_argument("--slots", type=int, default=16, help="max_active_images of the service")
+    p.add_argument("--csv-dir", type=Path, default=Path("artifacts/loadtests"))
+    p.add_argument("--out", type=Path, default=None, help="append the comparison table to this markdown file")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    a.csv_dir.mkdir(parents=True, exist_ok=True)
+    results = []
+    for key in a.configs:
+        cfg = CONFIGS[key]
+        settings = {"max_active_images": a.slots, "max_images_per_request": 8, "queue_size": 256, **cfg.settings}
+        srv = ServerProcess(a.checkpoint, a.csv_dir / f"{key}_server.log", **settings)
+        try:
+            srv.wait_ready()
+            before = metric(httpx.get(f"{srv.url}/metrics").text, "dualrate_images_generated_total")
+            log.info("%s: locust %d users for %d s", cfg.name, a.users, a.duration)
+            run_locust(srv.url, a.users, a.duration, a.csv_dir / key, cfg.forced_k)
+            images = metric(httpx.get(f"{srv.url}/metrics").text, "dualrate_images_generated_total") - before
+        finally:
+            srv.terminate()
+        s = summarise(cfg.name, a.csv_dir / key, images, a.duration)
+        log.info("%s", s)
+        results.append(s)
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    lines = [f"### Locust load test, {stamp}, {platform.machine()} CPU (2 cores), service + locust on one machine",
+             "", f"Command: `python -m loadtests.run {' '.join(argv or [])}`".rstrip(), "",
+             f"{a.users} users, {a.duration} s per configuration, service max_active_images = {a.slots}. "
+             "Latency of successful requests (ms), request-weighted over the request kinds.", "",
+             "| configuration | requests | images/s | p50 ms | p95 ms | p99 ms | unexpected failures | invalid (expected 422) |",
+             "|---|---:|---:|---:|---:|---:|---|---:|"]
+    for s in results:
+        fails = ", ".join(f"{k}: {v}" for k, v in s.failures.items()) or "0"
+        lines.append(f"| {s.config} | {s.requests} | {s.images_per_s:.2f} | {s.p50_ms:.0f} | {s.p95_ms:.0f} | "
+                     f"{s.p99_ms:.0f} | {fails} | {s.expected_invalid} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if a.out:
+        with a.out.open("a") as f:
+            f.write("\n" + table)
+    return 1 if any(s.failures for s in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
