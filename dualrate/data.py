@@ -30,7 +30,7 @@ class UnsafePickleError(pickle.UnpicklingError):
 
 
 class NumpyOnlyUnpickler(pickle.Unpickler):
-    def find_class(self, module: str, name: str):  # noqa: ANN201 - pickle API
+    def find_class(self, module: str, name: str):
         if (module, name) in _ALLOWED:
             return super().find_class(module, name)
         raise UnsafePickleError(f"refusing to unpickle {module}.{name}: only numpy arrays are allowed")

@@ -18,7 +18,6 @@ import platform
 import time
 from dataclasses import asdict, dataclass
 from datetime import date
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +27,7 @@ from scipy import linalg
 from torch import Tensor
 from tqdm import tqdm
 
-from dualrate.checkpoint import DEFAULT_CHECKPOINT, CARD_FILE, LoadedModel, load_checkpoint, torch_fns
+from dualrate.checkpoint import CARD_FILE, DEFAULT_CHECKPOINT, LoadedModel, load_checkpoint, torch_fns
 from dualrate.classifier import CLASSIFIER_DIR, DigitClassifier, batched, load_classifier
 from dualrate.data import load_mnist, to_uint8
 from dualrate.diffusion import CosineSchedule
@@ -129,7 +128,7 @@ def sweep_configs(default_steps: int, default_g: float) -> list[tuple[int, int |
     return rows
 
 
-def run_sweep(model: LoadedModel, ev: Evaluator, n_images: int, configs) -> list[SweepRow]:  # noqa: ANN001
+def run_sweep(model: LoadedModel, ev: Evaluator, n_images: int, configs) -> list[SweepRow]:
     enc_f, den_f = per_image_flops(model.cfg)
     rows = []
     for steps, k, g, note in tqdm(configs, desc="sweep"):

@@ -85,7 +85,7 @@ class Engine(ABC):
     def device(self) -> str:
         return "cpu"
 
-    def synchronize(self) -> None:
+    def synchronize(self) -> None:  # noqa: B027 - deliberately a no-op on CPU; GPU backends override
         """Wait for all enqueued work (a no-op on CPU)."""
 
     def close(self) -> None:

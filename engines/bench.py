@@ -12,7 +12,7 @@ import argparse
 import logging
 import platform
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -36,7 +36,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t0) / 1e9
 
 
-def bench_cell(engine, model, batch: int, steps: int, k: int, g: float, min_seconds: float) -> float:  # noqa: ANN001
+def bench_cell(engine, model, batch: int, steps: int, k: int, g: float, min_seconds: float) -> float:
     sched = CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max)
     labels = torch.arange(batch) % 10
     run = lambda: dual_rate_sample(engine.encode, engine.denoise, labels, list(range(batch)), steps, k, g,  # noqa: E731
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     peak32, peak16 = matmul_peak(torch.float32), matmul_peak(torch.bfloat16)
     rows = []
     for name in a.backends:
-        backend, precision = (name.split("-") + ["fp32"])[:2]
+        backend, precision = [*name.split("-"), "fp32"][:2]
         engine = create_engine(backend, a.checkpoint, "cpu", max_batch=2 * max(a.batches), precision=precision)
         for b in a.batches:
             for k in a.intervals:
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append((name, b, k, ips, ips * flops / 1e9))
                 log.info("%s batch %d K=%d: %.2f images/s (%.1f GFLOP/s)", name, b, k, ips, ips * flops / 1e9)
         engine.close()
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"### Engine benchmark, {stamp}, {platform.machine()} CPU, {torch.get_num_threads()} threads",
              "", f"Command: `python -m engines.bench {' '.join(argv or [])}`".rstrip(), "",
              f"Reference sampler, N = {steps} steps, guidance {g} (2 rows per image). Measured matmul peak: "

@@ -70,7 +70,7 @@ class OnnxRuntimeEngine(Engine):
     def device(self) -> str:
         return self._device
 
-    def _run(self, sess, feeds: dict[str, Tensor], out_shapes: list[tuple[int, ...]]) -> list[Tensor]:  # noqa: ANN001
+    def _run(self, sess, feeds: dict[str, Tensor], out_shapes: list[tuple[int, ...]]) -> list[Tensor]:
         if self._device == "cpu":
             outs = sess.run(None, {k: v.detach().cpu().numpy() for k, v in feeds.items()})
             return [torch.from_numpy(o) for o in outs]

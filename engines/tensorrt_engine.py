@@ -19,7 +19,7 @@ from engines.torch_engine import _CudaFeatures
 log = logging.getLogger("engines.tensorrt")
 
 
-def _import_trt():  # noqa: ANN202
+def _import_trt():
     try:
         import tensorrt as trt
     except ImportError as e:
@@ -29,7 +29,7 @@ def _import_trt():  # noqa: ANN202
     return trt
 
 
-def torch_dtype(trt, dt) -> torch.dtype:  # noqa: ANN001
+def torch_dtype(trt, dt) -> torch.dtype:
     """Explicit map: trt.nptype covers neither BF16 nor FP8."""
     table = {trt.DataType.FLOAT: torch.float32, trt.DataType.HALF: torch.float16, trt.DataType.INT32: torch.int32,
              trt.DataType.INT64: torch.int64, trt.DataType.INT8: torch.int8, trt.DataType.BOOL: torch.bool}
@@ -43,7 +43,7 @@ def torch_dtype(trt, dt) -> torch.dtype:  # noqa: ANN001
 class _TrtNetwork:
     """One deserialized engine + its execution context; runs by tensor name on a given stream."""
 
-    def __init__(self, trt, runtime, path: Path) -> None:  # noqa: ANN001
+    def __init__(self, trt, runtime, path: Path) -> None:
         self.trt = trt
         self.engine = runtime.deserialize_cuda_engine(path.read_bytes())
         if self.engine is None:

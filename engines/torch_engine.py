@@ -40,7 +40,7 @@ class _GraphRunner:
         self.module, self.buckets = module, buckets
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, list[Tensor], Tensor | tuple[Tensor, ...]]] = {}
 
-    def __call__(self, *args: Tensor):  # noqa: ANN204
+    def __call__(self, *args: Tensor):
         b = args[0].shape[0]
         bucket = next((x for x in self.buckets if x >= b), None)
         if bucket is None:
@@ -111,7 +111,7 @@ class TorchEngine(Engine):
             out = self._enc_fn(z.to(d).float(), tau.to(d).float(), label.to(d).long())
         return tuple(o.float() for o in out)
 
-    def _amp(self):  # noqa: ANN202
+    def _amp(self):
         if self._autocast is None:
             return contextlib.nullcontext()
         return torch.autocast(torch.device(self._device).type, dtype=self._autocast)

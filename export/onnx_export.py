@@ -49,7 +49,7 @@ class _DenoiserWrapper(torch.nn.Module):
         super().__init__()
         self.m = m
 
-    def forward(self, z, t, tau, label, f0, f1, f2):  # noqa: ANN001, ANN201
+    def forward(self, z, t, tau, label, f0, f1, f2):
         return self.m(z, t, tau, label, f0, f1, f2)
 
 

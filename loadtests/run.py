@@ -17,7 +17,7 @@ import subprocess
 import sys
 from collections import Counter
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -70,14 +70,16 @@ def run_locust(url: str, users: int, duration: int, csv_prefix: Path, forced_k: 
 
 
 def summarise(name: str, csv_prefix: Path, images: float, duration: float) -> Summary:
-    rows = list(csv.DictReader(open(f"{csv_prefix}_stats.csv")))
+    with open(f"{csv_prefix}_stats.csv") as f:
+        rows = list(csv.DictReader(f))
     agg = next(r for r in rows if r["Name"] == "Aggregated")
     ok_rows = [r for r in rows if r["Name"] not in ("Aggregated",) and "invalid" not in r["Name"]]
     invalid = sum(int(r["Request Count"]) - int(r["Failure Count"]) for r in rows if "invalid" in r["Name"])
     failures: Counter = Counter()
-    for r in csv.DictReader(open(f"{csv_prefix}_failures.csv")):
-        kind = r["Error"].split(":")[0].replace("CatchResponseError('", "").strip("(')\"")
-        failures[kind] += int(r["Occurrences"])
+    with open(f"{csv_prefix}_failures.csv") as f:
+        for r in csv.DictReader(f):
+            kind = r["Error"].split(":")[0].replace("CatchResponseError('", "").strip("(')\"")
+            failures[kind] += int(r["Occurrences"])
     # Latency of the valid requests: locust's percentiles of the request-count-weighted rows.
     weights = [int(r["Request Count"]) for r in ok_rows]
 
@@ -120,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         s = summarise(cfg.name, a.csv_dir / key, images, a.duration)
         log.info("%s", s)
         results.append(s)
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"### Locust load test, {stamp}, {platform.machine()} CPU (2 cores), service + locust on one machine",
              "", f"Command: `python -m loadtests.run {' '.join(argv or [])}`".rstrip(), "",
              f"{a.users} users, {a.duration} s per configuration, service max_active_images = {a.slots}. "

@@ -19,7 +19,7 @@ import platform
 import random
 import statistics
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
                      pct(lat[policy]["long"], 0.95))
         finally:
             srv.terminate()
-    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     sat_ratio = res["svc_sat"] / res[f"bare_b{a.slots}"]
     lines = [
         f"### Service benchmark, {stamp}, {platform.machine()} CPU ({torch.get_num_threads()} threads), onnxruntime",
@@ -161,10 +161,10 @@ def main(argv: list[str] | None = None) -> None:
         "capacity), latency in seconds:", "",
         "| policy | short p50 | short p95 | long p50 | long p95 | all p95 | requests |", "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for policy, l in lat.items():
-        lines.append(f"| {policy} | {statistics.median(l['short']):.2f} | {pct(l['short'], 0.95):.2f} | "
-                     f"{statistics.median(l['long']):.2f} | {pct(l['long'], 0.95):.2f} | "
-                     f"{pct(l['short'] + l['long'], 0.95):.2f} | {len(l['short']) + len(l['long'])} |")
+    for policy, by_kind in lat.items():
+        sh, lo = by_kind["short"], by_kind["long"]
+        lines.append(f"| {policy} | {statistics.median(sh):.2f} | {pct(sh, 0.95):.2f} | {statistics.median(lo):.2f} | "
+                     f"{pct(lo, 0.95):.2f} | {pct(sh + lo, 0.95):.2f} | {len(sh) + len(lo)} |")
     report = "\n".join(lines) + "\n"
     print(report)
     if a.out:

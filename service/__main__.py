@@ -22,7 +22,7 @@ log = logging.getLogger("service")
 class DrainingServer(uvicorn.Server):
     """On the first signal, drain the scheduler while still answering HTTP (503 for new work), then exit."""
 
-    def handle_exit(self, sig: int, frame) -> None:  # noqa: ANN001
+    def handle_exit(self, sig: int, frame) -> None:
         state = self.config.loaded_app_state if hasattr(self.config, "loaded_app_state") else None
         if state is None or state.draining or self.should_exit:
             super().handle_exit(sig, frame)
@@ -31,7 +31,7 @@ class DrainingServer(uvicorn.Server):
         loop = asyncio.get_event_loop()
         loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then_exit(state)))
 
-    async def _drain_then_exit(self, state) -> None:  # noqa: ANN001
+    async def _drain_then_exit(self, state) -> None:
         await drain(state)
         log.info("drained; shutting down")
         self.should_exit = True

@@ -190,7 +190,7 @@ class Scheduler:
             return
         try:
             v, enc_rows, den_rows = self._run_networks(batch)
-        except Exception as e:
+        except Exception:
             error_id = uuid.uuid4().hex[:12]
             log.exception("engine failure (error id %s) in a batch of %d images", error_id, len(batch))
             self._fail_slots(batch, EngineFailure(error_id, f"engine failure (error id {error_id})"))

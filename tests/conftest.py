@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT
+from service.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,14 +28,31 @@ def checkpoint_dir() -> Path:
 
 
 @pytest.fixture(scope="session")
-def onnx_dir(checkpoint_dir):  # noqa: ANN001, ANN201
+def onnx_dir(checkpoint_dir):
     from export import export_onnx
 
     return export_onnx(checkpoint_dir).directory
 
 
 @pytest.fixture(scope="session")
-def model(checkpoint_dir):  # noqa: ANN001, ANN201
+def model(checkpoint_dir):
     from dualrate.checkpoint import load_checkpoint
 
     return load_checkpoint(checkpoint_dir)
+
+
+@pytest.fixture(scope="module")
+def start_server(checkpoint_dir, onnx_dir, tmp_path_factory):
+    """Factory: start a real server with given settings; all are stopped at module end."""
+    servers: list[ServerProcess] = []
+
+    def start(**settings: object) -> ServerProcess:
+        settings.setdefault("threads", int(os.environ.get("DUALRATE_TEST_THREADS", "2")))
+        s = ServerProcess(checkpoint_dir, tmp_path_factory.mktemp("server") / "server.log", **settings)
+        servers.append(s)
+        s.wait_ready()
+        return s
+
+    yield start
+    for s in servers:
+        s.terminate()

@@ -13,7 +13,7 @@ from engines import BackendUnavailable, create_engine, resolve_backend
 
 
 @pytest.fixture(scope="module")
-def engines(checkpoint_dir, onnx_dir):  # noqa: ANN001, ANN201
+def engines(checkpoint_dir, onnx_dir):
     ort = create_engine("onnxruntime", checkpoint_dir, "cpu", max_batch=32)
     pt = create_engine("torch", checkpoint_dir, "cpu", max_batch=32)
     yield {"onnxruntime": ort, "torch": pt}
@@ -86,8 +86,8 @@ def test_encode_async_overlaps_on_a_worker_thread(engines):
 def test_batch_limit_is_enforced(engines):
     from engines import EngineError
 
-    z, t, tau, label = mixed_rows(33)
-    with pytest.raises(EngineError, match="outside 1..32"):
+    z, _, tau, label = mixed_rows(33)
+    with pytest.raises(EngineError, match=r"outside 1\.\.32"):
         engines["torch"].encode(z, tau, label)
 
 

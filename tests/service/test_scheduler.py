@@ -23,20 +23,20 @@ class Recorder(StatsSink):
 
 
 @pytest.fixture(scope="module")
-def engine(checkpoint_dir, onnx_dir):  # noqa: ANN001, ANN201
+def engine(checkpoint_dir, onnx_dir):
     e = create_engine("onnxruntime", checkpoint_dir, "cpu", max_batch=16)
     yield e
     e.close()
 
 
-def make(engine, model, policy=Policy.CONTINUOUS, slots=8):  # noqa: ANN001, ANN201
+def make(engine, model, policy=Policy.CONTINUOUS, slots=8):
     rec = Recorder()
     s = Scheduler(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label, slots,
                   queue_size=32, policy=policy, stats=rec)
     return s, rec
 
 
-def run_all(s: Scheduler, jobs) -> None:  # noqa: ANN001
+def run_all(s: Scheduler, jobs) -> None:
     for _ in range(10_000):
         if all(j.future.done() for j in jobs):
             return
