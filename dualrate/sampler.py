@@ -76,7 +76,7 @@ def dual_rate_sample(
             feats = encode(zz, torch.cat([tau, tau]) if guided else tau, rows)
             enc_calls += 1
         tt, tautau = (torch.cat([t, t]), torch.cat([tau, tau])) if guided else (t, tau)
-        v = denoise(zz, tt, tautau, rows, feats)
+        v = denoise(zz, tt, tautau, rows, feats).to(z.device).float()  # engines may return device tensors
         if guided:
             v_cond, v_uncond = v.chunk(2)
             # Unconditional images keep their plain prediction (v_cond == v_uncond for them).

@@ -1,0 +1,123 @@
+"""Every CUDA check and benchmark in one go, for a machine with an NVIDIA GPU.
+
+    python scripts/gpu_check.py [--out DIR]
+
+1. torch backend on CUDA vs the CPU result (parity), with and without CUDA graphs;
+2. the encoder-stream overlap, measured with CUDA events: how much of the encoder's time hides behind the light
+   network when the encoder runs on its own stream;
+3. images/s at several batch sizes for K = 1 and K = 4, CUDA graphs off and on;
+4. the TensorRT path (build, parity, images/s) where `tensorrt` is importable.
+Prints a short table at the end and writes it (plus json) under --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from engines import create_engine
+from engines.bench import bench_cell
+
+
+def rows(b: int, device: str, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    z, t = torch.randn(b, 1, 32, 32, generator=g), torch.rand(b, generator=g)
+    tau, y = (t + 0.1).clamp(max=1), torch.randint(0, 11, (b,), generator=g)
+    return tuple(x.to(device) for x in (z, t, tau, y))
+
+
+def parity(ck: Path, results: dict) -> None:
+    cpu = create_engine("torch", ck, "cpu", max_batch=64)
+    z, t, tau, y = rows(16, "cpu")
+    ref = cpu.denoise(z, t, tau, y, cpu.encode(z, tau, y))
+    for graphs in (False, True):
+        gpu = create_engine("torch", ck, "cuda:0", max_batch=64, cuda_graphs=graphs)
+        zc, tc, tauc, yc = rows(16, "cuda:0")
+        v = gpu.denoise(zc, tc, tauc, yc, gpu.encode_async(zc, tauc, yc).result()).cpu()
+        results[f"parity_max_abs_err_graphs_{graphs}"] = float((v - ref).abs().max())
+
+
+def overlap(ck: Path, results: dict, batch: int = 32, reps: int = 50) -> None:
+    """Encoder on its stream for half the rows while the light network runs the other half."""
+    e = create_engine("torch", ck, "cuda:0", max_batch=2 * batch)
+    z, t, tau, y = rows(batch, "cuda:0")
+    feats = e.encode(z, tau, y)
+    ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
+
+    def timed(fn) -> float:
+        fn()
+        torch.cuda.synchronize()
+        ev[0].record()
+        for _ in range(reps):
+            fn()
+        ev[1].record()
+        torch.cuda.synchronize()
+        return ev[0].elapsed_time(ev[1]) / reps
+
+    t_enc = timed(lambda: e.encode(z, tau, y))
+    t_den = timed(lambda: e.denoise(z, t, tau, y, feats))
+    t_seq = timed(lambda: (e.encode(z, tau, y), e.denoise(z, t, tau, y, feats)))
+
+    def concurrent() -> None:
+        h = e.encode_async(z, tau, y)
+        e.denoise(z, t, tau, y, feats)
+        e.denoise(z, t, tau, y, h.result())
+
+    t_par = timed(concurrent)
+    hidden = max(0.0, (t_enc + 2 * t_den) - t_par) / t_enc
+    results.update(encoder_ms=t_enc, denoiser_ms=t_den, sequential_ms=t_seq, overlapped_ms=t_par,
+                   encoder_time_hidden=hidden)
+
+
+def throughput(ck: Path, results: dict, backend: str = "torch", graphs: bool = False) -> None:
+    """Whole images through the reference sampler (each step copies v to the host, which synchronizes)."""
+    model = load_checkpoint(ck)
+    steps, g = model.defaults.steps, model.defaults.guidance_scale
+    e = create_engine(backend, ck, "cuda:0", max_batch=512, cuda_graphs=graphs)
+    for b in (1, 16, 64, 256):
+        for k in (1, 4):
+            ips = bench_cell(e, model, b, steps, k, g, min_seconds=2.0)
+            results[f"{backend}{'+graphs' if graphs else ''}_b{b}_k{k}_images_per_s"] = ips
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--out", type=Path, default=Path("artifacts/gpu_check"))
+    a = p.parse_args()
+    if not torch.cuda.is_available():
+        print("no CUDA GPU visible to torch: nothing to check")
+        return 2
+    res: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    steps = [("parity", lambda: parity(a.checkpoint, res)), ("overlap", lambda: overlap(a.checkpoint, res)),
+             ("throughput", lambda: throughput(a.checkpoint, res)),
+             ("throughput+graphs", lambda: throughput(a.checkpoint, res, graphs=True))]
+    try:
+        import tensorrt  # noqa: F401
+
+        steps.append(("tensorrt", lambda: throughput(a.checkpoint, res, backend="tensorrt")))
+    except ImportError:
+        res["tensorrt"] = "not installed"
+    for name, fn in steps:
+        try:
+            fn()
+        except Exception as e:  # report and go on: one failed check must not hide the others
+            res[f"{name}_error"] = repr(e)
+    a.out.mkdir(parents=True, exist_ok=True)
+    (a.out / "gpu_check.json").write_text(json.dumps(res, indent=2))
+    table = "\n".join(["| check | value |", "|---|---|"] +
+                      [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in res.items()])
+    (a.out / "gpu_check.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
