@@ -44,8 +44,12 @@ class ModelConfig:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
-        enc = NetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("encoder").items()})
-        den = NetConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.pop("denoiser").items()})
+
+        def net(raw: dict[str, Any]) -> NetConfig:
+            kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+            return NetConfig(**kw)
+
+        enc, den = net(d.pop("encoder")), net(d.pop("denoiser"))
         known = {f.name for f in fields(ModelConfig)}
         return ModelConfig(encoder=enc, denoiser=den, **{k: v for k, v in d.items() if k in known})
 

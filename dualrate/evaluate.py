@@ -82,7 +82,7 @@ def save_grid(images: Tensor, path: Path, nrow: int = 10, scale: int = 2) -> Non
         r, c = divmod(i, nrow)
         grid[r * 30 + 1 : r * 30 + 29, c * 30 + 1 : c * 30 + 29] = tile
     img = Image.fromarray(grid, mode="L")
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
+    img.resize((img.width * scale, img.height * scale), Image.Resampling.NEAREST).save(path)
 
 
 @dataclass

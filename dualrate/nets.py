@@ -39,8 +39,8 @@ class ResBlock(nn.Module):
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
         self.norm2 = nn.GroupNorm(_groups(c_out), c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
-        nn.init.zeros_(self.conv2.weight)
-        nn.init.zeros_(self.conv2.bias)
+        nn.init.zeros_(self.conv2.weight)  # each block starts as the identity
+        nn.init.zeros_(self.conv2.bias)  # type: ignore[arg-type]
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: Tensor, emb: Tensor) -> Tensor:
@@ -161,7 +161,7 @@ class LightDenoiser(nn.Module):
         self.out_norm = nn.GroupNorm(_groups(d.channels[0]), d.channels[0])
         self.out = nn.Conv2d(d.channels[0], 1, 3, padding=1)
         nn.init.zeros_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        nn.init.zeros_(self.out.bias)  # type: ignore[arg-type]
 
     def forward(self, z_t: Tensor, t: Tensor, tau: Tensor, label: Tensor, f0: Tensor, f1: Tensor, f2: Tensor) -> Tensor:
         extra = [p(f) for p, f in zip(self.proj, (f0, f1, f2), strict=True)]

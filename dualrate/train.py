@@ -108,8 +108,8 @@ def main(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> None:
         log.info("resumed from %s at step %d (%.0f s trained)", state_path, step, elapsed)
 
     if cfg.channels_last:
-        encoder.to(memory_format=torch.channels_last)
-        denoiser.to(memory_format=torch.channels_last)
+        encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+        denoiser.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     x_all, y_all = load_mnist("train")
     if cfg.channels_last:
         x_all = x_all.contiguous(memory_format=torch.channels_last)

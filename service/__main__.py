@@ -46,7 +46,7 @@ def main() -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=settings.max_timeout_s)
+                            timeout_graceful_shutdown=int(settings.max_timeout_s))
     config.loaded_app_state = app.state.dualrate  # type: ignore[attr-defined]
     server = DrainingServer(config)
     server.run()

@@ -1,0 +1,1 @@
+"""The serving layer: FastAPI app, continuous-batching scheduler, settings, metrics."""
