@@ -29,6 +29,7 @@ serve: export
 test: setup
 	bash scripts/install_test_tools.sh
 	$(BIN)/ruff check .
+	$(BIN)/mypy dualrate export engines service
 	$(BIN)/python -m pytest -q
 
 lint: setup
