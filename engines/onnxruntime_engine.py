@@ -28,6 +28,7 @@ class OnnxRuntimeEngine(Engine):
         max_batch: int = 64,
         intra_op_threads: int = 0,  # 0 = ONNX Runtime's default (all cores)
         providers: list[str] | None = None,
+        spin: bool = False,  # let idle ORT threads spin (faster alone, slower when two sessions run at once)
     ) -> None:
         super().__init__()
         import json
@@ -53,6 +54,10 @@ class OnnxRuntimeEngine(Engine):
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         if intra_op_threads:
             opts.intra_op_num_threads = intra_op_threads
+        if device == "cpu" and not spin:
+            # The encoder (worker thread) and the light network run concurrently on CPU; spinning thread pools
+            # would steal each other's cores.
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._enc = ort.InferenceSession(str(Path(onnx_dir) / side["encoder"]["file"]), opts, providers=providers)
             self._den = ort.InferenceSession(str(Path(onnx_dir) / side["denoiser"]["file"]), opts, providers=providers)
