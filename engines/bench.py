@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> None:
         engine.close()
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"### Engine benchmark, {stamp}, {platform.machine()} CPU, {torch.get_num_threads()} threads",
-             "", f"Command: `python -m engines.bench {' '.join(argv or [])}`".rstrip(), "",
+             "", f"Command: `python -m engines.bench {' '.join(sys.argv[1:] if argv is None else argv)}`".rstrip(), "",
              f"Reference sampler, N = {steps} steps, guidance {g} (2 rows per image). Measured matmul peak: "
              f"fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s.", "",
              "| backend | batch | K | images/s | K=4 / K=1 | model GFLOP/s | % of fp32 peak |",

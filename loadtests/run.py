@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append(s)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"### Locust load test, {stamp}, {platform.machine()} CPU (2 cores), service + locust on one machine",
-             "", f"Command: `python -m loadtests.run {' '.join(argv or [])}`".rstrip(), "",
+             "", f"Command: `python -m loadtests.run {' '.join(sys.argv[1:] if argv is None else argv)}`".rstrip(), "",
              f"{a.users} users, {a.duration} s per configuration, service max_active_images = {a.slots}. "
              "Latency of successful requests (ms), request-weighted over the request kinds.", "",
              "| configuration | requests | images/s | p50 ms | p95 ms | p99 ms | unexpected failures | invalid (expected 422) |",

@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import logging
 import platform
+import sys
 import random
 import statistics
 import time
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     sat_ratio = res["svc_sat"] / res[f"bare_b{a.slots}"]
     lines = [
         f"### Service benchmark, {stamp}, {platform.machine()} CPU ({torch.get_num_threads()} threads), onnxruntime",
-        "", f"Command: `python -m loadtests.service_bench {' '.join(argv or [])}`".rstrip(), "",
+        "", f"Command: `python -m loadtests.service_bench {' '.join(sys.argv[1:] if argv is None else argv)}`".rstrip(), "",
         f"Requests: 1 image, N = {d.steps}, K = {d.encoder_interval}, guidance {d.guidance_scale}; "
         f"service max_active_images = {a.slots}; {a.seconds:.0f} s per measurement.", "",
         "| measurement | images/s | ratio |", "|---|---:|---:|",
