@@ -16,9 +16,9 @@ import argparse
 import asyncio
 import logging
 import platform
-import sys
 import random
 import statistics
+import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
