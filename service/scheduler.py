@@ -104,12 +104,14 @@ class Scheduler:
         policy: Policy = Policy.CONTINUOUS,
         stats: StatsSink | None = None,
         fault_injection_seed: int | None = None,  # tests only: fail the batch that holds this seed
+        overlap_encoder: bool = True,  # light network runs the not-due rows while the encoder runs the due ones
     ) -> None:
         assert engine.max_batch >= 2 * max_active_images, "a guided image takes two rows"
         self.engine, self.sched, self.null_label = engine, sched, null_label
         self.max_active_images, self.queue_size, self.policy = max_active_images, queue_size, policy
         self.stats = stats or StatsSink()
         self.fault_injection_seed = fault_injection_seed
+        self.overlap_encoder = overlap_encoder
         dev = engine.device
         # Preallocated feature cache: two rows per slot, one tensor per encoder level.
         self.cache = [torch.zeros(2 * max_active_images, *s, device=dev) for s in engine.feature_shapes]
@@ -273,6 +275,7 @@ class Scheduler:
             raise RuntimeError("injected engine failure (fault_injection_seed)")
         due_slots = [s for s in batch if s.step % s.job.spec.encoder_interval == 0]
         rest_slots = [s for s in batch if s.step % s.job.spec.encoder_interval != 0]
+        enc_rows, den_rows = sum(1 + s.guided for s in due_slots), sum(1 + s.guided for s in batch)
         dev = self.engine.device
         v_parts: dict[int, Tensor] = {}  # id(slot) -> (rows, 1, 32, 32) cond [, uncond]
         handle = None
@@ -283,6 +286,12 @@ class Scheduler:
             t_enc = time.perf_counter()
             # The encoder goes to its own stream / worker thread; the light network runs the other rows meanwhile.
             handle = self.engine.encode_async(zd.to(dev), td.to(dev), yd.to(dev))
+        if handle is not None and rest_slots and not self.overlap_encoder:
+            # No overlap: wait for the features, then one light-network call over every row (bigger batch). On a
+            # 2-core CPU this is faster: the encoder's worker thread and the light network share the same cores.
+            self._store_features(due_slots, rows_d, handle.result(), t_enc)
+            handle = None
+            due_slots, rest_slots = [], due_slots + rest_slots
         if rest_slots:
             zr, tr, taur, yr, rows_r = self._rows(rest_slots)
             feats = tuple(c[rows_r.to(dev)] for c in self.cache)
@@ -291,17 +300,11 @@ class Scheduler:
             self.stats.network_call(NetworkCall("denoiser", len(rows_r), time.perf_counter() - t1))
             self._split(rest_slots, vr, v_parts)
         if handle is not None:
-            feats = handle.result()
-            self.stats.network_call(NetworkCall("encoder", len(rows_d), time.perf_counter() - t_enc))
-            for c, f in zip(self.cache, feats, strict=True):
-                c[rows_d.to(dev)] = f.to(c.dtype)
-            for s in due_slots:
-                s.encoder_calls += 1
+            feats = self._store_features(due_slots, rows_d, handle.result(), t_enc)
             t1 = time.perf_counter()
             vd = self.engine.denoise(zd.to(dev), td.to(dev), td.to(dev), yd.to(dev), feats).float().cpu()
             self.stats.network_call(NetworkCall("denoiser", len(rows_d), time.perf_counter() - t1))
             self._split(due_slots, vd, v_parts)
-        enc_rows, den_rows = sum(1 + s.guided for s in due_slots), sum(1 + s.guided for s in batch)
         self._encoder_rows += enc_rows
         self._denoiser_rows += den_rows
         out = []
@@ -313,6 +316,15 @@ class Scheduler:
             else:
                 out.append(v[0])
         return torch.stack(out), enc_rows, den_rows
+
+    def _store_features(self, due: list[ImageSlot], rows: Tensor, feats: tuple[Tensor, ...], t_enc: float) -> tuple:
+        self.stats.network_call(NetworkCall("encoder", len(rows), time.perf_counter() - t_enc))
+        dev = self.engine.device
+        for c, f in zip(self.cache, feats, strict=True):
+            c[rows.to(dev)] = f.to(c.dtype)
+        for s in due:
+            s.encoder_calls += 1
+        return feats
 
     @staticmethod
     def _split(slots: list[ImageSlot], v: Tensor, into: dict[int, Tensor]) -> None:

@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="CPU threads per network (0 = library default)")
     cuda_graphs: bool = Field(False, description="torch backend on CUDA: capture graphs per batch bucket")
     api_keys: list[SecretStr] = Field(default_factory=list, description="if set, require Authorization: Bearer <key>")
+    overlap_encoder: bool = Field(True, description="run the light network on rows that reuse features while the "
+                                  "encoder refreshes the others (off: one light-network call per tick after the encoder)")
     warmup: bool = True
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
     fault_injection_seed: int | None = Field(None, description="tests only: the batch holding this seed fails")

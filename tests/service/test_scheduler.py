@@ -29,10 +29,10 @@ def engine(checkpoint_dir, onnx_dir):
     e.close()
 
 
-def make(engine, model, policy=Policy.CONTINUOUS, slots=8):
+def make(engine, model, policy=Policy.CONTINUOUS, slots=8, overlap=True):
     rec = Recorder()
     s = Scheduler(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label, slots,
-                  queue_size=32, policy=policy, stats=rec)
+                  queue_size=32, policy=policy, stats=rec, overlap_encoder=overlap)
     return s, rec
 
 
@@ -44,9 +44,10 @@ def run_all(s: Scheduler, jobs) -> None:
     raise AssertionError("jobs did not finish")
 
 
-@pytest.mark.parametrize("policy", list(Policy))
-def test_scheduler_matches_the_reference_sampler(engine, model, policy):
-    s, rec = make(engine, model, policy)
+@pytest.mark.parametrize(("policy", "overlap"), [(Policy.CONTINUOUS, True), (Policy.REQUEST, True),
+                                                 (Policy.CONTINUOUS, False)])
+def test_scheduler_matches_the_reference_sampler(engine, model, policy, overlap):
+    s, rec = make(engine, model, policy, overlap=overlap)
     specs = [GenerationSpec(3, 2, 8, 4, 1.5, seed=10), GenerationSpec(10, 1, 5, 2, 1.5, seed=20),
              GenerationSpec(7, 3, 12, 1, 1.0, seed=30), GenerationSpec(0, 1, 9, 9, 2.0, seed=40)]
     jobs = [s.submit(sp) for sp in specs]
@@ -94,3 +95,15 @@ def test_encoder_rows_run_while_light_network_runs_the_others(engine, model):
     assert snap.encoder_rows_total == 4 and snap.denoiser_rows_total == 16
     assert snap.encoder_reuse_ratio == pytest.approx(0.75)
     assert snap.free_slots == 8
+
+
+def test_without_overlap_one_light_network_call_follows_the_encoder(engine, model):
+    s, rec = make(engine, model, overlap=False)
+    a = s.submit(GenerationSpec(1, 1, 8, 4, 1.0, seed=1))
+    s.tick()
+    b = s.submit(GenerationSpec(2, 1, 8, 4, 1.0, seed=2))
+    rec.calls.clear()
+    s.tick()  # b due, a reusing: the encoder first, then one light-network call over both rows
+    assert [(c.network, c.rows) for c in rec.calls] == [("encoder", 1), ("denoiser", 2)]
+    run_all(s, [a, b])
+    assert s.snapshot().encoder_rows_total == 4
