@@ -106,6 +106,27 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
 
 
+def saturation_only(a: argparse.Namespace) -> None:
+    """Bare engine loop once, then the service at saturation once per settings set (DUALRATE_* without prefix)."""
+    d = load_checkpoint(a.checkpoint).defaults
+    body = {"num_images": 1, "steps": d.steps, "encoder_interval": d.encoder_interval,
+            "guidance_scale": d.guidance_scale}
+    bare = bare_engine_ips(a.checkpoint, a.slots, d.steps, d.encoder_interval, d.guidance_scale, a.seconds)
+    lines = [f"| service settings | bare engine, batch {a.slots} | service at saturation | ratio |", "|---|---:|---:|---:|"]
+    for spec in a.saturation:
+        extra = dict(kv.split("=", 1) for kv in spec.split(",") if kv != "default")
+        srv = ServerProcess(a.checkpoint, Path("/tmp/dualrate-bench-saturation.log"), max_active_images=a.slots,
+                            max_images_per_request=a.slots, queue_size=1024, **extra)
+        try:
+            srv.wait_ready()
+            ips, _ = asyncio.run(closed_loop(srv.url, 2 * a.slots, a.seconds, body))
+        finally:
+            srv.terminate()
+        lines.append(f"| {spec} | {bare:.2f} | {ips:.2f} | {ips / bare:.2f} |")
+        log.info("%s", lines[-1])
+    print("\n".join(lines))
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m loadtests.service_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -113,7 +134,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=20.0, help="per measurement")
     p.add_argument("--slots", type=int, default=16, help="max_active_images of the service")
     p.add_argument("--out", type=Path, default=None, help="append the report to this markdown file")
+    p.add_argument("--saturation", nargs="+", metavar="KEY=VALUE[,KEY=VALUE]", default=None,
+                   help="only compare saturation: bare engine loop, then the service once per given settings set "
+                        "(e.g. threads=1 overlap_encoder=false), alternating, and print a table")
     a = p.parse_args(argv)
+    if a.saturation:
+        saturation_only(a)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model = load_checkpoint(a.checkpoint)
     d = model.defaults

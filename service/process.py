@@ -15,6 +15,21 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def wait_until_ok(url: str, timeout: float, proc: subprocess.Popen | None = None) -> bool:
+    """Poll `url` until it answers 200 (True), `proc` exits, or `timeout` passes (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            return False
+        try:
+            if httpx.get(url, timeout=1.0).status_code == 200:
+                return True
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    return False
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -35,16 +50,10 @@ class ServerProcess:
                                      stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/health/ready", timeout=1.0).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        if wait_until_ok(f"{self.url}/health/ready", timeout, self.proc):
+            return
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"service exited with {self.proc.returncode}:\n{self.log()}")
         raise TimeoutError(f"service not ready after {timeout} s:\n{self.log()}")
 
     def log(self) -> str:

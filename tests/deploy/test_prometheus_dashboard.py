@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.process import free_port
+from service.process import free_port, wait_until_ok
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "dualrate.json"
@@ -38,14 +38,7 @@ def prometheus(start_server, tmp_path_factory):
                              f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL,
                             stderr=open(tmp / "prometheus.log", "wb"))  # noqa: SIM115
     url = f"http://127.0.0.1:{port}"
-    for _ in range(100):
-        try:
-            if httpx.get(f"{url}/-/ready", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    else:
+    if not wait_until_ok(f"{url}/-/ready", 20.0, proc):
         proc.kill()
         pytest.fail("prometheus did not become ready: " + (tmp / "prometheus.log").read_text()[-2000:])
     yield url, srv
