@@ -68,7 +68,7 @@ class _GraphRunner:
 class TorchEngine(Engine):
     def __init__(
         self, checkpoint: Path, device: str = "cpu", max_batch: int = 64, cuda_graphs: bool = False,
-        graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64), precision: str = "fp32",
+        graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512), precision: str = "fp32",
     ) -> None:
         super().__init__()
         if device.startswith("cuda") and not torch.cuda.is_available():

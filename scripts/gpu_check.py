@@ -6,7 +6,11 @@
 2. the encoder-stream overlap, measured with CUDA events: how much of the encoder's time hides behind the light
    network when the encoder runs on its own stream;
 3. images/s at several batch sizes for K = 1 and K = 4, CUDA graphs off and on;
-4. the TensorRT path (build, parity, images/s) where `tensorrt` is importable.
+4. whole images: 16 images through the reference sampler on CUDA (graphs off and on) against ONNX Runtime on CPU,
+   max pixel difference of 255;
+5. the service on CUDA (torch backend, encoder on its stream): same seed alone and under concurrent load gives the
+   same PNG, encoder_calls = ceil(steps / K), images/s at saturation against the bare engine loop on the same batch;
+6. the TensorRT path (build, parity, images/s) where `tensorrt` is importable.
 Prints a short table at the end and writes it (plus json) under --out.
 """
 
@@ -15,6 +19,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -22,6 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from dualrate.data import to_uint8
+from dualrate.diffusion import CosineSchedule
+from dualrate.sampler import dual_rate_sample
 from engines import create_engine
 from engines.bench import bench_cell
 
@@ -87,6 +96,65 @@ def throughput(ck: Path, results: dict, backend: str = "torch", graphs: bool = F
             results[f"{backend}{'+graphs' if graphs else ''}_b{b}_k{k}_images_per_s"] = ips
 
 
+def images(ck: Path, results: dict, n: int = 16) -> None:
+    """Whole images, same seeds: torch on CUDA (graphs off/on) against ONNX Runtime on CPU, in pixels of 255."""
+    model = load_checkpoint(ck)
+    d = model.defaults
+    sched = CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max)
+    labels = torch.arange(n) % 10
+
+    def draw(engine) -> torch.Tensor:
+        x, _ = dual_rate_sample(engine.encode, engine.denoise, labels, list(range(n)), d.steps, d.encoder_interval,
+                                d.guidance_scale, sched, model.cfg.null_label)
+        return torch.from_numpy(to_uint8(x)).int()
+
+    ref = draw(create_engine("onnxruntime", ck, "cpu", max_batch=2 * n))
+    for graphs in (False, True):
+        got = draw(create_engine("torch", ck, "cuda:0", max_batch=2 * n, cuda_graphs=graphs))
+        results[f"images_max_pixel_diff_graphs_{graphs}"] = int((got - ref).abs().max())
+
+
+def service(ck: Path, results: dict, out: Path, slots: int = 64, seconds: float = 15.0) -> None:
+    """The HTTP service on CUDA: determinism under load, encoder call count, saturation vs the bare engine loop."""
+    import asyncio
+    import math
+
+    import httpx
+
+    from loadtests.service_bench import closed_loop
+    from service.process import ServerProcess
+
+    model = load_checkpoint(ck)
+    d = model.defaults
+    body = {"num_images": 1, "steps": d.steps, "encoder_interval": d.encoder_interval, "guidance_scale": d.guidance_scale}
+    probe = {**body, "class_label": 3, "seed": 7}
+    srv = ServerProcess(ck, out / "service.log", backend="torch", device="cuda:0", max_active_images=slots,
+                        max_images_per_request=slots, queue_size=4096)
+    try:
+        srv.wait_ready(300)
+        alone = httpx.post(f"{srv.url}/generate", json=probe, timeout=120).json()
+        results["service_encoder_calls_ok"] = alone["encoder_calls"] == math.ceil(d.steps / d.encoder_interval)
+
+        async def crowd() -> list[dict]:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=300) as c:
+                rs = await asyncio.gather(*[c.post("/generate", json={**body, "class_label": i % 10, "seed": 1000 + i})
+                                            for i in range(2 * slots)], c.post("/generate", json=probe))
+            return [r.json() for r in rs]
+
+        loaded = asyncio.run(crowd())
+        results["service_same_png_alone_and_under_load"] = loaded[-1]["images"][0] == alone["images"][0]
+        results["service_images_per_s"], lat = asyncio.run(closed_loop(srv.url, 2 * slots, seconds, body))
+        lat.sort()
+        results["service_p95_latency_s"] = lat[int(0.95 * (len(lat) - 1))]
+        results["service_exit_code"] = srv.terminate()
+    finally:
+        srv.terminate()
+    engine = create_engine("torch", ck, "cuda:0", max_batch=2 * slots)
+    bare = bench_cell(engine, model, slots, d.steps, d.encoder_interval, d.guidance_scale, min_seconds=seconds)
+    results[f"bare_engine_b{slots}_images_per_s"] = bare
+    results["service_vs_bare"] = results["service_images_per_s"] / bare
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
@@ -98,19 +166,24 @@ def main() -> int:
     res: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
     steps = [("parity", lambda: parity(a.checkpoint, res)), ("overlap", lambda: overlap(a.checkpoint, res)),
              ("throughput", lambda: throughput(a.checkpoint, res)),
-             ("throughput+graphs", lambda: throughput(a.checkpoint, res, graphs=True))]
+             ("throughput+graphs", lambda: throughput(a.checkpoint, res, graphs=True)),
+             ("images", lambda: images(a.checkpoint, res)), ("service", lambda: service(a.checkpoint, res, a.out))]
     try:
         import tensorrt  # noqa: F401
 
         steps.append(("tensorrt", lambda: throughput(a.checkpoint, res, backend="tensorrt")))
     except ImportError:
         res["tensorrt"] = "not installed"
+    a.out.mkdir(parents=True, exist_ok=True)
     for name, fn in steps:
+        t0 = time.perf_counter()
         try:
             fn()
         except Exception as e:  # report and go on: one failed check must not hide the others
             res[f"{name}_error"] = repr(e)
-    a.out.mkdir(parents=True, exist_ok=True)
+            traceback.print_exc()
+        print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
+        (a.out / "gpu_check.json").write_text(json.dumps(res, indent=2))  # partial results survive a time-out
     (a.out / "gpu_check.json").write_text(json.dumps(res, indent=2))
     table = "\n".join(["| check | value |", "|---|---|"] +
                       [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in res.items()])
