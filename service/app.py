@@ -85,7 +85,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.scheduler = Scheduler(
             state.engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
             settings.max_active_images, settings.queue_size, settings.policy, state.metrics,
-            settings.fault_injection_seed, settings.overlap_encoder,
+            settings.fault_injection_seed, settings.overlap_encoder, settings.align_encoder,
         )
         state.scheduler.start()
         state.metrics.set_engine(state.engine.info, settings.policy.value)

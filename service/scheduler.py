@@ -105,6 +105,7 @@ class Scheduler:
         stats: StatsSink | None = None,
         fault_injection_seed: int | None = None,  # tests only: fail the batch that holds this seed
         overlap_encoder: bool = True,  # light network runs the not-due rows while the encoder runs the due ones
+        align_encoder: bool = True,  # admit an image only at a tick where its K-cohort refreshes (see _in_phase)
     ) -> None:
         assert engine.max_batch >= 2 * max_active_images, "a guided image takes two rows"
         self.engine, self.sched, self.null_label = engine, sched, null_label
@@ -112,6 +113,8 @@ class Scheduler:
         self.stats = stats or StatsSink()
         self.fault_injection_seed = fault_injection_seed
         self.overlap_encoder = overlap_encoder
+        self.align_encoder = align_encoder
+        self._phase: dict[int, int] = {}  # K -> ticks % K at which the active images with interval K refresh
         dev = engine.device
         # Preallocated feature cache: two rows per slot, one tensor per encoder level.
         self.cache = [torch.zeros(2 * max_active_images, *s, device=dev) for s in engine.feature_shapes]
@@ -238,11 +241,27 @@ class Scheduler:
                 while job.next_image < job.spec.num_images:
                     self._admit_image(job)
             return
+        active_k = {s.job.spec.encoder_interval for s in self.active}
         while self.queue and self.free_slots:
             job = self.queue[0]
+            if not self._in_phase(job.spec.encoder_interval, active_k):
+                break  # FIFO: the head waits at most K - 1 ticks; nothing behind it jumps the queue
+            active_k.add(job.spec.encoder_interval)
             self._admit_image(job)
             if job.next_image == job.spec.num_images:
                 self.queue.popleft()
+
+    def _in_phase(self, k: int, active_k: set[int]) -> bool:
+        """Aligned admission: an image with interval K joins only at a tick where the active images with the same K
+        are due an encoder refresh, so their refreshes share one encoder call and the ticks between need a single
+        light-network call. Unaligned, every tick has some rows due and pays an encoder call plus two light calls,
+        which costs most where calls are launch-bound (GPU: docs/gpu.md). The first image of a cohort sets the phase."""
+        if not self.align_encoder or k == 1:
+            return True
+        if k not in active_k:
+            self._phase[k] = self.ticks % k
+            return True
+        return self.ticks % k == self._phase[k]
 
     def _admit_image(self, job: Job) -> None:
         spec = job.spec

@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     api_keys: list[SecretStr] = Field(default_factory=list, description="if set, require Authorization: Bearer <key>")
     overlap_encoder: bool = Field(True, description="run the light network on rows that reuse features while the "
                                   "encoder refreshes the others (off: one light-network call per tick after the encoder)")
+    align_encoder: bool = Field(True, description="admit an image at the next tick where the images with the same "
+                                "encoder_interval refresh (waits < K ticks), so they share encoder calls")
     warmup: bool = True
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
     fault_injection_seed: int | None = Field(None, description="tests only: the batch holding this seed fails")

@@ -29,10 +29,10 @@ def engine(checkpoint_dir, onnx_dir):
     e.close()
 
 
-def make(engine, model, policy=Policy.CONTINUOUS, slots=8, overlap=True):
+def make(engine, model, policy=Policy.CONTINUOUS, slots=8, overlap=True, align=True):
     rec = Recorder()
     s = Scheduler(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label, slots,
-                  queue_size=32, policy=policy, stats=rec, overlap_encoder=overlap)
+                  queue_size=32, policy=policy, stats=rec, overlap_encoder=overlap, align_encoder=align)
     return s, rec
 
 
@@ -44,10 +44,10 @@ def run_all(s: Scheduler, jobs) -> None:
     raise AssertionError("jobs did not finish")
 
 
-@pytest.mark.parametrize(("policy", "overlap"), [(Policy.CONTINUOUS, True), (Policy.REQUEST, True),
-                                                 (Policy.CONTINUOUS, False)])
-def test_scheduler_matches_the_reference_sampler(engine, model, policy, overlap):
-    s, rec = make(engine, model, policy, overlap=overlap)
+@pytest.mark.parametrize(("policy", "overlap", "align"), [(Policy.CONTINUOUS, True, True), (Policy.REQUEST, True, True),
+                                                          (Policy.CONTINUOUS, False, True), (Policy.CONTINUOUS, True, False)])
+def test_scheduler_matches_the_reference_sampler(engine, model, policy, overlap, align):
+    s, rec = make(engine, model, policy, overlap=overlap, align=align)
     specs = [GenerationSpec(3, 2, 8, 4, 1.5, seed=10), GenerationSpec(10, 1, 5, 2, 1.5, seed=20),
              GenerationSpec(7, 3, 12, 1, 1.0, seed=30), GenerationSpec(0, 1, 9, 9, 2.0, seed=40)]
     jobs = [s.submit(sp) for sp in specs]
@@ -62,6 +62,24 @@ def test_scheduler_matches_the_reference_sampler(engine, model, policy, overlap)
         assert diff <= 1, f"{sp}: max pixel difference {diff}"
         assert res.encoder_calls == st.encoder_calls
     assert {c.network for c in rec.calls} == {"encoder", "denoiser"}
+
+
+@pytest.mark.parametrize("align", [True, False])
+def test_aligned_admission_shares_encoder_calls(engine, model, align):
+    """B (K = 4) arrives one tick after A (K = 4). Aligned, B waits for A's next refresh (tick 4), so the two share
+    every encoder call and each tick makes one light-network call; unaligned, B refreshes at ticks 1 and 5."""
+    s, rec = make(engine, model, align=align)
+    a = s.submit(GenerationSpec(1, 1, 12, 4, 1.0, seed=1))
+    s.tick()
+    b = s.submit(GenerationSpec(2, 1, 8, 4, 1.0, seed=2))
+    run_all(s, [a, b])
+    enc = [c for c in rec.calls if c.network == "encoder"]
+    den = [c for c in rec.calls if c.network == "denoiser"]
+    assert a.future.result().encoder_calls == 3 and b.future.result().encoder_calls == 2
+    if align:
+        assert s.ticks == 12 and [c.rows for c in enc] == [1, 2, 2] and len(den) == 12
+    else:
+        assert s.ticks == 12 and len(enc) == 5 and len(den) > 12
 
 
 def test_continuous_batching_lets_short_requests_overtake_long_ones(engine, model):
@@ -83,7 +101,7 @@ def test_continuous_batching_lets_short_requests_overtake_long_ones(engine, mode
 
 
 def test_encoder_rows_run_while_light_network_runs_the_others(engine, model):
-    s, rec = make(engine, model)
+    s, rec = make(engine, model, align=False)  # unaligned, so that b joins out of a's phase
     a = s.submit(GenerationSpec(1, 1, 8, 4, 1.0, seed=1))
     s.tick()  # a: step 0 (encoder due)
     b = s.submit(GenerationSpec(2, 1, 8, 4, 1.0, seed=2))
@@ -98,7 +116,7 @@ def test_encoder_rows_run_while_light_network_runs_the_others(engine, model):
 
 
 def test_without_overlap_one_light_network_call_follows_the_encoder(engine, model):
-    s, rec = make(engine, model, overlap=False)
+    s, rec = make(engine, model, overlap=False, align=False)
     a = s.submit(GenerationSpec(1, 1, 8, 4, 1.0, seed=1))
     s.tick()
     b = s.submit(GenerationSpec(2, 1, 8, 4, 1.0, seed=2))
