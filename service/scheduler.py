@@ -79,18 +79,18 @@ class Job:
 class ImageSlot:
     job: Job
     index: int  # image index within its job
-    slot: int  # cache rows 2*slot (conditional) and 2*slot+1 (unconditional)
+    slot: int  # row of Scheduler.z; feature cache rows 2*slot (conditional) and 2*slot+1 (unconditional)
     gen: torch.Generator
-    z: Tensor  # (1, 32, 32)
     guided: bool
+    times: list[float]  # t_0 = 1 > t_1 > ... > t_N = 0 as float32 values
     step: int = 0
     tau: float = 1.0
     encoder_calls: int = 0
 
 
 @lru_cache(maxsize=64)
-def _times(steps: int) -> Tensor:
-    return step_times(steps).float()
+def _times(steps: int) -> list[float]:
+    return step_times(steps).float().tolist()  # exact float32 values: torch.tensor(...) gives them back bit for bit
 
 
 class Scheduler:
@@ -116,7 +116,9 @@ class Scheduler:
         self.align_encoder = align_encoder
         self._phase: dict[int, int] = {}  # K -> ticks % K at which the active images with interval K refresh
         dev = engine.device
-        # Preallocated feature cache: two rows per slot, one tensor per encoder level.
+        # Preallocated per-slot state: the current sample of each slot, and the feature cache (two rows per slot,
+        # one tensor per encoder level). A tick gathers rows by index instead of stacking per-image tensors.
+        self.z = torch.zeros(max_active_images, 1, 32, 32)
         self.cache = [torch.zeros(2 * max_active_images, *s, device=dev) for s in engine.feature_shapes]
         self.queue: deque[Job] = deque()
         self.active: list[ImageSlot] = []
@@ -270,21 +272,25 @@ class Scheduler:
         if job.first_admitted is None:
             job.first_admitted = time.monotonic()
         gen = torch.Generator().manual_seed(spec.seed + i)
-        z = draw_noise([gen])[0]  # (1, 32, 32): the same draw order as the reference sampler
+        slot = self.free_slots.pop(0)
+        self.z[slot] = draw_noise([gen])[0]  # (1, 32, 32): the same draw order as the reference sampler
         guided = spec.guidance_scale != 1.0 and spec.label != self.null_label
-        self.active.append(ImageSlot(job, i, self.free_slots.pop(0), gen, z, guided))
+        self.active.append(ImageSlot(job, i, slot, gen, guided, _times(spec.steps)))
 
-    def _rows(self, slots: list[ImageSlot]) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """Rows for the networks: conditional rows of all slots, then unconditional rows of guided slots."""
-        cond = list(slots)
-        uncond = [s for s in slots if s.guided]
-        all_rows = cond + uncond
-        z = torch.stack([s.z for s in all_rows])  # (R, 1, 32, 32)
-        t = torch.stack([_times(s.job.spec.steps)[s.step] for s in all_rows])  # (R,)
-        tau = torch.tensor([s.tau for s in all_rows], dtype=torch.float32)
-        label = torch.tensor([s.job.spec.label for s in cond] + [self.null_label] * len(uncond), dtype=torch.long)
-        cache_rows = torch.tensor([2 * s.slot for s in cond] + [2 * s.slot + 1 for s in uncond])
-        return z, t, tau, label, cache_rows
+    def _rows(self, batch: list[ImageSlot], sel: list[int], uncond_pos: dict[int, int]) -> tuple[list[int], tuple]:
+        """Network rows for the batch entries `sel`: their conditional rows, then the unconditional rows of the guided
+        ones. -> (positions of these rows in the tick's row order, (z, t, tau, label, feature cache rows))."""
+        b = len(batch)
+        unc = [i for i in sel if batch[i].guided]
+        src = sel + unc
+        slots = torch.tensor([batch[i].slot for i in src])
+        is_unc = torch.tensor([False] * len(sel) + [True] * len(unc))
+        z = self.z[slots]  # (R, 1, 32, 32)
+        t = torch.tensor([batch[i].times[batch[i].step] for i in src], dtype=torch.float32)
+        tau = torch.tensor([batch[i].tau for i in src], dtype=torch.float32)
+        label = torch.tensor([batch[i].job.spec.label for i in sel] + [self.null_label] * len(unc), dtype=torch.long)
+        cache_rows = 2 * slots + is_unc.long()
+        return sel + [b + uncond_pos[i] for i in unc], (z, t, tau, label, cache_rows)
 
     def _run_networks(self, batch: list[ImageSlot]) -> tuple[Tensor, int, int]:
         """-> guided v per image (B, 1, 32, 32), encoder rows, denoiser rows."""
@@ -292,85 +298,77 @@ class Scheduler:
             s.job.spec.seed + s.index == self.fault_injection_seed for s in batch
         ):
             raise RuntimeError("injected engine failure (fault_injection_seed)")
-        due_slots = [s for s in batch if s.step % s.job.spec.encoder_interval == 0]
-        rest_slots = [s for s in batch if s.step % s.job.spec.encoder_interval != 0]
-        enc_rows, den_rows = sum(1 + s.guided for s in due_slots), sum(1 + s.guided for s in batch)
+        b = len(batch)
+        guided = [i for i, s in enumerate(batch) if s.guided]
+        uncond_pos = {i: j for j, i in enumerate(guided)}  # batch index -> its unconditional row, after the B cond rows
+        due = [i for i, s in enumerate(batch) if s.step % s.job.spec.encoder_interval == 0]
+        rest = [i for i, s in enumerate(batch) if s.step % s.job.spec.encoder_interval != 0]
+        enc_rows, den_rows = len(due) + sum(batch[i].guided for i in due), b + len(guided)
         dev = self.engine.device
-        v_parts: dict[int, Tensor] = {}  # id(slot) -> (rows, 1, 32, 32) cond [, uncond]
+        v_all = torch.empty(b + len(guided), 1, 32, 32)  # every row's v: conditional rows, then unconditional
         handle = None
-        if due_slots:
-            for s in due_slots:
-                s.tau = float(_times(s.job.spec.steps)[s.step])
-            zd, td, _, yd, rows_d = self._rows(due_slots)
+        if due:
+            for i in due:
+                batch[i].tau = batch[i].times[batch[i].step]
+            pos_d, (zd, td, _, yd, rows_d) = self._rows(batch, due, uncond_pos)
             t_enc = time.perf_counter()
             # The encoder goes to its own stream / worker thread; the light network runs the other rows meanwhile.
             handle = self.engine.encode_async(zd.to(dev), td.to(dev), yd.to(dev))
-        if handle is not None and rest_slots and not self.overlap_encoder:
+        if handle is not None and rest and not self.overlap_encoder:
             # No overlap: wait for the features, then one light-network call over every row (one bigger batch).
-            # Measured on the 2-core dev CPU: no difference from overlapping (docs/service_bench.md).
-            self._store_features(due_slots, rows_d, handle.result(), t_enc)
+            self._store_features(batch, due, rows_d, handle.result(), t_enc)
             handle = None
-            due_slots, rest_slots = [], due_slots + rest_slots
-        if rest_slots:
-            zr, tr, taur, yr, rows_r = self._rows(rest_slots)
+            due, rest = [], due + rest
+        if rest:
+            pos_r, (zr, tr, taur, yr, rows_r) = self._rows(batch, rest, uncond_pos)
             feats = tuple(c[rows_r.to(dev)] for c in self.cache)
-            self._light(rest_slots, (zr, tr, taur, yr), feats, v_parts)
+            v_all[pos_r] = self._light((zr, tr, taur, yr), feats)
         if handle is not None:
-            feats = self._store_features(due_slots, rows_d, handle.result(), t_enc)
-            self._light(due_slots, (zd, td, td, yd), feats, v_parts)  # fresh features: tau = t
+            feats = self._store_features(batch, due, rows_d, handle.result(), t_enc)
+            v_all[pos_d] = self._light((zd, td, td, yd), feats)  # fresh features: tau = t
         self._encoder_rows += enc_rows
         self._denoiser_rows += den_rows
-        out = []
-        for s in batch:
-            v = v_parts[id(s)]
-            if s.guided:
-                v_cond, v_uncond = v[0], v[1]
-                out.append(v_uncond + s.job.spec.guidance_scale * (v_cond - v_uncond))
-            else:
-                out.append(v[0])
-        return torch.stack(out), enc_rows, den_rows
+        # Classifier-free guidance per image; an unguided image's v_uncond is its v_cond, so the formula returns v_cond.
+        v_cond = v_all[:b]
+        v_uncond = v_cond.clone()
+        if guided:
+            v_uncond[guided] = v_all[b:]
+        g = torch.tensor([s.job.spec.guidance_scale for s in batch], dtype=torch.float32).view(-1, 1, 1, 1)
+        return v_uncond + g * (v_cond - v_uncond), enc_rows, den_rows
 
-    def _light(self, slots: list[ImageSlot], inputs: tuple[Tensor, Tensor, Tensor, Tensor], feats: tuple[Tensor, ...],
-               into: dict[int, Tensor]) -> None:
-        """One light-network call over the rows of `slots` (inputs: z, t, tau, label); v per slot goes into `into`."""
+    def _light(self, inputs: tuple[Tensor, Tensor, Tensor, Tensor], feats: tuple[Tensor, ...]) -> Tensor:
+        """One light-network call (inputs: z, t, tau, label) -> v on the host."""
         dev = self.engine.device
         z, t, tau, label = (x.to(dev) for x in inputs)
         t1 = time.perf_counter()
         v = self.engine.denoise(z, t, tau, label, feats).float().cpu()
         self.stats.network_call(NetworkCall("denoiser", v.shape[0], time.perf_counter() - t1))
-        self._split(slots, v, into)
+        return v
 
-    def _store_features(self, due: list[ImageSlot], rows: Tensor, feats: tuple[Tensor, ...], t_enc: float) -> tuple:
+    def _store_features(self, batch: list[ImageSlot], due: list[int], rows: Tensor, feats: tuple[Tensor, ...],
+                        t_enc: float) -> tuple:
         self.stats.network_call(NetworkCall("encoder", len(rows), time.perf_counter() - t_enc))
         dev = self.engine.device
         for c, f in zip(self.cache, feats, strict=True):
             c[rows.to(dev)] = f.to(c.dtype)
-        for s in due:
-            s.encoder_calls += 1
+        for i in due:
+            batch[i].encoder_calls += 1
         return feats
 
-    @staticmethod
-    def _split(slots: list[ImageSlot], v: Tensor, into: dict[int, Tensor]) -> None:
-        n = len(slots)
-        guided = iter(range(n, v.shape[0]))
-        for i, s in enumerate(slots):
-            into[id(s)] = torch.stack([v[i], v[next(guided)]]) if s.guided else v[i : i + 1]
-
     def _ingest(self, batch: list[ImageSlot], v: Tensor) -> None:
-        t = torch.stack([_times(s.job.spec.steps)[s.step] for s in batch])
-        s_next = torch.stack([_times(s.job.spec.steps)[s.step + 1] for s in batch])
-        z = torch.stack([s.z for s in batch])
+        slots = torch.tensor([s.slot for s in batch])
+        t = torch.tensor([s.times[s.step] for s in batch], dtype=torch.float32)
+        s_next = torch.tensor([s.times[s.step + 1] for s in batch], dtype=torch.float32)
         noise = draw_noise([s.gen for s in batch])
-        z_next = ancestral_step(z, v, t, s_next, self.sched, noise)
+        self.z[slots] = ancestral_step(self.z[slots], v, t, s_next, self.sched, noise)
         finished = []
-        for slot, zn in zip(batch, z_next, strict=True):
-            slot.z = zn
+        for slot in batch:
             slot.step += 1
             if slot.step == slot.job.spec.steps:
                 finished.append(slot)
         if not finished:
             return
-        images = to_uint8(torch.stack([s.z for s in finished]))
+        images = to_uint8(self.z[torch.tensor([s.slot for s in finished])])
         with self._cv:
             self._release(finished)
             for slot, img in zip(finished, images, strict=True):
