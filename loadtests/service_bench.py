@@ -22,6 +22,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import httpx
 import torch
@@ -101,6 +102,31 @@ async def open_loop_mix(url: str, seconds: float, rate: float, short: dict, long
     return out
 
 
+def tick_breakdown(url: str, run) -> tuple[Any, dict[str, float]]:
+    """Run `run()` and split its wall time with the service's own metrics: the share spent inside scheduler ticks,
+    inside light-network and encoder calls (the encoder's, for async calls, from submit to features ready), ticks/s
+    and images per tick. -> (run's result, figures)."""
+    from service.process import metric
+
+    names = [("tick_s", "dualrate_tick_duration_seconds_sum", ""), ("ticks", "dualrate_tick_duration_seconds_count", ""),
+             ("den_s", "dualrate_network_duration_seconds_sum", 'network="denoiser"'),
+             ("enc_s", "dualrate_network_duration_seconds_sum", 'network="encoder"'),
+             ("den_rows", "dualrate_network_rows_total", 'network="denoiser"')]
+
+    def read() -> dict[str, float]:
+        text = httpx.get(f"{url}/metrics", timeout=30).text
+        return {k: metric(text, n, lab) for k, n, lab in names}
+
+    before, t0 = read(), time.perf_counter()
+    out = run()
+    wall, after = time.perf_counter() - t0, read()
+    d = {k: after[k] - before[k] for k in before}
+    ticks = max(d["ticks"], 1.0)
+    return out, {"ticks_per_s": d["ticks"] / wall, "in_ticks": d["tick_s"] / wall, "in_light_network": d["den_s"] / wall,
+                 "in_encoder": d["enc_s"] / wall, "rows_per_tick": d["den_rows"] / ticks,
+                 "ms_per_tick_outside_light_network": 1000 * (d["tick_s"] - d["den_s"]) / ticks}
+
+
 def pct(xs: list[float], q: float) -> float:
     xs = sorted(xs)
     return xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
@@ -112,17 +138,19 @@ def saturation_only(a: argparse.Namespace) -> None:
     body = {"num_images": 1, "steps": d.steps, "encoder_interval": d.encoder_interval,
             "guidance_scale": d.guidance_scale}
     bare = bare_engine_ips(a.checkpoint, a.slots, d.steps, d.encoder_interval, d.guidance_scale, a.seconds)
-    lines = [f"| service settings | bare engine, batch {a.slots} | service at saturation | ratio |", "|---|---:|---:|---:|"]
+    lines = [f"| service settings | bare engine, batch {a.slots} | service at saturation | ratio | time in ticks | in light "
+             "network | in encoder (async) | rows/tick | ms/tick outside light network |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for spec in a.saturation:
         extra = dict(kv.split("=", 1) for kv in spec.split(",") if kv != "default")
         srv = ServerProcess(a.checkpoint, Path("/tmp/dualrate-bench-saturation.log"), max_active_images=a.slots,
                             max_images_per_request=a.slots, queue_size=1024, **extra)
         try:
             srv.wait_ready()
-            ips, _ = asyncio.run(closed_loop(srv.url, 2 * a.slots, a.seconds, body))
+            (ips, _), br = tick_breakdown(srv.url, lambda u=srv.url: asyncio.run(closed_loop(u, 2 * a.slots, a.seconds, body)))
         finally:
             srv.terminate()
-        lines.append(f"| {spec} | {bare:.2f} | {ips:.2f} | {ips / bare:.2f} |")
+        lines.append(f"| {spec} | {bare:.2f} | {ips:.2f} | {ips / bare:.2f} | {br['in_ticks']:.0%} | {br['in_light_network']:.0%} "
+                     f"| {br['in_encoder']:.0%} | {br['rows_per_tick']:.1f} | {br['ms_per_tick_outside_light_network']:.1f} |")
         log.info("%s", lines[-1])
     print("\n".join(lines))
 

@@ -134,7 +134,7 @@ def service(ck: Path, results: dict, out: Path, name: str, settings: dict, slots
 
     import httpx
 
-    from loadtests.service_bench import closed_loop
+    from loadtests.service_bench import closed_loop, tick_breakdown
     from service.process import ServerProcess
 
     d = load_checkpoint(ck).defaults
@@ -157,7 +157,8 @@ def service(ck: Path, results: dict, out: Path, name: str, settings: dict, slots
         # Bit-identical on CPU (tested); on CUDA the kernels chosen can depend on the batch size.
         results[f"{name}_alone_vs_under_load_max_pixel_diff"] = _png_diff(loaded[-1]["images"][0]["png_base64"],
                                                                            alone["images"][0]["png_base64"])
-        ips, lat = asyncio.run(closed_loop(srv.url, 2 * slots, seconds, body))
+        (ips, lat), br = tick_breakdown(srv.url, lambda: asyncio.run(closed_loop(srv.url, 2 * slots, seconds, body)))
+        results.update({f"{name}_{k}": v for k, v in br.items()})
         lat.sort()
         results[f"{name}_images_per_s"], results[f"{name}_p95_latency_s"] = ips, lat[int(0.95 * (len(lat) - 1))]
         results[f"{name}_exit_code"] = srv.terminate()

@@ -24,7 +24,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, gene
 from dualrate.checkpoint import load_checkpoint
 from dualrate.diffusion import CosineSchedule
 from engines import Engine, create_engine
-from service.errors import Cancelled, EngineFailure, NotReady, QueueFull, ServiceError
+from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, QueueFull, ServiceError
 from service.metrics import PrometheusStats
 from service.scheduler import GenerationSpec, Scheduler
 from service.schemas import ErrorBody, GenerateRequest, GenerateResponse, ImageOut, ModelInfo, Timings
@@ -203,14 +203,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         spec = GenerationSpec(label, req.num_images, steps, k, g, seed, deadline=t0 + timeout)
         job = state.scheduler.submit(spec)
         fut = asyncio.wrap_future(job.future)
-        # Wait for the result, the deadline, or the client going away; whichever comes first.
-        while not fut.done():
-            done, _ = await asyncio.wait({fut}, timeout=0.1)
-            if done:
-                break
-            if await request.is_disconnected():
-                job.cancel()
+        # Wait for the result or the client going away, whichever comes first, without polling: a poll per request
+        # every 0.1 s was measurable GIL time beside the scheduler thread at 100+ open requests. The scheduler enforces
+        # the deadline at its next tick; the wait's own limit only guards against a scheduler that stopped ticking.
+        gone = asyncio.create_task(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait({fut, gone}, timeout=timeout + 30.0, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if fut not in done:
+            job.cancel()
+            if gone in done:
                 raise Cancelled("client disconnected")
+            raise DeadlineExceeded("no result within the deadline")
         result = fut.result()
         pngs = await asyncio.to_thread(encode_pngs, result.images)  # PNG encoding stays off the event loop
         total = time.monotonic() - t0
@@ -249,6 +254,12 @@ class _LimitError(ServiceError):
     def __init__(self, fields: list[tuple[str, str]]) -> None:
         super().__init__("; ".join(f"{f} {m}" for f, m in fields))
         self.fields = fields
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns once the client has gone: after the body is read, the server's next message is http.disconnect."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 async def drain(state: AppState, poll_s: float = 0.05) -> None:
