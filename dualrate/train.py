@@ -185,11 +185,13 @@ def cli(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
     p.add_argument("--lr", type=float, default=TrainConfig.lr)
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (slower than fp32 for this model on the dev CPU)")
-    p.add_argument("--feature-dropout", type=float, default=TrainConfig.feature_dropout, help="fraction of rows trained with zeroed features")
+    p.add_argument("--feature-dropout", type=float, default=TrainConfig.feature_dropout,
+                   help="fraction of rows trained with zeroed features")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = replace(TrainConfig(), preset=a.preset, steps=a.steps, batch_size=a.batch_size, lr=a.lr, bf16=a.bf16, seed=a.seed, feature_dropout=a.feature_dropout)
+    cfg = replace(TrainConfig(), preset=a.preset, steps=a.steps, batch_size=a.batch_size, lr=a.lr, bf16=a.bf16, seed=a.seed,
+                  feature_dropout=a.feature_dropout)
     main(cfg, a.out, a.checkpoint)
 
 
