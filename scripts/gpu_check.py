@@ -179,6 +179,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--out", type=Path, default=Path("artifacts/gpu_check"))
+    p.add_argument("--only", default="", help="comma-separated check names to run (default: all), e.g. bare,service")
     a = p.parse_args()
     if not torch.cuda.is_available():
         print("no CUDA GPU visible to torch: nothing to check")
@@ -200,7 +201,10 @@ def main() -> int:
     except ImportError:
         res["tensorrt"] = "not installed"
     a.out.mkdir(parents=True, exist_ok=True)
+    only = {x for x in a.only.split(",") if x}
     for name, fn in steps:
+        if only and name not in only:
+            continue
         t0 = time.perf_counter()
         try:
             fn()

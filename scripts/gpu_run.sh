@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs an NVIDIA GPU, in one command (docs/gpu.md):
 #
-#     OUT=/some/folder bash scripts/gpu_run.sh
+#     OUT=/some/folder bash scripts/gpu_run.sh [--only bare,service,...]   (gpu_check.py's options)
 #
 # 1. unpacks the wheels from scripts/gpu_vendor.sh (artifacts/gpu_wheels) that match this Python into a temp folder,
 #    for a bare GPU machine that has torch + CUDA, numpy, onnx and onnxruntime but none of the service's packages;
@@ -35,5 +35,5 @@ PYEOF
 else
     export PYTHONPATH="$PWD"
 fi
-timeout 480 $PY scripts/gpu_check.py --out "$OUT" 2>&1 | tee "$OUT/gpu_check.log"
+timeout 480 $PY scripts/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"
 timeout 180 $PY -m pytest -q -p no:cacheprovider -m "gpu or tensorrt" tests/engines 2>&1 | tee "$OUT/pytest.log"
