@@ -64,6 +64,23 @@ def test_scheduler_matches_the_reference_sampler(engine, model, policy, overlap,
     assert {c.network for c in rec.calls} == {"encoder", "denoiser"}
 
 
+def test_full_batch_reads_the_feature_cache_as_views_and_matches_the_reference(engine, model):
+    """Every slot busy with guided images in slot order: the cache rows form one run (views, no gather)."""
+    s, _ = make(engine, model, slots=2)
+    sp = GenerationSpec(4, 2, 8, 4, 1.5, seed=50)
+    job = s.submit(sp)
+    s.tick()
+    batch = sorted(s.active, key=lambda x: x.slot)
+    cache_rows = s._rows(batch, [0, 1], {0: 0, 1: 1})[1][4]
+    assert cache_rows.tolist() == [0, 1, 2, 3] and s._run_of(cache_rows) == slice(0, 4)
+    run_all(s, [job])
+    sched = CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max)
+    ref, _ = dual_rate_sample(engine.encode, engine.denoise, torch.full((2,), 4), [50, 51], 8, 4, 1.5, sched,
+                              model.cfg.null_label)
+    diff = np.abs(np.stack(job.future.result().images).astype(int) - to_uint8(ref).astype(int)).max()
+    assert diff <= 1
+
+
 @pytest.mark.parametrize("align", [True, False])
 def test_aligned_admission_shares_encoder_calls(engine, model, align):
     """B (K = 4) arrives one tick after A (K = 4). Aligned, B waits for A's next refresh (tick 4), so the two share
