@@ -197,7 +197,7 @@ def main() -> int:
     try:
         import tensorrt  # noqa: F401
 
-        steps.append(("tensorrt", lambda: throughput(a.checkpoint, res, backend="tensorrt")))
+        steps.append(("tensorrt", lambda: throughput(ck, res, backend="tensorrt")))
     except ImportError:
         res["tensorrt"] = "not installed"
     a.out.mkdir(parents=True, exist_ok=True)
@@ -213,7 +213,7 @@ def main() -> int:
             traceback.print_exc()
         print(f"{name}: {time.perf_counter() - t0:.1f} s", flush=True)
         (a.out / "gpu_check.json").write_text(json.dumps(res, indent=2))  # partial results survive a time-out
-    (a.out / "gpu_check.json").write_text(json.dumps(res, indent=2))
+    (a.out / "gpu_check.json").write_text(json.dumps(res, indent=2))  # also when --only selected nothing
     table = "\n".join(["| check | value |", "|---|---|"] +
                       [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in res.items()])
     (a.out / "gpu_check.md").write_text(table + "\n")

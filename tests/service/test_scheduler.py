@@ -72,7 +72,7 @@ def test_full_batch_reads_the_feature_cache_as_views_and_matches_the_reference(e
     s.tick()
     batch = sorted(s.active, key=lambda x: x.slot)
     cache_rows = s._rows(batch, [0, 1], {0: 0, 1: 1})[1][4]
-    assert cache_rows.tolist() == [0, 1, 2, 3] and s._run_of(cache_rows) == slice(0, 4)
+    assert cache_rows.tolist() == [0, 1, 2, 3] and s._cache_index(cache_rows) == slice(0, 4)
     run_all(s, [job])
     sched = CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max)
     ref, _ = dual_rate_sample(engine.encode, engine.denoise, torch.full((2,), 4), [50, 51], 8, 4, 1.5, sched,
