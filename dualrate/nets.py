@@ -89,7 +89,9 @@ class Embedding(nn.Module):
     def forward(self, times: list[Tensor], label: Tensor) -> Tensor:
         e = self.label(label.long())
         for mlp, t in zip(self.times, times, strict=True):
-            e = e + mlp(timestep_embedding(t, self.dim))
+            # The sinusoid is computed in fp32 (1000 * t overflows nothing but loses digits in fp16), then cast to
+            # the MLP's dtype so a half-precision export runs.
+            e = e + mlp(timestep_embedding(t, self.dim).to(e.dtype))
         return F.silu(e)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -18,7 +19,10 @@ from export.contract import NetworkContract, contracts
 
 log = logging.getLogger("export")
 OPSET = 17  # within every recent TensorRT parser (TENSORRT_NOTES: opset 17-20)
-ARTIFACTS = Path(os.environ.get("DUALRATE_ONNX_CACHE", Path(__file__).resolve().parent.parent / "artifacts" / "onnx"))
+_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_ONNX_CACHE = _ROOT / "artifacts" / "onnx"
+# What the graphs are made from besides the weights: when any of these files or the opset change, the cache key does.
+EXPORT_SOURCES = ("export/onnx_export.py", "export/contract.py", "dualrate/nets.py", "dualrate/config.py")
 PARITY_BATCHES = (1, 3, 8)
 TOLERANCE = {"float32": 2e-3, "float16": 5e-2}  # max |onnx - torch| relative to max |torch|
 
@@ -40,8 +44,24 @@ class OnnxArtifacts:
         return OnnxArtifacts(directory, directory / side["encoder"]["file"], directory / side["denoiser"]["file"], side)
 
 
-def onnx_dir_for(checkpoint: Path, root: Path = ARTIFACTS) -> Path:
-    return root / checkpoint_hash(checkpoint)[:16]
+def onnx_cache_root() -> Path:
+    """`DUALRATE_ONNX_CACHE`, read when called (not at import), else artifacts/onnx in the repository."""
+    return Path(os.environ.get("DUALRATE_ONNX_CACHE") or DEFAULT_ONNX_CACHE)
+
+
+def export_key(checkpoint: Path) -> str:
+    """sha256 over the checkpoint's hash, the opset and the source of the export and network code."""
+    h = hashlib.sha256(f"checkpoint={checkpoint_hash(Path(checkpoint))};opset={OPSET}".encode())
+    for rel in EXPORT_SOURCES:
+        h.update(rel.encode())
+        h.update((_ROOT / rel).read_bytes())
+    return h.hexdigest()
+
+
+def onnx_dir_for(checkpoint: Path, root: Path | None = None) -> Path:
+    """The one place that names a checkpoint's export folder: <root or DUALRATE_ONNX_CACHE>/<export key[:16]>.
+    The Docker build exports there and the runtime looks there."""
+    return (root if root is not None else onnx_cache_root()) / export_key(checkpoint)[:16]
 
 
 class _DenoiserWrapper(torch.nn.Module):
@@ -111,17 +131,21 @@ def export_onnx(checkpoint: Path, out: Path | None = None, fp16: bool = False, f
     checkpoint = Path(checkpoint)
     out = Path(out) if out is not None else onnx_dir_for(checkpoint)
     digest = checkpoint_hash(checkpoint)
+    key = export_key(checkpoint)
     side_path = out / "onnx.json"
     if not force and side_path.is_file():
         side = json.loads(side_path.read_text())
-        files_ok = all((out / side[n]["file"]).is_file() for n in ("encoder", "denoiser"))
-        if side.get("checkpoint_sha256") == digest and files_ok and (not fp16 or "fp16" in side):
-            log.info("ONNX graphs for checkpoint %s already in %s", digest[:12], out)
+        names = ("encoder", "denoiser")
+        files_ok = all((out / side[n]["file"]).is_file() for n in names) and (
+            not fp16 or ("fp16" in side and all((out / side["fp16"][n]["file"]).is_file() for n in names)))
+        if side.get("export_key") == key and files_ok:
+            log.info("ONNX graphs for checkpoint %s (export key %s) already in %s", digest[:12], key[:12], out)
             return OnnxArtifacts.load(out)
     out.mkdir(parents=True, exist_ok=True)
     model: LoadedModel = load_checkpoint(checkpoint)
     t0 = time.perf_counter()
-    sidecar: dict = {"checkpoint": str(checkpoint), "checkpoint_sha256": digest, "opset": OPSET,
+    log.info("exporting %s to %s (export key %s)", checkpoint, out, key[:12])
+    sidecar: dict = {"checkpoint": str(checkpoint), "checkpoint_sha256": digest, "export_key": key, "opset": OPSET,
                      "torch": torch.__version__, "dynamic_axes": {"batch": 0}}
     variants = [("float32", "")] + ([("float16", "_fp16")] if fp16 else [])
     for dtype, suffix in variants:

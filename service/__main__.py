@@ -1,7 +1,13 @@
 """Run the service: `python -m service` (settings from DUALRATE_* environment variables; see README).
 
-SIGTERM / SIGINT: stop admitting (new requests get 503, /health/ready turns 503), finish every accepted request,
-then exit. A second signal exits at once.
+Signals (SIGTERM or SIGINT, alone or sent to the whole process group):
+
+- the first starts a drain: new requests get 503 and /health/ready turns 503 while the socket stays open; every
+  accepted request is answered; then the process exits with status 0.
+- repeats within DUALRATE_SIGNAL_GRACE_S (default 5 s) of the first are logged and ignored: `make serve` forwards
+  Ctrl-C to Python, which also gets it from the terminal, so one Ctrl-C arrives twice.
+- a repeat after that grace period, or a drain longer than DUALRATE_DRAIN_TIMEOUT_S (default max_timeout_s + 10),
+  cancels what is still queued or running (those requests get 503) and exits with status 1.
 """
 
 from __future__ import annotations
@@ -9,47 +15,95 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
+import time
+from types import FrameType
 
 import uvicorn
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
-from service.app import create_app, drain
-from service.settings import Settings
+from service.app import AppState, create_app, drain
+from service.errors import NotReady
+from service.settings import Settings, describe_settings_error
 
 log = logging.getLogger("service")
 
 
 class DrainingServer(uvicorn.Server):
-    """On the first signal, drain the scheduler while still answering HTTP (503 for new work), then exit."""
+    """uvicorn, with the signal handling above: the drain runs while HTTP is still served (503 for new work)."""
 
-    def handle_exit(self, sig: int, frame) -> None:
-        state = self.config.loaded_app_state if hasattr(self.config, "loaded_app_state") else None
-        if state is None or state.draining or self.should_exit:
-            super().handle_exit(sig, frame)
+    def __init__(self, config: uvicorn.Config, state: AppState, settings: Settings) -> None:
+        super().__init__(config)
+        self.state = state
+        self.grace_s = settings.signal_grace_s
+        self.drain_timeout_s = settings.effective_drain_timeout_s
+        self.drain_started: float | None = None
+        self.forced = False
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def serve(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
+        self._loop = asyncio.get_running_loop()
+        await super().serve(sockets)
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.drain_started is None and (not self.state.ready or self._loop is None):
+            log.info("signal %d during start-up: stopping (nothing was accepted yet)", sig)
+            self.should_exit = True
             return
-        log.info("signal %d: draining (no new requests; finishing accepted ones)", sig)
-        loop = asyncio.get_event_loop()
-        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain_then_exit(state)))
+        now = time.monotonic()
+        if self.drain_started is None:
+            self.drain_started = now
+            log.info("signal %d: draining (new requests get 503; accepted ones finish; a repeat after %.0f s "
+                     "cancels them)", sig, self.grace_s)
+            assert self._loop is not None
+            self._loop.call_soon_threadsafe(lambda: self._loop.create_task(self._drain_then_exit()))  # type: ignore
+            return
+        since = now - self.drain_started
+        if self.should_exit or self.forced:
+            log.info("signal %d: already stopping", sig)
+        elif since < self.grace_s:
+            log.info("signal %d again %.1f s after the first: ignored (within the %.0f s grace period)", sig, since,
+                     self.grace_s)
+        else:
+            log.warning("signal %d again %.1f s into the drain: cancelling what is still running", sig, since)
+            self._force("a repeated signal stopped the service")
 
-    async def _drain_then_exit(self, state) -> None:
-        await drain(state)
-        log.info("drained; shutting down")
+    def _force(self, why: str) -> None:
+        self.forced = True
+        if self.state.scheduler is not None:
+            self.state.scheduler.abort(NotReady(f"{why} before this request finished"))
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await asyncio.wait_for(drain(self.state), timeout=self.drain_timeout_s)
+            log.info("drained; shutting down")
+        except TimeoutError:
+            log.warning("drain still busy after %.0f s (DUALRATE_DRAIN_TIMEOUT_S): cancelling what is left",
+                        self.drain_timeout_s)
+            self._force("the drain timed out")
+        if self.forced:
+            await drain(self.state)  # the aborted jobs are answered (503) at the scheduler's next tick
+            await asyncio.sleep(0.2)  # let those answers go out before the sockets close
         self.should_exit = True
 
 
 def main() -> int:
     try:
         settings = Settings()
-    except ValidationError as e:
-        print(f"invalid settings (DUALRATE_* environment variables):\n{e}", file=sys.stderr)
+    except (ValidationError, SettingsError) as e:
+        for line in describe_settings_error(e):
+            print(f"invalid setting: {line}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=int(settings.max_timeout_s))
-    config.loaded_app_state = app.state.dualrate  # type: ignore[attr-defined]
-    server = DrainingServer(config)
+                            timeout_graceful_shutdown=10)
+    server = DrainingServer(config, app.state.dualrate, settings)
     server.run()
+    if server.forced:
+        return 1
+    if server.drain_started is None and not server.started:
+        return 3  # the start failed (the log says why)
     return 0
 
 

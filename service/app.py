@@ -20,6 +20,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from PIL import Image
 from prometheus_client import CONTENT_TYPE_LATEST, disable_created_metrics, generate_latest
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dualrate.checkpoint import load_checkpoint
 from dualrate.diffusion import CosineSchedule
@@ -53,6 +56,38 @@ def _error(status: int, kind: str, message: str, *, error_id: str | None = None,
            headers: dict[str, str] | None = None) -> JSONResponse:
     body = ErrorBody(error=kind, message=message, error_id=error_id, details=details)
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
+# Statuses that the framework raises (routing, body reading) -> the error kind of the documented error body.
+HTTP_KINDS = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+              415: "unsupported_media_type"}
+
+
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _validation_details(exc: RequestValidationError) -> tuple[int, str, str, list[dict]]:
+    """-> (status, kind, message, details) for a request that failed parsing or validation."""
+    errors = exc.errors()
+    bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if bad_json is not None:
+        pos = bad_json["loc"][-1]
+        why = (bad_json.get("ctx") or {}).get("error", "JSON decode error")
+        msg = f"the body is not valid JSON: {why} at position {pos}"
+        return 422, "invalid_request", msg, [{"field": "body", "message": msg}]
+    details = []
+    for e in errors:
+        field = ".".join(str(p) for p in e["loc"] if p != "body")
+        message = e["msg"]
+        if e.get("type") == "finite_number":
+            message = "must be a finite number (NaN and infinity are not accepted)"
+        elif e.get("type") == "missing" and not field:
+            message = "a JSON object body is required"
+        details.append({"field": field or "body", "message": message})
+    fields = ", ".join(d["field"] for d in details)
+    return 422, "invalid_request", f"invalid field(s): {fields}", details
 
 
 def encode_pngs(images: list[np.ndarray]) -> list[str]:
@@ -109,36 +144,61 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.dualrate = state
+    _integer_limits_in_openapi(app)
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+
+    keys = [k.get_secret_value().encode("utf-8") for k in settings.api_keys]
 
     def authorize(request: Request) -> None:
-        if not settings.api_keys:
+        if not keys:
             return
         header = request.headers.get("authorization", "")
         token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-        if not any(secrets.compare_digest(token, k.get_secret_value()) for k in settings.api_keys):
+        # Compare bytes: compare_digest refuses non-ASCII str, and a client may send any header bytes (latin-1).
+        presented = token.encode("utf-8", errors="surrogateescape")
+        if not any(secrets.compare_digest(presented, k) for k in keys):
             raise _Unauthorized()
 
     auth = [Depends(authorize)]
 
+    def answer(status: int, kind: str, message: str, seconds: float = 0.0, **kw) -> JSONResponse:
+        """The one place an error becomes an HTTP answer, and is counted in dualrate_requests_total by kind."""
+        state.metrics.request_answered(kind, seconds)
+        return _error(status, kind, message, **kw)
+
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [{"field": ".".join(str(p) for p in e["loc"] if p != "body"), "message": e["msg"]}
-                   for e in exc.errors()]
-        fields = ", ".join(d["field"] or "body" for d in details)
-        state.metrics.request_answered("invalid_request", 0.0)
-        return _error(422, "invalid_request", f"invalid field(s): {fields}", details=details)
+        if request.method == "POST" and not _is_json(request.headers.get("content-type")):
+            got = request.headers.get("content-type") or "no content type"
+            return answer(415, "unsupported_media_type",
+                          f"expected a JSON body with content-type application/json, got {got}")
+        status, kind, message, details = _validation_details(exc)
+        return answer(status, kind, message, details=details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = HTTP_KINDS.get(exc.status_code, "invalid_request" if exc.status_code < 500 else "internal")
+        message = str(exc.detail)
+        if exc.status_code == 400 and message == "There was an error parsing the body":
+            message = "the body could not be read as JSON (it must be UTF-8 encoded JSON)"
+        elif exc.status_code == 404:
+            message = f"no such path: {request.url.path} (see /docs)"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        elif exc.status_code == 413:
+            message = f"the request body is larger than {settings.max_body_bytes} bytes (DUALRATE_MAX_BODY_BYTES)"
+        return answer(exc.status_code, kind, message, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(_Unauthorized)
     async def _unauth(request: Request, exc: Exception) -> JSONResponse:
-        state.metrics.request_answered("unauthorized", 0.0)
-        return _error(401, "unauthorized", "missing or wrong API key: send Authorization: Bearer <key>",
+        return answer(401, "unauthorized", "missing or wrong API key: send Authorization: Bearer <key>",
                       headers={"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
         error_id = uuid.uuid4().hex[:12]
         log.exception("internal error %s on %s %s", error_id, request.method, request.url.path)
-        return _error(500, "internal", f"internal error (error id {error_id})", error_id=error_id)
+        return answer(500, "internal", f"internal error (error id {error_id})", error_id=error_id)
 
     @app.get("/health/live", tags=["health"])
     async def live() -> dict[str, str]:
@@ -171,7 +231,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.post(
         "/generate", response_model=GenerateResponse, tags=["generate"], dependencies=auth,
-        responses={401: {"model": ErrorBody}, 422: {"model": ErrorBody}, 429: {"model": ErrorBody},
+        responses={401: {"model": ErrorBody}, 413: {"model": ErrorBody}, 415: {"model": ErrorBody},
+                   422: {"model": ErrorBody}, 429: {"model": ErrorBody},
                    500: {"model": ErrorBody}, 503: {"model": ErrorBody}, 504: {"model": ErrorBody}},
     )
     async def generate(req: GenerateRequest, request: Request) -> Response:
@@ -179,8 +240,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             resp = await _generate(req, request, t0)
         except ServiceError as e:
-            state.metrics.request_answered(e.kind, time.monotonic() - t0)
-            return _service_error(e)
+            return _service_error(e, time.monotonic() - t0)
         state.metrics.request_answered("ok", time.monotonic() - t0, len(resp.images))
         return JSONResponse(resp.model_dump())
 
@@ -193,9 +253,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         steps = req.steps or state.defaults["steps"]
         if steps > settings.max_steps:
             limit_errors.append(("steps", f"must be <= {settings.max_steps}"))
+        k = req.encoder_interval or state.defaults["encoder_interval"]
+        if k > steps:
+            limit_errors.append(("encoder_interval", f"must be <= steps ({steps}): K = steps already runs the "
+                                 "encoder once"))
         if limit_errors:
             raise _LimitError(limit_errors)
-        k = req.encoder_interval or state.defaults["encoder_interval"]
         g = state.defaults["guidance_scale"] if req.guidance_scale is None else req.guidance_scale
         seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
         timeout = min(req.timeout_s or settings.default_timeout_s, settings.max_timeout_s)
@@ -213,6 +276,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gone.cancel()
         if fut not in done:
             job.cancel()
+            # The scheduler still resolves the job (Cancelled at its next tick); nobody awaits the wrapper any more,
+            # so retrieve its outcome when it comes instead of leaving asyncio to log "exception never retrieved".
+            fut.add_done_callback(_consume)
             if gone in done:
                 raise Cancelled("client disconnected")
             raise DeadlineExceeded("no result within the deadline")
@@ -227,21 +293,75 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                             total_ms=1000 * total),
         )
 
-    def _service_error(e: ServiceError) -> JSONResponse:
+    def _service_error(e: ServiceError, seconds: float = 0.0) -> JSONResponse:
         if isinstance(e, _LimitError):
-            return _error(422, "invalid_request", f"invalid field(s): {', '.join(f for f, _ in e.fields)}",
+            return answer(422, "invalid_request", f"invalid field(s): {', '.join(f for f, _ in e.fields)}", seconds,
                           details=[{"field": f, "message": m} for f, m in e.fields])
         if isinstance(e, QueueFull):
-            return _error(429, e.kind, str(e), headers={"Retry-After": str(math.ceil(e.retry_after_s))})
+            return answer(429, e.kind, str(e), seconds, headers={"Retry-After": str(math.ceil(e.retry_after_s))})
         if isinstance(e, EngineFailure):
-            return _error(500, e.kind, str(e), error_id=e.error_id)
-        return _error(e.status, e.kind, str(e))
+            return answer(500, e.kind, str(e), seconds, error_id=e.error_id)
+        return answer(e.status, e.kind, str(e), seconds)
 
-    @app.exception_handler(NotReady)
-    async def _not_ready(request: Request, exc: NotReady) -> JSONResponse:
-        return _error(503, "unavailable", str(exc))
+    @app.exception_handler(ServiceError)
+    async def _service(request: Request, exc: ServiceError) -> JSONResponse:
+        return _service_error(exc)
 
     return app
+
+
+def _integer_limits_in_openapi(app: FastAPI) -> None:
+    """FastAPI's OpenAPI model stores minimum/maximum as floats (2**53 - 1 came out as 9007199254740991.0 and 2**62
+    as 4.611686018427388e+18); give integer fields integer limits so a schema-driven client sends valid values."""
+    build = app.openapi
+
+    def fix(node: object) -> None:
+        if isinstance(node, dict):
+            if node.get("type") == "integer":
+                for key in ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum"):
+                    if isinstance(node.get(key), float) and node[key].is_integer():
+                        node[key] = int(node[key])
+            for v in node.values():
+                fix(v)
+        elif isinstance(node, list):
+            for v in node:
+                fix(v)
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            fix(build())
+        return app.openapi_schema  # type: ignore[return-value]
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+class BodyLimit:
+    """Refuses request bodies over `max_bytes` (413) without reading past the limit: by Content-Length when the client
+    sends one, else by counting the chunks. The 413 is raised from `receive`, so the app's error handler (the one
+    place errors become answers) answers and counts it. Starlette's own limiter answers in plain text instead."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = Headers(scope=scope).get("content-length")
+        seen = 0
+
+        async def limited() -> Message:
+            nonlocal seen
+            if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+                raise StarletteHTTPException(413)
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise StarletteHTTPException(413)
+            return message
+
+        await self.app(scope, limited, send)
 
 
 class _Unauthorized(Exception):
@@ -254,6 +374,11 @@ class _LimitError(ServiceError):
     def __init__(self, fields: list[tuple[str, str]]) -> None:
         super().__init__("; ".join(f"{f} {m}" for f, m in fields))
         self.fields = fields
+
+
+def _consume(fut: asyncio.Future) -> None:
+    if not fut.cancelled():
+        fut.exception()
 
 
 async def _disconnected(request: Request) -> None:

@@ -35,7 +35,8 @@ class PrometheusStats(StatsSink):
                                        buckets=CALL_BUCKETS, registry=r)
         self.engine = Info("dualrate_engine", "Backend, device and precision of the engine", registry=r)
         for outcome in ("ok", "invalid_request", "queue_full", "timeout", "cancelled", "engine_error", "unavailable",
-                        "unauthorized", "internal"):
+                        "unauthorized", "internal", "not_found", "method_not_allowed", "payload_too_large",
+                        "unsupported_media_type"):
             self.requests.labels(outcome)
         for net in ("encoder", "denoiser"):
             self.calls.labels(net)

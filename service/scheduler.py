@@ -127,6 +127,7 @@ class Scheduler:
         self._cv = threading.Condition()
         self._stop = False
         self._accepting = True
+        self._abort: ServiceError | None = None  # set by abort(): every job fails with it at the next tick
         self._thread: threading.Thread | None = None
         self._encoder_rows = 0
         self._denoiser_rows = 0
@@ -161,6 +162,13 @@ class Scheduler:
     def stop_admission(self) -> None:
         with self._cv:
             self._accepting = False
+
+    def abort(self, err: ServiceError) -> None:
+        """Fail every queued and running job with `err` at the next tick (a forced or timed-out drain)."""
+        with self._cv:
+            self._accepting = False
+            self._abort = err
+            self._cv.notify()
 
     def idle(self) -> bool:
         with self._cv:
@@ -212,6 +220,8 @@ class Scheduler:
         now = time.monotonic()
 
         def dead(job: Job) -> ServiceError | None:
+            if self._abort is not None:
+                return self._abort
             if job.cancelled:
                 return Cancelled("client disconnected")
             if job.spec.deadline is not None and now > job.spec.deadline:
@@ -245,6 +255,8 @@ class Scheduler:
                     self._admit_image(job)
             return
         active_k = {s.job.spec.encoder_interval for s in self.active}
+        for k in [k for k in self._phase if k not in active_k]:
+            del self._phase[k]  # no image with this K is left: keep no state per K past its last image
         while self.queue and self.free_slots:
             job = self.queue[0]
             if not self._in_phase(job.spec.encoder_interval, active_k):

@@ -6,6 +6,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+MAX_SEED = 2**53 - 1  # exact in a JSON number / JavaScript double, so schema-driven clients send it unchanged
+MAX_ENCODER_INTERVAL = 4096  # the largest max_steps setting; requests are further held to K <= steps
+
 
 class GenerateRequest(BaseModel):
     model_config = ConfigDict(
@@ -13,14 +16,20 @@ class GenerateRequest(BaseModel):
         json_schema_extra={"examples": [{"class_label": 7, "num_images": 4, "encoder_interval": 4, "seed": 42}]},
     )
 
-    class_label: int | None = Field(None, ge=0, le=9, description="digit 0-9; null = unconditional")
-    num_images: int = Field(1, ge=1, description="images to draw (capped by the server's max_images_per_request)")
-    steps: int | None = Field(None, ge=1, description="denoising steps N (default: model card; capped by max_steps)")
-    encoder_interval: int | None = Field(None, ge=1, description="K: heavy encoder every K-th step (1 = every step)")
-    guidance_scale: float | None = Field(None, ge=0, le=100, description="classifier-free guidance (default: card)")
-    seed: int | None = Field(None, ge=0, le=2**62, description="image i uses seed + i; absent = random, reported back")
-    timeout_s: float | None = Field(None, gt=0, description="deadline in seconds (capped by the server's maximum)")
-
+    # Strict: JSON true is not digit 1 and "7" is not 7. Floats must be finite.
+    class_label: int | None = Field(None, ge=0, le=9, strict=True, description="digit 0-9; null = unconditional")
+    num_images: int = Field(1, ge=1, strict=True,
+                            description="images to draw (capped by the server's max_images_per_request)")
+    steps: int | None = Field(None, ge=1, strict=True,
+                              description="denoising steps N (default: model card; capped by max_steps)")
+    encoder_interval: int | None = Field(None, ge=1, le=MAX_ENCODER_INTERVAL, strict=True,
+                                         description="K: heavy encoder every K-th step (1 = every step); K <= steps")
+    guidance_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False,
+                                         description="classifier-free guidance, 0-100 (default: model card)")
+    seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True,
+                             description="0 to 2^53 - 1; image i uses seed + i; absent = random, reported back")
+    timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False,
+                                    description="deadline in seconds (capped by the server's maximum)")
 
 class ImageOut(BaseModel):
     png_base64: str = Field(description="28x28 grayscale PNG, base64")

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
-from typing import Self
+from typing import Annotated, Any, Self
 
-from pydantic import Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT
 from engines import Backend
@@ -27,10 +28,18 @@ class Settings(BaseSettings):
     max_steps: int = Field(256, ge=1, le=4096)
     default_timeout_s: float = Field(120.0, gt=0)
     max_timeout_s: float = Field(600.0, gt=0)
+    max_body_bytes: int = Field(65_536, ge=256, description="larger request bodies are refused with 413 unread")
+    drain_timeout_s: float | None = Field(None, gt=0, description="longest drain after SIGTERM before the requests "
+                                          "still running are cancelled (503); default max_timeout_s + 10")
+    signal_grace_s: float = Field(5.0, ge=0, description="repeated SIGTERM/SIGINT within this many seconds of the "
+                                  "first are ignored (make and process groups deliver one Ctrl-C twice); a later one "
+                                  "cancels what is still running and exits at once")
     policy: Policy = Field(Policy.CONTINUOUS, description="continuous (step-level) | request (whole requests)")
     threads: int = Field(0, ge=0, description="CPU threads per network (0 = library default)")
     cuda_graphs: bool = Field(False, description="torch backend on CUDA: capture graphs per batch bucket")
-    api_keys: list[SecretStr] = Field(default_factory=list, description="if set, require Authorization: Bearer <key>")
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(
+        default_factory=list, description="comma-separated (or a JSON list); if set, /generate and /v1/model require "
+        "Authorization: Bearer <key> (health and /metrics stay open)")
     overlap_encoder: bool = Field(True, description="run the light network on rows that reuse features while the "
                                   "encoder refreshes the others (off: one light-network call per tick after the encoder)")
     align_encoder: bool = Field(True, description="admit an image at the next tick where the images with the same "
@@ -38,6 +47,30 @@ class Settings(BaseSettings):
     warmup: bool = True
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
     fault_injection_seed: int | None = Field(None, description="tests only: the batch holding this seed fails")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            text = v.strip()
+            if text.startswith("["):
+                try:
+                    return json.loads(text)
+                except json.JSONDecodeError as e:
+                    raise ValueError("a JSON list of strings or comma-separated keys") from e
+            return [k.strip() for k in text.split(",") if k.strip()]
+        return v
+
+    @field_validator("api_keys", mode="after")
+    @classmethod
+    def _keys_ascii(cls, v: list[SecretStr]) -> list[SecretStr]:
+        if any(not k.get_secret_value().isascii() or not k.get_secret_value() for k in v):
+            raise ValueError("keys must be non-empty printable ASCII (they travel in an HTTP header)")
+        return v
+
+    @property
+    def effective_drain_timeout_s(self) -> float:
+        return self.drain_timeout_s if self.drain_timeout_s is not None else self.max_timeout_s + 10.0
 
     @model_validator(mode="after")
     def _check(self) -> Self:
@@ -52,3 +85,19 @@ class Settings(BaseSettings):
         if self.backend is Backend.TENSORRT and self.device == "cpu":
             raise ValueError("backend tensorrt needs device cuda or auto")
         return self
+
+
+def describe_settings_error(e: ValidationError | SettingsError) -> list[str]:
+    """One line per invalid setting, naming the environment variable and what it expects; never the value (it may
+    be a secret)."""
+    if isinstance(e, SettingsError):
+        return [f"invalid settings: {e}"]
+    lines = []
+    for err in e.errors(include_input=False, include_url=False):
+        field = str(err["loc"][0]) if err["loc"] else ""
+        var = f"DUALRATE_{field.upper()}" if field else "settings"
+        info = Settings.model_fields.get(field)
+        hint = f" ({info.description})" if info is not None and info.description else ""
+        msg = err["msg"].removeprefix("Value error, ")
+        lines.append(f"{var}: {msg}{hint}")
+    return lines
