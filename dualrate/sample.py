@@ -17,7 +17,7 @@ from PIL import Image
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint, torch_fns
 from dualrate.data import to_uint8
 from dualrate.diffusion import CosineSchedule
-from dualrate.sampler import dual_rate_sample
+from dualrate.sampler import sample_in_batches
 
 log = logging.getLogger("dualrate.sample")
 
@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="image i uses seed + i")
     p.add_argument("--backend", default="torch", choices=["auto", "onnxruntime", "torch", "tensorrt"],
                    help="runtime for the two networks (engines other than torch need `python -m export` first)")
+    p.add_argument("--batch-size", type=int, default=32,
+                   help="images per network call (work is cut into batches of this size; a guided image takes two "
+                   "rows, so engines are built for 2x this many rows)")
     p.add_argument("--out", type=Path, required=True, help="output folder for PNGs")
     return p
 
@@ -42,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if a.num_images < 1:
-        raise SystemExit("--num-images must be >= 1")
+    if a.num_images < 1 or a.batch_size < 1:
+        raise SystemExit("--num-images and --batch-size must be >= 1")
     model = load_checkpoint(a.checkpoint)
     d = model.defaults
     steps = a.steps or d.steps
@@ -53,16 +56,19 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit("--steps and --encoder-interval must be >= 1, --guidance-scale >= 0")
     if a.backend == "torch":
         encode, denoise = torch_fns(model)
+        max_rows = 2 * a.batch_size
     else:
         from engines import create_engine  # engines builds on dualrate; imported only when asked for
 
-        engine = create_engine(a.backend, checkpoint=a.checkpoint)
+        engine = create_engine(a.backend, checkpoint=a.checkpoint, max_batch=2 * a.batch_size)
         encode, denoise = engine.encode, engine.denoise
+        max_rows = engine.max_batch
     label = model.cfg.null_label if a.class_label is None else a.class_label
     labels = torch.full((a.num_images,), label, dtype=torch.long)
     seeds = [a.seed + i for i in range(a.num_images)]
     sched = CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max)
-    images, stats = dual_rate_sample(encode, denoise, labels, seeds, steps, k, g, sched, model.cfg.null_label)
+    images, stats = sample_in_batches(encode, denoise, labels, seeds, steps, k, g, sched, model.cfg.null_label,
+                                      max_rows)
     a.out.mkdir(parents=True, exist_ok=True)
     for seed, img in zip(seeds, to_uint8(images), strict=True):
         name = f"{'uncond' if a.class_label is None else a.class_label}_seed{seed}.png"

@@ -84,3 +84,30 @@ def dual_rate_sample(
         z = ancestral_step(z, v, t, s, sched, draw_noise(gens, image_size))
     return z, SampleStats(encoder_calls=enc_calls, denoiser_calls=steps)
 
+
+
+def sample_in_batches(
+    encode: EncodeFn,
+    denoise: DenoiseFn,
+    labels: Tensor,
+    seeds: Sequence[int],
+    steps: int,
+    encoder_interval: int,
+    guidance_scale: float,
+    sched: CosineSchedule,
+    null_label: int,
+    max_rows: int,
+    image_size: int = 32,
+) -> tuple[Tensor, SampleStats]:
+    """`dual_rate_sample` over chunks whose network calls hold at most `max_rows` rows (a guided image takes two),
+    for engines with a batch limit. Each image owns its generator, so the images do not depend on the chunking."""
+    guided = guidance_scale != 1.0 and bool((labels != null_label).any())
+    per_call = max_rows // 2 if guided else max_rows
+    if per_call < 1:
+        raise ValueError(f"max_rows {max_rows} cannot hold one guided image (two rows)")
+    out, stats = [], SampleStats(0, steps)
+    for i in range(0, labels.shape[0], per_call):
+        z, stats = dual_rate_sample(encode, denoise, labels[i : i + per_call], seeds[i : i + per_call], steps,
+                                    encoder_interval, guidance_scale, sched, null_label, image_size=image_size)
+        out.append(z)
+    return torch.cat(out), stats

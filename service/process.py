@@ -37,7 +37,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, checkpoint: Path, log_path: Path, **settings: object) -> None:
+    def __init__(self, checkpoint: Path, log_path: Path, new_session: bool = False, **settings: object) -> None:
+        """`new_session`: the child leads its own process group (tests signal the group, as a terminal does)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, "DUALRATE_PORT": str(self.port), "DUALRATE_HOST": "127.0.0.1",
@@ -47,7 +48,7 @@ class ServerProcess:
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115
         self.proc = subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, stdout=self._log,
-                                     stderr=subprocess.STDOUT)
+                                     stderr=subprocess.STDOUT, start_new_session=new_session)
 
     def wait_ready(self, timeout: float = 120.0) -> None:
         if wait_until_ok(f"{self.url}/health/ready", timeout, self.proc):

@@ -1,7 +1,9 @@
 """Training runs, checkpoints and resumes (tiny preset, a few steps)."""
 
+import shutil
 from dataclasses import replace
 
+import pytest
 import torch
 
 from dualrate.config import TrainConfig
@@ -18,12 +20,46 @@ def test_gap_sampling_covers_zero_small_and_wide_gaps():
     assert (gap > 0.5).any()  # K close to N is covered too
 
 
-def test_train_checkpoints_and_resumes(tmp_path):
-    cfg = replace(TrainConfig(), preset="tiny", batch_size=8, steps=4, checkpoint_every=2, warmup_steps=1)
-    main(cfg, tmp_path / "run", tmp_path / "ck")
+def test_train_checkpoints_and_resumes(tmp_path, monkeypatch):
+    import dualrate.train as train
+
+    cfg = replace(TrainConfig(), preset="tiny", batch_size=8, steps=6, checkpoint_every=2, warmup_steps=1)
+    main(cfg, tmp_path / "straight", tmp_path / "ck")  # reference: 6 steps in one go
+    straight = torch.load(tmp_path / "straight" / "state.pt", weights_only=False)
+    assert straight["step"] == 6
+    assert (tmp_path / "ck" / "encoder.safetensors").is_file()
+    assert (tmp_path / "straight" / "training_options.json").is_file()
+
+    # The same run, interrupted during step 5 (after the state of step 4 was saved), then started again.
+    real_update, calls = train.ema_update, []
+
+    def interrupt(*args):
+        calls.append(1)
+        if len(calls) == 9:  # two EMA updates per step: the first of step 5
+            raise KeyboardInterrupt
+        real_update(*args)
+
+    monkeypatch.setattr(train, "ema_update", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        main(cfg, tmp_path / "run", None)
+    monkeypatch.setattr(train, "ema_update", real_update)
     st = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
     assert st["step"] == 4
-    assert (tmp_path / "ck" / "encoder.safetensors").is_file()
-    assert (tmp_path / "run" / "training_options.json").is_file()
-    main(replace(cfg, steps=6), tmp_path / "run", None)  # resumes at 4, runs 2 more
-    assert torch.load(tmp_path / "run" / "state.pt", weights_only=False)["step"] == 6
+    main(cfg, tmp_path / "run", None)  # resumes at 4, runs 2 more
+    resumed = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    assert resumed["step"] == 6
+    # 4 + 2 resumed steps land where 6 straight steps do: weights, EMA, optimizer and data order carried over.
+    for net in ("encoder", "denoiser", "ema_encoder", "ema_denoiser"):
+        for k, v in straight[net].items():
+            assert torch.allclose(resumed[net][k], v, atol=1e-6), f"{net}.{k} differs after resume"
+
+    # And the saved state is what the resume starts from: perturb it, and the result moves with it (a trainer that
+    # ignored state.pt and retrained from scratch would land on the straight run again).
+    shutil.copytree(tmp_path / "run", tmp_path / "tampered", ignore=shutil.ignore_patterns("state.pt"))
+    st["encoder"]["net.stem.weight"] = st["encoder"]["net.stem.weight"] + 0.05
+    torch.save(st, tmp_path / "tampered" / "state.pt")
+    main(cfg, tmp_path / "tampered", None)
+    tampered = torch.load(tmp_path / "tampered" / "state.pt", weights_only=False)
+    assert tampered["step"] == 6
+    diff = (tampered["encoder"]["net.stem.weight"] - straight["encoder"]["net.stem.weight"]).abs().min().item()
+    assert diff > 0.01

@@ -74,13 +74,34 @@ def test_onnxruntime_and_torch_give_the_same_images(engines, model):
     assert diff <= 2, f"max pixel difference {diff}"
 
 
-def test_encode_async_overlaps_on_a_worker_thread(engines):
+def test_encode_async_overlaps_on_a_worker_thread(engines, monkeypatch):
+    """The encoder runs on a worker thread while the caller runs the light network: the wrapped encoder waits until
+    a denoise call has started, which a synchronous encode_async could never see (it would time out)."""
+    import threading
+
     e = engines["onnxruntime"]
     z, t, tau, label = mixed_rows(4)
+    ref_feats = e.encode(z, tau, label)
+    denoise_started, seen = threading.Event(), {}
+    real_encode, real_denoise = e.encode, e.denoise
+
+    def encode(*args):
+        seen["encoder_thread"] = threading.current_thread().name
+        seen["overlapped"] = denoise_started.wait(timeout=5)
+        return real_encode(*args)
+
+    def denoise(*args):
+        denoise_started.set()
+        return real_denoise(*args)
+
+    monkeypatch.setattr(e, "encode", encode)
+    monkeypatch.setattr(e, "denoise", denoise)
     handle = e.encode_async(z, tau, label)
-    v_other = e.denoise(z, t, tau, label, e.encode(z, tau, label))  # the light net runs meanwhile
+    v_other = e.denoise(z, t, tau, label, ref_feats)  # the light net runs meanwhile
     feats = handle.result()
-    assert torch.allclose(e.denoise(z, t, tau, label, feats), v_other, atol=1e-5)
+    assert seen["overlapped"], "the encoder did not run while the light network ran"
+    assert seen["encoder_thread"].startswith("encoder") and seen["encoder_thread"] != threading.current_thread().name
+    assert torch.allclose(real_denoise(z, t, tau, label, feats), v_other, atol=1e-5)
 
 
 def test_batch_limit_is_enforced(engines):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+import subprocess
+import sys
 import time
 
 import httpx
@@ -60,6 +63,8 @@ def test_client_disconnect_frees_its_slot(start_server):
     full = httpx.post(f"{srv.url}/generate", json={**LONG, "timeout_s": 60}, timeout=120)  # what it would have cost
     assert full.status_code == 200
     assert time.monotonic() - t0 < 0.5 + 10 + full.json()["timings"]["total_ms"] / 1000 + 30
+    # The abandoned request's outcome is retrieved: no "Future exception was never retrieved" at ERROR.
+    assert "never retrieved" not in srv.log(), srv.log()
 
 
 def test_engine_failure_fails_only_its_batch_and_service_keeps_serving(start_server):
@@ -75,31 +80,116 @@ def test_engine_failure_fails_only_its_batch_and_service_keeps_serving(start_ser
     assert metric(httpx.get(f"{srv.url}/metrics").text, "dualrate_requests_total", 'outcome="engine_error"') == 1
 
 
-def test_sigterm_loses_no_accepted_request(start_server):
-    srv = start_server(max_active_images=4, max_images_per_request=2)
+async def _accepted(c: httpx.AsyncClient, images: int) -> None:
+    """Wait until the scheduler holds `images` images (active + queued); the metric counts queued requests, so the
+    caller's jobs all have the same size (2 images each)."""
+    for _ in range(500):
+        m = (await c.get("/metrics")).text
+        if metric(m, "dualrate_active_images") + 2 * metric(m, "dualrate_queue_depth") >= images:
+            return
+        await asyncio.sleep(0.02)
+    raise AssertionError("the requests never reached the scheduler")
 
-    async def run() -> tuple[list[httpx.Response], httpx.Response | Exception]:
+
+def _drain_run(srv, signals: list[tuple[float, int]], *, group: bool = False):
+    """Six 2-image requests, then the signals (delay, signum), then one late request. -> (responses, late)."""
+
+    async def run() -> tuple[list[httpx.Response | Exception], httpx.Response | Exception]:
         async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
             tasks = [asyncio.create_task(c.post("/generate", json={"class_label": i, "num_images": 2, "steps": 30,
                                                                    "encoder_interval": 2, "seed": i}))
                      for i in range(6)]
-            # Wait until the scheduler has them all (active + queued), then SIGTERM.
-            for _ in range(200):
-                m = (await c.get("/metrics")).text
-                if metric(m, "dualrate_active_images") + metric(m, "dualrate_queue_depth") * 2 >= 4:
-                    break
-                await asyncio.sleep(0.02)
-            srv.proc.send_signal(signal.SIGTERM)
+            await _accepted(c, 12)  # all six accepted (4 images running, 4 requests queued), not just the first two
+            for delay, sig in signals:
+                await asyncio.sleep(delay)
+                if group:
+                    os.killpg(srv.proc.pid, sig)
+                else:
+                    srv.proc.send_signal(sig)
             await asyncio.sleep(0.3)
             try:
                 late: httpx.Response | Exception = await c.post("/generate", json={"class_label": 1, "steps": 4})
             except httpx.HTTPError as e:
                 late = e
-            return list(await asyncio.gather(*tasks)), late
+            rs = await asyncio.gather(*tasks, return_exceptions=True)
+            return list(rs), late
 
-    rs, late = asyncio.run(run())
-    assert [r.status_code for r in rs] == [200] * 6
+    return asyncio.run(run())
+
+
+def test_sigterm_loses_no_accepted_request(start_server):
+    srv = start_server(max_active_images=4, max_images_per_request=2)
+    rs, late = _drain_run(srv, [(0.0, signal.SIGTERM)])
+    assert [getattr(r, "status_code", r) for r in rs] == [200] * 6
     assert all(len(r.json()["images"]) == 2 for r in rs)
-    # After SIGTERM, new work is refused: 503 while draining, or the socket is already closed.
-    assert isinstance(late, Exception) or late.status_code == 503
-    assert srv.proc.wait(60) == 0
+    # While draining the socket stays open: new work gets an answer, 503.
+    assert not isinstance(late, Exception), late
+    assert late.status_code == 503 and late.json()["error"] == "unavailable"
+    assert srv.proc.wait(60) == 0, srv.log()
+
+
+def test_repeated_signals_to_the_process_group_do_not_cut_the_drain_short(start_server):
+    """`make serve` + Ctrl-C: the terminal signals the group and make forwards the signal, so Python gets it twice.
+    Repeats within the grace period are ignored: every accepted request completes, late ones get 503, exit 0."""
+    srv = start_server(max_active_images=4, max_images_per_request=2, signal_grace_s=30, new_session=True)
+    rs, late = _drain_run(srv, [(0.0, signal.SIGINT), (0.05, signal.SIGINT), (0.2, signal.SIGTERM)], group=True)
+    assert [getattr(r, "status_code", r) for r in rs] == [200] * 6, srv.log()
+    assert not isinstance(late, Exception), late
+    assert late.status_code == 503
+    assert srv.proc.wait(60) == 0, srv.log()
+    assert "ignored (within the 30 s grace period)" in srv.log()
+
+
+def test_signal_after_the_grace_period_cancels_the_rest_and_exits_1(start_server):
+    srv = start_server(max_active_images=1, max_images_per_request=1, max_steps=4096, signal_grace_s=0.5)
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+            tasks = [asyncio.create_task(c.post("/generate", json={**LONG, "steps": 4096, "seed": i}))
+                     for i in range(2)]
+            for _ in range(500):
+                if metric((await c.get("/metrics")).text, "dualrate_queue_depth") >= 1:
+                    break
+                await asyncio.sleep(0.02)
+            srv.proc.send_signal(signal.SIGTERM)
+            await asyncio.sleep(1.0)
+            srv.proc.send_signal(signal.SIGTERM)
+            return list(await asyncio.gather(*tasks))
+
+    t0 = time.monotonic()
+    rs = asyncio.run(run())
+    assert [r.status_code for r in rs] == [503, 503], [r.text for r in rs]
+    assert "repeated signal" in rs[0].json()["message"]
+    assert srv.proc.wait(30) == 1
+    assert time.monotonic() - t0 < 30  # 4096 steps at K = 1 would take minutes
+
+
+def test_drain_timeout_bounds_the_drain(start_server):
+    srv = start_server(max_active_images=1, max_images_per_request=1, max_steps=4096, drain_timeout_s=1.0)
+
+    async def run() -> httpx.Response:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+            task = asyncio.create_task(c.post("/generate", json={**LONG, "steps": 4096}))
+            for _ in range(500):
+                if metric((await c.get("/metrics")).text, "dualrate_active_images") >= 1:
+                    break
+                await asyncio.sleep(0.02)
+            srv.proc.send_signal(signal.SIGTERM)
+            return await task
+
+    r = asyncio.run(run())
+    assert r.status_code == 503 and "drain timed out" in r.json()["message"]
+    assert srv.proc.wait(30) == 1
+    assert "DUALRATE_DRAIN_TIMEOUT_S" in srv.log()
+
+
+def test_invalid_settings_give_one_line_each_and_never_print_keys(checkpoint_dir):
+    env = {**os.environ, "DUALRATE_API_KEYS": '["s3cret-key", ', "DUALRATE_PORT": "eighty",
+           "DUALRATE_CHECKPOINT": str(checkpoint_dir)}
+    p = subprocess.run([sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 2, p.stderr
+    assert any(line.startswith("invalid setting: DUALRATE_PORT:") for line in lines)
+    assert any(line.startswith("invalid setting: DUALRATE_API_KEYS:") for line in lines)
+    assert "s3cret" not in p.stderr and "Traceback" not in p.stderr

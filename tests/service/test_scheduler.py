@@ -117,13 +117,32 @@ def test_continuous_batching_lets_short_requests_overtake_long_ones(engine, mode
         assert (order[0] == "short") is short_first, (policy, order)
 
 
-def test_encoder_rows_run_while_light_network_runs_the_others(engine, model):
+def test_encoder_rows_run_while_light_network_runs_the_others(engine, model, monkeypatch):
+    import threading
+
     s, rec = make(engine, model, align=False)  # unaligned, so that b joins out of a's phase
     a = s.submit(GenerationSpec(1, 1, 8, 4, 1.0, seed=1))
     s.tick()  # a: step 0 (encoder due)
     b = s.submit(GenerationSpec(2, 1, 8, 4, 1.0, seed=2))
     rec.calls.clear()
+    # The encoder waits until the light network has started on a's row: a scheduler that ran the encoder first and
+    # the light network after would leave it waiting until the timeout.
+    light_started, overlapped = threading.Event(), []
+    real_encode, real_denoise = engine.encode, engine.denoise
+
+    def encode(*args):
+        overlapped.append(light_started.wait(timeout=5))
+        return real_encode(*args)
+
+    def denoise(*args):
+        light_started.set()
+        return real_denoise(*args)
+
+    monkeypatch.setattr(engine, "encode", encode)
+    monkeypatch.setattr(engine, "denoise", denoise)
     s.tick()  # a: step 1 (reuses), b: step 0 (due) -> one encoder call of 1 row, two denoiser calls of 1 row
+    monkeypatch.undo()
+    assert overlapped == [True], "the encoder call did not overlap the light-network call"
     assert [(c.network, c.rows) for c in rec.calls] == [("denoiser", 1), ("encoder", 1), ("denoiser", 1)]
     run_all(s, [a, b])
     snap = s.snapshot()
@@ -142,3 +161,12 @@ def test_without_overlap_one_light_network_call_follows_the_encoder(engine, mode
     assert [(c.network, c.rows) for c in rec.calls] == [("encoder", 1), ("denoiser", 2)]
     run_all(s, [a, b])
     assert s.snapshot().encoder_rows_total == 4
+
+
+def test_no_state_is_kept_per_encoder_interval_after_its_last_image(engine, model):
+    """Each distinct K once added a permanent phase-table entry (3,000 distinct K grew the process by ~6 MB)."""
+    s, _ = make(engine, model)
+    for k in range(2, 12):
+        run_all(s, [s.submit(GenerationSpec(1, 1, k, k, 1.0, seed=k))])
+    s.tick()  # an idle tick: admission sees no image with any K
+    assert s._phase == {}
