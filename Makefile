@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHECKPOINT ?= checkpoints/mnist-dualrate
 
-.PHONY: setup serve test lint export bench evaluate clean
+.PHONY: setup serve test test-quick test-deploy lint export bench evaluate clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -23,14 +23,22 @@ setup: $(STAMP)
 export: setup
 	$(BIN)/python -m export --checkpoint $(CHECKPOINT)
 
+# exec: make is replaced by Python (no second copy of Ctrl-C from make; signals go straight to the service).
 serve: export
-	$(BIN)/python -m service
+	exec env DUALRATE_CHECKPOINT=$(CHECKPOINT) $(BIN)/python -m service
 
 test: setup
 	bash scripts/install_test_tools.sh
 	$(BIN)/ruff check .
 	$(BIN)/mypy dualrate export engines service
 	$(BIN)/python -m pytest -q
+
+test-quick: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+# Builds the CPU image from a clean clone with ../shared/docker/local-docker.sh and runs it for real (README).
+test-deploy: setup
+	$(BIN)/python scripts/test_deploy.py
 
 lint: setup
 	$(BIN)/ruff check .

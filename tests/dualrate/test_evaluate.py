@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from dualrate.data import load_mnist
 from dualrate.evaluate import Evaluator
 
+pytestmark = pytest.mark.slow  # real servers / training / the evaluator: `pytest -m "not slow"` skips them
+
 
 @pytest.fixture(scope="module")
 def ev():

@@ -9,6 +9,8 @@ import torch
 from dualrate.config import TrainConfig
 from dualrate.train import main, sample_tau
 
+pytestmark = pytest.mark.slow  # real servers / training / the evaluator: `pytest -m "not slow"` skips them
+
 
 def test_gap_sampling_covers_zero_small_and_wide_gaps():
     cfg = TrainConfig()

@@ -14,6 +14,8 @@ import pytest
 
 from service.process import metric
 
+pytestmark = pytest.mark.slow  # real servers / training / the evaluator: `pytest -m "not slow"` skips them
+
 LONG = {"class_label": 4, "num_images": 1, "steps": 256, "encoder_interval": 1, "seed": 5}
 
 
