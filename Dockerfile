@@ -63,7 +63,7 @@ USER 10001:10001
 EXPOSE 8000
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=2)"]
+    CMD ["python", "-m", "service.healthcheck"]
 CMD ["python", "-m", "service"]
 
 # ---------------------------------------------------------------- GPU runtime (CUDA + TensorRT)
@@ -109,6 +109,6 @@ USER 10001:10001
 EXPOSE 8000
 STOPSIGNAL SIGTERM
 HEALTHCHECK --interval=10s --timeout=3s --start-period=300s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health/ready', timeout=2)"]
+    CMD ["python", "-m", "service.healthcheck"]
 ENTRYPOINT ["/usr/local/bin/gpu-entrypoint.sh"]
 CMD ["python", "-m", "service"]

@@ -22,11 +22,49 @@ def tool(name: str) -> str:
 
 
 def test_compose_file_is_valid():
+    import yaml
+
     out = subprocess.run([tool("docker-compose"), "config"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert "nvidia" in out.stdout and "capabilities" in out.stdout  # the GPU reservation
     for name in ("dualrate-gpu", "dualrate-cpu", "prometheus", "grafana"):
         assert name in out.stdout
+    spec = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    assert "version" not in spec  # obsolete key
+    svc = spec["services"]
+    # `--profile cpu` brings up the service and Prometheus alone; Grafana only when asked for.
+    assert set(svc["prometheus"]["profiles"]) == {"cpu", "gpu"} and svc["grafana"]["profiles"] == ["grafana"]
+    for name in ("dualrate-cpu", "dualrate-gpu"):
+        assert svc[name]["healthcheck"]["start_period"]
+        grace = svc[name]["stop_grace_period"]
+        assert grace.endswith("s") and int(grace[:-1]) >= 150  # > 120 s request cap + 10 s drain margin
+    for name in ("dualrate-cpu", "dualrate-gpu", "prometheus", "grafana"):
+        assert svc[name]["image"].startswith("${"), f"{name}: the image name must be a variable"
+
+
+def test_dockerfile_needs_no_frontend_and_caps_requests_below_the_stop_grace():
+    text = (ROOT / "Dockerfile").read_text()
+    assert "# syntax" not in text.splitlines()[0]
+    assert "STOPSIGNAL SIGTERM" in text and "DUALRATE_MAX_TIMEOUT_S=120" in text
+    assert "torch==2.13.0+cpu" in text  # the CPU image carries the CPU build
+
+
+def test_gpu_entrypoint_falls_back_when_the_engine_build_fails(tmp_path):
+    """Where TensorRT imports but its build fails, the entrypoint must start the service on the next backend, not
+    exit (with restart: unless-stopped an exit became a restart loop). A `python` on PATH plays both parts: it
+    imports tensorrt fine and fails the engine build, the two outcomes the entrypoint branches on."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake = bin_dir / "python"
+    fake.write_text('#!/bin/sh\ncase "$*" in\n  *"import tensorrt"*) exit 0 ;;\n'
+                    '  *engines.build*) echo "engine build failed" >&2; exit 1 ;;\nesac\nexit 9\n')
+    fake.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:/usr/bin:/bin", "DUALRATE_BACKEND": "auto"}
+    out = subprocess.run(["sh", str(ROOT / "deploy" / "gpu-entrypoint.sh"), "sh", "-c", "echo backend=$DUALRATE_BACKEND"],
+                         env=env, capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "backend=torch"
+    assert "TensorRT engine build failed" in out.stderr
 
 
 def test_dockerfile_has_no_hadolint_errors():
