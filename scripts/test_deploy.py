@@ -152,6 +152,8 @@ class Deploy:
         th.join(150)
         r = box.get("r")
         assert isinstance(r, httpx.Response) and r.status_code == 200, f"in-flight request lost: {r!r}"
+        stop_log = self.d("logs", NAME).stderr
+        assert "draining" in stop_log and "drained; shutting down" in stop_log, stop_log[-3000:]
         code = self.d("inspect", "-f", "{{.State.ExitCode}}", NAME).stdout.strip()
         assert code == "0", f"exit code {code}:\n{self.d('logs', NAME).stderr[-3000:]}"
         self.results["stop_seconds_with_request_in_flight"] = round(time.monotonic() - t0, 1)
@@ -167,8 +169,9 @@ class Deploy:
         log(f"compose --profile cpu up (service on {port}, Prometheus on {prom_port})")
         try:
             sh(*base, "up", "-d", "--no-build", cwd=src, env=env)
-            services = sh(*base, "ps", "--services", cwd=src, env=env).stdout.split()
-            assert sorted(services) == ["dualrate-cpu", "prometheus"], services
+            running = self.d("ps", "--filter", f"label=com.docker.compose.project={PROJECT}", "--format",
+                             '{{.Label "com.docker.compose.service"}}').stdout.split()
+            assert sorted(running) == ["dualrate-cpu", "prometheus"], f"expected the service and Prometheus alone: {running}"
 
             def scraped() -> bool:
                 try:
