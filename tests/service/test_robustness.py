@@ -195,3 +195,31 @@ def test_invalid_settings_give_one_line_each_and_never_print_keys(checkpoint_dir
     assert any(line.startswith("invalid setting: DUALRATE_PORT:") for line in lines)
     assert any(line.startswith("invalid setting: DUALRATE_API_KEYS:") for line in lines)
     assert "s3cret" not in p.stderr and "Traceback" not in p.stderr
+
+
+def test_ctrl_c_on_make_serve_drains(tmp_path, checkpoint_dir):
+    """The README's `make serve`, interrupted as a terminal does (SIGINT to the whole foreground process group, which
+    make also forwards to its child): accepted requests complete, new ones get 503, the service logs a full drain."""
+    from types import SimpleNamespace
+
+    from service.process import ROOT, free_port, wait_until_ok
+
+    port = free_port()
+    log_path = tmp_path / "make-serve.log"
+    env = {**os.environ, "DUALRATE_PORT": str(port), "DUALRATE_MAX_ACTIVE_IMAGES": "4",
+           "DUALRATE_MAX_IMAGES_PER_REQUEST": "2", "DUALRATE_THREADS": "2"}
+    with open(log_path, "wb") as out:
+        proc = subprocess.Popen(["make", "-s", "serve", f"CHECKPOINT={checkpoint_dir}"], cwd=ROOT,
+                                env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            assert wait_until_ok(f"http://127.0.0.1:{port}/health/ready", 120, proc), log_path.read_text()
+            srv = SimpleNamespace(url=f"http://127.0.0.1:{port}", proc=proc)
+            rs, late = _drain_run(srv, [(0.0, signal.SIGINT)], group=True)
+            proc.wait(60)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = log_path.read_text()
+    assert [getattr(r, "status_code", r) for r in rs] == [200] * 6, text
+    assert not isinstance(late, Exception) and late.status_code == 503, (late, text)
+    assert "drained; shutting down" in text, text
