@@ -12,10 +12,27 @@ from __future__ import annotations
 import os
 import random
 
-from locust import HttpUser, between, task
+from locust import HttpUser, between, events, task
 
 FORCED_K = int(os.environ["LOAD_ENCODER_INTERVAL"]) if os.environ.get("LOAD_ENCODER_INTERVAL") else None
 THINK = float(os.environ.get("LOAD_THINK_S", "0.2"))
+# Where to write every request's latency (name, ms, ok) when the run ends: the runner computes exact percentiles of
+# the valid requests from it instead of averaging locust's per-name percentiles.
+LATENCY_CSV = os.environ.get("LOAD_LATENCY_CSV")
+_latencies: list[tuple[str, float, bool]] = []
+
+
+@events.request.add_listener
+def _record(request_type, name, response_time, response_length, exception=None, **kw) -> None:
+    _latencies.append((name, float(response_time), exception is None))
+
+
+@events.quitting.add_listener
+def _write(environment, **kw) -> None:
+    if LATENCY_CSV:
+        with open(LATENCY_CSV, "w") as f:
+            f.write("name,response_ms,ok\n")
+            f.writelines(f'"{n}",{ms:.3f},{int(ok)}\n' for n, ms, ok in _latencies)
 
 
 class DualRateUser(HttpUser):

@@ -15,14 +15,17 @@ import logging
 import platform
 import subprocess
 import sys
+import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
+import numpy as np
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT
+from dualrate.provenance import provenance, record_raw
 from service.process import ServerProcess, metric
 
 log = logging.getLogger("loadtests.run")
@@ -57,40 +60,40 @@ class Summary:
     p99_ms: float
     failures: Counter
     expected_invalid: int
+    elapsed_s: float
 
 
-def run_locust(url: str, users: int, duration: int, csv_prefix: Path, forced_k: int | None) -> None:
+def run_locust(url: str, users: int, duration: int, csv_prefix: Path, forced_k: int | None) -> float:
+    """-> wall seconds from locust's start to its exit (the load time plus the wait for requests in flight)."""
     import os
 
-    env = {**os.environ, "LOAD_ENCODER_INTERVAL": "" if forced_k is None else str(forced_k)}
+    env = {**os.environ, "LOAD_ENCODER_INTERVAL": "" if forced_k is None else str(forced_k),
+           "LOAD_LATENCY_CSV": f"{csv_prefix}_latencies.csv"}
     cmd = [sys.executable, "-m", "locust", "-f", str(HERE / "locustfile.py"), "--headless", "--host", url,
            "-u", str(users), "-r", str(max(1, users // 4)), "-t", f"{duration}s", "--csv", str(csv_prefix),
            "--only-summary", "--stop-timeout", "120", "--loglevel", "WARNING"]
+    t0 = time.monotonic()
     subprocess.run(cmd, env=env, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return time.monotonic() - t0
 
 
-def summarise(name: str, csv_prefix: Path, images: float, duration: float) -> Summary:
+def summarise(name: str, csv_prefix: Path, images: float, elapsed: float) -> Summary:
+    """Latency percentiles over every valid request's own latency (one pool: the aggregate, not a mean of per-name
+    percentiles); images/s over the measured wall time of the run."""
     with open(f"{csv_prefix}_stats.csv") as f:
         rows = list(csv.DictReader(f))
     agg = next(r for r in rows if r["Name"] == "Aggregated")
-    ok_rows = [r for r in rows if r["Name"] not in ("Aggregated",) and "invalid" not in r["Name"]]
     invalid = sum(int(r["Request Count"]) - int(r["Failure Count"]) for r in rows if "invalid" in r["Name"])
     failures: Counter = Counter()
     with open(f"{csv_prefix}_failures.csv") as f:
         for r in csv.DictReader(f):
             kind = r["Error"].split(":")[0].replace("CatchResponseError('", "").strip("(')\"")
             failures[kind] += int(r["Occurrences"])
-    # Latency of the valid requests: locust's percentiles of the request-count-weighted rows.
-    weights = [int(r["Request Count"]) for r in ok_rows]
-
-    def wq(col: str) -> float:
-        vals = [float(r[col]) for r in ok_rows if r[col] not in ("N/A", "")]
-        if not vals:
-            return float("nan")
-        return sum(v * w for v, w in zip(vals, weights, strict=False)) / max(1, sum(weights))
-
-    return Summary(name, int(agg["Request Count"]), images, images / duration, wq("50%"), wq("95%"), wq("99%"),
-                   failures, invalid)
+    with open(f"{csv_prefix}_latencies.csv") as f:
+        valid = [float(r["response_ms"]) for r in csv.DictReader(f) if r["ok"] == "1" and "invalid" not in r["name"]]
+    p50, p95, p99 = (float(np.percentile(valid, q)) if valid else float("nan") for q in (50, 95, 99))
+    return Summary(name, int(agg["Request Count"]), images, images / elapsed, p50, p95, p99, failures, invalid,
+                   round(elapsed, 1))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -102,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--users", type=int, default=16)
     p.add_argument("--slots", type=int, default=16, help="max_active_images of the service")
     p.add_argument("--csv-dir", type=Path, default=Path("artifacts/loadtests"))
-    p.add_argument("--out", type=Path, default=None, help="append the comparison table to this markdown file")
+    p.add_argument("--out", type=Path, default=None, help="append the comparison table to this markdown file; the raw "
+                   "summary (with date, machine, commit, checkpoint hash) goes beside it as <name>.json")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     a.csv_dir.mkdir(parents=True, exist_ok=True)
@@ -115,27 +119,33 @@ def main(argv: list[str] | None = None) -> int:
             srv.wait_ready()
             before = metric(httpx.get(f"{srv.url}/metrics").text, "dualrate_images_generated_total")
             log.info("%s: locust %d users for %d s", cfg.name, a.users, a.duration)
-            run_locust(srv.url, a.users, a.duration, a.csv_dir / key, cfg.forced_k)
+            elapsed = run_locust(srv.url, a.users, a.duration, a.csv_dir / key, cfg.forced_k)
             images = metric(httpx.get(f"{srv.url}/metrics").text, "dualrate_images_generated_total") - before
         finally:
             srv.terminate()
-        s = summarise(cfg.name, a.csv_dir / key, images, a.duration)
+        s = summarise(cfg.name, a.csv_dir / key, images, elapsed)
         log.info("%s", s)
         results.append(s)
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     lines = [f"### Locust load test, {stamp}, {platform.machine()} CPU (2 cores), service + locust on one machine",
              "", f"Command: `python -m loadtests.run {' '.join(sys.argv[1:] if argv is None else argv)}`".rstrip(), "",
-             f"{a.users} users, {a.duration} s per configuration, service max_active_images = {a.slots}. "
-             "Latency of successful requests (ms), request-weighted over the request kinds.", "",
+             f"{a.users} users, {a.duration} s of load per configuration, service max_active_images = {a.slots}. "
+             "Latency (ms): percentiles over every successful valid request of the configuration, pooled. images/s: "
+             "images returned / wall time of the locust run (load plus the wait for requests in flight).", "",
              "| configuration | requests | images/s | p50 ms | p95 ms | p99 ms | unexpected failures | invalid (expected 422) |",
              "|---|---:|---:|---:|---:|---:|---|---:|"]
     for s in results:
         fails = ", ".join(f"{k}: {v}" for k, v in s.failures.items()) or "0"
         lines.append(f"| {s.config} | {s.requests} | {s.images_per_s:.2f} | {s.p50_ms:.0f} | {s.p95_ms:.0f} | "
                      f"{s.p99_ms:.0f} | {fails} | {s.expected_invalid} |")
+    command = f"python -m loadtests.run {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    raw = {**provenance(a.checkpoint, command), "users": a.users, "duration_s": a.duration, "slots": a.slots,
+           "results": [{**asdict(s), "failures": dict(s.failures)} for s in results]}
     table = "\n".join(lines) + "\n"
     print(table)
     if a.out:
+        lines[4:4] = [record_raw(a.out, raw), ""]
+        table = "\n".join(lines) + "\n"
         with a.out.open("a") as f:
             f.write("\n" + table)
     return 1 if any(s.failures for s in results) else 0

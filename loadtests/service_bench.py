@@ -29,6 +29,7 @@ import torch
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from dualrate.diffusion import CosineSchedule
+from dualrate.provenance import provenance, record_raw
 from dualrate.sampler import dual_rate_sample
 from engines import create_engine
 from service.process import ServerProcess
@@ -221,6 +222,11 @@ def main(argv: list[str] | None = None) -> None:
         sh, lo = by_kind["short"], by_kind["long"]
         lines.append(f"| {policy} | {statistics.median(sh):.2f} | {pct(sh, 0.95):.2f} | {statistics.median(lo):.2f} | "
                      f"{pct(lo, 0.95):.2f} | {pct(sh + lo, 0.95):.2f} | {len(sh) + len(lo)} |")
+    if a.out:
+        command = f"python -m loadtests.service_bench {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+        raw = {**provenance(a.checkpoint, command), "slots": a.slots, "seconds": a.seconds, "request": body,
+               "images_per_s": res, "mixed_latencies_s": lat}
+        lines[4:4] = [record_raw(a.out, raw), ""]
     report = "\n".join(lines) + "\n"
     print(report)
     if a.out:
