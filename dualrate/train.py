@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from dualrate.checkpoint import save_checkpoint
+from dualrate.checkpoint import DEFAULT_CHECKPOINT, save_checkpoint
 from dualrate.config import MODEL_PRESETS, ModelConfig, SamplingDefaults, TrainConfig
 from dualrate.data import load_mnist
 from dualrate.diffusion import CosineSchedule, q_forward, q_sample, v_target
@@ -188,7 +188,12 @@ def cli(argv: list[str] | None = None) -> None:
     p.add_argument("--feature-dropout", type=float, default=TrainConfig.feature_dropout,
                    help="fraction of rows trained with zeroed features")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--replace-shipped", action="store_true",
+                   help="allow --checkpoint to be the shipped checkpoint folder (its figures in docs/ would then be stale)")
     a = p.parse_args(argv)
+    if a.checkpoint is not None and a.checkpoint.resolve() == DEFAULT_CHECKPOINT.resolve() and not a.replace_shipped:
+        p.error(f"--checkpoint {a.checkpoint} is the shipped checkpoint: write yours elsewhere (e.g. "
+                f"{a.out}/checkpoint) and serve it with `make serve CHECKPOINT=...`, or pass --replace-shipped")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = replace(TrainConfig(), preset=a.preset, steps=a.steps, batch_size=a.batch_size, lr=a.lr, bf16=a.bf16, seed=a.seed,
                   feature_dropout=a.feature_dropout)

@@ -98,21 +98,28 @@ def throughput(ck: Path, results: dict, backend: str = "torch", graphs: bool = F
 
 
 def images(ck: Path, results: dict, n: int = 16) -> None:
-    """Whole images, same seeds: torch on CUDA (graphs off/on) against ONNX Runtime on CPU, in pixels of 255."""
+    """Whole images, same seeds: torch on CUDA (graphs off/on, TF32) against ONNX Runtime on CPU, in pixels of 255.
+    CUDA images are drawn twice: with the synchronous `encode`, and with the encoder on its own stream
+    (`encode_async`, as the service calls it), so the stream path is checked on whole images too."""
     model = load_checkpoint(ck)
     d = model.defaults
     sched = CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max)
     labels = torch.arange(n) % 10
 
-    def draw(engine) -> torch.Tensor:
-        x, _ = dual_rate_sample(engine.encode, engine.denoise, labels, list(range(n)), d.steps, d.encoder_interval,
+    def draw(engine, stream: bool = False) -> torch.Tensor:
+        encode = (lambda z, tau, y: engine.encode_async(z, tau, y).result()) if stream else engine.encode
+        x, _ = dual_rate_sample(encode, engine.denoise, labels, list(range(n)), d.steps, d.encoder_interval,
                                 d.guidance_scale, sched, model.cfg.null_label)
         return torch.from_numpy(to_uint8(x)).int()
 
     ref = draw(create_engine("onnxruntime", ck, "cpu", max_batch=2 * n))
     for graphs, precision in ((False, "fp32"), (True, "fp32"), (False, "tf32")):
-        got = draw(create_engine("torch", ck, "cuda:0", max_batch=2 * n, cuda_graphs=graphs, precision=precision))
-        results[f"images_{precision}_graphs_{graphs}_max_pixel_diff_vs_ort_cpu"] = int((got - ref).abs().max())
+        engine = create_engine("torch", ck, "cuda:0", max_batch=2 * n, cuda_graphs=graphs, precision=precision)
+        for stream in (False, True):
+            got = draw(engine, stream)
+            key = f"images_{precision}_graphs_{graphs}{'_encoder_stream' if stream else ''}_max_pixel_diff_vs_ort_cpu"
+            results[key] = int((got - ref).abs().max())
+        engine.close()
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # back to fp32 for what follows
 
 

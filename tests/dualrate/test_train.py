@@ -65,3 +65,14 @@ def test_train_checkpoints_and_resumes(tmp_path, monkeypatch):
     assert tampered["step"] == 6
     diff = (tampered["encoder"]["net.stem.weight"] - straight["encoder"]["net.stem.weight"]).abs().min().item()
     assert diff > 0.01
+
+
+def test_training_refuses_to_overwrite_the_shipped_checkpoint(tmp_path):
+    from dualrate.checkpoint import DEFAULT_CHECKPOINT
+    from dualrate.train import cli
+
+    before = (DEFAULT_CHECKPOINT / "encoder.safetensors").stat().st_mtime_ns
+    with pytest.raises(SystemExit):
+        cli(["--out", str(tmp_path / "run"), "--checkpoint", str(DEFAULT_CHECKPOINT), "--preset", "tiny", "--steps", "1"])
+    assert not (tmp_path / "run" / "state.pt").exists()
+    assert (DEFAULT_CHECKPOINT / "encoder.safetensors").stat().st_mtime_ns == before
