@@ -34,7 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from service.process import free_port, metric  # noqa: E402
 
-LOCAL_DOCKER = Path(os.environ.get("LOCAL_DOCKER", ROOT.parent / "shared" / "docker" / "local-docker.sh"))
+# The workplace's script that starts a Docker engine and local base images: $LOCAL_DOCKER, else ../shared beside the
+# checkout, else the workplace's shared folder (a clone elsewhere, e.g. CI's fresh clone in a temporary folder).
+_CANDIDATES = [os.environ.get("LOCAL_DOCKER", ""), ROOT.parent / "shared" / "docker" / "local-docker.sh",
+               Path("/work/shared/docker/local-docker.sh")]
+LOCAL_DOCKER = next((Path(c) for c in _CANDIDATES if c and Path(c).is_file()), Path(_CANDIDATES[1]))
 TAG = "dualrate:cpu-deploytest"
 NAME = "dualrate-deploytest"
 PROJECT = "dualratedeploytest"
