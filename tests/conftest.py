@@ -56,3 +56,25 @@ def start_server(checkpoint_dir, onnx_dir, tmp_path_factory):
     yield start
     for s in servers:
         s.terminate()
+
+
+def encoder_waits_for_light_network(engine, monkeypatch) -> list[tuple[bool, str]]:
+    """Instrument `engine`: each encoder call first waits (up to 5 s) until a light-network call has started, and
+    records (whether one had, the encoder's thread name). A caller that runs the encoder before the light network,
+    on the same thread, makes the wait time out: the record says False."""
+    import threading
+
+    light_started, seen = threading.Event(), []
+    real_encode, real_denoise = engine.encode, engine.denoise
+
+    def encode(*args):
+        seen.append((light_started.wait(timeout=5), threading.current_thread().name))
+        return real_encode(*args)
+
+    def denoise(*args):
+        light_started.set()
+        return real_denoise(*args)
+
+    monkeypatch.setattr(engine, "encode", encode)
+    monkeypatch.setattr(engine, "denoise", denoise)
+    return seen

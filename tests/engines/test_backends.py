@@ -10,6 +10,7 @@ from dualrate.data import to_uint8
 from dualrate.diffusion import CosineSchedule
 from dualrate.sampler import dual_rate_sample
 from engines import BackendUnavailable, create_engine, resolve_backend
+from tests.conftest import encoder_waits_for_light_network
 
 
 @pytest.fixture(scope="module")
@@ -82,25 +83,14 @@ def test_encode_async_overlaps_on_a_worker_thread(engines, monkeypatch):
     e = engines["onnxruntime"]
     z, t, tau, label = mixed_rows(4)
     ref_feats = e.encode(z, tau, label)
-    denoise_started, seen = threading.Event(), {}
-    real_encode, real_denoise = e.encode, e.denoise
-
-    def encode(*args):
-        seen["encoder_thread"] = threading.current_thread().name
-        seen["overlapped"] = denoise_started.wait(timeout=5)
-        return real_encode(*args)
-
-    def denoise(*args):
-        denoise_started.set()
-        return real_denoise(*args)
-
-    monkeypatch.setattr(e, "encode", encode)
-    monkeypatch.setattr(e, "denoise", denoise)
+    real_denoise = e.denoise
+    seen = encoder_waits_for_light_network(e, monkeypatch)
     handle = e.encode_async(z, tau, label)
     v_other = e.denoise(z, t, tau, label, ref_feats)  # the light net runs meanwhile
     feats = handle.result()
-    assert seen["overlapped"], "the encoder did not run while the light network ran"
-    assert seen["encoder_thread"].startswith("encoder") and seen["encoder_thread"] != threading.current_thread().name
+    [(overlapped, thread)] = seen
+    assert overlapped, "the encoder did not run while the light network ran"
+    assert thread.startswith("encoder") and thread != threading.current_thread().name
     assert torch.allclose(real_denoise(z, t, tau, label, feats), v_other, atol=1e-5)
 
 

@@ -12,6 +12,7 @@ from dualrate.sampler import dual_rate_sample
 from engines import create_engine
 from service.scheduler import GenerationSpec, Policy, Scheduler
 from service.stats import NetworkCall, StatsSink
+from tests.conftest import encoder_waits_for_light_network
 
 
 class Recorder(StatsSink):
@@ -118,8 +119,6 @@ def test_continuous_batching_lets_short_requests_overtake_long_ones(engine, mode
 
 
 def test_encoder_rows_run_while_light_network_runs_the_others(engine, model, monkeypatch):
-    import threading
-
     s, rec = make(engine, model, align=False)  # unaligned, so that b joins out of a's phase
     a = s.submit(GenerationSpec(1, 1, 8, 4, 1.0, seed=1))
     s.tick()  # a: step 0 (encoder due)
@@ -127,22 +126,10 @@ def test_encoder_rows_run_while_light_network_runs_the_others(engine, model, mon
     rec.calls.clear()
     # The encoder waits until the light network has started on a's row: a scheduler that ran the encoder first and
     # the light network after would leave it waiting until the timeout.
-    light_started, overlapped = threading.Event(), []
-    real_encode, real_denoise = engine.encode, engine.denoise
-
-    def encode(*args):
-        overlapped.append(light_started.wait(timeout=5))
-        return real_encode(*args)
-
-    def denoise(*args):
-        light_started.set()
-        return real_denoise(*args)
-
-    monkeypatch.setattr(engine, "encode", encode)
-    monkeypatch.setattr(engine, "denoise", denoise)
+    seen = encoder_waits_for_light_network(engine, monkeypatch)
     s.tick()  # a: step 1 (reuses), b: step 0 (due) -> one encoder call of 1 row, two denoiser calls of 1 row
     monkeypatch.undo()
-    assert overlapped == [True], "the encoder call did not overlap the light-network call"
+    assert [ok for ok, _ in seen] == [True], "the encoder call did not overlap the light-network call"
     assert [(c.network, c.rows) for c in rec.calls] == [("denoiser", 1), ("encoder", 1), ("denoiser", 1)]
     run_all(s, [a, b])
     snap = s.snapshot()
