@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import platform
+import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import date
@@ -32,6 +33,7 @@ from dualrate.classifier import CLASSIFIER_DIR, DigitClassifier, batched, load_c
 from dualrate.data import load_mnist, to_uint8
 from dualrate.diffusion import CosineSchedule
 from dualrate.nets import per_image_flops
+from dualrate.provenance import provenance
 from dualrate.sampler import dual_rate_sample
 
 log = logging.getLogger("dualrate.evaluate")
@@ -202,8 +204,12 @@ def main(argv: list[str] | None = None) -> None:
               f"{a.num_images} conditional samples per row (labels 0-9 in turn), FID against the 10k MNIST test set "
               f"in the project classifier's 128-d feature space.\n\nCommand: `python -m dualrate.evaluate "
               f"--num-images {a.num_images} --out {a.out}`\n\n")
-    (a.out / "sweep.md").write_text("# Sweep: steps, encoder interval, guidance\n\n" + header + table + "\n")
+    raw = ("Raw output: [sweep.json](sweep.json); date, machine, commit and checkpoint hash: "
+           "[sweep.provenance.json](sweep.provenance.json).\n\n")
+    (a.out / "sweep.md").write_text("# Sweep: steps, encoder interval, guidance\n\n" + raw + header + table + "\n")
     (a.out / "sweep.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
+    command = f"python -m dualrate.evaluate {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    (a.out / "sweep.provenance.json").write_text(json.dumps(provenance(a.checkpoint, command), indent=2) + "\n")
     print(table)
     if a.update_card:
         card_path = a.checkpoint / CARD_FILE

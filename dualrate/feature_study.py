@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ import torch.nn.functional as F
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from dualrate.data import load_mnist
 from dualrate.diffusion import CosineSchedule, q_forward, q_sample, v_target
+from dualrate.provenance import provenance
 
 T_LEVELS = (0.05, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9)
 GAPS = {"stale K=4 (gap 3/32)": 3 / 32, "stale K=8 (gap 7/32)": 7 / 32, "stale K=16 (gap 15/32)": 15 / 32}
@@ -59,6 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     res = study(a.checkpoint, a.num_images)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "feature_study.json").write_text(json.dumps(res, indent=2) + "\n")
+    command = f"python -m dualrate.feature_study {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    (a.out / "feature_study.provenance.json").write_text(json.dumps(provenance(a.checkpoint, command), indent=2) + "\n")
     keys = [k for k in res if k != "t"]
     lines = ["| t | " + " | ".join(keys) + " |", "|---:|" + "---:|" * len(keys)]
     for i, t in enumerate(res["t"]):
@@ -66,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     table = "\n".join(lines)
     (a.out / "feature_study.md").write_text(
         "# Validation v-loss of the light network by noise level\n\n"
+        "Raw output: [feature_study.json](feature_study.json); date, machine, commit and checkpoint hash: "
+        "[feature_study.provenance.json](feature_study.provenance.json).\n\n"
         f"`python -m dualrate.feature_study --num-images {a.num_images} --out {a.out}` "
         f"({a.num_images} MNIST validation digits, conditional).\n\n" + table + "\n")
     import matplotlib
