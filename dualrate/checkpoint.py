@@ -37,6 +37,25 @@ def save_checkpoint(path: Path, encoder: ContextEncoder, denoiser: LightDenoiser
     (path / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
 
 
+def model_card(cfg: ModelConfig, name: str, data: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:
+    """The card every checkpoint carries: config (geometry included), schedule, sampling defaults, FLOPs."""
+    from dualrate.nets import per_image_flops
+
+    enc_flops, den_flops = per_image_flops(cfg)
+    return {
+        "name": name,
+        "method": "Dual-Rate Diffusion (arXiv 2605.18190)",
+        "config": cfg.to_dict(),
+        "schedule": {"kind": "cosine-logsnr", "logsnr_min": cfg.logsnr_min, "logsnr_max": cfg.logsnr_max,
+                     "prediction": "v", "process": "variance-preserving", "sampler": "ancestral"},
+        "defaults": SamplingDefaults().__dict__,
+        "data": data,
+        "training": training,
+        "flops_per_forward": {"encoder": enc_flops, "denoiser": den_flops, "ratio": den_flops / enc_flops},
+        "quality": {},
+    }
+
+
 def checkpoint_hash(path: Path) -> str:
     """sha256 over the weights and the card: keys the ONNX and engine caches."""
     h = hashlib.sha256()

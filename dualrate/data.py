@@ -74,7 +74,11 @@ def load_mnist(split: str = "train") -> tuple[Tensor, Tensor]:
     return img, torch.from_numpy(np.asarray(y, dtype=np.int64))
 
 
-def to_uint8(images: Tensor) -> np.ndarray:
-    """(B, 1, 32, 32) in [-1, 1] -> (B, 28, 28) uint8: crop the padding back off."""
-    x = images[:, 0, 2:30, 2:30].float().clamp(-1, 1)
-    return ((x + 1.0) * 127.5).round().to(torch.uint8).numpy()
+def to_uint8(images: Tensor, output_size: int = 28) -> np.ndarray:
+    """Samples (B, C, S, S) in [-1, 1] -> delivered pictures, uint8: the centred output_size crop (MNIST: 28 of 32),
+    (B, H, W) for grayscale, (B, H, W, 3) for RGB."""
+    s = images.shape[-1]
+    lo = (s - output_size) // 2
+    x = images[:, :, lo : lo + output_size, lo : lo + output_size].float().clamp(-1, 1)
+    x = ((x + 1.0) * 127.5).round().to(torch.uint8).cpu()
+    return (x[:, 0] if x.shape[1] == 1 else x.permute(0, 2, 3, 1)).numpy()

@@ -1,6 +1,7 @@
 """The two networks of Dual-Rate Diffusion: a heavy ContextEncoder and a LightDenoiser.
 
-Both are small U-ViTs (conv ResBlocks at 32x32 and 16x16, a transformer on the 8x8 grid, an up path with skips).
+Both are small U-ViTs (conv ResBlocks at S x S and S/2 x S/2, a transformer on the S/4 grid, an up path with skips;
+S and the image channels come from the model config).
 The encoder's features are the last activations of every level of its up path; the light denoiser projects
 them with 1x1 convs and concatenates them in at each level. Neither network knows the noise schedule: they
 take t in [0, 1] and return v (the denoiser) or features (the encoder).
@@ -99,37 +100,38 @@ class UViT(nn.Module):
     """The shared topology. `extra` gives per-level channels concatenated into the up path and the 8x8 tokens
     (the light network's projected encoder features); the down path sees only z."""
 
-    def __init__(self, cfg: NetConfig, emb_dim: int, extra: tuple[int, int, int] = (0, 0, 0)) -> None:
+    def __init__(self, cfg: NetConfig, emb_dim: int, extra: tuple[int, int, int] = (0, 0, 0), image_channels: int = 1,
+                 image_size: int = 32) -> None:
         super().__init__()
         c0, c1, c2 = cfg.channels
         x0, x1, x2 = extra
-        self.stem = nn.Conv2d(1, c0, 3, padding=1)
-        self.down0 = ResBlock(c0, c0, emb_dim)  # 32x32
+        self.stem = nn.Conv2d(image_channels, c0, 3, padding=1)
+        self.down0 = ResBlock(c0, c0, emb_dim)  # S x S
         self.pool0 = nn.Conv2d(c0, c1, 3, stride=2, padding=1)
-        self.down1 = ResBlock(c1, c1, emb_dim)  # 16x16
+        self.down1 = ResBlock(c1, c1, emb_dim)  # S/2
         self.pool1 = nn.Conv2d(c1, c2, 3, stride=2, padding=1)
-        self.mid_in = nn.Linear(c2 + x2, c2)  # 8x8 grid as 64 tokens
-        self.pos = nn.Parameter(torch.zeros(1, 64, c2))
+        self.mid_in = nn.Linear(c2 + x2, c2)  # S/4 x S/4 grid as tokens
+        self.pos = nn.Parameter(torch.zeros(1, (image_size // 4) ** 2, c2))
         self.blocks = nn.ModuleList(TransformerBlock(c2, cfg.heads, emb_dim) for _ in range(cfg.transformer_blocks))
-        self.up2 = ResBlock(2 * c2, c2, emb_dim)  # 8x8, skip from pool1
-        self.up1 = ResBlock(c2 + c1 + x1, c1, emb_dim)  # 16x16, skip from down1
-        self.up0 = ResBlock(c1 + c0 + x0, c0, emb_dim)  # 32x32, skip from down0
+        self.up2 = ResBlock(2 * c2, c2, emb_dim)  # S/4, skip from pool1
+        self.up1 = ResBlock(c2 + c1 + x1, c1, emb_dim)  # S/2, skip from down1
+        self.up0 = ResBlock(c1 + c0 + x0, c0, emb_dim)  # S, skip from down0
 
     def forward(self, z: Tensor, emb: Tensor, extra: list[Tensor] | None = None) -> list[Tensor]:
-        """Returns the last activation of each up-path level: [(B,c0,32,32), (B,c1,16,16), (B,c2,8,8)]."""
+        """Returns the last activation of each up-path level: [(B,c0,S,S), (B,c1,S/2,S/2), (B,c2,S/4,S/4)]."""
 
         def cat(h: Tensor, i: int) -> Tensor:
             return h if extra is None else torch.cat([h, extra[i]], dim=1)
 
-        h0 = self.down0(self.stem(z), emb)  # (B, c0, 32, 32)
-        h1 = self.down1(self.pool0(h0), emb)  # (B, c1, 16, 16)
-        h2 = self.pool1(h1)  # (B, c2, 8, 8)
+        h0 = self.down0(self.stem(z), emb)  # (B, c0, S, S)
+        h1 = self.down1(self.pool0(h0), emb)  # (B, c1, S/2, S/2)
+        h2 = self.pool1(h1)  # (B, c2, S/4, S/4)
         b, c, hh, ww = h2.shape
-        tok = self.mid_in(cat(h2, 2).flatten(2).transpose(1, 2)) + self.pos  # (B, 64, c2)
+        tok = self.mid_in(cat(h2, 2).flatten(2).transpose(1, 2)) + self.pos  # (B, S^2/16, c2)
         for blk in self.blocks:
             tok = blk(tok, emb)
         m = tok.transpose(1, 2).reshape(b, c, hh, ww)
-        u2 = self.up2(torch.cat([m, h2], dim=1), emb)  # (B, c2, 8, 8)
+        u2 = self.up2(torch.cat([m, h2], dim=1), emb)  # (B, c2, S/4, S/4)
         u1 = self.up1(cat(torch.cat([F.interpolate(u2, scale_factor=2.0, mode="nearest"), h1], dim=1), 1), emb)
         u0 = self.up0(cat(torch.cat([F.interpolate(u1, scale_factor=2.0, mode="nearest"), h0], dim=1), 0), emb)
         return [u0, u1, u2]
@@ -141,7 +143,7 @@ class ContextEncoder(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.embed = Embedding(1, cfg.num_classes, cfg.encoder.emb_dim)
-        self.net = UViT(cfg.encoder, cfg.encoder.emb_dim)
+        self.net = UViT(cfg.encoder, cfg.encoder.emb_dim, image_channels=cfg.channels, image_size=cfg.image_size)
 
     def forward(self, z_tau: Tensor, tau: Tensor, label: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         f0, f1, f2 = self.net(z_tau, self.embed([tau], label))
@@ -159,16 +161,16 @@ class LightDenoiser(nn.Module):
         self.proj = nn.ModuleList(
             nn.Conv2d(ce, cd, 1) for ce, cd in zip(cfg.encoder.channels, d.channels, strict=True)
         )
-        self.net = UViT(d, d.emb_dim, extra=d.channels)
+        self.net = UViT(d, d.emb_dim, extra=d.channels, image_channels=cfg.channels, image_size=cfg.image_size)
         self.out_norm = nn.GroupNorm(_groups(d.channels[0]), d.channels[0])
-        self.out = nn.Conv2d(d.channels[0], 1, 3, padding=1)
+        self.out = nn.Conv2d(d.channels[0], cfg.channels, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)  # type: ignore[arg-type]
 
     def forward(self, z_t: Tensor, t: Tensor, tau: Tensor, label: Tensor, f0: Tensor, f1: Tensor, f2: Tensor) -> Tensor:
         extra = [p(f) for p, f in zip(self.proj, (f0, f1, f2), strict=True)]
         u0 = self.net(z_t, self.embed([t, tau], label), extra)[0]
-        return self.out(F.silu(self.out_norm(u0)))  # (B, 1, 32, 32)
+        return self.out(F.silu(self.out_norm(u0)))  # (B, C, S, S)
 
 
 def count_flops(module: nn.Module, *inputs: Tensor) -> int:
@@ -183,7 +185,6 @@ def count_flops(module: nn.Module, *inputs: Tensor) -> int:
 def per_image_flops(cfg: ModelConfig) -> tuple[int, int]:
     """(encoder, denoiser) FLOPs for one image, counted at batch 1."""
     enc, den = ContextEncoder(cfg).eval(), LightDenoiser(cfg).eval()
-    s = cfg.image_size
-    z, t, y = torch.zeros(1, 1, s, s), torch.zeros(1), torch.zeros(1, dtype=torch.long)
+    z, t, y = torch.zeros(1, *cfg.sample_shape), torch.zeros(1), torch.zeros(1, dtype=torch.long)
     feats = [torch.zeros(1, *shape) for shape in cfg.feature_shapes]
     return count_flops(enc, z, t, y), count_flops(den, z, t, t, y, *feats)

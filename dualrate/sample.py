@@ -25,8 +25,8 @@ log = logging.getLogger("dualrate.sample")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="checkpoint folder (default: shipped)")
-    p.add_argument("--class-label", type=int, default=None, choices=range(10), metavar="0-9",
-                   help="digit to draw; omit for unconditional samples")
+    p.add_argument("--class-label", type=int, default=None, metavar="N",
+                   help="class to draw, 0 to num_classes - 1 (MNIST: the digit); omit for unconditional samples")
     p.add_argument("--num-images", type=int, default=1)
     p.add_argument("--steps", type=int, default=None, help="denoising steps N (default: model card)")
     p.add_argument("--encoder-interval", type=int, default=None,
@@ -63,16 +63,18 @@ def main(argv: list[str] | None = None) -> None:
         engine = create_engine(a.backend, checkpoint=a.checkpoint, max_batch=2 * a.batch_size)
         encode, denoise = engine.encode, engine.denoise
         max_rows = engine.max_batch
+    if a.class_label is not None and not 0 <= a.class_label < model.cfg.num_classes:
+        raise SystemExit(f"--class-label must be 0-{model.cfg.num_classes - 1} for this model, or left out")
     label = model.cfg.null_label if a.class_label is None else a.class_label
     labels = torch.full((a.num_images,), label, dtype=torch.long)
     seeds = [a.seed + i for i in range(a.num_images)]
     sched = CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max)
     images, stats = sample_in_batches(encode, denoise, labels, seeds, steps, k, g, sched, model.cfg.null_label,
-                                      max_rows)
+                                      max_rows, sample_shape=model.cfg.sample_shape)
     a.out.mkdir(parents=True, exist_ok=True)
-    for seed, img in zip(seeds, to_uint8(images), strict=True):
+    for seed, img in zip(seeds, to_uint8(images, model.cfg.output_size), strict=True):
         name = f"{'uncond' if a.class_label is None else a.class_label}_seed{seed}.png"
-        Image.fromarray(img, mode="L").save(a.out / name)
+        Image.fromarray(img, mode="L" if img.ndim == 2 else "RGB").save(a.out / name)
     log.info("wrote %d images to %s (steps=%d, K=%d, guidance=%.2f, encoder calls/image=%d)",
              a.num_images, a.out, steps, k, g, stats.encoder_calls)
 

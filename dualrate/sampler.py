@@ -30,14 +30,28 @@ def image_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(s)) for s in seeds]
 
 
-def draw_noise(gens: Sequence[torch.Generator], image_size: int = 32) -> Tensor:
-    """One (1, S, S) standard normal draw per image from its own generator -> (B, 1, S, S)."""
-    return torch.stack([torch.randn(1, image_size, image_size, generator=g) for g in gens])
+def draw_noise(gens: Sequence[torch.Generator], shape: tuple[int, int, int] = (1, 32, 32)) -> Tensor:
+    """One standard normal draw of `shape` (C, S, S) per image from its own generator -> (B, C, S, S)."""
+    return torch.stack([torch.randn(*shape, generator=g) for g in gens])
 
 
 def encoder_due(step: int, encoder_interval: int) -> bool:
     """The encoder refreshes the features at steps 0, K, 2K, ..."""
     return step % encoder_interval == 0
+
+
+def needs_uncond_row(label: int, guidance_scale: float, null_label: int) -> bool:
+    """Classifier-free guidance runs an unconditional row beside a conditional image's row when g != 1."""
+    return guidance_scale != 1.0 and label != null_label
+
+
+def guided_step(z: Tensor, v_cond: Tensor, v_uncond: Tensor, guidance: Tensor | float, t: Tensor, s: Tensor,
+                sched: CosineSchedule, noise: Tensor) -> Tensor:
+    """The one step function of every sampler here (reference, CLI, service): combine the guided v per image,
+    v = v_uncond + g (v_cond - v_uncond) (an unguided image passes v_uncond = v_cond), then take the ancestral
+    step from t to s with the image's own noise. z, v_*, noise: (B, C, S, S); t, s: (B,); guidance: scalar or (B,)."""
+    g = guidance.view(-1, *([1] * (z.dim() - 1))) if isinstance(guidance, Tensor) else guidance
+    return ancestral_step(z, v_uncond + g * (v_cond - v_uncond), t, s, sched, noise)
 
 
 @torch.no_grad()
@@ -52,16 +66,16 @@ def dual_rate_sample(
     sched: CosineSchedule,
     null_label: int,
     feature_shapes: Sequence[tuple[int, int, int]] | None = None,  # set = control: zeroed features, no encoder
-    image_size: int = 32,
+    sample_shape: tuple[int, int, int] = (1, 32, 32),  # (C, S, S): ModelConfig.sample_shape
 ) -> tuple[Tensor, SampleStats]:
-    """Ancestral dual-rate sampling. Returns images (B, 1, S, S) in [-1, 1] and per-image call counts."""
+    """Ancestral dual-rate sampling. Returns samples (B, C, S, S) in [-1, 1] and per-image call counts."""
     assert steps >= 1 and encoder_interval >= 1 and len(seeds) == labels.shape[0]
     gens = image_generators(seeds)
     b = labels.shape[0]
-    guided = guidance_scale != 1.0 and bool((labels != null_label).any())
+    guided = any(needs_uncond_row(int(y), guidance_scale, null_label) for y in labels)
     rows = torch.cat([labels, torch.full_like(labels, null_label)]) if guided else labels  # (R,)
     times = step_times(steps).float()
-    z = draw_noise(gens, image_size)  # (B, 1, S, S)
+    z = draw_noise(gens, sample_shape)  # (B, C, S, S)
     feats: Features = ()
     tau = torch.ones(b)
     enc_calls = 0
@@ -77,11 +91,9 @@ def dual_rate_sample(
             enc_calls += 1
         tt, tautau = (torch.cat([t, t]), torch.cat([tau, tau])) if guided else (t, tau)
         v = denoise(zz, tt, tautau, rows, feats).to(z.device).float()  # engines may return device tensors
-        if guided:
-            v_cond, v_uncond = v.chunk(2)
-            # Unconditional images keep their plain prediction (v_cond == v_uncond for them).
-            v = v_uncond + guidance_scale * (v_cond - v_uncond)
-        z = ancestral_step(z, v, t, s, sched, draw_noise(gens, image_size))
+        # Unconditional images in a guided batch get the same v from both rows, so guidance leaves them as they are.
+        v_cond, v_uncond = v.chunk(2) if guided else (v, v)
+        z = guided_step(z, v_cond, v_uncond, guidance_scale, t, s, sched, draw_noise(gens, sample_shape))
     return z, SampleStats(encoder_calls=enc_calls, denoiser_calls=steps)
 
 
@@ -97,17 +109,17 @@ def sample_in_batches(
     sched: CosineSchedule,
     null_label: int,
     max_rows: int,
-    image_size: int = 32,
+    sample_shape: tuple[int, int, int] = (1, 32, 32),
 ) -> tuple[Tensor, SampleStats]:
     """`dual_rate_sample` over chunks whose network calls hold at most `max_rows` rows (a guided image takes two),
     for engines with a batch limit. Each image owns its generator, so the images do not depend on the chunking."""
-    guided = guidance_scale != 1.0 and bool((labels != null_label).any())
+    guided = any(needs_uncond_row(int(y), guidance_scale, null_label) for y in labels)
     per_call = max_rows // 2 if guided else max_rows
     if per_call < 1:
         raise ValueError(f"max_rows {max_rows} cannot hold one guided image (two rows)")
     out, stats = [], SampleStats(0, steps)
     for i in range(0, labels.shape[0], per_call):
         z, stats = dual_rate_sample(encode, denoise, labels[i : i + per_call], seeds[i : i + per_call], steps,
-                                    encoder_interval, guidance_scale, sched, null_label, image_size=image_size)
+                                    encoder_interval, guidance_scale, sched, null_label, sample_shape=sample_shape)
         out.append(z)
     return torch.cat(out), stats

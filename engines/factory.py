@@ -70,5 +70,4 @@ def create_engine(
     _import_trt()
     art = export_onnx(checkpoint, fp16=True)
     engine_dir = build_engines(art.directory, max_batch=max_batch, opt_batch=min(16, max_batch))
-    shapes = [tuple(o["shape"]) for o in art.sidecar["encoder"]["outputs"]]
-    return TensorRTEngine(engine_dir, shapes, max_batch)
+    return TensorRTEngine(engine_dir, art.sidecar, max_batch)

@@ -38,6 +38,7 @@ class OnnxRuntimeEngine(Engine):
         side = json.loads((Path(onnx_dir) / "onnx.json").read_text())
         self.sidecar = side
         self.feature_shapes = [tuple(o["shape"]) for o in side["encoder"]["outputs"]]
+        self.sample_shape = tuple(side["denoiser"]["outputs"][0]["shape"])  # v has z's shape
         self.max_batch = max_batch
         self._device = device
         available = ort.get_available_providers()
@@ -103,4 +104,4 @@ class OnnxRuntimeEngine(Engine):
         self.check_batch(b)
         feeds = {"z": z.float(), "t": t.float(), "tau": tau.float(), "label": label.long()}
         feeds.update({f"feat{i}": f.float() for i, f in enumerate(features)})
-        return self._run(self._den, feeds, [(b, 1, 32, 32)])[0]
+        return self._run(self._den, feeds, [(b, *self.sample_shape)])[0]

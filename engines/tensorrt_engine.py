@@ -75,14 +75,16 @@ class _TrtNetwork:
 
 
 class TensorRTEngine(Engine):
-    def __init__(self, engine_dir: Path, feature_shapes: list[tuple[int, int, int]], max_batch: int = 64) -> None:
+    def __init__(self, engine_dir: Path, sidecar: dict, max_batch: int = 64) -> None:
+        """`sidecar`: the export's onnx.json (the contract: tensor names and shapes)."""
         super().__init__()
         trt = _import_trt()
         self._trt_logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._trt_logger)
         self._enc = _TrtNetwork(trt, runtime, Path(engine_dir) / "encoder.engine")
         self._den = _TrtNetwork(trt, runtime, Path(engine_dir) / "denoiser.engine")
-        self.feature_shapes = feature_shapes
+        self.feature_shapes = [tuple(o["shape"]) for o in sidecar["encoder"]["outputs"]]
+        self.sample_shape = tuple(sidecar["denoiser"]["outputs"][0]["shape"])
         self.max_batch = max_batch
         self._enc_stream = torch.cuda.Stream()
         self._precision = "fp16" if self._den.dtypes["z"] == torch.float16 else "fp32"

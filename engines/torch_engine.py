@@ -76,6 +76,7 @@ class TorchEngine(Engine):
         model = load_checkpoint(checkpoint)
         self.cfg = model.cfg
         self.feature_shapes = list(model.cfg.feature_shapes)
+        self.sample_shape = model.cfg.sample_shape
         self.max_batch = max_batch
         self._device = device
         if precision not in ("fp32", "tf32", "bf16", "fp16"):

@@ -25,8 +25,7 @@ FEATURE_NAMES = ("feat0", "feat1", "feat2")
 
 
 def contracts(cfg: ModelConfig, float_dtype: str = "float32") -> dict[str, NetworkContract]:
-    s = cfg.image_size
-    z = (1, s, s)
+    z = cfg.sample_shape
     feats = tuple(TensorSpec(n, shape, float_dtype) for n, shape in zip(FEATURE_NAMES, cfg.feature_shapes, strict=True))
     encoder = NetworkContract(
         "encoder",

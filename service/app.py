@@ -11,7 +11,7 @@ import math
 import secrets
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import numpy as np
@@ -24,7 +24,8 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dualrate.checkpoint import load_checkpoint
+from dualrate.checkpoint import load_checkpoint, read_card
+from dualrate.config import ModelConfig
 from dualrate.diffusion import CosineSchedule
 from engines import Engine, create_engine
 from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, QueueFull, ServiceError
@@ -91,17 +92,22 @@ def _validation_details(exc: RequestValidationError) -> tuple[int, str, str, lis
 
 
 def encode_pngs(images: list[np.ndarray]) -> list[str]:
+    """uint8 pictures, (H, W) grayscale or (H, W, 3) RGB -> base64 PNGs of the same mode."""
     out = []
     for img in images:
         buf = io.BytesIO()
-        Image.fromarray(img, mode="L").save(buf, format="PNG")
+        Image.fromarray(img, mode="L" if img.ndim == 2 else "RGB").save(buf, format="PNG")
         out.append(base64.b64encode(buf.getvalue()).decode("ascii"))
     return out
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, engine_factory: Callable[..., Engine] = create_engine) -> FastAPI:
+    """`engine_factory` builds the engine from (backend, checkpoint, device, max_batch, threads, cuda_graphs):
+    `engines.create_engine`, or a wrapper around it (a failing engine double in the failure tests)."""
     settings = settings or Settings()
     state = AppState(settings)
+    cfg = ModelConfig.from_dict(read_card(settings.checkpoint)["config"])  # geometry and labels, before the weights
+    state.null_label = cfg.null_label
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -109,10 +115,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.model_card = model.card
         state.defaults = {"steps": model.defaults.steps, "encoder_interval": model.defaults.encoder_interval,
                           "guidance_scale": model.defaults.guidance_scale}
-        state.null_label = model.cfg.null_label
         device = None if settings.device == "auto" else settings.device
         state.engine = await asyncio.to_thread(
-            create_engine, settings.backend, settings.checkpoint, device, 2 * settings.max_active_images,
+            engine_factory, settings.backend, settings.checkpoint, device, 2 * settings.max_active_images,
             settings.threads, settings.cuda_graphs,
         )
         if settings.warmup:
@@ -120,7 +125,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         state.scheduler = Scheduler(
             state.engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
             settings.max_active_images, settings.queue_size, settings.policy, state.metrics,
-            settings.fault_injection_seed, settings.overlap_encoder, settings.align_encoder,
+            overlap_encoder=settings.overlap_encoder, align_encoder=settings.align_encoder,
+            output_size=model.cfg.output_size,
         )
         state.scheduler.start()
         state.metrics.set_engine(state.engine.info, settings.policy.value)
@@ -144,7 +150,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.dualrate = state
-    _integer_limits_in_openapi(app)
+    _integer_limits_in_openapi(app, {"class_label": cfg.num_classes - 1})
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
 
     keys = [k.get_secret_value().encode("utf-8") for k in settings.api_keys]
@@ -224,10 +230,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         limits = {"max_images_per_request": settings.max_images_per_request, "max_steps": settings.max_steps,
                   "max_timeout_s": settings.max_timeout_s, "default_timeout_s": settings.default_timeout_s,
                   "max_active_images": settings.max_active_images, "queue_size": settings.queue_size}
+        image = {"channels": cfg.channels, "sample_size": cfg.image_size, "output_size": cfg.output_size,
+                 "png_mode": "L" if cfg.channels == 1 else "RGB", "num_classes": cfg.num_classes}
         return ModelInfo(name=state.model_card.get("name", settings.checkpoint.name), card=state.model_card,
                          backend=info.backend, device=info.device, precision=info.precision,
                          providers=list(info.providers), policy=settings.policy.value, limits=limits,
-                         defaults=state.defaults)
+                         defaults=state.defaults, image=image)
 
     @app.post(
         "/generate", response_model=GenerateResponse, tags=["generate"], dependencies=auth,
@@ -248,6 +256,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if not state.ready or state.draining or state.scheduler is None:
             raise NotReady("the service is draining" if state.draining else "the service is starting")
         limit_errors = []
+        if req.class_label is not None and req.class_label >= cfg.num_classes:
+            limit_errors.append(("class_label", f"must be < {cfg.num_classes} (this model's classes) or null"))
         if req.num_images > settings.max_images_per_request:
             limit_errors.append(("num_images", f"must be <= {settings.max_images_per_request}"))
         steps = req.steps or state.defaults["steps"]
@@ -310,9 +320,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _integer_limits_in_openapi(app: FastAPI) -> None:
+def _integer_limits_in_openapi(app: FastAPI, maxima: dict[str, int]) -> None:
     """FastAPI's OpenAPI model stores minimum/maximum as floats (2**53 - 1 came out as 9007199254740991.0 and 2**62
-    as 4.611686018427388e+18); give integer fields integer limits so a schema-driven client sends valid values."""
+    as 4.611686018427388e+18); give integer fields integer limits so a schema-driven client sends valid values.
+    `maxima`: request fields whose maximum depends on the model (class_label < num_classes)."""
     build = app.openapi
 
     def fix(node: object) -> None:
@@ -329,7 +340,13 @@ def _integer_limits_in_openapi(app: FastAPI) -> None:
 
     def openapi() -> dict:
         if app.openapi_schema is None:
-            fix(build())
+            schema = build()
+            props = schema["components"]["schemas"]["GenerateRequest"]["properties"]
+            for name, maximum in maxima.items():
+                for variant in props[name].get("anyOf", [props[name]]):
+                    if variant.get("type") == "integer":
+                        variant["maximum"] = maximum
+            fix(schema)
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]

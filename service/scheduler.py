@@ -23,8 +23,8 @@ import torch
 from torch import Tensor
 
 from dualrate.data import to_uint8
-from dualrate.diffusion import CosineSchedule, ancestral_step, step_times
-from dualrate.sampler import draw_noise
+from dualrate.diffusion import CosineSchedule, step_times
+from dualrate.sampler import draw_noise, encoder_due, guided_step, needs_uncond_row
 from engines import Engine
 from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, QueueFull, ServiceError
 from service.stats import NetworkCall, RequestDone, SchedulerSnapshot, StatsSink, TickStats
@@ -50,7 +50,7 @@ class GenerationSpec:
 
 @dataclass
 class JobResult:
-    images: list[np.ndarray]  # (28, 28) uint8 each
+    images: list[np.ndarray]  # uint8 each: (H, W) grayscale or (H, W, 3) RGB, the model's delivered size
     seeds: list[int]
     encoder_calls: int  # per image
     denoiser_calls: int
@@ -103,15 +103,16 @@ class Scheduler:
         queue_size: int,
         policy: Policy = Policy.CONTINUOUS,
         stats: StatsSink | None = None,
-        fault_injection_seed: int | None = None,  # tests only: fail the batch that holds this seed
         overlap_encoder: bool = True,  # light network runs the not-due rows while the encoder runs the due ones
         align_encoder: bool = True,  # admit an image only at a tick where its K-cohort refreshes (see _in_phase)
+        output_size: int | None = None,  # the delivered crop (ModelConfig.output_size); None = the whole sample
     ) -> None:
         assert engine.max_batch >= 2 * max_active_images, "a guided image takes two rows"
         self.engine, self.sched, self.null_label = engine, sched, null_label
         self.max_active_images, self.queue_size, self.policy = max_active_images, queue_size, policy
         self.stats = stats or StatsSink()
-        self.fault_injection_seed = fault_injection_seed
+        self.sample_shape = engine.sample_shape
+        self.output_size = output_size or self.sample_shape[-1]
         self.overlap_encoder = overlap_encoder
         self.align_encoder = align_encoder
         self._phase: dict[int, int] = {}  # K -> ticks % K at which the active images with interval K refresh
@@ -119,7 +120,7 @@ class Scheduler:
         # Preallocated per-slot state: the current sample of each slot, and the feature cache (one tensor per encoder
         # level; row `slot` holds a slot's conditional features, row `max_active_images + slot` its unconditional
         # ones). A tick gathers rows by index; a full batch in slot order reads the cache as views (see _cached).
-        self.z = torch.zeros(max_active_images, 1, 32, 32)
+        self.z = torch.zeros(max_active_images, *self.sample_shape)
         self.cache = [torch.zeros(2 * max_active_images, *s, device=dev) for s in engine.feature_shapes]
         self.queue: deque[Job] = deque()
         self.active: list[ImageSlot] = []
@@ -204,16 +205,37 @@ class Scheduler:
             batch = sorted(self.active, key=lambda s: s.slot)  # slot order: a full batch reads the cache as views
         if not batch:
             return
-        try:
-            v, enc_rows, den_rows = self._run_networks(batch)
-        except Exception:
-            error_id = uuid.uuid4().hex[:12]
-            log.exception("engine failure (error id %s) in a batch of %d images", error_id, len(batch))
-            self._fail_slots(batch, EngineFailure(error_id, f"engine failure (error id {error_id})"))
-            return
-        self._ingest(batch, v)
+        done, failed = self._run_isolating(batch)
+        enc_rows = den_rows = 0
+        for sub, (v_cond, v_uncond, e_rows, d_rows) in done:
+            self._ingest(sub, v_cond, v_uncond)
+            enc_rows, den_rows = enc_rows + e_rows, den_rows + d_rows
+        for slot, (error_id, _) in failed:
+            # Only the request that holds the failing rows fails; its other images stop too (nobody would read them).
+            self._fail_slots([s for s in self.active if s.job is slot.job],
+                             EngineFailure(error_id, f"engine failure (error id {error_id})"))
         self.ticks += 1
         self.stats.tick(TickStats(len(batch), enc_rows, den_rows, time.perf_counter() - t0))
+
+    def _run_isolating(self, batch: list[ImageSlot], retry: bool = True) -> tuple[list, list]:
+        """Run a tick's networks; a failure fails only the rows that cause it. The whole batch is retried once (a
+        transient fault costs nothing); if it fails again, it is split in halves, recursively, down to the images
+        that fail on their own. Rows do not depend on the batch they run in, so the halves compute what the whole
+        would have. -> ([(sub-batch, network outputs)], [(failing image, (error id, exception))])."""
+        try:
+            return [(batch, self._run_networks(batch))], []
+        except Exception as e:
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("engine failure (error id %s) in a batch of %d images%s", error_id, len(batch),
+                          ": retrying once" if retry else "")
+            if retry:  # the same batch once more; then, if it fails again, its halves
+                return self._run_isolating(batch, retry=False)
+            if len(batch) == 1:
+                return [], [(batch[0], (error_id, e))]
+        mid = len(batch) // 2
+        ok_a, bad_a = self._run_isolating(batch[:mid], retry=False)
+        ok_b, bad_b = self._run_isolating(batch[mid:], retry=False)
+        return ok_a + ok_b, bad_a + bad_b
 
     def _reap(self) -> None:
         """Free the slots of cancelled or expired jobs (caller holds the lock)."""
@@ -286,8 +308,8 @@ class Scheduler:
             job.first_admitted = time.monotonic()
         gen = torch.Generator().manual_seed(spec.seed + i)
         slot = self.free_slots.pop(0)
-        self.z[slot] = draw_noise([gen])[0]  # (1, 32, 32): the same draw order as the reference sampler
-        guided = spec.guidance_scale != 1.0 and spec.label != self.null_label
+        self.z[slot] = draw_noise([gen], self.sample_shape)[0]  # the same draw order as the reference sampler
+        guided = needs_uncond_row(spec.label, spec.guidance_scale, self.null_label)
         self.active.append(ImageSlot(job, i, slot, gen, guided, _times(spec.steps)))
 
     def _rows(self, batch: list[ImageSlot], sel: list[int], uncond_pos: dict[int, int]) -> tuple[list[int], tuple]:
@@ -298,31 +320,29 @@ class Scheduler:
         src = sel + unc
         slots = torch.tensor([batch[i].slot for i in src])
         is_unc = torch.tensor([False] * len(sel) + [True] * len(unc))
-        z = self.z[slots]  # (R, 1, 32, 32)
+        z = self.z[slots]  # (R, C, S, S)
         t = torch.tensor([batch[i].times[batch[i].step] for i in src], dtype=torch.float32)
         tau = torch.tensor([batch[i].tau for i in src], dtype=torch.float32)
         label = torch.tensor([batch[i].job.spec.label for i in sel] + [self.null_label] * len(unc), dtype=torch.long)
         cache_rows = slots + self.max_active_images * is_unc.long()
         return sel + [b + uncond_pos[i] for i in unc], (z, t, tau, label, cache_rows)
 
-    def _run_networks(self, batch: list[ImageSlot]) -> tuple[Tensor, int, int]:
-        """-> guided v per image (B, 1, 32, 32), encoder rows, denoiser rows."""
-        if self.fault_injection_seed is not None and any(
-            s.job.spec.seed + s.index == self.fault_injection_seed for s in batch
-        ):
-            raise RuntimeError("injected engine failure (fault_injection_seed)")
+    def _run_networks(self, batch: list[ImageSlot]) -> tuple[Tensor, Tensor, int, int]:
+        """-> v_cond, v_uncond per image (B, C, S, S) (= v_cond for unguided images), encoder rows, denoiser rows.
+        Safe to run again on the same batch after a failure: it writes only the batch's own cache rows and tau."""
         b = len(batch)
         guided = [i for i, s in enumerate(batch) if s.guided]
         uncond_pos = {i: j for j, i in enumerate(guided)}  # batch index -> its unconditional row, after the B cond rows
-        due = [i for i, s in enumerate(batch) if s.step % s.job.spec.encoder_interval == 0]
-        rest = [i for i, s in enumerate(batch) if s.step % s.job.spec.encoder_interval != 0]
+        due = [i for i, s in enumerate(batch) if encoder_due(s.step, s.job.spec.encoder_interval)]
+        rest = [i for i, s in enumerate(batch) if not encoder_due(s.step, s.job.spec.encoder_interval)]
+        refreshed = due
         enc_rows, den_rows = len(due) + sum(batch[i].guided for i in due), b + len(guided)
         dev = self.engine.device
-        v_all = torch.empty(b + len(guided), 1, 32, 32)  # every row's v: conditional rows, then unconditional
+        v_all = torch.empty(b + len(guided), *self.sample_shape)  # every row's v: conditional rows, then unconditional
         handle = None
         if due:
             for i in due:
-                batch[i].tau = batch[i].times[batch[i].step]
+                batch[i].tau = batch[i].times[batch[i].step]  # idempotent: a retried tick sets the same value
             pos_d, (zd, td, _, yd, rows_d) = self._rows(batch, due, uncond_pos)
             t_enc = time.perf_counter()
             # The encoder goes to its own stream / worker thread; the light network runs the other rows meanwhile.
@@ -340,13 +360,13 @@ class Scheduler:
             v_all[pos_d] = self._light((zd, td, td, yd), feats)  # fresh features: tau = t
         self._encoder_rows += enc_rows
         self._denoiser_rows += den_rows
-        # Classifier-free guidance per image; an unguided image's v_uncond is its v_cond, so the formula returns v_cond.
+        for i in refreshed:  # counted only once the whole tick succeeded (a retried tick must not count twice)
+            batch[i].encoder_calls += 1
         v_cond = v_all[:b]
-        v_uncond = v_cond.clone()
+        v_uncond = v_cond.clone()  # an unguided image's v_uncond is its v_cond: guidance leaves it as it is
         if guided:
             v_uncond[guided] = v_all[b:]
-        g = torch.tensor([s.job.spec.guidance_scale for s in batch], dtype=torch.float32).view(-1, 1, 1, 1)
-        return v_uncond + g * (v_cond - v_uncond), enc_rows, den_rows
+        return v_cond, v_uncond, enc_rows, den_rows
 
     def _light(self, inputs: tuple[Tensor, Tensor, Tensor, Tensor], feats: tuple[Tensor, ...]) -> Tensor:
         """One light-network call (inputs: z, t, tau, label) -> v on the host."""
@@ -375,16 +395,15 @@ class Scheduler:
         ix = self._cache_index(rows)
         for c, f in zip(self.cache, feats, strict=True):
             c[ix] = f.to(c.dtype)
-        for i in due:
-            batch[i].encoder_calls += 1
         return feats
 
-    def _ingest(self, batch: list[ImageSlot], v: Tensor) -> None:
+    def _ingest(self, batch: list[ImageSlot], v_cond: Tensor, v_uncond: Tensor) -> None:
         slots = torch.tensor([s.slot for s in batch])
         t = torch.tensor([s.times[s.step] for s in batch], dtype=torch.float32)
         s_next = torch.tensor([s.times[s.step + 1] for s in batch], dtype=torch.float32)
-        noise = draw_noise([s.gen for s in batch])
-        self.z[slots] = ancestral_step(self.z[slots], v, t, s_next, self.sched, noise)
+        g = torch.tensor([s.job.spec.guidance_scale for s in batch], dtype=torch.float32)
+        noise = draw_noise([s.gen for s in batch], self.sample_shape)
+        self.z[slots] = guided_step(self.z[slots], v_cond, v_uncond, g, t, s_next, self.sched, noise)
         finished = []
         for slot in batch:
             slot.step += 1
@@ -392,7 +411,7 @@ class Scheduler:
                 finished.append(slot)
         if not finished:
             return
-        images = to_uint8(self.z[torch.tensor([s.slot for s in finished])])
+        images = to_uint8(self.z[torch.tensor([s.slot for s in finished])], self.output_size)
         with self._cv:
             self._release(finished)
             for slot, img in zip(finished, images, strict=True):

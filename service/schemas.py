@@ -17,7 +17,8 @@ class GenerateRequest(BaseModel):
     )
 
     # Strict: JSON true is not digit 1 and "7" is not 7. Floats must be finite.
-    class_label: int | None = Field(None, ge=0, le=9, strict=True, description="digit 0-9; null = unconditional")
+    class_label: int | None = Field(None, ge=0, strict=True,
+                                    description="class 0 to num_classes - 1 (MNIST: digit 0-9); null = unconditional")
     num_images: int = Field(1, ge=1, strict=True,
                             description="images to draw (capped by the server's max_images_per_request)")
     steps: int | None = Field(None, ge=1, strict=True,
@@ -32,7 +33,8 @@ class GenerateRequest(BaseModel):
                                     description="deadline in seconds (capped by the server's maximum)")
 
 class ImageOut(BaseModel):
-    png_base64: str = Field(description="28x28 grayscale PNG, base64")
+    png_base64: str = Field(description="PNG, base64: the model's delivered size and mode (the shipped MNIST model: "
+                            "28x28 grayscale; see /v1/model's image)")
     seed: int
 
 
@@ -70,3 +72,5 @@ class ModelInfo(BaseModel):
     policy: str
     limits: dict[str, Any]
     defaults: dict[str, Any]
+    image: dict[str, Any] = Field(description="channels, sample_size, output_size (the PNGs' size), png_mode, "
+                                  "num_classes")

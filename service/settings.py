@@ -46,7 +46,6 @@ class Settings(BaseSettings):
                                 "encoder_interval refresh (waits < K ticks), so they share encoder calls")
     warmup: bool = True
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
-    fault_injection_seed: int | None = Field(None, description="tests only: the batch holding this seed fails")
 
     @field_validator("api_keys", mode="before")
     @classmethod

@@ -48,7 +48,8 @@ def start_server(checkpoint_dir, onnx_dir, tmp_path_factory):
 
     def start(**settings: object) -> ServerProcess:
         settings.setdefault("threads", int(os.environ.get("DUALRATE_TEST_THREADS", "2")))
-        s = ServerProcess(checkpoint_dir, tmp_path_factory.mktemp("server") / "server.log", **settings)
+        checkpoint = settings.pop("checkpoint", checkpoint_dir)
+        s = ServerProcess(checkpoint, tmp_path_factory.mktemp("server") / "server.log", **settings)
         servers.append(s)
         s.wait_ready()
         return s

@@ -33,7 +33,8 @@ def engine(checkpoint_dir, onnx_dir):
 def make(engine, model, policy=Policy.CONTINUOUS, slots=8, overlap=True, align=True):
     rec = Recorder()
     s = Scheduler(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label, slots,
-                  queue_size=32, policy=policy, stats=rec, overlap_encoder=overlap, align_encoder=align)
+                  queue_size=32, policy=policy, stats=rec, overlap_encoder=overlap, align_encoder=align,
+                  output_size=model.cfg.output_size)
     return s, rec
 
 
