@@ -1,9 +1,10 @@
-"""Step-level continuous batching of dual-rate diffusion requests.
+"""Step-level continuous batching of dual-rate diffusion requests: the scheduler, which decides.
 
-One loop, split like vLLM's engine core: schedule (admit, reap) -> run engine (encoder for the rows due a refresh on
-its own stream/thread, the light network meanwhile on the rows that are not due) -> ingest outputs (ancestral step,
-finished images leave). Each tick advances every active image by one denoising step; requests with different
-steps, K, labels and guidance share a batch. Features live in a preallocated per-slot cache.
+One loop, split like vLLM v1's engine core: the scheduler reaps (cancelled, expired) and admits (by the admission
+policy) and emits a frozen `TickPlan`; the `Runner` (service/runner.py) executes it on the device-resident state and
+returns a `TickOutcome`; the scheduler updates its bookkeeping from it and resolves the requests' futures. Each tick
+advances every active image by one denoising step; requests with different steps, K, labels and guidance share a
+batch. A failure fails only the request whose rows cause it (the runner isolates them).
 """
 
 from __future__ import annotations
@@ -19,15 +20,13 @@ from enum import StrEnum
 from functools import lru_cache
 
 import numpy as np
-import torch
-from torch import Tensor
 
-from dualrate.data import to_uint8
 from dualrate.diffusion import CosineSchedule, step_times
-from dualrate.sampler import draw_noise, encoder_due, guided_step, needs_uncond_row
+from dualrate.sampler import encoder_due, needs_uncond_row
 from engines import Engine
 from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, QueueFull, ServiceError
-from service.stats import NetworkCall, RequestDone, SchedulerSnapshot, StatsSink, TickStats
+from service.runner import Runner, TickPlan
+from service.stats import RequestDone, SchedulerSnapshot, StatsSink, TickStats
 
 log = logging.getLogger("service.scheduler")
 
@@ -79,8 +78,7 @@ class Job:
 class ImageSlot:
     job: Job
     index: int  # image index within its job
-    slot: int  # row of Scheduler.z; feature cache rows slot (conditional) and max_active_images + slot (unconditional)
-    gen: torch.Generator
+    slot: int  # the runner's state row (sample, feature cache rows, noise generator)
     guided: bool
     times: list[float]  # t_0 = 1 > t_1 > ... > t_N = 0 as float32 values
     step: int = 0
@@ -91,6 +89,58 @@ class ImageSlot:
 @lru_cache(maxsize=64)
 def _times(steps: int) -> list[float]:
     return step_times(steps).float().tolist()  # exact float32 values: torch.tensor(...) gives them back bit for bit
+
+
+class Admission:
+    """Which queued images join at this tick (caller holds the scheduler's lock). Chosen by `admission_policy`."""
+
+    def admit(self, s: Scheduler) -> None:
+        raise NotImplementedError
+
+
+class ContinuousAdmission(Admission):
+    """Step-level: images join at any tick, FIFO. Aligned (the default), an image with interval K joins only at a
+    tick where the active images with the same K are due an encoder refresh (it waits < K ticks), so their refreshes
+    share one encoder call and the ticks between need one light-network call. Unaligned, every tick has some rows
+    due and pays an encoder call plus two light calls, which costs most where calls are launch-bound (GPU:
+    docs/gpu.md). The first image of a cohort sets the phase; no state is kept for a K without active images."""
+
+    def __init__(self, aligned: bool = True) -> None:
+        self.aligned = aligned
+        self.phase: dict[int, int] = {}  # K -> ticks % K at which the active images with interval K refresh
+
+    def admit(self, s: Scheduler) -> None:
+        active_k = {a.job.spec.encoder_interval for a in s.active}
+        for k in [k for k in self.phase if k not in active_k]:
+            del self.phase[k]
+        while s.queue and s.free_slots:
+            job = s.queue[0]
+            k = job.spec.encoder_interval
+            if self.aligned and k > 1:
+                if k not in active_k:
+                    self.phase[k] = s.ticks % k
+                elif s.ticks % k != self.phase[k]:
+                    break  # FIFO: the head waits at most K - 1 ticks; nothing behind it jumps the queue
+            active_k.add(k)
+            s.admit_image(job)
+            if job.next_image == job.spec.num_images:
+                s.queue.popleft()
+
+
+class RequestAdmission(Admission):
+    """Request-level (a classic dynamic batcher): whole requests join only when the running batch has finished."""
+
+    def admit(self, s: Scheduler) -> None:
+        if s.active:
+            return
+        while s.queue and s.queue[0].spec.num_images <= len(s.free_slots):
+            job = s.queue.popleft()
+            while job.next_image < job.spec.num_images:
+                s.admit_image(job)
+
+
+def admission_policy(policy: Policy, align_encoder: bool = True) -> Admission:
+    return RequestAdmission() if policy is Policy.REQUEST else ContinuousAdmission(aligned=align_encoder)
 
 
 class Scheduler:
@@ -104,27 +154,18 @@ class Scheduler:
         policy: Policy = Policy.CONTINUOUS,
         stats: StatsSink | None = None,
         overlap_encoder: bool = True,  # light network runs the not-due rows while the encoder runs the due ones
-        align_encoder: bool = True,  # admit an image only at a tick where its K-cohort refreshes (see _in_phase)
+        align_encoder: bool = True,  # continuous policy: admit an image where its K-cohort refreshes
         output_size: int | None = None,  # the delivered crop (ModelConfig.output_size); None = the whole sample
     ) -> None:
-        assert engine.max_batch >= 2 * max_active_images, "a guided image takes two rows"
-        self.engine, self.sched, self.null_label = engine, sched, null_label
-        self.max_active_images, self.queue_size, self.policy = max_active_images, queue_size, policy
+        self.null_label, self.max_active_images, self.queue_size, self.policy = null_label, max_active_images, queue_size, policy
         self.stats = stats or StatsSink()
-        self.sample_shape = engine.sample_shape
-        self.output_size = output_size or self.sample_shape[-1]
-        self.overlap_encoder = overlap_encoder
-        self.align_encoder = align_encoder
-        self._phase: dict[int, int] = {}  # K -> ticks % K at which the active images with interval K refresh
-        dev = engine.device
-        # Preallocated per-slot state: the current sample of each slot, and the feature cache (one tensor per encoder
-        # level; row `slot` holds a slot's conditional features, row `max_active_images + slot` its unconditional
-        # ones). A tick gathers rows by index; a full batch in slot order reads the cache as views (see _cached).
-        self.z = torch.zeros(max_active_images, *self.sample_shape)
-        self.cache = [torch.zeros(2 * max_active_images, *s, device=dev) for s in engine.feature_shapes]
+        self.admission = admission_policy(policy, align_encoder)
+        self.runner = Runner(engine, sched, null_label, max_active_images, overlap_encoder, output_size, self.stats)
         self.queue: deque[Job] = deque()
         self.active: list[ImageSlot] = []
         self.free_slots = list(range(max_active_images))
+        self._admitted: list[tuple[int, int]] = []  # (slot, seed) since the last plan
+        self._released: list[int] = []
         self._cv = threading.Condition()
         self._stop = False
         self._accepting = True
@@ -141,14 +182,11 @@ class Scheduler:
             if not self._accepting:
                 raise NotReady("the service is draining and accepts no new requests")
             if len(self.queue) >= self.queue_size:
-                raise QueueFull(retry_after_s=self._retry_after())
+                raise QueueFull(retry_after_s=max(1.0, float(np.ceil(len(self.queue) * 0.5))))
             job = Job(spec, images=[None] * spec.num_images)
             self.queue.append(job)
             self._cv.notify()
         return job
-
-    def _retry_after(self) -> float:
-        return max(1.0, float(np.ceil(len(self.queue) * 0.5)))
 
     def snapshot(self) -> SchedulerSnapshot:
         with self._cv:
@@ -195,47 +233,54 @@ class Scheduler:
                 self.tick()
             except Exception:  # an invariant broke: fail what is in flight, keep serving
                 log.exception("scheduler tick failed")
-                self._fail_active(EngineFailure(uuid.uuid4().hex[:12], "internal scheduler error"))
+                self._fail_slots(list(self.active), EngineFailure(uuid.uuid4().hex[:12], "internal scheduler error"))
 
     def tick(self) -> None:
         t0 = time.perf_counter()
         with self._cv:
             self._reap()
-            self._admit()
-            batch = sorted(self.active, key=lambda s: s.slot)  # slot order: a full batch reads the cache as views
-        if not batch:
-            return
-        done, failed = self._run_isolating(batch)
-        enc_rows = den_rows = 0
-        for sub, (v_cond, v_uncond, e_rows, d_rows) in done:
-            self._ingest(sub, v_cond, v_uncond)
-            enc_rows, den_rows = enc_rows + e_rows, den_rows + d_rows
-        for slot, (error_id, _) in failed:
-            # Only the request that holds the failing rows fails; its other images stop too (nobody would read them).
-            self._fail_slots([s for s in self.active if s.job is slot.job],
+            self.admission.admit(self)
+            batch = sorted(self.active, key=lambda a: a.slot)  # slot order: a full batch reads the cache as views
+            plan = self._plan(batch)
+        out = self.runner.run(plan)
+        self._encoder_rows += out.encoder_rows
+        self._denoiser_rows += out.denoiser_rows
+        failed_jobs = {a.job: out.failed[a.slot] for a in batch if a.slot in out.failed}
+        with self._cv:
+            for a, due in zip(batch, plan.due, strict=True):
+                if a.job in failed_jobs:
+                    continue
+                a.tau = a.times[a.step] if due else a.tau
+                a.encoder_calls += due
+                a.step += 1
+            finished = [a for a in batch if a.slot in out.finished and a.job not in failed_jobs]
+            self._release(finished)
+            for a in finished:
+                job = a.job
+                job.images[a.index] = out.finished[a.slot]
+                job.encoder_calls = max(job.encoder_calls, a.encoder_calls)
+                job.done_images += 1
+                if job.done_images == job.spec.num_images:
+                    self._finish_job(job, None)
+        for job, error_id in failed_jobs.items():
+            # Its other images stop too: nobody would read them.
+            self._fail_slots([a for a in self.active if a.job is job],
                              EngineFailure(error_id, f"engine failure (error id {error_id})"))
-        self.ticks += 1
-        self.stats.tick(TickStats(len(batch), enc_rows, den_rows, time.perf_counter() - t0))
+        if batch:
+            self.ticks += 1
+            self.stats.tick(TickStats(len(batch), out.encoder_rows, out.denoiser_rows, time.perf_counter() - t0))
 
-    def _run_isolating(self, batch: list[ImageSlot], retry: bool = True) -> tuple[list, list]:
-        """Run a tick's networks; a failure fails only the rows that cause it. The whole batch is retried once (a
-        transient fault costs nothing); if it fails again, it is split in halves, recursively, down to the images
-        that fail on their own. Rows do not depend on the batch they run in, so the halves compute what the whole
-        would have. -> ([(sub-batch, network outputs)], [(failing image, (error id, exception))])."""
-        try:
-            return [(batch, self._run_networks(batch))], []
-        except Exception as e:
-            error_id = uuid.uuid4().hex[:12]
-            log.exception("engine failure (error id %s) in a batch of %d images%s", error_id, len(batch),
-                          ": retrying once" if retry else "")
-            if retry:  # the same batch once more; then, if it fails again, its halves
-                return self._run_isolating(batch, retry=False)
-            if len(batch) == 1:
-                return [], [(batch[0], (error_id, e))]
-        mid = len(batch) // 2
-        ok_a, bad_a = self._run_isolating(batch[:mid], retry=False)
-        ok_b, bad_b = self._run_isolating(batch[mid:], retry=False)
-        return ok_a + ok_b, bad_a + bad_b
+    def _plan(self, batch: list[ImageSlot]) -> TickPlan:
+        due = tuple(encoder_due(a.step, a.job.spec.encoder_interval) for a in batch)
+        plan = TickPlan(
+            slots=tuple(a.slot for a in batch), labels=tuple(a.job.spec.label for a in batch),
+            guidance=tuple(a.job.spec.guidance_scale for a in batch), guided=tuple(a.guided for a in batch),
+            t=tuple(a.times[a.step] for a in batch), s=tuple(a.times[a.step + 1] for a in batch),
+            tau=tuple(a.times[a.step] if d else a.tau for a, d in zip(batch, due, strict=True)), due=due,
+            last=tuple(a.step + 1 == a.job.spec.steps for a in batch),
+            admitted=tuple(self._admitted), released=tuple(self._released))
+        self._admitted, self._released = [], []
+        return plan
 
     def _reap(self) -> None:
         """Free the slots of cancelled or expired jobs (caller holds the lock)."""
@@ -250,194 +295,43 @@ class Scheduler:
                 return DeadlineExceeded("the request's deadline passed before its images were done")
             return None
 
-        for job in list(self.queue):
-            err = dead(job)
-            if err is not None:
-                self.queue.remove(job)
-                self._finish_job(job, err)
-        failed: dict[Job, ServiceError] = {}
-        for s in self.active:
-            if s.job not in failed and (err := dead(s.job)) is not None:
-                failed[s.job] = err
+        for job in [j for j in self.queue if dead(j) is not None]:
+            self.queue.remove(job)
+            self._finish_job(job, dead(job))
+        failed = {a.job: err for a in self.active if (err := dead(a.job)) is not None}
         if failed:
-            self._release([s for s in self.active if s.job in failed])
+            self._release([a for a in self.active if a.job in failed])
             for job, err in failed.items():
                 if job in self.queue:
                     self.queue.remove(job)
                 self._finish_job(job, err)
 
-    def _admit(self) -> None:
-        """Move queued images into free slots (caller holds the lock)."""
-        if self.policy is Policy.REQUEST:
-            if self.active:
-                return  # request-level: wait for the whole batch to finish
-            while self.queue and self.queue[0].spec.num_images <= len(self.free_slots):
-                job = self.queue.popleft()
-                while job.next_image < job.spec.num_images:
-                    self._admit_image(job)
-            return
-        active_k = {s.job.spec.encoder_interval for s in self.active}
-        for k in [k for k in self._phase if k not in active_k]:
-            del self._phase[k]  # no image with this K is left: keep no state per K past its last image
-        while self.queue and self.free_slots:
-            job = self.queue[0]
-            if not self._in_phase(job.spec.encoder_interval, active_k):
-                break  # FIFO: the head waits at most K - 1 ticks; nothing behind it jumps the queue
-            active_k.add(job.spec.encoder_interval)
-            self._admit_image(job)
-            if job.next_image == job.spec.num_images:
-                self.queue.popleft()
-
-    def _in_phase(self, k: int, active_k: set[int]) -> bool:
-        """Aligned admission: an image with interval K joins only at a tick where the active images with the same K
-        are due an encoder refresh, so their refreshes share one encoder call and the ticks between need a single
-        light-network call. Unaligned, every tick has some rows due and pays an encoder call plus two light calls,
-        which costs most where calls are launch-bound (GPU: docs/gpu.md). The first image of a cohort sets the phase."""
-        if not self.align_encoder or k == 1:
-            return True
-        if k not in active_k:
-            self._phase[k] = self.ticks % k
-            return True
-        return self.ticks % k == self._phase[k]
-
-    def _admit_image(self, job: Job) -> None:
+    def admit_image(self, job: Job) -> None:
+        """Give the next image of `job` a free slot (caller holds the lock; called by the admission policy)."""
         spec = job.spec
         i = job.next_image
         job.next_image += 1
         if job.first_admitted is None:
             job.first_admitted = time.monotonic()
-        gen = torch.Generator().manual_seed(spec.seed + i)
         slot = self.free_slots.pop(0)
-        self.z[slot] = draw_noise([gen], self.sample_shape)[0]  # the same draw order as the reference sampler
+        self._admitted.append((slot, spec.seed + i))
         guided = needs_uncond_row(spec.label, spec.guidance_scale, self.null_label)
-        self.active.append(ImageSlot(job, i, slot, gen, guided, _times(spec.steps)))
-
-    def _rows(self, batch: list[ImageSlot], sel: list[int], uncond_pos: dict[int, int]) -> tuple[list[int], tuple]:
-        """Network rows for the batch entries `sel`: their conditional rows, then the unconditional rows of the guided
-        ones. -> (positions of these rows in the tick's row order, (z, t, tau, label, feature cache rows))."""
-        b = len(batch)
-        unc = [i for i in sel if batch[i].guided]
-        src = sel + unc
-        slots = torch.tensor([batch[i].slot for i in src])
-        is_unc = torch.tensor([False] * len(sel) + [True] * len(unc))
-        z = self.z[slots]  # (R, C, S, S)
-        t = torch.tensor([batch[i].times[batch[i].step] for i in src], dtype=torch.float32)
-        tau = torch.tensor([batch[i].tau for i in src], dtype=torch.float32)
-        label = torch.tensor([batch[i].job.spec.label for i in sel] + [self.null_label] * len(unc), dtype=torch.long)
-        cache_rows = slots + self.max_active_images * is_unc.long()
-        return sel + [b + uncond_pos[i] for i in unc], (z, t, tau, label, cache_rows)
-
-    def _run_networks(self, batch: list[ImageSlot]) -> tuple[Tensor, Tensor, int, int]:
-        """-> v_cond, v_uncond per image (B, C, S, S) (= v_cond for unguided images), encoder rows, denoiser rows.
-        Safe to run again on the same batch after a failure: it writes only the batch's own cache rows and tau."""
-        b = len(batch)
-        guided = [i for i, s in enumerate(batch) if s.guided]
-        uncond_pos = {i: j for j, i in enumerate(guided)}  # batch index -> its unconditional row, after the B cond rows
-        due = [i for i, s in enumerate(batch) if encoder_due(s.step, s.job.spec.encoder_interval)]
-        rest = [i for i, s in enumerate(batch) if not encoder_due(s.step, s.job.spec.encoder_interval)]
-        refreshed = due
-        enc_rows, den_rows = len(due) + sum(batch[i].guided for i in due), b + len(guided)
-        dev = self.engine.device
-        v_all = torch.empty(b + len(guided), *self.sample_shape)  # every row's v: conditional rows, then unconditional
-        handle = None
-        if due:
-            for i in due:
-                batch[i].tau = batch[i].times[batch[i].step]  # idempotent: a retried tick sets the same value
-            pos_d, (zd, td, _, yd, rows_d) = self._rows(batch, due, uncond_pos)
-            t_enc = time.perf_counter()
-            # The encoder goes to its own stream / worker thread; the light network runs the other rows meanwhile.
-            handle = self.engine.encode_async(zd.to(dev), td.to(dev), yd.to(dev))
-        if handle is not None and rest and not self.overlap_encoder:
-            # No overlap: wait for the features, then one light-network call over every row (one bigger batch).
-            self._store_features(batch, due, rows_d, handle.result(), t_enc)
-            handle = None
-            due, rest = [], due + rest
-        if rest:
-            pos_r, (zr, tr, taur, yr, rows_r) = self._rows(batch, rest, uncond_pos)
-            v_all[pos_r] = self._light((zr, tr, taur, yr), self._cached(rows_r))
-        if handle is not None:
-            feats = self._store_features(batch, due, rows_d, handle.result(), t_enc)
-            v_all[pos_d] = self._light((zd, td, td, yd), feats)  # fresh features: tau = t
-        self._encoder_rows += enc_rows
-        self._denoiser_rows += den_rows
-        for i in refreshed:  # counted only once the whole tick succeeded (a retried tick must not count twice)
-            batch[i].encoder_calls += 1
-        v_cond = v_all[:b]
-        v_uncond = v_cond.clone()  # an unguided image's v_uncond is its v_cond: guidance leaves it as it is
-        if guided:
-            v_uncond[guided] = v_all[b:]
-        return v_cond, v_uncond, enc_rows, den_rows
-
-    def _light(self, inputs: tuple[Tensor, Tensor, Tensor, Tensor], feats: tuple[Tensor, ...]) -> Tensor:
-        """One light-network call (inputs: z, t, tau, label) -> v on the host."""
-        dev = self.engine.device
-        z, t, tau, label = (x.to(dev) for x in inputs)
-        t1 = time.perf_counter()
-        v = self.engine.denoise(z, t, tau, label, feats).float().cpu()
-        self.stats.network_call(NetworkCall("denoiser", v.shape[0], time.perf_counter() - t1))
-        return v
-
-    def _cache_index(self, rows: Tensor) -> slice | Tensor:
-        """Index of `rows` in the feature cache: a slice when they are consecutive (a full batch in slot order: reads
-        are views and writes one copy, where a gather cost ~4% of a CPU tick at 16 slots), else an index tensor."""
-        n = len(rows)
-        if n and bool((rows == torch.arange(int(rows[0]), int(rows[0]) + n)).all()):
-            return slice(int(rows[0]), int(rows[0]) + n)
-        return rows.to(self.engine.device)
-
-    def _cached(self, rows: Tensor) -> tuple[Tensor, ...]:
-        ix = self._cache_index(rows)
-        return tuple(c[ix] for c in self.cache)
-
-    def _store_features(self, batch: list[ImageSlot], due: list[int], rows: Tensor, feats: tuple[Tensor, ...],
-                        t_enc: float) -> tuple:
-        self.stats.network_call(NetworkCall("encoder", len(rows), time.perf_counter() - t_enc))
-        ix = self._cache_index(rows)
-        for c, f in zip(self.cache, feats, strict=True):
-            c[ix] = f.to(c.dtype)
-        return feats
-
-    def _ingest(self, batch: list[ImageSlot], v_cond: Tensor, v_uncond: Tensor) -> None:
-        slots = torch.tensor([s.slot for s in batch])
-        t = torch.tensor([s.times[s.step] for s in batch], dtype=torch.float32)
-        s_next = torch.tensor([s.times[s.step + 1] for s in batch], dtype=torch.float32)
-        g = torch.tensor([s.job.spec.guidance_scale for s in batch], dtype=torch.float32)
-        noise = draw_noise([s.gen for s in batch], self.sample_shape)
-        self.z[slots] = guided_step(self.z[slots], v_cond, v_uncond, g, t, s_next, self.sched, noise)
-        finished = []
-        for slot in batch:
-            slot.step += 1
-            if slot.step == slot.job.spec.steps:
-                finished.append(slot)
-        if not finished:
-            return
-        images = to_uint8(self.z[torch.tensor([s.slot for s in finished])], self.output_size)
-        with self._cv:
-            self._release(finished)
-            for slot, img in zip(finished, images, strict=True):
-                job = slot.job
-                job.images[slot.index] = img
-                job.encoder_calls = max(job.encoder_calls, slot.encoder_calls)
-                job.done_images += 1
-                if job.done_images == job.spec.num_images and not job.future.done():
-                    self._finish_job(job, None)
+        self.active.append(ImageSlot(job, i, slot, guided, _times(spec.steps)))
 
     def _release(self, slots: list[ImageSlot]) -> None:
         gone = set(map(id, slots))
-        self.active = [s for s in self.active if id(s) not in gone]
-        self.free_slots.extend(s.slot for s in slots)
+        self.active = [a for a in self.active if id(a) not in gone]
+        self.free_slots.extend(a.slot for a in slots)
         self.free_slots.sort()
+        self._released.extend(a.slot for a in slots)
 
     def _fail_slots(self, slots: list[ImageSlot], err: ServiceError) -> None:
         with self._cv:
             self._release(slots)
-            for job in {id(s.job): s.job for s in slots}.values():
+            for job in {id(a.job): a.job for a in slots}.values():
                 if job in self.queue:
                     self.queue.remove(job)  # its remaining images would be computed for nobody
                 self._finish_job(job, err)
-
-    def _fail_active(self, err: ServiceError) -> None:
-        self._fail_slots(list(self.active), err)
 
     def _finish_job(self, job: Job, err: ServiceError | None) -> None:
         now = time.monotonic()

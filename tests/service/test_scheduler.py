@@ -73,8 +73,9 @@ def test_full_batch_reads_the_feature_cache_as_views_and_matches_the_reference(e
     job = s.submit(sp)
     s.tick()
     batch = sorted(s.active, key=lambda x: x.slot)
-    cache_rows = s._rows(batch, [0, 1], {0: 0, 1: 1})[1][4]
-    assert cache_rows.tolist() == [0, 1, 2, 3] and s._cache_index(cache_rows) == slice(0, 4)
+    plan = s._plan(batch)
+    cache_rows = s.runner._rows(plan, [0, 1], [0, 1], {0: 0, 1: 1})[1][4]
+    assert cache_rows.tolist() == [0, 1, 2, 3] and s.runner._cache_index(cache_rows) == slice(0, 4)
     run_all(s, [job])
     sched = CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max)
     ref, _ = dual_rate_sample(engine.encode, engine.denoise, torch.full((2,), 4), [50, 51], 8, 4, 1.5, sched,
@@ -157,4 +158,4 @@ def test_no_state_is_kept_per_encoder_interval_after_its_last_image(engine, mode
     for k in range(2, 12):
         run_all(s, [s.submit(GenerationSpec(1, 1, k, k, 1.0, seed=k))])
     s.tick()  # an idle tick: admission sees no image with any K
-    assert s._phase == {}
+    assert s.admission.phase == {}
