@@ -188,7 +188,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--num-images", type=int, default=1000, help="samples per sweep row (FID against 10k test)")
     p.add_argument("--out", type=Path, default=Path("docs"))
     p.add_argument("--update-card", action="store_true", help="write the default row's figures into the model card")
+    p.add_argument("--check", action="store_true",
+                   help="only K = 1, 4, 8 and zeroed features at the default steps, side by side with the committed "
+                   "sweep.json: writes check.md / check.json (e.g. after a change to the sampler's noise)")
     a = p.parse_args(argv)
+    if a.check:
+        check(a, argv)
+        return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_grad_enabled(False)
     model = load_checkpoint(a.checkpoint)
@@ -217,6 +223,33 @@ def main(argv: list[str] | None = None) -> None:
         card["quality"] = {"measured": date.today().isoformat(), "num_images_per_row": a.num_images,
                            "sweep": [asdict(r) for r in rows]}
         card_path.write_text(json.dumps(card, indent=2) + "\n")
+
+
+def check(a: argparse.Namespace, argv: list[str] | None) -> None:
+    """The quality rows that matter most, against the committed sweep's same rows (same seeds, same evaluator)."""
+    torch.set_grad_enabled(False)
+    model = load_checkpoint(a.checkpoint)
+    d = model.defaults
+    configs = [(d.steps, k, d.guidance_scale, "") for k in (1, 4, 8)] + [(d.steps, None, d.guidance_scale, "zeroed")]
+    rows = run_sweep(model, Evaluator(), a.num_images, configs)
+    before = {(r["steps"], r["encoder_interval"], r["guidance_scale"]): r
+              for r in json.loads((a.out / "sweep.json").read_text())}
+    lines = ["| N | K | FID now | FID in sweep.json | ratio | accuracy now | accuracy before |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        b = before.get((r.steps, r.encoder_interval, r.guidance_scale))
+        k = "zeroed" if r.encoder_interval is None else str(r.encoder_interval)
+        lines.append(f"| {r.steps} | {k} | {r.fid:.2f} | {b['fid']:.2f} | {r.fid / b['fid']:.3f} | "
+                     f"{100 * r.accuracy:.1f}% | {100 * b['accuracy']:.1f}% |" if b else f"| {r.steps} | {k} | {r.fid:.2f} | | | |")
+    command = f"python -m dualrate.evaluate {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    prov = provenance(a.checkpoint, command)
+    (a.out / "check.json").write_text(json.dumps({**prov, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    table = "\n".join(lines)
+    (a.out / "check.md").write_text(
+        "# Quality check against the committed sweep\n\n"
+        f"Raw output: [check.json](check.json) (date {prov['date']}, commit {prov['git_commit'][:12]}, checkpoint "
+        f"sha256 {prov['checkpoint_sha256'][:12]}). Command: `{command}`; {a.num_images} conditional samples per row, "
+        "the same seeds and evaluator as sweep.json.\n\n" + table + "\n")
+    print(table)
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 
 The encoder runs at steps i = 0, K, 2K, ... on the current sample z_{t_i} (so tau = t_i); the light denoiser runs
 at every step with the most recent features. Classifier-free guidance runs both networks on conditional and
-unconditional rows. Each image owns its generator (seed + i), so its result does not depend on its batch.
+unconditional rows. Each image's noise is a function of its seed and the step (`draw_noise`), so its result does
+not depend on its batch.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -26,13 +29,48 @@ class SampleStats:
     denoiser_calls: int
 
 
-def image_generators(seeds: Sequence[int]) -> list[torch.Generator]:
-    return [torch.Generator().manual_seed(int(s)) for s in seeds]
+_M32 = 0xFFFFFFFF
 
 
-def draw_noise(gens: Sequence[torch.Generator], shape: tuple[int, int, int] = (1, 32, 32)) -> Tensor:
-    """One standard normal draw of `shape` (C, S, S) per image from its own generator -> (B, C, S, S)."""
-    return torch.stack([torch.randn(*shape, generator=g) for g in gens])
+def _mulmod32(x: Tensor, c: int) -> Tensor:
+    """(x * c) mod 2^32 for int64 x in [0, 2^32), without int64 overflow (split into 16-bit halves)."""
+    return ((x & 0xFFFF) * c + (((x >> 16) * (c & 0xFFFF)) << 16)) & _M32
+
+
+def _mix32(x: Tensor) -> Tensor:
+    """A 32-bit integer hash (lowbias32) on int64 tensors holding values in [0, 2^32)."""
+    x = x ^ (x >> 16)
+    x = _mulmod32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mulmod32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+@lru_cache(maxsize=16)
+def _element_keys(half: int, device: str) -> Tensor:
+    return _mix32(torch.arange(half, dtype=torch.int64, device=device))
+
+
+def draw_noise(seeds: Sequence[int] | Tensor, draw: Sequence[int] | Tensor,
+               shape: tuple[int, int, int] = (1, 32, 32), device: torch.device | str = "cpu") -> Tensor:
+    """Standard normal noise of `shape` per image, a pure function of (the image's seed, the draw index): draw 0 is
+    the starting sample, draw i + 1 the noise of step i. Counter-based (a hash of seed, draw and element index, then
+    Box-Muller), so an image's noise does not depend on its batch, needs no generator state, and is drawn for a whole
+    batch at once on any device. -> (B, C, S, S) float32."""
+    dev = torch.device(device)
+    seed = torch.as_tensor(seeds, dtype=torch.int64).to(dev)
+    key = _mix32(_mix32(_mix32(seed & _M32) ^ ((seed >> 32) & _M32)) ^ (torch.as_tensor(draw, dtype=torch.int64).to(dev) & _M32))
+    n = shape[0] * shape[1] * shape[2]
+    half = (n + 1) // 2
+    idx = _element_keys(half, str(dev))  # (half,)
+    a = _mix32(key[:, None] ^ idx[None])
+    b = _mix32(a ^ 0x9E3779B9)
+    u1 = ((a >> 8).float() + 0.5) / 16777216.0  # (0, 1), 24 bits
+    u2 = (b >> 8).float() / 16777216.0
+    r = torch.sqrt(-2.0 * torch.log(u1))
+    theta = 2.0 * math.pi * u2
+    z = torch.cat([r * torch.cos(theta), r * torch.sin(theta)], dim=1)[:, :n]
+    return z.reshape(-1, *shape)
 
 
 def encoder_due(step: int, encoder_interval: int) -> bool:
@@ -70,12 +108,12 @@ def dual_rate_sample(
 ) -> tuple[Tensor, SampleStats]:
     """Ancestral dual-rate sampling. Returns samples (B, C, S, S) in [-1, 1] and per-image call counts."""
     assert steps >= 1 and encoder_interval >= 1 and len(seeds) == labels.shape[0]
-    gens = image_generators(seeds)
+    seeds = list(seeds)
     b = labels.shape[0]
     guided = any(needs_uncond_row(int(y), guidance_scale, null_label) for y in labels)
     rows = torch.cat([labels, torch.full_like(labels, null_label)]) if guided else labels  # (R,)
     times = step_times(steps).float()
-    z = draw_noise(gens, sample_shape)  # (B, C, S, S)
+    z = draw_noise(seeds, [0] * b, sample_shape)  # (B, C, S, S)
     feats: Features = ()
     tau = torch.ones(b)
     enc_calls = 0
@@ -93,7 +131,7 @@ def dual_rate_sample(
         v = denoise(zz, tt, tautau, rows, feats).to(z.device).float()  # engines may return device tensors
         # Unconditional images in a guided batch get the same v from both rows, so guidance leaves them as they are.
         v_cond, v_uncond = v.chunk(2) if guided else (v, v)
-        z = guided_step(z, v_cond, v_uncond, guidance_scale, t, s, sched, draw_noise(gens, sample_shape))
+        z = guided_step(z, v_cond, v_uncond, guidance_scale, t, s, sched, draw_noise(seeds, [i + 1] * b, sample_shape))
     return z, SampleStats(encoder_calls=enc_calls, denoiser_calls=steps)
 
 

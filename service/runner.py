@@ -2,8 +2,9 @@
 
 vLLM v1's split is the model: the scheduler decides (`TickPlan`), the runner executes (`Runner.run`) and reports what
 happened (`TickOutcome`), the scheduler updates its bookkeeping from it. The runner holds, per slot, the current
-sample z (on the engine's device), the encoder features of the slot's conditional and unconditional rows (the feature
-cache), and the image's own noise generator. It knows nothing of requests, queues or deadlines.
+sample z and the encoder features of the slot's conditional and unconditional rows (the feature cache), both on the
+engine's device. Noise is a function of (seed, step) drawn for the whole batch on the device (`draw_noise`), so the
+runner keeps no generator per image. It knows nothing of requests, queues or deadlines.
 
 A tick: the rows due for an encoder refresh go to the encoder (`encode_async`: its own CUDA stream or worker thread)
 while the light network runs the rows that reuse cached features; the due rows follow once their features are ready.
@@ -37,6 +38,8 @@ class TickPlan:
     """One tick, as the scheduler decided it. Row i of every per-row tuple is one image, in slot order."""
 
     slots: tuple[int, ...]  # the image's batch slot (row of the runner's state)
+    seeds: tuple[int, ...]  # the image's seed (request seed + image index)
+    steps: tuple[int, ...]  # the step index i: the ancestral step uses noise draw i + 1
     labels: tuple[int, ...]  # class label (or the null label) of the conditional row
     guidance: tuple[float, ...]  # classifier-free guidance scale
     guided: tuple[bool, ...]  # runs an unconditional row too (needs_uncond_row)
@@ -45,8 +48,7 @@ class TickPlan:
     tau: tuple[float, ...]  # time of the features the light network uses (= t where due)
     due: tuple[bool, ...]  # the encoder refreshes this image's features at this step
     last: tuple[bool, ...]  # the image's final step: its picture is returned
-    admitted: tuple[tuple[int, int], ...] = ()  # (slot, seed) of images joining now: z and generator set first
-    released: tuple[int, ...] = ()  # slots freed since the last plan (finished, cancelled, expired, failed)
+    admitted: tuple[tuple[int, int], ...] = ()  # (slot, seed) of images joining now: z is set to noise draw 0 first
 
 
 @dataclass
@@ -71,17 +73,13 @@ class Runner:
         # Feature cache, one tensor per encoder level: row `slot` holds a slot's conditional features, row
         # `max_active_images + slot` its unconditional ones. A full batch in slot order reads it as views.
         self.cache = [torch.zeros(2 * max_active_images, *s, device=dev) for s in engine.feature_shapes]
-        self.gens: dict[int, torch.Generator] = {}  # slot -> the image's own noise generator (seed + image index)
 
     # ---- one tick ---------------------------------------------------------------------------------------------
 
     def run(self, plan: TickPlan) -> TickOutcome:
-        for slot in plan.released:
-            self.gens.pop(slot, None)
-        for slot, seed in plan.admitted:
-            gen = torch.Generator().manual_seed(seed)
-            self.gens[slot] = gen
-            self.z[slot] = draw_noise([gen], self.sample_shape)[0].to(self.device)  # the reference sampler's order
+        if plan.admitted:
+            slots, seeds = zip(*plan.admitted, strict=True)
+            self.z[list(slots)] = draw_noise(seeds, [0] * len(seeds), self.sample_shape, self.device)
         out = TickOutcome()
         if not plan.slots:
             return out
@@ -116,13 +114,13 @@ class Runner:
         return ok_a + ok_b, {**bad_a, **bad_b}
 
     def _step(self, plan: TickPlan, idx: list[int], v_cond: Tensor, v_uncond: Tensor) -> None:
-        """The ancestral step for rows `idx`, each with its own noise (drawn only now, once the networks succeeded)."""
-        slots = torch.tensor([plan.slots[i] for i in idx])
-        t, s, g = (torch.tensor([col[i] for i in idx], dtype=torch.float32) for col in (plan.t, plan.s, plan.guidance))
-        noise = draw_noise([self.gens[plan.slots[i]] for i in idx], self.sample_shape)
+        """The ancestral step for rows `idx`, each with its own noise (a function of its seed and step)."""
         dev = self.device
-        self.z[slots] = guided_step(self.z[slots], v_cond.to(dev), v_uncond.to(dev), g.to(dev), t.to(dev), s.to(dev),
-                                    self.sched, noise.to(dev))
+        slots = torch.tensor([plan.slots[i] for i in idx], device=dev)
+        t, s, g = (torch.tensor([col[i] for i in idx], dtype=torch.float32, device=dev)
+                   for col in (plan.t, plan.s, plan.guidance))
+        noise = draw_noise([plan.seeds[i] for i in idx], [plan.steps[i] + 1 for i in idx], self.sample_shape, dev)
+        self.z[slots] = guided_step(self.z[slots], v_cond, v_uncond, g, t, s, self.sched, noise)
 
     # ---- the networks -----------------------------------------------------------------------------------------
 

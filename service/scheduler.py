@@ -165,7 +165,6 @@ class Scheduler:
         self.active: list[ImageSlot] = []
         self.free_slots = list(range(max_active_images))
         self._admitted: list[tuple[int, int]] = []  # (slot, seed) since the last plan
-        self._released: list[int] = []
         self._cv = threading.Condition()
         self._stop = False
         self._accepting = True
@@ -273,13 +272,14 @@ class Scheduler:
     def _plan(self, batch: list[ImageSlot]) -> TickPlan:
         due = tuple(encoder_due(a.step, a.job.spec.encoder_interval) for a in batch)
         plan = TickPlan(
-            slots=tuple(a.slot for a in batch), labels=tuple(a.job.spec.label for a in batch),
+            slots=tuple(a.slot for a in batch), seeds=tuple(a.job.spec.seed + a.index for a in batch),
+            steps=tuple(a.step for a in batch), labels=tuple(a.job.spec.label for a in batch),
             guidance=tuple(a.job.spec.guidance_scale for a in batch), guided=tuple(a.guided for a in batch),
             t=tuple(a.times[a.step] for a in batch), s=tuple(a.times[a.step + 1] for a in batch),
             tau=tuple(a.times[a.step] if d else a.tau for a, d in zip(batch, due, strict=True)), due=due,
             last=tuple(a.step + 1 == a.job.spec.steps for a in batch),
-            admitted=tuple(self._admitted), released=tuple(self._released))
-        self._admitted, self._released = [], []
+            admitted=tuple(self._admitted))
+        self._admitted = []
         return plan
 
     def _reap(self) -> None:
@@ -323,7 +323,6 @@ class Scheduler:
         self.active = [a for a in self.active if id(a) not in gone]
         self.free_slots.extend(a.slot for a in slots)
         self.free_slots.sort()
-        self._released.extend(a.slot for a in slots)
 
     def _fail_slots(self, slots: list[ImageSlot], err: ServiceError) -> None:
         with self._cv:

@@ -71,3 +71,17 @@ def test_checkpoint_round_trip_samples_identically(tmp_path):
     b, _ = dual_rate_sample(lambda z, t, y: tuple(enc(z, t, y)), lambda z, t, tau, y, f: den(z, t, tau, y, *f),
                             torch.tensor([2]), [0], 4, 2, 1.5, CosineSchedule(), 10)
     assert torch.equal(a, b)
+
+
+def test_counter_noise_is_standard_normal_and_independent_of_the_batch():
+    from dualrate.sampler import draw_noise
+
+    z = draw_noise(list(range(500)), [0] * 500, (1, 32, 32))
+    assert abs(z.mean().item()) < 0.01 and abs(z.std().item() - 1) < 0.01
+    assert abs((z**4).mean().item() - 3) < 0.05  # Gaussian kurtosis
+    alone = draw_noise([42], [3], (3, 16, 16))[0]
+    crowd = draw_noise([7, 42, 9], [1, 3, 3], (3, 16, 16))
+    assert torch.equal(alone, crowd[1])
+    assert not torch.equal(crowd[1], crowd[2])  # another seed
+    assert not torch.equal(alone, draw_noise([42], [4], (3, 16, 16))[0])  # another step
+    assert torch.isfinite(draw_noise([2**53 - 1], [0], (1, 8, 8))).all()
