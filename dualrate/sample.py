@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from engines import create_engine  # engines builds on dualrate; imported only when asked for
 
-        engine = create_engine(a.backend, checkpoint=a.checkpoint, max_batch=2 * a.batch_size)
+        engine = create_engine(a.checkpoint, backend=a.backend, max_batch=2 * a.batch_size)
         encode, denoise = engine.encode, engine.denoise
         max_rows = engine.max_batch
     if a.class_label is not None and not 0 <= a.class_label < model.cfg.num_classes:

@@ -11,8 +11,10 @@ import threading
 from abc import ABC, abstractmethod
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Protocol
+from enum import StrEnum
+from typing import Any, ClassVar, Protocol
 
+import torch
 from torch import Tensor
 
 Features = tuple[Tensor, ...]
@@ -24,6 +26,13 @@ class EngineError(RuntimeError):
 
 class BackendUnavailable(EngineError):
     """The requested backend cannot run here (library or device missing)."""
+
+
+class Precision(StrEnum):
+    FP32 = "fp32"  # fp32 everywhere (on CUDA with TF32 off: the same images as the CPU)
+    TF32 = "tf32"  # CUDA: TF32 matmuls and convolutions
+    BF16 = "bf16"  # torch autocast
+    FP16 = "fp16"  # torch autocast; TensorRT: the FP16 graphs, built strongly typed
 
 
 @dataclass(frozen=True)
@@ -39,15 +48,30 @@ class FeatureHandle(Protocol):
     def result(self) -> Features: ...
 
 
+class CudaFeatures:
+    """Features enqueued on the encoder stream; `result()` makes the current stream wait on the event (no host sync)."""
+
+    def __init__(self, feats: Features, event: Any) -> None:
+        self._feats, self._event = feats, event
+
+    def result(self) -> Features:
+        torch.cuda.current_stream().wait_event(self._event)
+        for f in self._feats:  # the caller's stream now uses memory allocated on the encoder stream
+            f.record_stream(torch.cuda.current_stream())
+        return self._feats
+
+
 class Engine(ABC):
     """Base class of the backends. Subclasses implement `encode`, `denoise`, `info`; the rest has defaults."""
 
     feature_shapes: list[tuple[int, int, int]]
     sample_shape: tuple[int, int, int]  # (C, S, S) of z and v, from the export contract / model config
     max_batch: int
+    PRECISIONS: ClassVar[frozenset[Precision]] = frozenset({Precision.FP32})  # what the backend honours
 
     def __init__(self) -> None:
         self._encoder_worker: ThreadPoolExecutor | None = None
+        self._encoder_stream: Any = None  # a CUDA stream for the encoder, set by GPU backends
         self._lock = threading.Lock()
 
     @abstractmethod
@@ -63,7 +87,21 @@ class Engine(ABC):
     def info(self) -> EngineInfo: ...
 
     def encode_async(self, z: Tensor, tau: Tensor, label: Tensor) -> FeatureHandle:
-        """Run the encoder on its own worker thread (CPU); GPU backends override this with a CUDA stream."""
+        """Run the encoder off the caller's path: on the backend's encoder CUDA stream where it has one (the caller's
+        stream waits on an event only where it uses the features), else on a worker thread."""
+        stream = self._encoder_stream
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())  # the inputs were written on the caller's stream
+            for x in (z, tau, label):
+                if x.is_cuda:
+                    # The encoder stream reads these; without this the caching allocator could hand their memory to
+                    # the caller's stream (once the caller drops them) while the encoder still reads it.
+                    x.record_stream(stream)
+            with torch.cuda.stream(stream):
+                feats = self.encode(z, tau, label)
+                ev = torch.cuda.Event()
+                ev.record(stream)
+            return CudaFeatures(feats, ev)
         with self._lock:
             if self._encoder_worker is None:
                 self._encoder_worker = ThreadPoolExecutor(1, thread_name_prefix="encoder")
@@ -72,8 +110,6 @@ class Engine(ABC):
 
     def warmup(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
         """Run both networks once per batch size (first-call allocations, kernel selection, graph capture)."""
-        import torch
-
         for b in batch_sizes:
             b = min(b, self.max_batch)
             z = torch.zeros(b, *self.sample_shape, device=self.device)

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in a.backends:
         backend, precision = [*name.split("-"), "fp32"][:2]
-        engine = create_engine(backend, a.checkpoint, "cpu", max_batch=2 * max(a.batches), precision=precision)
+        engine = create_engine(a.checkpoint, backend=backend, device="cpu", max_batch=2 * max(a.batches),
+                               precision=precision)
         for b in a.batches:
             for k in a.intervals:
                 ips = bench_cell(engine, model, b, steps, k, g, a.min_seconds)

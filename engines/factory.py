@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from pathlib import Path
 
 import torch
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT
-from engines.base import BackendUnavailable, Engine
+from engines.base import BackendUnavailable, Engine, EngineError, Precision
 
 log = logging.getLogger("engines")
 
@@ -38,36 +39,65 @@ def resolve_backend(name: str | Backend, device: str | None = None) -> tuple[Bac
     return backend, device
 
 
-def create_engine(
-    backend: str | Backend = Backend.AUTO,
-    checkpoint: Path | str = DEFAULT_CHECKPOINT,
-    device: str | None = None,
-    max_batch: int = 64,
-    threads: int = 0,
-    cuda_graphs: bool = False,
-    precision: str = "fp32",  # torch backend only: fp32 | tf32 (CUDA) | bf16 | fp16 (autocast)
-) -> Engine:
-    """Build a ready engine (ONNX export / TensorRT build happen here if their caches are stale)."""
-    kind, device = resolve_backend(backend, device)
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything an engine is built with, in one typed value (the service's settings map onto it)."""
+
+    backend: Backend = Backend.AUTO
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    max_batch: int = 64  # rows per network call (a guided image takes two)
+    precision: Precision = Precision.FP32  # each backend honours its own set (Engine.PRECISIONS) or refuses
+    threads: int = 0  # CPU threads per network (0 = library default)
+    cuda_graphs: bool = False  # torch on CUDA: one graph per batch bucket
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "backend", Backend(self.backend))
+        object.__setattr__(self, "precision", Precision(self.precision))
+        if self.max_batch < 1:
+            raise ValueError("max_batch must be >= 1")
+
+
+def create_engine(checkpoint: Path | str = DEFAULT_CHECKPOINT, config: EngineConfig | None = None, **options) -> Engine:
+    """Build a ready engine (ONNX export / TensorRT build happen here if their caches are stale). `options` are
+    EngineConfig fields that replace those of `config` (`create_engine(ck, backend="torch", device="cpu")`)."""
+    cfg = replace(config or EngineConfig(), **options)
+    kind, device = resolve_backend(cfg.backend, None if cfg.device == "auto" else cfg.device)
     checkpoint = Path(checkpoint)
-    log.info("engine: backend=%s device=%s checkpoint=%s", kind, device, checkpoint)
+    log.info("engine: backend=%s device=%s precision=%s checkpoint=%s", kind, device, cfg.precision, checkpoint)
+    cls = _backend_class(kind)
+    if cfg.precision not in cls.PRECISIONS:
+        raise EngineError(f"the {kind} backend runs precision {', '.join(sorted(cls.PRECISIONS))}, not {cfg.precision}")
     if kind is Backend.TORCH:
         from engines.torch_engine import TorchEngine
 
-        if threads and device == "cpu":
-            torch.set_num_threads(threads)
-        return TorchEngine(checkpoint, device, max_batch, cuda_graphs=cuda_graphs, precision=precision)
+        if cfg.threads and device == "cpu":
+            torch.set_num_threads(cfg.threads)
+        return TorchEngine(checkpoint, device, cfg.max_batch, cuda_graphs=cfg.cuda_graphs, precision=cfg.precision)
     from export import export_onnx
 
     if kind is Backend.ONNXRUNTIME:
         from engines.onnxruntime_engine import OnnxRuntimeEngine
 
         art = export_onnx(checkpoint)
-        return OnnxRuntimeEngine(art.directory, device, max_batch, intra_op_threads=threads)
+        return OnnxRuntimeEngine(art.directory, device, cfg.max_batch, intra_op_threads=cfg.threads)
     from engines.build import build_engines
     from engines.tensorrt_engine import TensorRTEngine, _import_trt
 
     _import_trt()
     art = export_onnx(checkpoint, fp16=True)
-    engine_dir = build_engines(art.directory, max_batch=max_batch, opt_batch=min(16, max_batch))
-    return TensorRTEngine(engine_dir, art.sidecar, max_batch)
+    engine_dir = build_engines(art.directory, max_batch=cfg.max_batch, opt_batch=min(16, cfg.max_batch))
+    return TensorRTEngine(engine_dir, art.sidecar, cfg.max_batch)
+
+
+def _backend_class(kind: Backend) -> type[Engine]:
+    if kind is Backend.TORCH:
+        from engines.torch_engine import TorchEngine
+
+        return TorchEngine
+    if kind is Backend.ONNXRUNTIME:
+        from engines.onnxruntime_engine import OnnxRuntimeEngine
+
+        return OnnxRuntimeEngine
+    from engines.tensorrt_engine import TensorRTEngine  # imports without TensorRT; building needs it
+
+    return TensorRTEngine

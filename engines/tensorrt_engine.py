@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from engines.base import BackendUnavailable, Engine, EngineError, EngineInfo, FeatureHandle, Features
-from engines.torch_engine import _CudaFeatures
+from engines.base import BackendUnavailable, Engine, EngineError, EngineInfo, Features, Precision
 
 log = logging.getLogger("engines.tensorrt")
 
@@ -75,6 +74,8 @@ class _TrtNetwork:
 
 
 class TensorRTEngine(Engine):
+    PRECISIONS = frozenset({Precision.FP16})  # the engines are built from the FP16 graphs, strongly typed
+
     def __init__(self, engine_dir: Path, sidecar: dict, max_batch: int = 64) -> None:
         """`sidecar`: the export's onnx.json (the contract: tensor names and shapes)."""
         super().__init__()
@@ -86,7 +87,7 @@ class TensorRTEngine(Engine):
         self.feature_shapes = [tuple(o["shape"]) for o in sidecar["encoder"]["outputs"]]
         self.sample_shape = tuple(sidecar["denoiser"]["outputs"][0]["shape"])
         self.max_batch = max_batch
-        self._enc_stream = torch.cuda.Stream()
+        self._encoder_stream = torch.cuda.Stream()
         self._precision = "fp16" if self._den.dtypes["z"] == torch.float16 else "fp32"
 
     @property
@@ -100,21 +101,11 @@ class TensorRTEngine(Engine):
     def synchronize(self) -> None:
         torch.cuda.synchronize()
 
-    def _encode_on(self, stream: torch.cuda.Stream, z: Tensor, tau: Tensor, label: Tensor) -> Features:
+    def encode(self, z: Tensor, tau: Tensor, label: Tensor) -> Features:
+        """On the current stream (the encoder stream inside `encode_async`)."""
         self.check_batch(z.shape[0])
         feeds = {"z": z.cuda(), "tau": tau.cuda(), "label": label.cuda().long()}
-        return tuple(o.float() for o in self._enc(feeds, stream.cuda_stream))
-
-    def encode(self, z: Tensor, tau: Tensor, label: Tensor) -> Features:
-        return self._encode_on(torch.cuda.current_stream(), z, tau, label)
-
-    def encode_async(self, z: Tensor, tau: Tensor, label: Tensor) -> FeatureHandle:
-        self._enc_stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(self._enc_stream):
-            feats = self._encode_on(self._enc_stream, z, tau, label)
-            ev = torch.cuda.Event()
-            ev.record(self._enc_stream)
-        return _CudaFeatures(feats, ev)
+        return tuple(o.float() for o in self._enc(feeds, torch.cuda.current_stream().cuda_stream))
 
     def denoise(self, z: Tensor, t: Tensor, tau: Tensor, label: Tensor, features: Features) -> Tensor:
         self.check_batch(z.shape[0])

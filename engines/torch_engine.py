@@ -15,22 +15,9 @@ import torch
 from torch import Tensor
 
 from dualrate.checkpoint import load_checkpoint
-from engines.base import BackendUnavailable, Engine, EngineInfo, FeatureHandle, Features
+from engines.base import BackendUnavailable, Engine, EngineInfo, Features, Precision
 
 log = logging.getLogger("engines.torch")
-
-
-class _CudaFeatures:
-    """Features enqueued on the encoder stream; `result()` makes the current stream wait on the event (no host sync)."""
-
-    def __init__(self, feats: Features, event: torch.cuda.Event) -> None:
-        self._feats, self._event = feats, event
-
-    def result(self) -> Features:
-        torch.cuda.current_stream().wait_event(self._event)
-        for f in self._feats:  # the caller's stream now uses memory allocated on the encoder stream
-            f.record_stream(torch.cuda.current_stream())
-        return self._feats
 
 
 class _GraphRunner:
@@ -66,9 +53,11 @@ class _GraphRunner:
 
 
 class TorchEngine(Engine):
+    PRECISIONS = frozenset(Precision)  # tf32 only on CUDA (checked below)
+
     def __init__(
         self, checkpoint: Path, device: str = "cpu", max_batch: int = 64, cuda_graphs: bool = False,
-        graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512), precision: str = "fp32",
+        graph_buckets: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512), precision: Precision = Precision.FP32,
     ) -> None:
         super().__init__()
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -79,8 +68,9 @@ class TorchEngine(Engine):
         self.sample_shape = model.cfg.sample_shape
         self.max_batch = max_batch
         self._device = device
-        if precision not in ("fp32", "tf32", "bf16", "fp16"):
-            raise ValueError(f"precision must be fp32, tf32, bf16 or fp16, not {precision!r}")
+        precision = Precision(precision)
+        if precision is Precision.TF32 and not device.startswith("cuda"):
+            raise BackendUnavailable("precision tf32 needs a CUDA device (TF32 is a GPU tensor-core format)")
         self.precision = precision
         # bf16/fp16 run under autocast: weights stay fp32, matmuls and convs run in the low precision.
         self._autocast = getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[precision]) if precision in ("bf16", "fp16") else None
@@ -90,22 +80,22 @@ class TorchEngine(Engine):
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
         self.encoder = model.encoder.to(device).eval()
         self.denoiser = model.denoiser.to(device).eval()
-        self._stream = torch.cuda.Stream(device=device) if device.startswith("cuda") else None
-        self._cuda_graphs = cuda_graphs and self._stream is not None
+        self._encoder_stream = torch.cuda.Stream(device=device) if device.startswith("cuda") else None
+        self._cuda_graphs = cuda_graphs and self._encoder_stream is not None
         buckets = tuple(b for b in graph_buckets if b <= max_batch)
         self._enc_fn = _GraphRunner(self.encoder, buckets) if self._cuda_graphs else self.encoder
         self._den_fn = _GraphRunner(self.denoiser, buckets) if self._cuda_graphs else self.denoiser
 
     @property
     def info(self) -> EngineInfo:
-        return EngineInfo("torch", self._device, self.precision, (), self.max_batch)
+        return EngineInfo("torch", self._device, self.precision.value, (), self.max_batch)
 
     @property
     def device(self) -> str:
         return self._device
 
     def synchronize(self) -> None:
-        if self._stream is not None:
+        if self._encoder_stream is not None:
             torch.cuda.synchronize(self._device)
 
     @torch.inference_mode()
@@ -129,13 +119,3 @@ class TorchEngine(Engine):
             v = self._den_fn(z.to(d).float(), t.to(d).float(), tau.to(d).float(), label.to(d).long(),
                              *(f.to(d) for f in features))
         return v.float()
-
-    def encode_async(self, z: Tensor, tau: Tensor, label: Tensor) -> FeatureHandle:
-        if self._stream is None:
-            return super().encode_async(z, tau, label)
-        self._stream.wait_stream(torch.cuda.current_stream())  # inputs were written on the caller's stream
-        with torch.cuda.stream(self._stream):
-            feats = self.encode(z, tau, label)
-            ev = torch.cuda.Event()
-            ev.record(self._stream)
-        return _CudaFeatures(feats, ev)

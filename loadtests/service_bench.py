@@ -39,7 +39,7 @@ log = logging.getLogger("loadtests.service_bench")
 
 def bare_engine_ips(checkpoint: Path, batch: int, steps: int, k: int, g: float, seconds: float) -> float:
     model = load_checkpoint(checkpoint)
-    engine = create_engine("onnxruntime", checkpoint, "cpu", max_batch=2 * batch)
+    engine = create_engine(checkpoint, backend="onnxruntime", device="cpu", max_batch=2 * batch)
     sched = CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max)
     labels = torch.arange(batch) % 10
 

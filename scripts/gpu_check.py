@@ -44,11 +44,11 @@ def rows(b: int, device: str, seed: int = 0) -> tuple[torch.Tensor, ...]:
 
 
 def parity(ck: Path, results: dict) -> None:
-    cpu = create_engine("torch", ck, "cpu", max_batch=64)
+    cpu = create_engine(ck, backend="torch", device="cpu", max_batch=64)
     z, t, tau, y = rows(16, "cpu")
     ref = cpu.denoise(z, t, tau, y, cpu.encode(z, tau, y))
     for graphs in (False, True):
-        gpu = create_engine("torch", ck, "cuda:0", max_batch=64, cuda_graphs=graphs)
+        gpu = create_engine(ck, backend="torch", device="cuda:0", max_batch=64, cuda_graphs=graphs)
         zc, tc, tauc, yc = rows(16, "cuda:0")
         v = gpu.denoise(zc, tc, tauc, yc, gpu.encode_async(zc, tauc, yc).result()).cpu()
         results[f"parity_max_abs_err_graphs_{graphs}"] = float((v - ref).abs().max())
@@ -56,7 +56,7 @@ def parity(ck: Path, results: dict) -> None:
 
 def overlap(ck: Path, results: dict, batch: int, reps: int = 50) -> None:
     """The encoder on its stream for `batch` rows while the light network runs two calls of `batch` rows."""
-    e = create_engine("torch", ck, "cuda:0", max_batch=2 * batch)
+    e = create_engine(ck, backend="torch", device="cuda:0", max_batch=2 * batch)
     z, t, tau, y = rows(batch, "cuda:0")
     feats = e.encode(z, tau, y)
     ev = [torch.cuda.Event(enable_timing=True) for _ in range(2)]
@@ -90,7 +90,7 @@ def throughput(ck: Path, results: dict, backend: str = "torch", graphs: bool = F
     """Whole images through the reference sampler (each step copies v to the host, which synchronizes)."""
     model = load_checkpoint(ck)
     steps, g = model.defaults.steps, model.defaults.guidance_scale
-    e = create_engine(backend, ck, "cuda:0", max_batch=512, cuda_graphs=graphs)
+    e = create_engine(ck, backend=backend, device="cuda:0", max_batch=512, cuda_graphs=graphs)
     for b in (1, 16, 64, 256):
         for k in (1, 4):
             ips = bench_cell(e, model, b, steps, k, g, min_seconds=2.0)
@@ -112,9 +112,10 @@ def images(ck: Path, results: dict, n: int = 16) -> None:
                                 d.guidance_scale, sched, model.cfg.null_label)
         return torch.from_numpy(to_uint8(x)).int()
 
-    ref = draw(create_engine("onnxruntime", ck, "cpu", max_batch=2 * n))
+    ref = draw(create_engine(ck, backend="onnxruntime", device="cpu", max_batch=2 * n))
     for graphs, precision in ((False, "fp32"), (True, "fp32"), (False, "tf32")):
-        engine = create_engine("torch", ck, "cuda:0", max_batch=2 * n, cuda_graphs=graphs, precision=precision)
+        engine = create_engine(ck, backend="torch", device="cuda:0", max_batch=2 * n, cuda_graphs=graphs,
+                               precision=precision)
         for stream in (False, True):
             got = draw(engine, stream)
             key = f"images_{precision}_graphs_{graphs}{'_encoder_stream' if stream else ''}_max_pixel_diff_vs_ort_cpu"
@@ -177,7 +178,7 @@ def bare_loop(ck: Path, results: dict, graphs: bool, slots: int = 64, seconds: f
     """The reference sampler on the same batch as the service's slots: the ceiling for the service."""
     model = load_checkpoint(ck)
     d = model.defaults
-    engine = create_engine("torch", ck, "cuda:0", max_batch=2 * slots, cuda_graphs=graphs)
+    engine = create_engine(ck, backend="torch", device="cuda:0", max_batch=2 * slots, cuda_graphs=graphs)
     results[f"bare_engine{'+graphs' if graphs else ''}_b{slots}_images_per_s"] = bench_cell(
         engine, model, slots, d.steps, d.encoder_interval, d.guidance_scale, min_seconds=seconds)
 

@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 import numpy as np
 from fastapi import Depends, FastAPI, Request
@@ -27,7 +28,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from dualrate.checkpoint import load_checkpoint, read_card
 from dualrate.config import ModelConfig
 from dualrate.diffusion import CosineSchedule
-from engines import Engine, create_engine
+from engines import Engine, EngineConfig, create_engine
 from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, QueueFull, ServiceError
 from service.metrics import PrometheusStats
 from service.scheduler import GenerationSpec, Scheduler
@@ -101,9 +102,10 @@ def encode_pngs(images: list[np.ndarray]) -> list[str]:
     return out
 
 
-def create_app(settings: Settings | None = None, engine_factory: Callable[..., Engine] = create_engine) -> FastAPI:
-    """`engine_factory` builds the engine from (backend, checkpoint, device, max_batch, threads, cuda_graphs):
-    `engines.create_engine`, or a wrapper around it (a failing engine double in the failure tests)."""
+def create_app(settings: Settings | None = None,
+               engine_factory: Callable[[Path, EngineConfig], Engine] = create_engine) -> FastAPI:
+    """`engine_factory(checkpoint, engine config)` builds the engine: `engines.create_engine`, or a wrapper around it
+    (a failing engine double in the failure tests)."""
     settings = settings or Settings()
     state = AppState(settings)
     cfg = ModelConfig.from_dict(read_card(settings.checkpoint)["config"])  # geometry and labels, before the weights
@@ -115,11 +117,7 @@ def create_app(settings: Settings | None = None, engine_factory: Callable[..., E
         state.model_card = model.card
         state.defaults = {"steps": model.defaults.steps, "encoder_interval": model.defaults.encoder_interval,
                           "guidance_scale": model.defaults.guidance_scale}
-        device = None if settings.device == "auto" else settings.device
-        state.engine = await asyncio.to_thread(
-            engine_factory, settings.backend, settings.checkpoint, device, 2 * settings.max_active_images,
-            settings.threads, settings.cuda_graphs,
-        )
+        state.engine = await asyncio.to_thread(engine_factory, settings.checkpoint, settings.engine_config())
         if settings.warmup:
             await asyncio.to_thread(state.engine.warmup, (1, 2 * settings.max_active_images))
         state.scheduler = Scheduler(

@@ -10,7 +10,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT
-from engines import Backend
+from engines import Backend, EngineConfig, Precision
 from service.scheduler import Policy
 
 
@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address uvicorn binds")
     port: int = Field(8000, ge=1, le=65535)
     backend: Backend = Field(Backend.ONNXRUNTIME, description="onnxruntime | torch | tensorrt | auto")
+    precision: Precision = Field(Precision.FP32, description="fp32 | tf32 | bf16 | fp16: each backend runs its own "
+                                 "set (onnxruntime fp32; torch all, tf32 on CUDA; tensorrt fp16) and refuses the rest")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = cuda:0 if present, else cpu")
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint folder (weights + model card)")
     max_active_images: int = Field(32, ge=1, le=512, description="images advanced together per tick (batch slots)")
@@ -66,6 +68,11 @@ class Settings(BaseSettings):
         if any(not k.get_secret_value().isascii() or not k.get_secret_value() for k in v):
             raise ValueError("keys must be non-empty printable ASCII (they travel in an HTTP header)")
         return v
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's one typed config; a guided image takes two rows, so the engine takes 2 x the slots."""
+        return EngineConfig(backend=self.backend, device=self.device, max_batch=2 * self.max_active_images,
+                            precision=self.precision, threads=self.threads, cuda_graphs=self.cuda_graphs)
 
     @property
     def effective_drain_timeout_s(self) -> float:

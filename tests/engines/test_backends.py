@@ -15,8 +15,8 @@ from tests.conftest import encoder_waits_for_light_network
 
 @pytest.fixture(scope="module")
 def engines(checkpoint_dir, onnx_dir):
-    ort = create_engine("onnxruntime", checkpoint_dir, "cpu", max_batch=32)
-    pt = create_engine("torch", checkpoint_dir, "cpu", max_batch=32)
+    ort = create_engine(checkpoint_dir, backend="onnxruntime", device="cpu", max_batch=32)
+    pt = create_engine(checkpoint_dir, backend="torch", device="cpu", max_batch=32)
     yield {"onnxruntime": ort, "torch": pt}
     ort.close()
     pt.close()
@@ -115,9 +115,9 @@ def test_auto_resolves_to_onnxruntime_without_gpu():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs an NVIDIA GPU with CUDA")
 def test_torch_cuda_matches_cpu_with_stream_and_graphs(checkpoint_dir):
-    cpu = create_engine("torch", checkpoint_dir, "cpu", max_batch=16)
+    cpu = create_engine(checkpoint_dir, backend="torch", device="cpu", max_batch=16)
     for graphs in (False, True):
-        gpu = create_engine("torch", checkpoint_dir, "cuda:0", max_batch=16, cuda_graphs=graphs)
+        gpu = create_engine(checkpoint_dir, backend="torch", device="cuda:0", max_batch=16, cuda_graphs=graphs)
         z, t, tau, label = mixed_rows(8)
         feats = gpu.encode_async(z.cuda(), tau.cuda(), label.cuda()).result()
         v = gpu.denoise(z.cuda(), t.cuda(), tau.cuda(), label.cuda(), feats).cpu()
@@ -134,10 +134,21 @@ def _has_tensorrt() -> bool:
 @pytest.mark.tensorrt
 @pytest.mark.skipif(not _has_tensorrt(), reason="needs TensorRT and an NVIDIA GPU")
 def test_tensorrt_matches_onnxruntime(checkpoint_dir):
-    trt = create_engine("tensorrt", checkpoint_dir, "cuda:0", max_batch=16)
-    ref = create_engine("onnxruntime", checkpoint_dir, "cpu", max_batch=16)
+    trt = create_engine(checkpoint_dir, backend="tensorrt", device="cuda:0", max_batch=16, precision="fp16")
+    ref = create_engine(checkpoint_dir, backend="onnxruntime", device="cpu", max_batch=16)
     z, t, tau, label = mixed_rows(8)
     feats = trt.encode_async(z.cuda(), tau.cuda(), label.cuda()).result()
     v = trt.denoise(z.cuda(), t.cuda(), tau.cuda(), label.cuda(), feats).cpu()
     v_ref = ref.denoise(z, t, tau, label, ref.encode(z, tau, label))
     assert torch.allclose(v, v_ref, atol=5e-2, rtol=5e-2)  # FP16 engine
+
+
+def test_each_backend_honours_or_refuses_a_precision(checkpoint_dir):
+    from engines import EngineConfig, EngineError, Precision
+
+    with pytest.raises(EngineError, match="onnxruntime backend runs precision fp32, not bf16"):
+        create_engine(checkpoint_dir, EngineConfig(backend="onnxruntime", device="cpu", precision=Precision.BF16))
+    e = create_engine(checkpoint_dir, EngineConfig(backend="torch", device="cpu", max_batch=4, precision="bf16"))
+    assert e.info.precision == "bf16"
+    with pytest.raises(ValueError):
+        EngineConfig(precision="fp8")

@@ -61,7 +61,7 @@ class FailingEngine(Engine):
 
 @pytest.fixture(scope="module")
 def engine(checkpoint_dir, onnx_dir):
-    e = create_engine("onnxruntime", checkpoint_dir, "cpu", max_batch=32)
+    e = create_engine(checkpoint_dir, backend="onnxruntime", device="cpu", max_batch=32)
     yield e
     e.close()
 
@@ -120,7 +120,7 @@ def test_poisoned_request_over_http(checkpoint_dir, onnx_dir, caplog):
     port = free_port()
     settings = Settings(port=port, checkpoint=checkpoint_dir, backend="onnxruntime", device="cpu",
                         max_active_images=16, max_images_per_request=2, threads=2)
-    app = create_app(settings, engine_factory=lambda *a, **k: FailingEngine(create_engine(*a, **k), poison=POISON))
+    app = create_app(settings, engine_factory=lambda ck, cfg: FailingEngine(create_engine(ck, cfg), poison=POISON))
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     th = threading.Thread(target=server.run, daemon=True)
     th.start()

@@ -40,7 +40,7 @@ def decode(b64: str) -> Image.Image:
 def test_reference_cli_and_service_agree(which, backend, checkpoint_dir, tiny_rgb, start_server, tmp_path):
     ck = checkpoint_dir if which == "shipped" else tiny_rgb
     cfg = load_checkpoint(ck).cfg
-    engine = create_engine(backend, ck, "cpu", max_batch=16)
+    engine = create_engine(ck, backend=backend, device="cpu", max_batch=16)
     sched = CosineSchedule(cfg.logsnr_min, cfg.logsnr_max)
     x, _ = dual_rate_sample(engine.encode, engine.denoise, torch.full((3,), REQ["class_label"]), [77, 78, 79],
                             REQ["steps"], REQ["encoder_interval"], REQ["guidance_scale"], sched, cfg.null_label,

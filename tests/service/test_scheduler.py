@@ -25,7 +25,7 @@ class Recorder(StatsSink):
 
 @pytest.fixture(scope="module")
 def engine(checkpoint_dir, onnx_dir):
-    e = create_engine("onnxruntime", checkpoint_dir, "cpu", max_batch=16)
+    e = create_engine(checkpoint_dir, backend="onnxruntime", device="cpu", max_batch=16)
     yield e
     e.close()
 
