@@ -101,7 +101,8 @@ RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app 
 COPY --chown=app:app checkpoints checkpoints
 COPY --from=onnx --chown=app:app /app/artifacts/onnx /app/artifacts/onnx
 COPY --chown=app:app deploy/gpu-entrypoint.sh /usr/local/bin/gpu-entrypoint.sh
-ENV DUALRATE_HOST=0.0.0.0 DUALRATE_PORT=8000 DUALRATE_BACKEND=auto DUALRATE_DEVICE=cuda:0 \
+# fp16: TensorRT's engines (built from the FP16 graphs); where TensorRT is missing, torch runs fp16 autocast.
+ENV DUALRATE_HOST=0.0.0.0 DUALRATE_PORT=8000 DUALRATE_BACKEND=auto DUALRATE_DEVICE=cuda:0 DUALRATE_PRECISION=fp16 \
     DUALRATE_ONNX_CACHE=/app/artifacts/onnx DUALRATE_ENGINE_CACHE=/var/cache/dualrate/engines \
     DUALRATE_MAX_TIMEOUT_S=120 DUALRATE_DEFAULT_TIMEOUT_S=120 DUALRATE_DRAIN_TIMEOUT_S=130
 VOLUME ["/var/cache/dualrate/engines"]

@@ -131,11 +131,11 @@ def sweep_configs(default_steps: int, default_g: float) -> list[tuple[int, int |
     return rows
 
 
-def run_sweep(model: LoadedModel, ev: Evaluator, n_images: int, configs) -> list[SweepRow]:
+def run_sweep(model: LoadedModel, ev: Evaluator, n_images: int, configs, seed: int = 10_000) -> list[SweepRow]:
     enc_f, den_f = per_image_flops(model.cfg)
     rows = []
     for steps, k, g, note in tqdm(configs, desc="sweep"):
-        imgs, labels, secs, calls = generate(model, n_images, steps, k, g)
+        imgs, labels, secs, calls = generate(model, n_images, steps, k, g, seed=seed)
         mult = 2 if g != 1.0 else 1  # guided images run cond + uncond rows
         flops = mult * (calls * enc_f + steps * den_f)
         row = SweepRow(steps, k, g, ev.fid(imgs), ev.accuracy(imgs, labels), calls, flops / 1e9, n_images / secs, note)
@@ -191,6 +191,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--check", action="store_true",
                    help="only K = 1, 4, 8 and zeroed features at the default steps, side by side with the committed "
                    "sweep.json: writes check.md / check.json (e.g. after a change to the sampler's noise)")
+    p.add_argument("--seed", type=int, default=10_000, help="--check: first seed of the sample set (sweep.json: 10000)")
+    p.add_argument("--ks", default="1,4,8,zeroed", help="--check: the rows, K values or 'zeroed'")
+    p.add_argument("--name", default="check", help="--check: output file name (<name>.md, <name>.json)")
     a = p.parse_args(argv)
     if a.check:
         check(a, argv)
@@ -230,8 +233,9 @@ def check(a: argparse.Namespace, argv: list[str] | None) -> None:
     torch.set_grad_enabled(False)
     model = load_checkpoint(a.checkpoint)
     d = model.defaults
-    configs = [(d.steps, k, d.guidance_scale, "") for k in (1, 4, 8)] + [(d.steps, None, d.guidance_scale, "zeroed")]
-    rows = run_sweep(model, Evaluator(), a.num_images, configs)
+    ks = [None if k == "zeroed" else int(k) for k in a.ks.split(",")]
+    configs = [(d.steps, k, d.guidance_scale, "" if k else "zeroed") for k in ks]
+    rows = run_sweep(model, Evaluator(), a.num_images, configs, seed=a.seed)
     before = {(r["steps"], r["encoder_interval"], r["guidance_scale"]): r
               for r in json.loads((a.out / "sweep.json").read_text())}
     lines = ["| N | K | FID now | FID in sweep.json | ratio | accuracy now | accuracy before |", "|---:|---:|---:|---:|---:|---:|---:|"]
@@ -242,13 +246,14 @@ def check(a: argparse.Namespace, argv: list[str] | None) -> None:
                      f"{100 * r.accuracy:.1f}% | {100 * b['accuracy']:.1f}% |" if b else f"| {r.steps} | {k} | {r.fid:.2f} | | | |")
     command = f"python -m dualrate.evaluate {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
     prov = provenance(a.checkpoint, command)
-    (a.out / "check.json").write_text(json.dumps({**prov, "rows": [asdict(r) for r in rows]}, indent=2) + "\n")
+    (a.out / f"{a.name}.json").write_text(json.dumps({**prov, "seed": a.seed, "rows": [asdict(r) for r in rows]},
+                                                     indent=2) + "\n")
     table = "\n".join(lines)
-    (a.out / "check.md").write_text(
+    (a.out / f"{a.name}.md").write_text(
         "# Quality check against the committed sweep\n\n"
-        f"Raw output: [check.json](check.json) (date {prov['date']}, commit {prov['git_commit'][:12]}, checkpoint "
+        f"Raw output: [{a.name}.json]({a.name}.json) (date {prov['date']}, commit {prov['git_commit'][:12]}, checkpoint "
         f"sha256 {prov['checkpoint_sha256'][:12]}). Command: `{command}`; {a.num_images} conditional samples per row, "
-        "the same seeds and evaluator as sweep.json.\n\n" + table + "\n")
+        "first seed {a.seed} (sweep.json: 10000), the same evaluator as sweep.json.\n\n" + table + "\n")
     print(table)
 
 

@@ -23,15 +23,18 @@ class Backend(StrEnum):
     TENSORRT = "tensorrt"
 
 
-def resolve_backend(name: str | Backend, device: str | None = None) -> tuple[Backend, str]:
-    """-> (concrete backend, device). `device=None` means the best available."""
+def resolve_backend(name: str | Backend, device: str | None = None,
+                    precision: Precision = Precision.FP32) -> tuple[Backend, str]:
+    """-> (concrete backend, device). `device=None` means the best available. `auto` on a GPU takes TensorRT where it
+    is importable and the precision is one it runs (fp16), else torch."""
     backend = Backend(name)
     has_cuda = torch.cuda.is_available()
     if device is None or device == "auto":
         device = "cuda:0" if has_cuda else "cpu"
     if backend is Backend.AUTO:
         if device.startswith("cuda") and has_cuda:
-            backend = Backend.TENSORRT if importlib.util.find_spec("tensorrt") else Backend.TORCH
+            trt = importlib.util.find_spec("tensorrt") is not None and precision is Precision.FP16
+            backend = Backend.TENSORRT if trt else Backend.TORCH
         else:
             backend = Backend.ONNXRUNTIME
     if backend is Backend.TENSORRT and not device.startswith("cuda"):
@@ -61,7 +64,7 @@ def create_engine(checkpoint: Path | str = DEFAULT_CHECKPOINT, config: EngineCon
     """Build a ready engine (ONNX export / TensorRT build happen here if their caches are stale). `options` are
     EngineConfig fields that replace those of `config` (`create_engine(ck, backend="torch", device="cpu")`)."""
     cfg = replace(config or EngineConfig(), **options)
-    kind, device = resolve_backend(cfg.backend, None if cfg.device == "auto" else cfg.device)
+    kind, device = resolve_backend(cfg.backend, None if cfg.device == "auto" else cfg.device, cfg.precision)
     checkpoint = Path(checkpoint)
     log.info("engine: backend=%s device=%s precision=%s checkpoint=%s", kind, device, cfg.precision, checkpoint)
     cls = _backend_class(kind)

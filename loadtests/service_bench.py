@@ -156,6 +156,49 @@ def saturation_only(a: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+def interleaved(a: argparse.Namespace, argv: list[str] | None) -> None:
+    """Saturation, bare engine loop and service alternately, `a.pairs` times each, in one run: the service's share of
+    the bare loop per pair and their median, with the tick's time split by the service's own metrics."""
+    d = load_checkpoint(a.checkpoint).defaults
+    body = {"num_images": 1, "steps": d.steps, "encoder_interval": d.encoder_interval, "guidance_scale": d.guidance_scale}
+    pairs = []
+    for i in range(a.pairs):
+        bare = bare_engine_ips(a.checkpoint, a.slots, d.steps, d.encoder_interval, d.guidance_scale, a.seconds)
+        srv = ServerProcess(a.checkpoint, Path("/tmp/dualrate-bench-interleaved.log"), max_active_images=a.slots,
+                            max_images_per_request=a.slots, queue_size=1024)
+        try:
+            srv.wait_ready()
+            (ips, _), br = tick_breakdown(srv.url, lambda u=srv.url: asyncio.run(closed_loop(u, 2 * a.slots, a.seconds, body)))
+        finally:
+            srv.terminate()
+        pairs.append({"bare_images_per_s": bare, "service_images_per_s": ips, "ratio": ips / bare, **br})
+        log.info("pair %d: bare %.2f, service %.2f images/s (%.3f)", i + 1, bare, ips, ips / bare)
+    median = statistics.median(p["ratio"] for p in pairs)
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command = f"python -m loadtests.service_bench {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    lines = [f"### Saturation, bare loop and service interleaved, {stamp}, {platform.machine()} CPU, onnxruntime", "",
+             f"Command: `{command}`", "",
+             f"Requests: 1 image, N = {d.steps}, K = {d.encoder_interval}, guidance {d.guidance_scale}; "
+             f"{a.slots} slots ({2 * a.slots} closed-loop clients), bare loop on the same batch; {a.seconds:.0f} s per "
+             f"measurement. **Median service / bare over the {a.pairs} pairs: {median:.3f}.**", "",
+             "| pair | bare engine images/s | service images/s | service / bare | time in ticks | in light network "
+             "| in encoder (async) | rows/tick | ms/tick outside light network |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for i, p in enumerate(pairs, 1):
+        lines.append(f"| {i} | {p['bare_images_per_s']:.2f} | {p['service_images_per_s']:.2f} | {p['ratio']:.3f} | "
+                     f"{p['in_ticks']:.0%} | {p['in_light_network']:.0%} | {p['in_encoder']:.0%} | "
+                     f"{p['rows_per_tick']:.1f} | {p['ms_per_tick_outside_light_network']:.1f} |")
+    if a.out:
+        raw = {**provenance(a.checkpoint, command), "slots": a.slots, "seconds": a.seconds, "request": body,
+               "pairs": pairs, "median_ratio": median}
+        lines[4:4] = [record_raw(a.out, raw), ""]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if a.out:
+        with a.out.open("a") as f:
+            f.write("\n" + report)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m loadtests.service_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -166,7 +209,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--saturation", nargs="+", metavar="KEY=VALUE[,KEY=VALUE]", default=None,
                    help="only compare saturation: bare engine loop, then the service once per given settings set "
                         "(e.g. threads=1 overlap_encoder=false), alternating, and print a table")
+    p.add_argument("--pairs", type=int, default=0,
+                   help="only saturation: bare loop and service interleaved this many times each (median ratio)")
     a = p.parse_args(argv)
+    if a.pairs:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        interleaved(a, argv)
+        return
     if a.saturation:
         saturation_only(a)
         return

@@ -11,7 +11,9 @@
 5. the service on CUDA (torch backend, encoder on its stream; aligned admission on and off; CUDA graphs): the same seed
    alone and under concurrent load (max pixel difference), encoder_calls = ceil(steps / K), images/s at saturation
    against the bare engine loop on the same batch (graphs off and on);
-6. the TensorRT path (build, parity, images/s) where `tensorrt` is importable.
+6. the TensorRT path (build, parity, images/s) where `tensorrt` is importable;
+7. scale / scale-rgb64: the service against the bare loop on the same batch, 64 and 256 slots, eager and CUDA graphs,
+   for the shipped checkpoint and a random `rgb64` one (3x64x64), each figure with the checkpoint hash and commit.
 Prints a short table at the end and writes it (plus json) under --out.
 """
 
@@ -174,13 +176,29 @@ def service(ck: Path, results: dict, out: Path, name: str, settings: dict, slots
         srv.terminate()
 
 
-def bare_loop(ck: Path, results: dict, graphs: bool, slots: int = 64, seconds: float = 10.0) -> None:
+def bare_loop(ck: Path, results: dict, graphs: bool, slots: int = 64, seconds: float = 10.0, prefix: str = "") -> float:
     """The reference sampler on the same batch as the service's slots: the ceiling for the service."""
     model = load_checkpoint(ck)
     d = model.defaults
     engine = create_engine(ck, backend="torch", device="cuda:0", max_batch=2 * slots, cuda_graphs=graphs)
-    results[f"bare_engine{'+graphs' if graphs else ''}_b{slots}_images_per_s"] = bench_cell(
-        engine, model, slots, d.steps, d.encoder_interval, d.guidance_scale, min_seconds=seconds)
+    ips = bench_cell(engine, model, slots, d.steps, d.encoder_interval, d.guidance_scale, min_seconds=seconds)
+    results[f"{prefix}bare_engine{'+graphs' if graphs else ''}_b{slots}_images_per_s"] = ips
+    engine.close()
+    return ips
+
+
+def scale(ck: Path, name: str, results: dict, out: Path, seconds: float = 8.0) -> None:
+    """Service vs bare engine loop on the same batch, at 64 and 256 slots, eager and CUDA graphs, for one checkpoint:
+    the service's share of the bare loop is the figure that says how much the serving machinery costs."""
+    from dualrate.checkpoint import checkpoint_hash
+
+    results[f"{name}_checkpoint_sha256"] = checkpoint_hash(ck)
+    for slots in (64, 256):
+        for graphs in (False, True):
+            tag = f"{name}_b{slots}{'+graphs' if graphs else ''}"
+            bare = bare_loop(ck, results, graphs, slots, seconds, prefix=f"{name}_")
+            service(ck, results, out, tag, {"cuda_graphs": graphs}, slots=slots, seconds=seconds)
+            results[f"{tag}_service_vs_bare"] = results[f"{tag}_images_per_s"] / bare
 
 
 def main() -> int:
@@ -192,7 +210,10 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA GPU visible to torch: nothing to check")
         return 2
-    res: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    from dualrate.init import init_checkpoint
+    from dualrate.provenance import git_commit
+
+    res: dict = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "git_commit": git_commit()}
     ck = a.checkpoint
     steps = [("parity", lambda: parity(ck, res)), ("overlap32", lambda: overlap(ck, res, 32)),
              ("overlap256", lambda: overlap(ck, res, 256)),
@@ -201,7 +222,9 @@ def main() -> int:
              ("bare", lambda: bare_loop(ck, res, False)), ("bare+graphs", lambda: bare_loop(ck, res, True)),
              ("service", lambda: service(ck, res, a.out, "service", {})),
              ("service_unaligned", lambda: service(ck, res, a.out, "service_unaligned", {"align_encoder": False})),
-             ("service+graphs", lambda: service(ck, res, a.out, "service+graphs", {"cuda_graphs": True}))]
+             ("service+graphs", lambda: service(ck, res, a.out, "service+graphs", {"cuda_graphs": True})),
+             ("scale", lambda: scale(ck, "mnist-small", res, a.out)),
+             ("scale-rgb64", lambda: scale(init_checkpoint("rgb64", a.out / "rgb64-random"), "rgb64", res, a.out))]
     try:
         import tensorrt  # noqa: F401
 
