@@ -35,5 +35,5 @@ PYEOF
 else
     export PYTHONPATH="$PWD"
 fi
-timeout 480 $PY scripts/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"
+timeout "${GPU_CHECK_TIMEOUT:-480}" $PY scripts/gpu_check.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_check.log"
 timeout 180 $PY -m pytest -q -p no:cacheprovider -m "gpu or tensorrt" tests/engines 2>&1 | tee "$OUT/pytest.log"
