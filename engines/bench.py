@@ -42,7 +42,7 @@ def bench_cell(engine, model, batch: int, steps: int, k: int, g: float, min_seco
     sched = CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max)
     labels = torch.arange(batch) % 10
     run = lambda: dual_rate_sample(engine.encode, engine.denoise, labels, list(range(batch)), steps, k, g,  # noqa: E731
-                                   sched, model.cfg.null_label)
+                                   sched, model.cfg.null_label, sample_shape=model.cfg.sample_shape)
     run()  # warm
     n, t0 = 0, time.perf_counter()
     while True:

@@ -72,7 +72,8 @@ async def closed_loop(url: str, clients: int, seconds: float, body: dict) -> tup
             images += len(r.json()["images"])
 
     t0 = time.perf_counter()
-    async with httpx.AsyncClient(base_url=url, timeout=300) as c:
+    # One connection per client: httpx's default pool (100 connections) would cap the concurrency below the clients.
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=None)) as c:
         await asyncio.gather(*[client(c, i) for i in range(clients)])
     return images / (time.perf_counter() - t0), latencies
 

@@ -158,7 +158,7 @@ def service(ck: Path, results: dict, out: Path, name: str, settings: dict, slots
         results[f"{name}_encoder_calls_ok"] = alone["encoder_calls"] == math.ceil(d.steps / d.encoder_interval)
 
         async def crowd() -> list[dict]:
-            async with httpx.AsyncClient(base_url=srv.url, timeout=300) as c:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=300, limits=httpx.Limits(max_connections=None)) as c:
                 rs = await asyncio.gather(*[c.post("/generate", json={**body, "class_label": i % 10, "seed": 1000 + i})
                                             for i in range(2 * slots)], c.post("/generate", json=probe))
             return [r.json() for r in rs]
