@@ -41,3 +41,16 @@ def record_raw(markdown: Path, record: dict[str, Any]) -> str:
     raw_path.write_text(json.dumps({"runs": [*runs, record]}, indent=2) + "\n")
     return (f"Raw output: [{raw_path.name}]({raw_path.name}), run {len(runs)} (date {record.get('date')}, commit "
             f"{str(record.get('git_commit'))[:12]}, checkpoint sha256 {str(record.get('checkpoint_sha256'))[:12]}).")
+
+
+def publish(lines: list[str], out: Path | None, raw: dict[str, Any] | None) -> str:
+    """Print a benchmark's markdown report; with `out`, store `raw` beside it (record_raw), link it under the report's
+    command line (lines[4]) and append the report to `out`. -> the report."""
+    if out is not None and raw is not None:
+        lines = [*lines[:4], record_raw(out, raw), "", *lines[4:]]
+    report = "\n".join(lines) + "\n"
+    print(report)
+    if out is not None:
+        with Path(out).open("a") as f:
+            f.write("\n" + report)
+    return report

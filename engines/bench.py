@@ -21,7 +21,7 @@ import torch
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from dualrate.diffusion import CosineSchedule
 from dualrate.nets import per_image_flops
-from dualrate.provenance import provenance, record_raw
+from dualrate.provenance import provenance, publish
 from dualrate.sampler import dual_rate_sample
 from engines.factory import create_engine
 
@@ -93,18 +93,12 @@ def main(argv: list[str] | None = None) -> None:
     for name, b, k, ips, gf in rows:
         speedup = f"{ips / base[(name, b)]:.2f}x" if (name, b) in base and k != 1 else ""
         lines.append(f"| {name} | {b} | {k} | {ips:.2f} | {speedup} | {gf:.1f} | {100 * gf / peak32:.0f}% |")
-    if a.out:
-        command = f"python -m engines.bench {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
-        raw = {**provenance(a.checkpoint, command), "threads": torch.get_num_threads(), "steps": steps,
-               "guidance_scale": g, "matmul_peak_gflops": {"fp32": peak32, "bf16": peak16},
-               "cells": [{"backend": n, "batch": b, "k": k, "images_per_s": ips, "model_gflops": gf}
-                         for n, b, k, ips, gf in rows]}
-        lines[4:4] = [record_raw(a.out, raw), ""]
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if a.out:
-        with a.out.open("a") as f:
-            f.write("\n" + table)
+    command = f"python -m engines.bench {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    raw = {**provenance(a.checkpoint, command), "threads": torch.get_num_threads(), "steps": steps,
+           "guidance_scale": g, "matmul_peak_gflops": {"fp32": peak32, "bf16": peak16},
+           "cells": [{"backend": n, "batch": b, "k": k, "images_per_s": ips, "model_gflops": gf}
+                     for n, b, k, ips, gf in rows]}
+    publish(lines, a.out, raw)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import httpx
 import numpy as np
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT
-from dualrate.provenance import provenance, record_raw
+from dualrate.provenance import provenance, publish
 from service.process import ServerProcess, metric
 
 log = logging.getLogger("loadtests.run")
@@ -141,13 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     command = f"python -m loadtests.run {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
     raw = {**provenance(a.checkpoint, command), "users": a.users, "duration_s": a.duration, "slots": a.slots,
            "results": [{**asdict(s), "failures": dict(s.failures)} for s in results]}
-    table = "\n".join(lines) + "\n"
-    print(table)
-    if a.out:
-        lines[4:4] = [record_raw(a.out, raw), ""]
-        table = "\n".join(lines) + "\n"
-        with a.out.open("a") as f:
-            f.write("\n" + table)
+    publish(lines, a.out, raw)
     return 1 if any(s.failures for s in results) else 0
 
 

@@ -29,7 +29,7 @@ import torch
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from dualrate.diffusion import CosineSchedule
-from dualrate.provenance import provenance, record_raw
+from dualrate.provenance import provenance, publish
 from dualrate.sampler import dual_rate_sample
 from engines import create_engine
 from service.process import ServerProcess
@@ -189,15 +189,9 @@ def interleaved(a: argparse.Namespace, argv: list[str] | None) -> None:
         lines.append(f"| {i} | {p['bare_images_per_s']:.2f} | {p['service_images_per_s']:.2f} | {p['ratio']:.3f} | "
                      f"{p['in_ticks']:.0%} | {p['in_light_network']:.0%} | {p['in_encoder']:.0%} | "
                      f"{p['rows_per_tick']:.1f} | {p['ms_per_tick_outside_light_network']:.1f} |")
-    if a.out:
-        raw = {**provenance(a.checkpoint, command), "slots": a.slots, "seconds": a.seconds, "request": body,
-               "pairs": pairs, "median_ratio": median}
-        lines[4:4] = [record_raw(a.out, raw), ""]
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if a.out:
-        with a.out.open("a") as f:
-            f.write("\n" + report)
+    raw = {**provenance(a.checkpoint, command), "slots": a.slots, "seconds": a.seconds, "request": body,
+           "pairs": pairs, "median_ratio": median}
+    publish(lines, a.out, raw)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -273,16 +267,10 @@ def main(argv: list[str] | None = None) -> None:
         sh, lo = by_kind["short"], by_kind["long"]
         lines.append(f"| {policy} | {statistics.median(sh):.2f} | {pct(sh, 0.95):.2f} | {statistics.median(lo):.2f} | "
                      f"{pct(lo, 0.95):.2f} | {pct(sh + lo, 0.95):.2f} | {len(sh) + len(lo)} |")
-    if a.out:
-        command = f"python -m loadtests.service_bench {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
-        raw = {**provenance(a.checkpoint, command), "slots": a.slots, "seconds": a.seconds, "request": body,
-               "images_per_s": res, "mixed_latencies_s": lat}
-        lines[4:4] = [record_raw(a.out, raw), ""]
-    report = "\n".join(lines) + "\n"
-    print(report)
-    if a.out:
-        with a.out.open("a") as f:
-            f.write("\n" + report)
+    command = f"python -m loadtests.service_bench {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    raw = {**provenance(a.checkpoint, command), "slots": a.slots, "seconds": a.seconds, "request": body,
+           "images_per_s": res, "mixed_latencies_s": lat}
+    publish(lines, a.out, raw)
 
 
 if __name__ == "__main__":
