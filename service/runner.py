@@ -59,6 +59,16 @@ class TickOutcome:
     denoiser_rows: int = 0
 
 
+class _Ready:
+    """Features computed on the caller's thread, behind the same `result()` as an asynchronous handle."""
+
+    def __init__(self, feats: tuple[Tensor, ...]) -> None:
+        self.feats = feats
+
+    def result(self) -> tuple[Tensor, ...]:
+        return self.feats
+
+
 class Runner:
     def __init__(self, engine: Engine, sched: CosineSchedule, null_label: int, max_active_images: int,
                  overlap_encoder: bool = True, output_size: int | None = None, stats: StatsSink | None = None) -> None:
@@ -137,7 +147,9 @@ class Runner:
         if due:
             pos_d, (zd, td, _, yd, rows_d) = self._rows(plan, idx, due, uncond_pos)
             t_enc = time.perf_counter()
-            handle = self.engine.encode_async(zd, td, yd)  # its own stream / worker thread
+            # Its own stream / worker thread when the light network has other rows to run meanwhile; with nothing to
+            # overlap (every row due, as aligned admission makes most refresh ticks) a hand-off would only cost.
+            handle = self.engine.encode_async(zd, td, yd) if rest else _Ready(self.engine.encode(zd, td, yd))
         if handle is not None and rest and not self.overlap_encoder:
             # No overlap: wait for the features, then one light-network call over every row (one bigger batch).
             self._store(rows_d, handle.result(), t_enc)
