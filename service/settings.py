@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT
 from engines import Backend, EngineConfig, Precision
-from service.scheduler import Policy
+from service.admission import Policy
 
 
 class Settings(BaseSettings):
@@ -90,6 +90,10 @@ class Settings(BaseSettings):
             raise ValueError("default_timeout_s must be <= max_timeout_s")
         if self.backend is Backend.TENSORRT and self.device == "cpu":
             raise ValueError("backend tensorrt needs device cuda or auto")
+        if self.precision is Precision.TF32 and self.device == "cpu":
+            raise ValueError("precision tf32 needs a CUDA device (set DUALRATE_DEVICE=cuda or another precision)")
+        if self.backend is Backend.ONNXRUNTIME and self.precision is not Precision.FP32:
+            raise ValueError(f"backend onnxruntime runs precision fp32 only, not {self.precision}")
         return self
 
 
