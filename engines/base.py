@@ -136,6 +136,14 @@ class Engine(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    @staticmethod
+    def contract_feeds(specs: list[dict], tensors: tuple[Tensor, ...]) -> dict[str, Tensor]:
+        """Name a network's inputs as the export contract (onnx.json) lists them, in its order: encoder (z, tau,
+        label), light network (z, t, tau, label, features...). Backends that run exported graphs feed by these names."""
+        if len(specs) != len(tensors):
+            raise EngineError(f"the export contract lists {len(specs)} inputs, the call gave {len(tensors)}: re-export")
+        return {s["name"]: t for s, t in zip(specs, tensors, strict=True)}
+
     def check_batch(self, n: int) -> None:
         if not 1 <= n <= self.max_batch:
             raise EngineError(f"batch of {n} rows outside 1..{self.max_batch} for {self.info.backend}")

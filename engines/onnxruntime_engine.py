@@ -95,13 +95,13 @@ class OnnxRuntimeEngine(Engine):
     def encode(self, z: Tensor, tau: Tensor, label: Tensor) -> Features:
         b = z.shape[0]
         self.check_batch(b)
-        outs = self._run(self._enc, {"z": z.float(), "tau": tau.float(), "label": label.long()},
-                         [(b, *s) for s in self.feature_shapes])
+        feeds = self.contract_feeds(self.sidecar["encoder"]["inputs"], (z.float(), tau.float(), label.long()))
+        outs = self._run(self._enc, feeds, [(b, *s) for s in self.feature_shapes])
         return tuple(outs)
 
     def denoise(self, z: Tensor, t: Tensor, tau: Tensor, label: Tensor, features: Features) -> Tensor:
         b = z.shape[0]
         self.check_batch(b)
-        feeds = {"z": z.float(), "t": t.float(), "tau": tau.float(), "label": label.long()}
-        feeds.update({f"feat{i}": f.float() for i, f in enumerate(features)})
+        feeds = self.contract_feeds(self.sidecar["denoiser"]["inputs"],
+                                    (z.float(), t.float(), tau.float(), label.long(), *(f.float() for f in features)))
         return self._run(self._den, feeds, [(b, *self.sample_shape)])[0]

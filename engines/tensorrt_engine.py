@@ -84,6 +84,7 @@ class TensorRTEngine(Engine):
         runtime = trt.Runtime(self._trt_logger)
         self._enc = _TrtNetwork(trt, runtime, Path(engine_dir) / "encoder.engine")
         self._den = _TrtNetwork(trt, runtime, Path(engine_dir) / "denoiser.engine")
+        self.sidecar = sidecar
         self.feature_shapes = [tuple(o["shape"]) for o in sidecar["encoder"]["outputs"]]
         self.sample_shape = tuple(sidecar["denoiser"]["outputs"][0]["shape"])
         self.max_batch = max_batch
@@ -104,11 +105,11 @@ class TensorRTEngine(Engine):
     def encode(self, z: Tensor, tau: Tensor, label: Tensor) -> Features:
         """On the current stream (the encoder stream inside `encode_async`)."""
         self.check_batch(z.shape[0])
-        feeds = {"z": z.cuda(), "tau": tau.cuda(), "label": label.cuda().long()}
+        feeds = self.contract_feeds(self.sidecar["encoder"]["inputs"], (z.cuda(), tau.cuda(), label.cuda().long()))
         return tuple(o.float() for o in self._enc(feeds, torch.cuda.current_stream().cuda_stream))
 
     def denoise(self, z: Tensor, t: Tensor, tau: Tensor, label: Tensor, features: Features) -> Tensor:
         self.check_batch(z.shape[0])
-        feeds = {"z": z.cuda(), "t": t.cuda(), "tau": tau.cuda(), "label": label.cuda().long()}
-        feeds.update({f"feat{i}": f for i, f in enumerate(features)})
+        feeds = self.contract_feeds(self.sidecar["denoiser"]["inputs"],
+                                    (z.cuda(), t.cuda(), tau.cuda(), label.cuda().long(), *features))
         return self._den(feeds, torch.cuda.current_stream().cuda_stream)[0].float()
