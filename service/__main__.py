@@ -87,6 +87,21 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+def raise_open_file_limit() -> None:
+    """Each client connection is a file descriptor; a soft limit of 1024 (a common default) is below what a few hundred
+    concurrent clients plus the libraries' own files need. Raise the soft limit to the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else max(soft, 65536)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            log.info("open-file limit raised from %d to %d", soft, target)
+        except (ValueError, OSError) as e:
+            log.warning("open-file limit stays %d (%s): at most about %d concurrent connections", soft, e, soft - 64)
+
+
 def main() -> int:
     try:
         settings = Settings()
@@ -95,6 +110,7 @@ def main() -> int:
             print(f"invalid setting: {line}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    raise_open_file_limit()
     app = create_app(settings)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             timeout_graceful_shutdown=10)

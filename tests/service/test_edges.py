@@ -120,3 +120,21 @@ def test_comma_separated_keys_and_odd_tokens(keyed):
         assert r.json()["error"] == "unauthorized"
     assert "Traceback" not in keyed.log()
     assert httpx.get(f"{keyed.url}/metrics").status_code == 200  # documented: /metrics stays open
+
+
+def test_the_service_raises_a_low_open_file_limit():
+    """A soft limit of 1024 open files caps concurrent connections below a few hundred clients plus the libraries'
+    files; the service raises it to the hard limit at start."""
+    import resource
+
+    from service.__main__ import raise_open_file_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard <= 1024:
+        pytest.skip(f"the hard limit here is {hard}: nothing to raise")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, hard))
+    try:
+        raise_open_file_limit()
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 1024
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
