@@ -238,9 +238,9 @@ class Scheduler:
                 return DeadlineExceeded("the request's deadline passed before its images were done")
             return None
 
-        for job in [j for j in self.queue if dead(j) is not None]:
+        for job, why in [(j, e) for j in self.queue if (e := dead(j)) is not None]:
             self.queue.remove(job)
-            self._finish_job(job, dead(job))
+            self._finish_job(job, why)
         failed = {a.job: err for a in self.active if (err := dead(a.job)) is not None}
         if failed:
             self._release([a for a in self.active if a.job in failed])
