@@ -26,7 +26,7 @@ from torch import Tensor
 
 from dualrate.data import to_uint8
 from dualrate.diffusion import CosineSchedule
-from dualrate.sampler import draw_noise, guided_step
+from dualrate.sampler import draw_noise, guided_step, preview_x0
 from engines import Engine
 from service.stats import NetworkCall, StatsSink
 
@@ -49,12 +49,14 @@ class TickPlan:
     due: tuple[bool, ...]  # the encoder refreshes this image's features at this step
     last: tuple[bool, ...]  # the image's final step: its picture is returned
     admitted: tuple[tuple[int, int], ...] = ()  # (slot, seed) of images joining now: z is set to noise draw 0 first
+    preview: tuple[bool, ...] = ()  # return this image's current x0 estimate (a streamed preview); () = none
 
 
 @dataclass
 class TickOutcome:
     finished: dict[int, np.ndarray] = field(default_factory=dict)  # slot -> delivered picture (uint8)
     failed: dict[int, str] = field(default_factory=dict)  # slot -> error id (logged with the traceback)
+    previews: dict[int, np.ndarray] = field(default_factory=dict)  # slot -> x0 estimate before this step (uint8)
     encoder_rows: int = 0
     denoiser_rows: int = 0
 
@@ -95,7 +97,7 @@ class Runner:
             return out
         ok, out.failed = self._isolate(plan, list(range(len(plan.slots))), retry=True)
         for idx, (v_cond, v_uncond, enc_rows, den_rows) in ok:
-            self._step(plan, idx, v_cond, v_uncond)
+            out.previews.update(self._step(plan, idx, v_cond, v_uncond))
             out.encoder_rows += enc_rows
             out.denoiser_rows += den_rows
             done = [i for i in idx if plan.last[i]]
@@ -123,14 +125,22 @@ class Runner:
         ok_b, bad_b = self._isolate(plan, idx[mid:], retry=False)
         return ok_a + ok_b, {**bad_a, **bad_b}
 
-    def _step(self, plan: TickPlan, idx: list[int], v_cond: Tensor, v_uncond: Tensor) -> None:
-        """The ancestral step for rows `idx`, each with its own noise (a function of its seed and step)."""
+    def _step(self, plan: TickPlan, idx: list[int], v_cond: Tensor, v_uncond: Tensor) -> dict[int, np.ndarray]:
+        """The ancestral step for rows `idx`, each with its own noise (a function of its seed and step).
+        -> slot -> preview picture, for the rows the plan asks a preview of (none asked: no extra work)."""
         dev = self.device
         slots = torch.tensor([plan.slots[i] for i in idx], device=dev)
         t, s, g = (torch.tensor([col[i] for i in idx], dtype=torch.float32, device=dev)
                    for col in (plan.t, plan.s, plan.guidance))
+        z = self.z[slots]
+        previews = {}
+        want = [j for j, i in enumerate(idx) if plan.preview and plan.preview[i]]
+        if want:
+            x0 = preview_x0(z[want], v_cond[want], v_uncond[want], g[want], t[want], self.sched)
+            previews = {plan.slots[idx[j]]: p for j, p in zip(want, to_uint8(x0, self.output_size), strict=True)}
         noise = draw_noise([plan.seeds[i] for i in idx], [plan.steps[i] + 1 for i in idx], self.sample_shape, dev)
-        self.z[slots] = guided_step(self.z[slots], v_cond, v_uncond, g, t, s, self.sched, noise)
+        self.z[slots] = guided_step(z, v_cond, v_uncond, g, t, s, self.sched, noise)
+        return previews
 
     # ---- the networks -----------------------------------------------------------------------------------------
 

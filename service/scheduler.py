@@ -25,6 +25,7 @@ from dualrate.sampler import encoder_due, needs_uncond_row
 from engines import Engine
 from service.admission import Policy, admission_policy
 from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, QueueFull, ServiceError
+from service.progress import Listener, emit_progress, preview_due
 from service.runner import Runner, TickPlan
 from service.stats import RequestDone, SchedulerSnapshot, StatsSink, TickStats
 
@@ -63,6 +64,9 @@ class Job:
     images: list[np.ndarray | None] = field(default_factory=list)
     encoder_calls: int = 0
     cancelled: bool = False
+    listener: Listener | None = None  # streamed events (service.progress), called on the scheduler thread
+    preview_every: int = 0  # a preview every this many steps of each image (0 = none); only with a listener
+    queue_position: int = 0  # requests ahead of it when it was queued
 
     def cancel(self) -> None:
         """Called from any thread (client disconnect); the slot is freed at the next tick."""
@@ -119,13 +123,15 @@ class Scheduler:
 
     # ---- submission side (event loop thread) -------------------------------------------------------------------
 
-    def submit(self, spec: GenerationSpec) -> Job:
+    def submit(self, spec: GenerationSpec, listener: Listener | None = None, preview_every: int = 0) -> Job:
+        """Queue a request. `listener` (optional) receives its progress and previews (service.progress)."""
         with self._cv:
             if not self._accepting:
                 raise NotReady("the service is draining and accepts no new requests")
             if len(self.queue) >= self.queue_size:
                 raise QueueFull(retry_after_s=max(1.0, float(np.ceil(len(self.queue) * 0.5))))
-            job = Job(spec, images=[None] * spec.num_images)
+            job = Job(spec, images=[None] * spec.num_images, listener=listener,
+                      preview_every=preview_every if listener is not None else 0, queue_position=len(self.queue))
             self.queue.append(job)
             self._cv.notify()
         return job
@@ -195,6 +201,7 @@ class Scheduler:
                 a.tau = a.times[a.step] if due else a.tau
                 a.encoder_calls += due
                 a.step += 1
+            emit_progress(batch, out.previews, failed_jobs)  # before any job resolves: its events come first
             finished = [a for a in batch if a.slot in out.finished and a.job not in failed_jobs]
             self._release(finished)
             for a in finished:
@@ -221,7 +228,7 @@ class Scheduler:
             t=tuple(a.times[a.step] for a in batch), s=tuple(a.times[a.step + 1] for a in batch),
             tau=tuple(a.times[a.step] if d else a.tau for a, d in zip(batch, due, strict=True)), due=due,
             last=tuple(a.step + 1 == a.job.spec.steps for a in batch),
-            admitted=tuple(self._admitted))
+            admitted=tuple(self._admitted), preview=preview_due(batch))
         self._admitted = []
         return plan
 

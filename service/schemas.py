@@ -32,6 +32,21 @@ class GenerateRequest(BaseModel):
     timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False,
                                     description="deadline in seconds (capped by the server's maximum)")
 
+class StreamRequest(GenerateRequest):
+    """POST /generate/stream: the /generate body, plus how often to send a preview."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"class_label": 7, "num_images": 2, "encoder_interval": 4, "seed": 42,
+                                         "preview_every": 4}]},
+    )
+
+    preview_every: int | None = Field(None, ge=0, le=4096, strict=True,
+                                      description="a preview (PNG of the current x0 estimate) every this many steps "
+                                      "per image; 0 = none; absent = the server's default; values below the server's "
+                                      "minimum are raised to it")
+
+
 class ImageOut(BaseModel):
     png_base64: str = Field(description="PNG, base64: the model's delivered size and mode (the shipped MNIST model: "
                             "28x28 grayscale; see /v1/model's image)")

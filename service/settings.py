@@ -40,12 +40,16 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="CPU threads per network (0 = library default)")
     cuda_graphs: bool = Field(False, description="torch backend on CUDA: capture graphs per batch bucket")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
-        default_factory=list, description="comma-separated (or a JSON list); if set, /generate and /v1/model require "
+        default_factory=list, description="comma-separated (or a JSON list); if set, /generate, /generate/stream and /v1/model require "
         "Authorization: Bearer <key> (health and /metrics stay open)")
     overlap_encoder: bool = Field(True, description="run the light network on rows that reuse features while the "
                                   "encoder refreshes the others (off: one light-network call per tick after the encoder)")
     align_encoder: bool = Field(True, description="admit an image at the next tick where the images with the same "
                                 "encoder_interval refresh (waits < K ticks), so they share encoder calls")
+    default_preview_every: int = Field(4, ge=0, description="/generate/stream: a preview every this many steps when the "
+                                       "request does not say (0 = none)")
+    min_preview_every: int = Field(2, ge=1, description="/generate/stream: the most often a request may ask for a "
+                                   "preview (smaller preview_every values are raised to this)")
     warmup: bool = True
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
 
@@ -73,6 +77,10 @@ class Settings(BaseSettings):
         """The engine's one typed config; a guided image takes two rows, so the engine takes 2 x the slots."""
         return EngineConfig(backend=self.backend, device=self.device, max_batch=2 * self.max_active_images,
                             precision=self.precision, threads=self.threads, cuda_graphs=self.cuda_graphs)
+
+    @property
+    def api_key_bytes(self) -> list[bytes]:
+        return [k.get_secret_value().encode("utf-8") for k in self.api_keys]
 
     @property
     def effective_drain_timeout_s(self) -> float:

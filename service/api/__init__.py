@@ -1,0 +1,10 @@
+"""The HTTP layer: routes per resource (`routes/`), dependencies (`deps`), and the one place a service error becomes
+an HTTP answer (`answers`). `service.app.create_app` assembles them."""
+
+from fastapi import APIRouter
+
+from service.api.routes import generate, health, model, pages
+
+api_router = APIRouter()
+for _module in (health, model, generate, pages):
+    api_router.include_router(_module.router)

@@ -1,0 +1,145 @@
+"""The one place a service error becomes an HTTP answer and its outcome is counted (dualrate_requests_total by
+kind): for plain responses (`error_response`, the exception handlers) and for the `error` event of a stream
+(`error_event`), which carries the same kind and status."""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.api.deps import Unauthorized
+from service.errors import EngineFailure, QueueFull, ServiceError
+from service.schemas import ErrorBody
+from service.state import AppState
+
+log = logging.getLogger("service")
+
+# Statuses that the framework raises (routing, body reading) -> the error kind of the documented error body.
+HTTP_KINDS = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+              415: "unsupported_media_type"}
+
+
+class LimitError(ServiceError):
+    """Fields valid in themselves but beyond this server's limits or this model (422, naming each field)."""
+
+    status, kind = 422, "invalid_request"
+
+    def __init__(self, fields: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{f} {m}" for f, m in fields))
+        self.fields = fields
+
+
+def error_response(state: AppState, status: int, kind: str, message: str, seconds: float = 0.0, *,
+                   error_id: str | None = None, details: list | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """An error answer in the documented body, counted by kind."""
+    state.metrics.request_answered(kind, seconds)
+    body = ErrorBody(error=kind, message=message, error_id=error_id, details=details)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
+
+
+def describe(e: ServiceError) -> tuple[int, ErrorBody, dict[str, str] | None]:
+    """A service error -> (HTTP status, error body, headers)."""
+    if isinstance(e, LimitError):
+        return 422, ErrorBody(error=e.kind, message=f"invalid field(s): {', '.join(f for f, _ in e.fields)}",
+                              details=[{"field": f, "message": m} for f, m in e.fields]), None
+    if isinstance(e, QueueFull):
+        return 429, ErrorBody(error=e.kind, message=str(e)), {"Retry-After": str(math.ceil(e.retry_after_s))}
+    if isinstance(e, EngineFailure):
+        return 500, ErrorBody(error=e.kind, message=str(e), error_id=e.error_id), None
+    return e.status, ErrorBody(error=e.kind, message=str(e)), None
+
+
+def service_error_response(state: AppState, e: ServiceError, seconds: float = 0.0) -> JSONResponse:
+    status, body, headers = describe(e)
+    return error_response(state, status, body.error, body.message, seconds, error_id=body.error_id,
+                          details=body.details, headers=headers)
+
+
+def error_event(state: AppState, e: ServiceError, seconds: float) -> dict[str, Any]:
+    """The payload of a stream's `error` event: the error body /generate would send, plus its status; counted."""
+    status, body, _ = describe(e)
+    state.metrics.request_answered(body.error, seconds)
+    return {"status": status, **body.model_dump(exclude_none=True)}
+
+
+def _is_json(content_type: str | None) -> bool:
+    media = (content_type or "").split(";")[0].strip().lower()
+    return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
+
+
+def _validation_details(exc: RequestValidationError) -> tuple[str, list[dict]]:
+    """-> (message, details) for a request that failed parsing or validation (422)."""
+    errors = exc.errors()
+    bad_json = next((e for e in errors if e.get("type") == "json_invalid"), None)
+    if bad_json is not None:
+        pos = bad_json["loc"][-1]
+        why = (bad_json.get("ctx") or {}).get("error", "JSON decode error")
+        msg = f"the body is not valid JSON: {why} at position {pos}"
+        return msg, [{"field": "body", "message": msg}]
+    details = []
+    for e in errors:
+        field = ".".join(str(p) for p in e["loc"] if p != "body")
+        message = e["msg"]
+        if e.get("type") == "finite_number":
+            message = "must be a finite number (NaN and infinity are not accepted)"
+        elif e.get("type") == "missing" and not field:
+            message = "a JSON object body is required"
+        details.append({"field": field or "body", "message": message})
+    return f"invalid field(s): {', '.join(d['field'] for d in details)}", details
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error the app or the framework raises is answered here, in the documented error body."""
+
+    def state_of(request: Request) -> AppState:
+        return request.app.state.dualrate
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        state = state_of(request)
+        if request.method == "POST" and not _is_json(request.headers.get("content-type")):
+            got = request.headers.get("content-type") or "no content type"
+            return error_response(state, 415, "unsupported_media_type",
+                                  f"expected a JSON body with content-type application/json, got {got}")
+        message, details = _validation_details(exc)
+        return error_response(state, 422, "invalid_request", message, details=details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        state = state_of(request)
+        kind = HTTP_KINDS.get(exc.status_code, "invalid_request" if exc.status_code < 500 else "internal")
+        message = str(exc.detail)
+        if exc.status_code == 400 and message == "There was an error parsing the body":
+            message = "the body could not be read as JSON (it must be UTF-8 encoded JSON)"
+        elif exc.status_code == 404:
+            message = f"no such path: {request.url.path} (see /docs)"
+        elif exc.status_code == 405:
+            message = f"{request.method} is not allowed on {request.url.path}"
+        elif exc.status_code == 413:
+            message = f"the request body is larger than {state.settings.max_body_bytes} bytes (DUALRATE_MAX_BODY_BYTES)"
+        return error_response(state, exc.status_code, kind, message, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Unauthorized)
+    async def _unauth(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(state_of(request), 401, "unauthorized",
+                              "missing or wrong API key: send Authorization: Bearer <key>",
+                              headers={"WWW-Authenticate": "Bearer"})
+
+    @app.exception_handler(ServiceError)
+    async def _service(request: Request, exc: ServiceError) -> JSONResponse:
+        return service_error_response(state_of(request), exc)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        error_id = uuid.uuid4().hex[:12]
+        log.exception("internal error %s on %s %s", error_id, request.method, request.url.path)
+        return error_response(state_of(request), 500, "internal", f"internal error (error id {error_id})",
+                              error_id=error_id)
