@@ -13,7 +13,6 @@ from pathlib import Path
 from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from prometheus_client import disable_created_metrics
-from sse_starlette.sse import AppStatus
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -33,9 +32,6 @@ __all__ = ["AppState", "create_app", "drain"]
 
 log = logging.getLogger("service")
 disable_created_metrics()  # no *_created series: they clutter the dashboard queries
-# Streams end when their request is answered; the drain (service.state.drain) waits for them. sse-starlette would
-# otherwise close every open stream as soon as uvicorn is asked to exit, before the drain has answered them.
-AppStatus.disable_automatic_graceful_drain()
 
 
 def create_app(settings: Settings | None = None,

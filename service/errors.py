@@ -34,3 +34,11 @@ class EngineFailure(ServiceError):
     def __init__(self, error_id: str, message: str) -> None:
         super().__init__(message)
         self.error_id = error_id
+
+
+class InternalError(ServiceError):
+    status, kind = 500, "internal"
+
+    def __init__(self, error_id: str) -> None:
+        super().__init__(f"internal error (error id {error_id})")
+        self.error_id = error_id

@@ -15,7 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.deps import Unauthorized
-from service.errors import EngineFailure, QueueFull, ServiceError
+from service.errors import EngineFailure, InternalError, QueueFull, ServiceError
 from service.schemas import ErrorBody
 from service.state import AppState
 
@@ -52,7 +52,7 @@ def describe(e: ServiceError) -> tuple[int, ErrorBody, dict[str, str] | None]:
                               details=[{"field": f, "message": m} for f, m in e.fields]), None
     if isinstance(e, QueueFull):
         return 429, ErrorBody(error=e.kind, message=str(e)), {"Retry-After": str(math.ceil(e.retry_after_s))}
-    if isinstance(e, EngineFailure):
+    if isinstance(e, EngineFailure | InternalError):
         return 500, ErrorBody(error=e.kind, message=str(e), error_id=e.error_id), None
     return e.status, ErrorBody(error=e.kind, message=str(e)), None
 

@@ -14,8 +14,10 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import secrets
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -27,11 +29,12 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.api.answers import LimitError, error_event, service_error_response
 from service.api.deps import Authorized, StateDep
-from service.errors import Cancelled, DeadlineExceeded, NotReady, ServiceError
+from service.errors import Cancelled, DeadlineExceeded, InternalError, NotReady, ServiceError
 from service.scheduler import GenerationSpec, Job, JobResult, Scheduler
 from service.schemas import ErrorBody, GenerateRequest, GenerateResponse, ImageOut, StreamRequest, Timings
 from service.state import AppState
 
+log = logging.getLogger("service")
 router = APIRouter(tags=["generate"], dependencies=[Authorized])
 
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (401, 413, 415, 422, 429, 500, 503, 504)}
@@ -153,7 +156,8 @@ async def _stream(req: StreamRequest, state: AppState, spec: GenerationSpec, job
         while (item := await asyncio.wait_for(events.get(), timeout=timeout + WAIT_MARGIN_S)) is not None:
             name, payload = item
             if name == "preview":
-                payload = {**payload, "png_base64": (await asyncio.to_thread(encode_pngs, [payload.pop("image")]))[0]}
+                image = payload.pop("image")
+                payload["png_base64"] = (await asyncio.to_thread(encode_pngs, [image]))[0]
             yield _event(name, payload)
         try:
             resp = await respond(req, spec, fut.result(), t0)
@@ -168,6 +172,12 @@ async def _stream(req: StreamRequest, state: AppState, spec: GenerationSpec, job
         abandon(job, fut)
         answered = True
         yield _event("error", error_event(state, DeadlineExceeded("no result within the deadline"), time.monotonic() - t0))
+    except Exception:  # a bug here: the client gets the error event /generate's 500 would have been
+        error_id = uuid.uuid4().hex[:12]
+        log.exception("internal error %s in a stream", error_id)
+        abandon(job, fut)
+        answered = True
+        yield _event("error", error_event(state, InternalError(error_id), time.monotonic() - t0))
     finally:
         state.open_streams -= 1
         if not answered:  # the client went away (sse-starlette cancelled this generator)

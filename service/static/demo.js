@@ -1,0 +1,206 @@
+// The demo page: reads /v1/model, then draws from POST /generate/stream (Server-Sent Events over fetch, since
+// EventSource cannot POST) and shows the previews forming, then the final images.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+let model = null;
+let controller = null;
+
+function headers() {
+  const h = { "Content-Type": "application/json" };
+  const key = $("api_key").value.trim();
+  if (key) h.Authorization = "Bearer " + key;
+  return h;
+}
+
+function setStatus(text, isError) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+}
+
+function qualityRows() {
+  const sweep = (model.card.quality && model.card.quality.sweep) || [];
+  const d = model.defaults;
+  return sweep.filter((r) => r.encoder_interval && r.steps === d.steps && r.guidance_scale === d.guidance_scale);
+}
+
+function fillForm() {
+  const d = model.defaults;
+  const cls = $("class_label");
+  cls.add(new Option("unconditional", ""));
+  for (let c = 0; c < model.image.num_classes; c++) cls.add(new Option(String(c), String(c)));
+  cls.value = "7";
+  const rows = qualityRows();
+  const base = rows.find((r) => r.encoder_interval === 1);
+  const ks = rows.length ? rows.map((r) => r.encoder_interval) : [1, 2, 4, 8, 16].filter((k) => k <= d.steps);
+  const kSel = $("encoder_interval");
+  for (const k of ks) {
+    const r = rows.find((x) => x.encoder_interval === k);
+    let text = "K = " + k;
+    if (r && r.fid != null) text += "  (FID " + r.fid.toFixed(2) + (base ? ", " + (r.fid / base.fid).toFixed(2) + "x K=1" : "") + ")";
+    kSel.add(new Option(text, String(k)));
+  }
+  kSel.value = String(d.encoder_interval);
+  $("guidance_scale").value = d.guidance_scale;
+  $("steps").value = d.steps;
+  $("steps").max = model.limits.max_steps;
+  $("num_images").max = model.limits.max_images_per_request;
+  $("num_images").value = Math.min(4, model.limits.max_images_per_request);
+  $("preview_every").min = model.limits.min_preview_every;
+  showCost();
+  $("model-line").textContent = model.name + " on " + model.backend + " (" + model.device + "), " +
+    model.image.output_size + "x" + model.image.output_size + " " + (model.image.png_mode === "L" ? "grayscale" : "RGB");
+}
+
+function showCost() {
+  const rows = qualityRows();
+  const r = rows.find((x) => String(x.encoder_interval) === $("encoder_interval").value);
+  const base = rows.find((x) => x.encoder_interval === 1);
+  $("k-cost").textContent = r && base
+    ? "Model card at K = " + r.encoder_interval + ": FID " + r.fid.toFixed(2) + " (K = 1: " + base.fid.toFixed(2) +
+      "), " + r.gflops_per_image.toFixed(2) + " GFLOPs per image (K = 1: " + base.gflops_per_image.toFixed(2) + ")."
+    : "";
+}
+
+function cells(n) {
+  const box = $("images");
+  box.innerHTML = "";
+  box.dataset.previews = "0";
+  box.dataset.done = "false";
+  const out = [];
+  for (let i = 0; i < n; i++) {
+    const fig = document.createElement("figure");
+    const img = document.createElement("img");
+    img.alt = "image " + i;
+    const cap = document.createElement("figcaption");
+    cap.textContent = "waiting";
+    fig.append(img, cap);
+    box.append(fig);
+    out.push({ img, cap });
+  }
+  return out;
+}
+
+async function* sseEvents(response) {
+  // Server-Sent Events framing: lines "event: x" / "data: y", an empty line ends an event.
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, end);
+      buffer = buffer.slice(end + 2);
+      let event = "message";
+      const data = [];
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event:")) event = line.slice(6).trim();
+        else if (line.startsWith("data:")) data.push(line.slice(5).replace(/^ /, ""));
+      }
+      if (data.length) yield { event, data: JSON.parse(data.join("\n")) };
+    }
+  }
+}
+
+function requestBody() {
+  const num = (id) => Number($(id).value);
+  const body = {
+    class_label: $("class_label").value === "" ? null : num("class_label"),
+    num_images: num("num_images"),
+    steps: num("steps"),
+    encoder_interval: num("encoder_interval"),
+    guidance_scale: num("guidance_scale"),
+    preview_every: num("preview_every"),
+  };
+  if ($("seed").value !== "") body.seed = num("seed");
+  return body;
+}
+
+async function generate(ev) {
+  ev.preventDefault();
+  const body = requestBody();
+  const figs = cells(body.num_images);
+  const t0 = performance.now();
+  let previews = 0;
+  $("generate").disabled = true;
+  $("cancel").disabled = false;
+  $("summary").textContent = "";
+  $("progress").value = 0;
+  setStatus("sending…");
+  controller = new AbortController();
+  try {
+    const r = await fetch("/generate/stream", { method: "POST", headers: headers(), body: JSON.stringify(body),
+                                                signal: controller.signal });
+    if (!r.ok) {
+      const err = await r.json().catch(() => ({ message: r.statusText }));
+      const fields = (err.details || []).map((d) => d.field + ": " + d.message).join("; ");
+      setStatus("Error " + r.status + ": " + err.message + (fields ? " (" + fields + ")" : ""), true);
+      return;
+    }
+    for await (const { event, data } of sseEvents(r)) {
+      if (event === "queued") {
+        setStatus(data.position ? "queued behind " + data.position + " request(s)" : "starting");
+      } else if (event === "progress") {
+        $("progress").value = data.step / data.of;
+        setStatus("step " + data.step + " of " + data.of + " · encoder calls " + data.encoder_calls +
+                  " · images done " + data.images_done + "/" + data.num_images);
+      } else if (event === "preview") {
+        const f = figs[data.index];
+        f.img.src = "data:image/png;base64," + data.png_base64;
+        f.img.className = "preview";
+        f.cap.textContent = "step " + data.step;
+        previews += 1;
+        $("images").dataset.previews = String(previews);
+      } else if (event === "done") {
+        data.images.forEach((im, i) => {
+          figs[i].img.src = "data:image/png;base64," + im.png_base64;
+          figs[i].img.className = "final";
+          figs[i].cap.textContent = "seed " + im.seed;
+        });
+        $("images").dataset.done = "true";
+        $("progress").value = 1;
+        const secs = ((performance.now() - t0) / 1000).toFixed(2);
+        setStatus("done in " + secs + " s");
+        $("summary").textContent = data.images.length + " image(s), " + data.steps + " steps, K = " +
+          data.encoder_interval + ": " + data.encoder_calls + " encoder calls and " + data.denoiser_calls +
+          " light-network calls per image; server time " + (data.timings.total_ms / 1000).toFixed(2) + " s (queue " +
+          (data.timings.queue_ms / 1000).toFixed(2) + " s); " + previews + " previews.";
+      } else if (event === "error") {
+        setStatus("Error " + data.status + " (" + data.error + "): " + data.message, true);
+      }
+    }
+  } catch (e) {
+    setStatus(e.name === "AbortError" ? "cancelled" : "connection failed: " + e.message, e.name !== "AbortError");
+  } finally {
+    $("generate").disabled = false;
+    $("cancel").disabled = true;
+    controller = null;
+  }
+}
+
+async function loadModel() {
+  const r = await fetch("/v1/model", { headers: headers() });
+  if (!r.ok) {
+    $("model-line").textContent = "could not read /v1/model (" + r.status + ")" +
+      (r.status === 401 ? ": enter the API key" : "");
+    $("model-line").className = "error";
+    return;
+  }
+  model = await r.json();
+  $("model-line").className = "muted";
+  fillForm();
+}
+
+function init() {
+  $("form").addEventListener("submit", generate);
+  $("cancel").addEventListener("click", () => controller && controller.abort());
+  $("random-seed").addEventListener("click", () => { $("seed").value = Math.floor(Math.random() * 2 ** 31); });
+  $("encoder_interval").addEventListener("change", showCost);
+  $("api_key").addEventListener("change", () => { if (!model) loadModel(); });
+  loadModel();
+}
+
+init();
