@@ -1,0 +1,77 @@
+"""The demo page and the API docs in a real browser (headless Chromium via selenium) against a real server.
+
+Skipped only where Chromium cannot be installed; in CI (CI=true) a missing browser fails instead."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from loadtests.browser import chromium, chromium_paths
+
+pytestmark = pytest.mark.slow
+
+if chromium_paths() is None:
+    if os.environ.get("CI"):
+        raise RuntimeError("CI must run the browser tests: chromium / chromedriver missing (scripts/install_test_tools.sh)")
+    pytest.skip("chromium and chromedriver are not installed", allow_module_level=True)
+
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import Select, WebDriverWait  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(start_server):
+    return start_server(max_active_images=8, max_images_per_request=4, max_steps=256)
+
+
+@pytest.fixture(params=[(1280, 900), (390, 844)], ids=["desktop", "phone"])
+def browser(request):
+    driver = chromium(*request.param)
+    yield driver
+    driver.quit()
+
+
+def set_value(driver, element_id: str, value: object) -> None:
+    el = driver.find_element(By.ID, element_id)
+    el.clear()
+    el.send_keys(str(value))
+
+
+def test_demo_page_shows_previews_then_the_final_images(server, browser):
+    browser.get(server.url + "/")
+    wait = WebDriverWait(browser, 60, poll_frequency=0.02)
+    wait.until(lambda d: d.find_element(By.ID, "encoder_interval").find_elements(By.TAG_NAME, "option"))
+    k_options = [o.text for o in Select(browser.find_element(By.ID, "encoder_interval")).options]
+    assert any("FID" in t for t in k_options), k_options  # the card's FID cost beside K
+    Select(browser.find_element(By.ID, "class_label")).select_by_value("5")
+    set_value(browser, "num_images", 3)
+    set_value(browser, "steps", 96)
+    Select(browser.find_element(By.ID, "encoder_interval")).select_by_value("1")
+    set_value(browser, "preview_every", 2)
+    browser.find_element(By.ID, "generate").click()
+    images = browser.find_element(By.ID, "images")
+    # A preview is on the page while the final images are not yet there.
+    wait.until(lambda d: int(images.get_attribute("data-previews")) >= 1 and images.get_attribute("data-done") == "false")
+    WebDriverWait(browser, 120).until(lambda d: images.get_attribute("data-done") == "true")
+    finals = browser.find_elements(By.CSS_SELECTOR, "#images img.final")
+    assert len(finals) == 3
+    sizes = browser.execute_script(
+        "return [...document.querySelectorAll('#images img.final')].map(i => [i.complete, i.naturalWidth, i.naturalHeight])")
+    assert sizes == [[True, 28, 28]] * 3  # decoded PNGs of the model's size
+    summary = browser.find_element(By.ID, "summary").text
+    assert "96 encoder calls" in summary and "previews" in summary
+    assert "done in" in browser.find_element(By.ID, "status").text
+    # Fits the window: no horizontal scrolling on a phone or a desktop.
+    assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
+
+
+def test_api_docs_render_offline(server, browser):
+    browser.get(server.url + "/docs")
+    WebDriverWait(browser, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, ".opblock-summary-path"))
+    paths = {e.get_attribute("data-path") for e in browser.find_elements(By.CSS_SELECTOR, ".opblock-summary-path")}
+    assert {"/generate", "/generate/stream", "/v1/model", "/health/ready"} <= paths, paths
+    # Every script, style and image came from the service itself (no CDN).
+    resources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
+    assert resources and all(r.startswith(server.url) for r in resources), resources
