@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import platform
 import random
@@ -194,6 +195,85 @@ def interleaved(a: argparse.Namespace, argv: list[str] | None) -> None:
     publish(lines, a.out, raw)
 
 
+async def plain_and_streams(url: str, plain: int, extra: int, streaming: bool, seconds: float, body: dict,
+                            preview_every: int) -> dict[str, float]:
+    """`plain` closed-loop /generate clients beside `extra` more clients, which use /generate/stream with previews
+    every `preview_every` steps (streaming) or /generate (the control: the same load shape). -> images/s of each group,
+    and the previews received."""
+    counts = {"plain": 0, "extra": 0, "previews": 0}
+    stop = time.perf_counter() + seconds
+
+    async def plain_client(c: httpx.AsyncClient, i: int, group: str) -> None:
+        while time.perf_counter() < stop:
+            r = await c.post("/generate", json={**body, "class_label": i % 10})
+            r.raise_for_status()
+            counts[group] += len(r.json()["images"])
+
+    async def stream_client(c: httpx.AsyncClient, i: int) -> None:
+        while time.perf_counter() < stop:
+            req = {**body, "class_label": i % 10, "preview_every": preview_every}
+            async with c.stream("POST", "/generate/stream", json=req) as r:
+                r.raise_for_status()
+                event = ""
+                async for line in r.aiter_lines():
+                    if line.startswith("event:"):
+                        event = line[6:].strip()
+                        counts["previews"] += event == "preview"
+                    elif line.startswith("data:") and event in ("done", "error"):
+                        if event == "error":
+                            raise RuntimeError(f"stream error: {line}")
+                        counts["extra"] += len(json.loads(line[5:])["images"])
+
+    t0 = time.perf_counter()
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=None)) as c:
+        await asyncio.gather(*[plain_client(c, i, "plain") for i in range(plain)],
+                             *[(stream_client(c, i) if streaming else plain_client(c, i, "extra")) for i in range(extra)])
+    wall = time.perf_counter() - t0
+    return {"plain_images_per_s": counts["plain"] / wall, "extra_images_per_s": counts["extra"] / wall,
+            "total_images_per_s": (counts["plain"] + counts["extra"]) / wall, "previews": counts["previews"]}
+
+
+def stream_cost(a: argparse.Namespace, argv: list[str] | None) -> None:
+    """What streaming costs the others: one server at saturation, 16 plain clients beside 4 more clients that stream
+    with previews, or (the control) 4 more plain clients; alternated `a.stream_cost` times in one run."""
+    d = load_checkpoint(a.checkpoint).defaults
+    body = {"num_images": 1, "steps": d.steps, "encoder_interval": d.encoder_interval, "guidance_scale": d.guidance_scale}
+    srv = ServerProcess(a.checkpoint, Path("/tmp/dualrate-bench-stream.log"), max_active_images=a.slots,
+                        max_images_per_request=a.slots, queue_size=1024)
+    rounds = []
+    try:
+        srv.wait_ready()
+        for i in range(a.stream_cost):
+            row = {}
+            for streaming in (False, True):
+                key = "streams" if streaming else "control"
+                row[key] = asyncio.run(plain_and_streams(srv.url, 16, 4, streaming, a.seconds, body, 4))
+                log.info("round %d, %s: %s", i + 1, key, row[key])
+            rounds.append(row)
+    finally:
+        srv.terminate()
+    ratios = [r["streams"]["plain_images_per_s"] / r["control"]["plain_images_per_s"] for r in rounds]
+    totals = [r["streams"]["total_images_per_s"] / r["control"]["total_images_per_s"] for r in rounds]
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command = f"python -m loadtests.service_bench {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    lines = [f"### What streaming costs the other clients, {stamp}, {platform.machine()} CPU, onnxruntime", "",
+             f"Command: `{command}`", "",
+             f"One server, {a.slots} slots, requests of 1 image, N = {d.steps}, K = {d.encoder_interval}, guidance "
+             f"{d.guidance_scale}; 16 plain closed-loop clients beside 4 more clients that either stream "
+             f"(/generate/stream, a preview every 4 steps) or, the control, call /generate; {a.seconds:.0f} s each, "
+             f"alternated {a.stream_cost} times. **Median plain clients' images/s with streams / control: "
+             f"{statistics.median(ratios):.3f}; all images/s: {statistics.median(totals):.3f}.**", "",
+             "| round | plain images/s (control) | plain images/s (with streams) | ratio | all images/s (control) "
+             "| all images/s (with streams) | previews sent |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    for i, (r, q, t) in enumerate(zip(rounds, ratios, totals, strict=True), 1):
+        c, st = r["control"], r["streams"]
+        lines.append(f"| {i} | {c['plain_images_per_s']:.2f} | {st['plain_images_per_s']:.2f} | {q:.3f} | "
+                     f"{c['total_images_per_s']:.2f} | {st['total_images_per_s']:.2f} ({t:.3f}) | {st['previews']} |")
+    raw = {**provenance(a.checkpoint, command), "slots": a.slots, "seconds": a.seconds, "request": body,
+           "rounds": rounds, "median_plain_ratio": statistics.median(ratios), "median_total_ratio": statistics.median(totals)}
+    publish(lines, a.out, raw)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m loadtests.service_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -206,7 +286,14 @@ def main(argv: list[str] | None = None) -> None:
                         "(e.g. threads=1 overlap_encoder=false), alternating, and print a table")
     p.add_argument("--pairs", type=int, default=0,
                    help="only saturation: bare loop and service interleaved this many times each (median ratio)")
+    p.add_argument("--stream-cost", type=int, default=0, metavar="ROUNDS",
+                   help="only measure what /generate/stream with previews costs 16 plain clients (this many rounds)")
     a = p.parse_args(argv)
+    if a.stream_cost:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        stream_cost(a, argv)
+        return
     if a.pairs:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("httpx").setLevel(logging.WARNING)

@@ -67,6 +67,7 @@ class Job:
     listener: Listener | None = None  # streamed events (service.progress), called on the scheduler thread
     preview_every: int = 0  # a preview every this many steps of each image (0 = none); only with a listener
     queue_position: int = 0  # requests ahead of it when it was queued
+    progress_sent: float = float("-inf")  # when its last progress event went out (service.progress)
 
     def cancel(self) -> None:
         """Called from any thread (client disconnect); the slot is freed at the next tick."""

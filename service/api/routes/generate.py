@@ -30,6 +30,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from service.api.answers import LimitError, error_event, service_error_response
 from service.api.deps import Authorized, StateDep
 from service.errors import Cancelled, DeadlineExceeded, InternalError, NotReady, ServiceError
+from service.progress import Event
 from service.scheduler import GenerationSpec, Job, JobResult, Scheduler
 from service.schemas import ErrorBody, GenerateRequest, GenerateResponse, ImageOut, StreamRequest, Timings
 from service.state import AppState
@@ -130,10 +131,10 @@ async def generate_stream(req: StreamRequest, state: StateDep) -> Response:
     every = settings.default_preview_every if req.preview_every is None else req.preview_every
     every = max(every, settings.min_preview_every) if every else 0
     loop = asyncio.get_running_loop()
-    events: asyncio.Queue[tuple[str, dict[str, Any]] | None] = asyncio.Queue()
+    events: asyncio.Queue[list[Event] | None] = asyncio.Queue()
 
-    def listener(event: str, payload: dict[str, Any]) -> None:  # on the scheduler thread
-        loop.call_soon_threadsafe(events.put_nowait, (event, payload))
+    def listener(tick_events: list[Event]) -> None:  # on the scheduler thread: one hand-over per tick
+        loop.call_soon_threadsafe(events.put_nowait, tick_events)
 
     try:
         scheduler, spec, timeout = prepare(req, state, t0)
@@ -153,12 +154,14 @@ async def _stream(req: StreamRequest, state: AppState, spec: GenerationSpec, job
     answered = False
     try:
         yield _event("queued", {"position": job.queue_position})
-        while (item := await asyncio.wait_for(events.get(), timeout=timeout + WAIT_MARGIN_S)) is not None:
-            name, payload = item
-            if name == "preview":
-                image = payload.pop("image")
-                payload["png_base64"] = (await asyncio.to_thread(encode_pngs, [image]))[0]
-            yield _event(name, payload)
+        while (tick_events := await asyncio.wait_for(events.get(), timeout=timeout + WAIT_MARGIN_S)) is not None:
+            previews = [p for name, p in tick_events if name == "preview"]
+            if previews:  # one trip to a worker thread for the tick's previews
+                pngs = await asyncio.to_thread(encode_pngs, [p.pop("image") for p in previews])
+                for p, png in zip(previews, pngs, strict=True):
+                    p["png_base64"] = png
+            for name, payload in tick_events:
+                yield _event(name, payload)
         try:
             resp = await respond(req, spec, fut.result(), t0)
         except ServiceError as e:
