@@ -16,7 +16,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from dualrate.diffusion import CosineSchedule, ancestral_step, step_times
+from dualrate.diffusion import CosineSchedule, ancestral_step, step_times, x_from_v
 
 Features = tuple[Tensor, ...]
 EncodeFn = Callable[[Tensor, Tensor, Tensor], Features]  # (z, tau, label) -> features
@@ -83,13 +83,26 @@ def needs_uncond_row(label: int, guidance_scale: float, null_label: int) -> bool
     return guidance_scale != 1.0 and label != null_label
 
 
+def guided_v(v_cond: Tensor, v_uncond: Tensor, guidance: Tensor | float) -> Tensor:
+    """Classifier-free guidance per image: v = v_uncond + g (v_cond - v_uncond) (an unguided image passes
+    v_uncond = v_cond). guidance: scalar or (B,)."""
+    g = guidance.view(-1, *([1] * (v_cond.dim() - 1))) if isinstance(guidance, Tensor) else guidance
+    return v_uncond + g * (v_cond - v_uncond)
+
+
 def guided_step(z: Tensor, v_cond: Tensor, v_uncond: Tensor, guidance: Tensor | float, t: Tensor, s: Tensor,
                 sched: CosineSchedule, noise: Tensor) -> Tensor:
-    """The one step function of every sampler here (reference, CLI, service): combine the guided v per image,
-    v = v_uncond + g (v_cond - v_uncond) (an unguided image passes v_uncond = v_cond), then take the ancestral
-    step from t to s with the image's own noise. z, v_*, noise: (B, C, S, S); t, s: (B,); guidance: scalar or (B,)."""
-    g = guidance.view(-1, *([1] * (z.dim() - 1))) if isinstance(guidance, Tensor) else guidance
-    return ancestral_step(z, v_uncond + g * (v_cond - v_uncond), t, s, sched, noise)
+    """The one step function of every sampler here (reference, CLI, service): combine the guided v per image
+    (`guided_v`), then take the ancestral step from t to s with the image's own noise. z, v_*, noise: (B, C, S, S);
+    t, s: (B,); guidance: scalar or (B,)."""
+    return ancestral_step(z, guided_v(v_cond, v_uncond, guidance), t, s, sched, noise)
+
+
+def preview_x0(z: Tensor, v_cond: Tensor, v_uncond: Tensor, guidance: Tensor | float, t: Tensor,
+               sched: CosineSchedule) -> Tensor:
+    """The current estimate of the final image, x0_hat = alpha_t z_t - sigma_t v (guided v), clamped to [-1, 1]:
+    what a progress preview shows. Same arguments as `guided_step`, before the step."""
+    return x_from_v(z, guided_v(v_cond, v_uncond, guidance), t, sched).clamp(-1.0, 1.0)
 
 
 @torch.no_grad()

@@ -128,6 +128,16 @@ class Deploy:
         pngs = [base64.b64decode(im["png_base64"]) for im in r.json()["images"]]
         assert len(pngs) == 2 and all(p.startswith(b"\x89PNG\r\n\x1a\n") for p in pngs)
         log("POST /generate: 2 PNGs")
+        # The demo page and the offline docs' assets are in the installed package (package data).
+        for path, marker in (("/", "demo.js"), ("/static/demo.js", "generate/stream"),
+                             ("/static-docs/swagger-ui-bundle.js", "SwaggerUIBundle")):
+            page = httpx.get(f"{url}{path}", timeout=30)
+            assert page.status_code == 200 and marker in page.text, (path, page.status_code)
+        with httpx.stream("POST", f"{url}/generate/stream", json={"class_label": 2, "steps": 8, "seed": 1,
+                                                                   "preview_every": 4}, timeout=120) as st:
+            events = [line for line in st.iter_lines() if line.startswith("event:")]
+        assert events[0] == "event: queued" and "event: preview" in events and events[-1] == "event: done", events
+        log("demo page, offline docs assets, and a stream with previews")
 
         uid = self.d("exec", NAME, "id", "-u").stdout.strip()
         proc_uid = self.d("exec", NAME, "sh", "-c", "awk '/^Uid:/{print $2}' /proc/1/status").stdout.strip()
