@@ -22,6 +22,9 @@ class PrometheusStats(StatsSink):
                                     buckets=LATENCY_BUCKETS, registry=r)
         self.queue_depth = Gauge("dualrate_queue_depth", "Requests waiting for a slot", registry=r)
         self.active_images = Gauge("dualrate_active_images", "Images in the running batch", registry=r)
+        self.queued_images = Gauge("dualrate_queued_images", "Images of queued requests, waiting for a slot", registry=r)
+        self.load = Gauge("dualrate_load_ratio", "(active + queued images) / batch slots: 1 = every slot busy and "
+                          "nothing waiting; the autoscaling signal (deploy/k8s)", registry=r)
         self.batch_rows = Histogram("dualrate_network_batch_rows", "Rows per network call", ["network"],
                                     buckets=ROW_BUCKETS, registry=r)
         self.call_duration = Histogram("dualrate_network_duration_seconds", "Wall time per network call", ["network"],
@@ -69,4 +72,6 @@ class PrometheusStats(StatsSink):
     def refresh(self, snap: SchedulerSnapshot) -> None:
         self.queue_depth.set(snap.queue_depth)
         self.active_images.set(snap.active_images)
+        self.queued_images.set(snap.queued_images)
+        self.load.set(snap.load_ratio)
         self.reuse.set(snap.encoder_reuse_ratio)

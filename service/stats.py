@@ -41,6 +41,12 @@ class SchedulerSnapshot:
     denoiser_rows_total: int
 
     @property
+    def load_ratio(self) -> float:
+        """(active + queued images) / batch slots: above 1, images wait; the signal to scale replicas on."""
+        slots = self.active_images + self.free_slots
+        return (self.active_images + self.queued_images) / slots if slots else 0.0
+
+    @property
     def encoder_reuse_ratio(self) -> float:
         """Fraction of light-network rows that reused cached features instead of fresh ones."""
         return 0.0 if self.denoiser_rows_total == 0 else 1.0 - self.encoder_rows_total / self.denoiser_rows_total
