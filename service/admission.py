@@ -23,11 +23,13 @@ class Admission:
 
 
 class ContinuousAdmission(Admission):
-    """Step-level: images join at any tick, FIFO. Aligned (the default), an image with interval K joins only at a
-    tick where the active images with the same K are due an encoder refresh (it waits < K ticks), so their refreshes
-    share one encoder call and the ticks between need one light-network call. Unaligned, every tick has some rows
-    due and pays an encoder call plus two light calls, which costs most where calls are launch-bound (GPU:
-    docs/gpu.md). The first image of a cohort sets the phase; no state is kept for a K without active images."""
+    """Step-level: images join at any tick, one image per waiting request in turn (round robin), so a small request
+    is not queued behind every image of the large ones before it. Aligned (the default), an image with interval K
+    joins only at a tick where the active images with the same K are due an encoder refresh (it waits < K ticks), so
+    their refreshes share one encoder call and the ticks between need one light-network call; a request waiting for
+    its phase does not hold up the others. Unaligned, every tick has some rows due and pays an encoder call plus two
+    light calls, which costs most where calls are launch-bound (GPU: docs/gpu.md). The first image of a cohort sets
+    the phase; no state is kept for a K without active images."""
 
     def __init__(self, aligned: bool = True) -> None:
         self.aligned = aligned
@@ -37,18 +39,23 @@ class ContinuousAdmission(Admission):
         active_k = {a.job.spec.encoder_interval for a in s.active}
         for k in [k for k in self.phase if k not in active_k]:
             del self.phase[k]
-        while s.queue and s.free_slots:
-            job = s.queue[0]
-            k = job.spec.encoder_interval
-            if self.aligned and k > 1:
-                if k not in active_k:
-                    self.phase[k] = s.ticks % k
-                elif s.ticks % k != self.phase[k]:
-                    break  # FIFO: the head waits at most K - 1 ticks; nothing behind it jumps the queue
-            active_k.add(k)
-            s.admit_image(job)
-            if job.next_image == job.spec.num_images:
-                s.queue.popleft()
+        admitted = True
+        while s.queue and s.free_slots and admitted:
+            admitted = False
+            for job in list(s.queue):  # one round: an image from each request that may join now, oldest first
+                if not s.free_slots:
+                    break
+                k = job.spec.encoder_interval
+                if self.aligned and k > 1:
+                    if k not in active_k:
+                        self.phase[k] = s.ticks % k
+                    elif s.ticks % k != self.phase[k]:
+                        continue
+                active_k.add(k)
+                s.admit_image(job)
+                admitted = True
+                if job.next_image == job.spec.num_images:
+                    s.queue.remove(job)
 
 
 class RequestAdmission(Admission):

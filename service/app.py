@@ -24,6 +24,7 @@ from engines import Engine, EngineConfig, create_engine
 from service.api import api_router
 from service.api.answers import install_error_handlers
 from service.api.routes.pages import mount_static
+from service.autok import AutoK, QualityBudget
 from service.scheduler import Scheduler
 from service.settings import Settings
 from service.state import AppState, drain
@@ -51,11 +52,13 @@ def create_app(settings: Settings | None = None,
         state.engine = await asyncio.to_thread(engine_factory, settings.checkpoint, settings.engine_config())
         if settings.warmup:
             await asyncio.to_thread(state.engine.warmup, (1, 2 * settings.max_active_images))
+        budget = QualityBudget.from_card(model.card, settings.quality_budget, model.defaults.encoder_interval)
+        state.autok = AutoK(budget, settings.latency_target_s)
         state.scheduler = Scheduler(
             state.engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
             settings.max_active_images, settings.queue_size, settings.policy, state.metrics,
             overlap_encoder=settings.overlap_encoder, align_encoder=settings.align_encoder,
-            output_size=model.cfg.output_size,
+            output_size=model.cfg.output_size, autok=state.autok,
         )
         state.scheduler.start()
         state.metrics.set_engine(state.engine.info, settings.policy.value)

@@ -36,6 +36,10 @@ class PrometheusStats(StatsSink):
         self.images = Counter("dualrate_images_generated_total", "Images returned to clients", registry=r)
         self.tick_duration = Histogram("dualrate_tick_duration_seconds", "One scheduler tick (one denoising step)",
                                        buckets=CALL_BUCKETS, registry=r)
+        self.k_used = Histogram("dualrate_encoder_interval", "K that answered requests ran at", ["mode"],
+                                buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+        self.within_target = Counter("dualrate_requests_within_target_total", "Requests answered ok within "
+                                     "DUALRATE_LATENCY_TARGET_S (their rate is the goodput)", registry=r)
         self.engine = Info("dualrate_engine", "Backend, device and precision of the engine", registry=r)
         for outcome in ("ok", "invalid_request", "queue_full", "timeout", "cancelled", "engine_error", "unavailable",
                         "unauthorized", "internal", "not_found", "method_not_allowed", "payload_too_large",
@@ -68,6 +72,11 @@ class PrometheusStats(StatsSink):
         self.request_duration.labels(outcome).observe(seconds)
         if images:
             self.images.inc(images)
+
+    def served(self, k: int, auto: bool, within_target: bool) -> None:
+        self.k_used.labels("auto" if auto else "fixed").observe(k)
+        if within_target:
+            self.within_target.inc()
 
     def refresh(self, snap: SchedulerSnapshot) -> None:
         self.queue_depth.set(snap.queue_depth)

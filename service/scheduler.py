@@ -15,7 +15,7 @@ import time
 import uuid
 from collections import deque
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
 import numpy as np
@@ -24,6 +24,7 @@ from dualrate.diffusion import CosineSchedule, step_times
 from dualrate.sampler import encoder_due, needs_uncond_row
 from engines import Engine
 from service.admission import Policy, admission_policy
+from service.autok import AutoK, CostModel
 from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, QueueFull, ServiceError
 from service.progress import Listener, emit_progress, preview_due
 from service.runner import Runner, TickPlan
@@ -41,6 +42,7 @@ class GenerationSpec:
     guidance_scale: float
     seed: int
     deadline: float | None = None  # time.monotonic() deadline
+    auto: bool = False  # encoder_interval "auto": the scheduler picks K at submission (service.autok)
 
 
 @dataclass
@@ -51,6 +53,7 @@ class JobResult:
     denoiser_calls: int
     queue_seconds: float
     compute_seconds: float
+    encoder_interval: int = 0  # the K the images ran at (an "auto" request's is the scheduler's pick)
 
 
 @dataclass(eq=False)
@@ -104,10 +107,13 @@ class Scheduler:
         overlap_encoder: bool = True,  # light network runs the not-due rows while the encoder runs the due ones
         align_encoder: bool = True,  # continuous policy: admit an image where its K-cohort refreshes
         output_size: int | None = None,  # the delivered crop (ModelConfig.output_size); None = the whole sample
+        autok: AutoK | None = None,  # picks K for encoder_interval "auto" requests; None = auto not offered
     ) -> None:
         self.null_label, self.max_active_images, self.queue_size, self.policy = null_label, max_active_images, queue_size, policy
         self.stats = stats or StatsSink()
         self.admission = admission_policy(policy, align_encoder)
+        self.autok = autok
+        self.cost = autok.cost if autok is not None else CostModel()  # per-row costs and completion rate, from ticks
         self.runner = Runner(engine, sched, null_label, max_active_images, overlap_encoder, output_size, self.stats)
         self.queue: deque[Job] = deque()
         self.active: list[ImageSlot] = []
@@ -129,8 +135,18 @@ class Scheduler:
         with self._cv:
             if not self._accepting:
                 raise NotReady("the service is draining and accepts no new requests")
+            queued_images = sum(j.spec.num_images - j.next_image for j in self.queue)
             if len(self.queue) >= self.queue_size:
-                raise QueueFull(retry_after_s=max(1.0, float(np.ceil(len(self.queue) * 0.5))))
+                # The predicted wait: the queued images at the measured completion rate.
+                rate = self.cost.images_per_s
+                raise QueueFull(retry_after_s=max(1.0, queued_images / rate if rate > 0 else len(self.queue) * 0.5))
+            if spec.auto:
+                if self.autok is None:
+                    raise NotReady("encoder_interval auto is not offered by this server")
+                mix = [self.cost.image_cost(spec.steps, a.job.spec.encoder_interval) for a in self.active]
+                k = self.autok.choose(spec.steps, queued_images + spec.num_images, len(self.free_slots),
+                                      sum(mix) / len(mix) if mix else 0.0)
+                spec = replace(spec, encoder_interval=k)
             job = Job(spec, images=[None] * spec.num_images, listener=listener,
                       preview_every=preview_every if listener is not None else 0, queue_position=len(self.queue))
             self.queue.append(job)
@@ -191,7 +207,9 @@ class Scheduler:
             self.admission.admit(self)
             batch = sorted(self.active, key=lambda a: a.slot)  # slot order: a full batch reads the cache as views
             plan = self._plan(batch)
+        t_run = time.perf_counter()
         out = self.runner.run(plan)
+        self.cost.observe_tick(out.denoiser_rows, out.encoder_rows, time.perf_counter() - t_run, len(out.finished))
         self._encoder_rows += out.encoder_rows
         self._denoiser_rows += out.denoiser_rows
         failed_jobs = {a.job: out.failed[a.slot] for a in batch if a.slot in out.failed}
@@ -294,6 +312,7 @@ class Scheduler:
                 images=[im for im in job.images if im is not None], seeds=[spec.seed + i for i in range(spec.num_images)],
                 encoder_calls=job.encoder_calls, denoiser_calls=spec.steps,
                 queue_seconds=admitted - job.submitted, compute_seconds=now - admitted,
+                encoder_interval=spec.encoder_interval,
             ))
             outcome = "ok"
         else:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -23,8 +23,10 @@ class GenerateRequest(BaseModel):
                             description="images to draw (capped by the server's max_images_per_request)")
     steps: int | None = Field(None, ge=1, strict=True,
                               description="denoising steps N (default: model card; capped by max_steps)")
-    encoder_interval: int | None = Field(None, ge=1, le=MAX_ENCODER_INTERVAL, strict=True,
-                                         description="K: heavy encoder every K-th step (1 = every step); K <= steps")
+    encoder_interval: Annotated[int, Field(ge=1, le=MAX_ENCODER_INTERVAL, strict=True)] | Literal["auto"] | None = Field(
+        None, description="K: heavy encoder every K-th step (1 = every step); K <= steps. \"auto\": the service picks "
+        "K within the model card's quality budget, raising it only when the latency target is at risk (see "
+        "/v1/model's auto_encoder_interval)")
     guidance_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False,
                                          description="classifier-free guidance, 0-100 (default: model card)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True,
@@ -63,7 +65,8 @@ class GenerateResponse(BaseModel):
     images: list[ImageOut]
     class_label: int | None
     steps: int
-    encoder_interval: int
+    encoder_interval: int = Field(description="the K the images ran at (for \"auto\", the one the service picked)")
+    encoder_interval_auto: bool = Field(False, description="true when the request asked for \"auto\"")
     guidance_scale: float
     encoder_calls: int = Field(description="encoder calls per image = ceil(steps / encoder_interval)")
     denoiser_calls: int = Field(description="light network calls per image = steps")
@@ -87,5 +90,8 @@ class ModelInfo(BaseModel):
     policy: str
     limits: dict[str, Any]
     defaults: dict[str, Any]
+    auto_encoder_interval: dict[str, Any] = Field(default_factory=dict, description="what encoder_interval \"auto\" "
+                                                  "may pick: allowed Ks, their FID / FID(K=1), the budget and the "
+                                                  "latency target")
     image: dict[str, Any] = Field(description="channels, sample_size, output_size (the PNGs' size), png_mode, "
                                   "num_classes")

@@ -50,6 +50,13 @@ class Settings(BaseSettings):
                                        "request does not say (0 = none)")
     min_preview_every: int = Field(2, ge=1, description="/generate/stream: the most often a request may ask for a "
                                    "preview (smaller preview_every values are raised to this)")
+    latency_target_s: float = Field(2.0, gt=0, description="the latency a default request should stay within "
+                                    "(p95): encoder_interval auto raises K when it is at risk; requests answered "
+                                    "within it are counted (dualrate_requests_within_target_total)")
+    quality_budget: float = Field(1.15, ge=1.0, description="encoder_interval auto may use the Ks whose published FID "
+                                  "is at most this multiple of K = 1's (the model card's sweep)")
+    max_request_cost: float = Field(0.0, ge=0, description="refuse (422) requests costing more than num_images x steps / "
+                                    "encoder_interval (auto: its largest allowed K); 0 = no cap")
     warmup: bool = True
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
 

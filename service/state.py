@@ -6,6 +6,7 @@ import asyncio
 
 from dualrate.config import ModelConfig
 from engines import Engine
+from service.autok import AutoK
 from service.metrics import PrometheusStats
 from service.scheduler import Scheduler
 from service.settings import Settings
@@ -25,6 +26,7 @@ class AppState:
         self.metrics = PrometheusStats()
         self.model_card: dict = {}
         self.defaults: dict = {}
+        self.autok: AutoK | None = None  # encoder_interval "auto" (built in the lifespan from the card)
         self.open_streams = 0  # /generate/stream responses still sending
 
 

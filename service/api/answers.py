@@ -84,15 +84,19 @@ def _validation_details(exc: RequestValidationError) -> tuple[str, list[dict]]:
         why = (bad_json.get("ctx") or {}).get("error", "JSON decode error")
         msg = f"the body is not valid JSON: {why} at position {pos}"
         return msg, [{"field": "body", "message": msg}]
-    details = []
+    # One detail per request field: a field with alternatives (encoder_interval: an integer or "auto") fails once per
+    # alternative, with the alternative's tag in its location; those become one message.
+    by_field: dict[str, list[str]] = {}
     for e in errors:
-        field = ".".join(str(p) for p in e["loc"] if p != "body")
+        loc = [p for p in e["loc"] if p != "body"]
+        field = str(loc[0]) if loc else ""
         message = e["msg"]
         if e.get("type") == "finite_number":
             message = "must be a finite number (NaN and infinity are not accepted)"
         elif e.get("type") == "missing" and not field:
             message = "a JSON object body is required"
-        details.append({"field": field or "body", "message": message})
+        by_field.setdefault(field or "body", []).append(message)
+    details = [{"field": f, "message": " or ".join(dict.fromkeys(m))} for f, m in by_field.items()]
     return f"invalid field(s): {', '.join(d['field'] for d in details)}", details
 
 

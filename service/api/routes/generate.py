@@ -69,27 +69,44 @@ def prepare(req: GenerateRequest, state: AppState, t0: float) -> tuple[Scheduler
     steps = req.steps or state.defaults["steps"]
     if steps > settings.max_steps:
         limit_errors.append(("steps", f"must be <= {settings.max_steps}"))
-    k = req.encoder_interval or state.defaults["encoder_interval"]
-    if k > steps:
+    auto = req.encoder_interval == "auto"
+    k = (state.defaults["encoder_interval"] if req.encoder_interval is None or auto else int(req.encoder_interval))
+    if auto and state.autok is None:
+        limit_errors.append(("encoder_interval", "auto is not offered by this server"))
+    if not auto and k > steps:
         limit_errors.append(("encoder_interval", f"must be <= steps ({steps}): K = steps already runs the encoder once"))
+    cheapest_k = max([k, *(state.autok.budget.allowed if auto and state.autok else [])])
+    cost = req.num_images * steps / min(cheapest_k, steps)
+    if settings.max_request_cost and cost > settings.max_request_cost:
+        limit_errors.append(("num_images", f"this request costs {cost:g} (num_images x steps / encoder_interval), over "
+                             f"the server's cap of {settings.max_request_cost:g} (DUALRATE_MAX_REQUEST_COST): fewer "
+                             "images or steps, or a larger encoder_interval"))
     if limit_errors:
         raise LimitError(limit_errors)
     g = state.defaults["guidance_scale"] if req.guidance_scale is None else req.guidance_scale
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     timeout = min(req.timeout_s or settings.default_timeout_s, settings.max_timeout_s)
     label = state.null_label if req.class_label is None else req.class_label
-    return state.scheduler, GenerationSpec(label, req.num_images, steps, k, g, seed, deadline=t0 + timeout), timeout
+    spec = GenerationSpec(label, req.num_images, steps, k, g, seed, deadline=t0 + timeout, auto=auto)
+    return state.scheduler, spec, timeout
 
 
 async def respond(req: GenerateRequest, spec: GenerationSpec, result: JobResult, t0: float) -> GenerateResponse:
     pngs = await asyncio.to_thread(encode_pngs, result.images)  # PNG encoding stays off the event loop
     return GenerateResponse(
         images=[ImageOut(png_base64=p, seed=s) for p, s in zip(pngs, result.seeds, strict=True)],
-        class_label=req.class_label, steps=spec.steps, encoder_interval=spec.encoder_interval,
-        guidance_scale=spec.guidance_scale, encoder_calls=result.encoder_calls, denoiser_calls=result.denoiser_calls,
+        class_label=req.class_label, steps=spec.steps, encoder_interval=result.encoder_interval,
+        encoder_interval_auto=spec.auto, guidance_scale=spec.guidance_scale, encoder_calls=result.encoder_calls,
+        denoiser_calls=result.denoiser_calls,
         timings=Timings(queue_ms=1000 * result.queue_seconds, compute_ms=1000 * result.compute_seconds,
                         total_ms=1000 * (time.monotonic() - t0)),
     )
+
+
+def served(state: AppState, resp: GenerateResponse, seconds: float) -> None:
+    """Count an answered request: outcome ok, its images, the K it ran at, whether it met the latency target."""
+    state.metrics.request_answered("ok", seconds, len(resp.images))
+    state.metrics.served(resp.encoder_interval, resp.encoder_interval_auto, seconds <= state.settings.latency_target_s)
 
 
 def abandon(job: Job, fut: asyncio.Future) -> None:
@@ -120,7 +137,7 @@ async def generate(req: GenerateRequest, request: Request, state: StateDep) -> R
         resp = await respond(req, spec, fut.result(), t0)
     except ServiceError as e:
         return service_error_response(state, e, time.monotonic() - t0)
-    state.metrics.request_answered("ok", time.monotonic() - t0, len(resp.images))
+    served(state, resp, time.monotonic() - t0)
     return JSONResponse(resp.model_dump())
 
 
@@ -169,7 +186,7 @@ async def _stream(req: StreamRequest, state: AppState, spec: GenerationSpec, job
             yield _event("error", error_event(state, e, time.monotonic() - t0))
             return
         answered = True
-        state.metrics.request_answered("ok", time.monotonic() - t0, len(resp.images))
+        served(state, resp, time.monotonic() - t0)
         yield ServerSentEvent(event="done", data=resp.model_dump_json())
     except TimeoutError:
         abandon(job, fut)

@@ -22,7 +22,12 @@ async def model_info(state: StateDep) -> ModelInfo:
               "default_preview_every": settings.default_preview_every, "min_preview_every": settings.min_preview_every}
     image = {"channels": cfg.channels, "sample_size": cfg.image_size, "output_size": cfg.output_size,
              "png_mode": "L" if cfg.channels == 1 else "RGB", "num_classes": cfg.num_classes}
+    auto = {}
+    if state.autok is not None:
+        b = state.autok.budget
+        auto = {"allowed": b.allowed, "fid_ratio": {str(k): round(r, 4) for k, r in sorted(b.fid_ratio.items())},
+                "quality_budget": b.budget, "latency_target_s": state.autok.target_s}
     return ModelInfo(name=state.model_card.get("name", settings.checkpoint.name), card=state.model_card,
                      backend=info.backend, device=info.device, precision=info.precision,
                      providers=list(info.providers), policy=settings.policy.value, limits=limits,
-                     defaults=state.defaults, image=image)
+                     defaults=state.defaults, image=image, auto_encoder_interval=auto)

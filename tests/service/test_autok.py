@@ -1,0 +1,115 @@
+"""encoder_interval "auto", fair admission, the cost cap and the predicted Retry-After: the pieces in-process on the
+real checkpoint and engine, and the API on a real server."""
+
+from __future__ import annotations
+
+import asyncio
+import math
+
+import httpx
+import numpy as np
+import pytest
+
+from dualrate.checkpoint import read_card
+from dualrate.diffusion import CosineSchedule
+from engines import create_engine
+from service.autok import AutoK, CostModel, QualityBudget
+from service.errors import QueueFull
+from service.scheduler import GenerationSpec, Scheduler
+
+
+def test_the_quality_budget_comes_from_the_model_card(checkpoint_dir):
+    card = read_card(checkpoint_dir)
+    d = card["defaults"]
+    sweep = {r["encoder_interval"]: r["fid"] for r in card["quality"]["sweep"]
+             if r["encoder_interval"] and r["steps"] == d["steps"] and r["guidance_scale"] == d["guidance_scale"]}
+    b = QualityBudget.from_card(card, 1.15, 4)
+    assert b.allowed == sorted(k for k, f in sweep.items() if f / sweep[1] <= 1.15)
+    assert b.allowed == [1, 2, 4, 8]  # the shipped card: K = 8 is 1.105x K = 1's FID, K = 16 1.48x
+    assert QualityBudget.from_card(card, 1.05, 4).allowed == [1, 2]
+    assert QualityBudget.from_card({"defaults": {"steps": 32}}, 1.15, 4).allowed == [4]  # no sweep: the default only
+
+
+def test_the_cost_model_recovers_per_row_costs():
+    rng = np.random.default_rng(0)
+    m = CostModel()
+    for _ in range(300):
+        light, enc = int(rng.integers(8, 33)), int(rng.choice([0, 0, 0, 32]))
+        m.observe_tick(light, enc, 0.002 * light + 0.010 * enc + rng.normal(0, 1e-4), 0)
+    assert m.theta == pytest.approx([0.002, 0.010], rel=0.05)
+    assert m.image_cost(32, 4) == pytest.approx(32 * 0.002 + 8 * 0.010, rel=0.05)
+
+
+def test_auto_picks_the_best_quality_k_that_meets_the_target_and_raises_it_under_load():
+    cost = CostModel(theta=np.array([0.002, 0.010]), images_per_s=20.0, tick_s=0.02)
+    auto = AutoK(QualityBudget({1: 1.0, 2: 1.03, 4: 1.07, 8: 1.1, 16: 1.5}, 1.15), target_s=2.0, cost=cost)
+    mix = cost.image_cost(32, 4)
+    idle = auto.choose(32, images_ahead=1, free_slots=16, mix_cost=mix)
+    busy = auto.choose(32, images_ahead=20, free_slots=0, mix_cost=mix)
+    swamped = auto.choose(32, images_ahead=1000, free_slots=0, mix_cost=mix)
+    assert idle == 1 and 1 < busy <= 8 and swamped == 8  # never beyond the budget (K = 16 is 1.5x)
+    ks = [auto.choose(32, n, 0, mix) for n in range(0, 200, 10)]
+    assert ks == sorted(ks)  # more waiting never lowers K
+
+
+@pytest.fixture(scope="module")
+def engine(checkpoint_dir, onnx_dir):
+    e = create_engine(checkpoint_dir, backend="onnxruntime", device="cpu", max_batch=8)
+    yield e
+    e.close()
+
+
+def scheduler(engine, model, slots=4, queue_size=32, autok=None) -> Scheduler:
+    return Scheduler(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label, slots,
+                     queue_size, output_size=model.cfg.output_size, autok=autok)
+
+
+def test_a_small_request_gets_a_slot_beside_a_large_one_that_came_first(engine, model):
+    s = scheduler(engine, model, slots=4)
+    big = s.submit(GenerationSpec(1, 8, 16, 4, 1.0, seed=1))
+    small = s.submit(GenerationSpec(2, 1, 16, 4, 1.0, seed=2))
+    s.tick()
+    # Round robin: one image per waiting request in turn; first-come-first-served would give the big one all 4.
+    assert sorted(a.job is small for a in s.active) == [False, False, False, True]
+    for _ in range(16):
+        s.tick()
+    assert small.future.done() and not big.future.done()
+
+
+def test_retry_after_is_the_predicted_wait(engine, model):
+    s = scheduler(engine, model, slots=2, queue_size=2)
+    for i in range(2):
+        s.submit(GenerationSpec(1, 2, 8, 4, 1.0, seed=i))
+    s.cost.images_per_s = 0.5  # measured completion rate: 4 queued images take 8 s
+    with pytest.raises(QueueFull) as e:
+        s.submit(GenerationSpec(1, 1, 8, 4, 1.0, seed=9))
+    assert e.value.retry_after_s == pytest.approx(8.0)
+
+
+@pytest.mark.slow
+def test_auto_over_http_reports_the_k_it_used_and_caps_cost(start_server):
+    srv = start_server(max_active_images=8, max_images_per_request=4, latency_target_s=0.5, max_request_cost=64)
+    info = httpx.get(f"{srv.url}/v1/model").json()["auto_encoder_interval"]
+    assert info["allowed"] == [1, 2, 4, 8] and info["latency_target_s"] == 0.5
+
+    async def burst() -> list[dict]:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+            rs = await asyncio.gather(*[c.post("/generate", json={"class_label": i % 10, "num_images": 2, "steps": 32,
+                                                                  "encoder_interval": "auto", "seed": i})
+                                        for i in range(24)])
+        return [r.json() for r in rs]
+
+    first = httpx.post(f"{srv.url}/generate", json={"class_label": 1, "encoder_interval": "auto", "steps": 32}).json()
+    assert first["encoder_interval_auto"] and first["encoder_interval"] == 1  # idle: the best quality
+    answers = asyncio.run(burst())
+    ks = [a["encoder_interval"] for a in answers]
+    assert set(ks) <= {1, 2, 4, 8} and max(ks) > 1  # 24 x 2 images on 8 slots: K goes up
+    for a in answers:
+        assert a["encoder_calls"] == math.ceil(32 / a["encoder_interval"])
+    # The cost cap: 4 images x 32 steps / K = 1 is 128 > 64; auto is judged at its cheapest allowed K (8): 16.
+    over = httpx.post(f"{srv.url}/generate", json={"num_images": 4, "steps": 32, "encoder_interval": 1})
+    assert over.status_code == 422 and "DUALRATE_MAX_REQUEST_COST" in over.json()["details"][0]["message"]
+    assert httpx.post(f"{srv.url}/generate", json={"num_images": 4, "steps": 32, "encoder_interval": "auto"},
+                      timeout=60).status_code == 200
+    bad = httpx.post(f"{srv.url}/generate", json={"encoder_interval": "fast"})
+    assert bad.status_code == 422 and bad.json()["details"][0]["field"].startswith("encoder_interval")
