@@ -101,7 +101,8 @@ class SweepRow:
 
 
 def generate(
-    model: LoadedModel, n: int, steps: int, k: int | None, g: float, seed: int = 10_000, batch: int = 250
+    model: LoadedModel, n: int, steps: int, k: int | None, g: float, seed: int = 10_000, batch: int = 250,
+    refresh_steps: list[int] | None = None,
 ) -> tuple[Tensor, Tensor, float, int]:
     """n conditional images, labels 0..9 in turn. Returns images, labels, seconds, encoder calls per image."""
     encode, denoise = torch_fns(model)
@@ -114,6 +115,7 @@ def generate(
         imgs, stats = dual_rate_sample(
             encode, denoise, lab, [seed + j for j in range(i, i + len(lab))], steps, k or steps, g, sched,
             model.cfg.null_label, feature_shapes=model.cfg.feature_shapes if k is None else None,
+            refresh_steps=refresh_steps,
         )
         out.append(imgs)
         calls = 0 if k is None else stats.encoder_calls

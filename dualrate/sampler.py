@@ -118,9 +118,14 @@ def dual_rate_sample(
     null_label: int,
     feature_shapes: Sequence[tuple[int, int, int]] | None = None,  # set = control: zeroed features, no encoder
     sample_shape: tuple[int, int, int] = (1, 32, 32),  # (C, S, S): ModelConfig.sample_shape
+    refresh_steps: Sequence[int] | None = None,  # set = the encoder runs at these steps instead (must include 0)
 ) -> tuple[Tensor, SampleStats]:
-    """Ancestral dual-rate sampling. Returns samples (B, C, S, S) in [-1, 1] and per-image call counts."""
+    """Ancestral dual-rate sampling. Returns samples (B, C, S, S) in [-1, 1] and per-image call counts.
+    `refresh_steps` replaces the fixed interval by any schedule (e.g. K = 4, then K = 8 from step 16: 0, 4, 8, 12,
+    16, 24), for studying a change of K within a trajectory."""
     assert steps >= 1 and encoder_interval >= 1 and len(seeds) == labels.shape[0]
+    assert refresh_steps is None or 0 in refresh_steps, "the first step needs features"
+    due = set(refresh_steps) if refresh_steps is not None else None
     seeds = list(seeds)
     b = labels.shape[0]
     guided = any(needs_uncond_row(int(y), guidance_scale, null_label) for y in labels)
@@ -136,7 +141,7 @@ def dual_rate_sample(
         if feature_shapes is not None:
             tau = t
             feats = tuple(torch.zeros(rows.shape[0], *shape) for shape in feature_shapes)
-        elif encoder_due(i, encoder_interval):
+        elif (i in due) if due is not None else encoder_due(i, encoder_interval):
             tau = t
             feats = encode(zz, torch.cat([tau, tau]) if guided else tau, rows)
             enc_calls += 1

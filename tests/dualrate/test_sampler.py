@@ -85,3 +85,14 @@ def test_counter_noise_is_standard_normal_and_independent_of_the_batch():
     assert not torch.equal(crowd[1], crowd[2])  # another seed
     assert not torch.equal(alone, draw_noise([42], [4], (3, 16, 16))[0])  # another step
     assert torch.isfinite(draw_noise([2**53 - 1], [0], (1, 8, 8))).all()
+
+
+def test_a_refresh_schedule_replaces_the_fixed_interval(fns):
+    encode, denoise, calls = fns
+    args = (encode, denoise, torch.tensor([1, 2]), [0, 1], 8)
+    fixed, _ = dual_rate_sample(*args, 4, 1.5, CosineSchedule(), 10)
+    same, _ = dual_rate_sample(*args, 1, 1.5, CosineSchedule(), 10, refresh_steps=[0, 4])
+    assert torch.equal(fixed, same)  # the schedule of K = 4 gives K = 4's images
+    calls["encode"] = 0
+    switched, stats = dual_rate_sample(*args, 1, 1.5, CosineSchedule(), 10, refresh_steps=[0, 2, 4])
+    assert calls["encode"] == stats.encoder_calls == 3 and not torch.equal(switched, fixed)

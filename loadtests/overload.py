@@ -1,0 +1,185 @@
+"""Overload benchmark: offered load stepped from 0.5x to 3x the service's capacity, for fixed K = 4, fixed K = 8 and
+encoder_interval "auto".
+
+    python -m loadtests.overload [--stage-seconds 15] [--out docs/overload.md]
+
+1. Capacity: the service at saturation with K = 4 requests (1 image, the card's steps and guidance; 2 x slots
+   closed-loop clients), images/s = requests/s.
+2. For each configuration, a fresh server, then Poisson arrivals at 0.5, 1, 2 and 3 x that capacity, one stage after
+   the other. Each request belongs to the stage it was sent in. Per stage: goodput (requests answered 200 within
+   DUALRATE_LATENCY_TARGET_S, per second of the stage), p95 latency of the answered ones, errors (504 past the
+   request's deadline, 429), the mean K used, and the FID and class accuracy of the images served (the project's
+   evaluator on the decoded PNGs; FID over a stage's few hundred images is biased upwards against the card's
+   800-image FIDs, so compare stages and configurations with each other). With --out, a plot beside the report.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import logging
+import platform
+import random
+import statistics
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from dualrate.evaluate import Evaluator
+from dualrate.provenance import provenance, publish
+from loadtests.service_bench import closed_loop
+from service.process import ServerProcess
+
+log = logging.getLogger("loadtests.overload")
+STAGES = (0.5, 1.0, 2.0, 3.0)
+
+
+async def stepped_load(url: str, rate: float, stage_s: float, body: dict, timeout_s: float, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out: list[dict] = []
+
+    async def one(c: httpx.AsyncClient, stage: int, i: int) -> None:
+        t0 = time.perf_counter()
+        try:
+            r = await c.post("/generate", json={**body, "class_label": i % 10, "seed": i, "timeout_s": timeout_s})
+            rec = {"stage": stage, "status": r.status_code, "seconds": time.perf_counter() - t0, "label": i % 10}
+            if r.status_code == 200:
+                j = r.json()
+                rec.update(k=j["encoder_interval"], png=j["images"][0]["png_base64"])
+        except httpx.HTTPError as e:
+            rec = {"stage": stage, "status": None, "seconds": time.perf_counter() - t0, "error": repr(e)}
+        out.append(rec)
+
+    tasks = []
+    async with httpx.AsyncClient(base_url=url, timeout=timeout_s + 60, limits=httpx.Limits(max_connections=None)) as c:
+        i = 0
+        for stage, mult in enumerate(STAGES):
+            end = time.perf_counter() + stage_s
+            while time.perf_counter() < end:
+                tasks.append(asyncio.create_task(one(c, stage, i)))
+                i += 1
+                await asyncio.sleep(rng.expovariate(rate * mult))
+        await asyncio.gather(*tasks)
+    return out
+
+
+def score(ev: Evaluator, records: list[dict]) -> tuple[float, float, int]:
+    """FID (against the MNIST test set) and class accuracy of the images served, with the project's evaluator."""
+    ok = [r for r in records if r["status"] == 200]
+    if len(ok) < 2:
+        return float("nan"), float("nan"), len(ok)
+    pics = [np.asarray(Image.open(io.BytesIO(base64.b64decode(r["png"])))) for r in ok]
+    x = torch.from_numpy(np.stack(pics)).float().div(127.5).sub(1.0)[:, None]
+    x = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)  # the delivered 28x28 -> the sample's 32x32
+    return ev.fid(x), ev.accuracy(x, torch.tensor([r["label"] for r in ok])), len(ok)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 4))
+    for config in dict.fromkeys(r["config"] for r in rows):
+        rs = [r for r in rows if r["config"] == config]
+        ax1.plot([r["offered"] for r in rs], [r["goodput_per_s"] for r in rs], "o-", label=config)
+        ax2.plot([r["offered"] for r in rs], [r["fid"] for r in rs], "o-", label=config)
+    ax1.set(xlabel="offered load (x capacity at K = 4)", ylabel="goodput (requests within target / s)")
+    ax2.set(xlabel="offered load (x capacity at K = 4)", ylabel="FID of the images served (lower is better)")
+    for ax in (ax1, ax2):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m loadtests.overload", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--slots", type=int, default=16)
+    p.add_argument("--stage-seconds", type=float, default=15.0)
+    p.add_argument("--target", type=float, default=2.0, help="DUALRATE_LATENCY_TARGET_S (s)")
+    p.add_argument("--timeout", type=float, default=10.0, help="each request's timeout_s")
+    p.add_argument("--out", type=Path, default=None)
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    card = load_checkpoint(a.checkpoint)
+    d = card.defaults
+    base = {"num_images": 1, "steps": d.steps, "guidance_scale": d.guidance_scale}
+    settings = dict(max_active_images=a.slots, max_images_per_request=a.slots, queue_size=100_000,
+                    latency_target_s=a.target, max_timeout_s=max(a.timeout, 30))
+    srv = ServerProcess(a.checkpoint, Path("/tmp/dualrate-overload-capacity.log"), **settings)
+    try:
+        srv.wait_ready()
+        capacity, _ = asyncio.run(closed_loop(srv.url, 2 * a.slots, 15, {**base, "encoder_interval": 4}))
+    finally:
+        srv.terminate()
+    log.info("capacity at K = 4: %.2f images/s", capacity)
+    results: dict[str, list[dict]] = {}
+    for name, k in (("K = 4", 4), ("K = 8", 8), ("auto", "auto")):
+        srv = ServerProcess(a.checkpoint, Path(f"/tmp/dualrate-overload-{k}.log"), **settings)
+        try:
+            srv.wait_ready()
+            results[name] = asyncio.run(stepped_load(srv.url, capacity, a.stage_seconds, {**base, "encoder_interval": k},
+                                                     a.timeout, seed=7))
+        finally:
+            srv.terminate()
+        log.info("%s done: %d requests", name, len(results[name]))
+    fid_ratio = {r["encoder_interval"]: r["fid"] for r in card.card["quality"]["sweep"]
+                 if r["encoder_interval"] and r["steps"] == d.steps and r["guidance_scale"] == d.guidance_scale}
+    ev = Evaluator()
+    rows, raw_rows = [], []
+    for name, recs in results.items():
+        for stage, mult in enumerate(STAGES):
+            rs = [r for r in recs if r["stage"] == stage]
+            ok = [r for r in rs if r["status"] == 200]
+            good = [r for r in ok if r["seconds"] <= a.target]
+            ks = [r["k"] for r in ok]
+            p95 = float(np.percentile([r["seconds"] for r in ok], 95)) if ok else float("nan")
+            fid, acc, n = score(ev, rs)
+            mean_fid = statistics.mean(fid_ratio[k] for k in ks) if ks else float("nan")
+            row = {"config": name, "offered": mult, "requests": len(rs), "ok": len(ok),
+                   "goodput_per_s": len(good) / a.stage_seconds, "p95_s": p95,
+                   "timeouts": sum(r["status"] == 504 for r in rs), "other_errors": sum(r["status"] not in (200, 504) for r in rs),
+                   "mean_k": statistics.mean(ks) if ks else float("nan"),
+                   "k_counts": {str(k): ks.count(k) for k in sorted(set(ks))}, "fid": fid, "accuracy": acc, "scored": n,
+                   "card_fid_of_ks_used": mean_fid}
+            raw_rows.append(row)
+            rows.append(f"| {name} | {mult:g}x | {len(rs)} | {row['goodput_per_s']:.2f} | {p95:.2f} | {row['timeouts']} | "
+                        f"{row['other_errors']} | {row['mean_k']:.2f} | {fid:.2f} ({n}) | {acc:.3f} | {mean_fid:.2f} |")
+    by = {(r["config"], r["offered"]): r for r in raw_rows}
+    at2 = {c: by[(c, 2.0)]["goodput_per_s"] for c in results}
+    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    command = f"python -m loadtests.overload {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    lines = [f"### Overload, {stamp}, {platform.machine()} CPU, onnxruntime", "", f"Command: `{command}`", "",
+             f"Capacity at K = 4 (saturation, {2 * a.slots} closed-loop clients, 15 s): **{capacity:.2f} images/s**. "
+             f"Requests: 1 image, N = {d.steps}, guidance {d.guidance_scale}, timeout_s {a.timeout:g}; Poisson arrivals "
+             f"at 0.5/1/2/3 x capacity, {a.stage_seconds:g} s per stage; {a.slots} slots; latency target {a.target:g} s. "
+             f"Goodput: requests answered within the target per second. At 2x capacity: auto {at2['auto']:.2f}/s vs "
+             f"K = 4 {at2['K = 4']:.2f}/s ({at2['auto'] / max(at2['K = 4'], 1e-9):.2f}x) vs K = 8 {at2['K = 8']:.2f}/s.", "",
+             "| config | offered load | requests | goodput (/s) | p95 (s) | 504 | other errors | mean K | FID (images) "
+             "| class accuracy | card FID of the Ks used (mean, 800 images each) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]
+    raw = {**provenance(a.checkpoint, command), "capacity_images_per_s": capacity, "stage_seconds": a.stage_seconds,
+           "target_s": a.target, "timeout_s": a.timeout, "slots": a.slots, "rows": raw_rows}
+    if a.out is not None:
+        plot(raw_rows, a.out.parent / "overload.png")
+        lines.append(f"\n![goodput and FID against offered load]({'overload.png'})")
+    publish(lines, a.out, raw)
+
+
+if __name__ == "__main__":
+    main()
