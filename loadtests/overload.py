@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     d = card.defaults
     base = {"num_images": 1, "steps": d.steps, "guidance_scale": d.guidance_scale}
     settings = dict(max_active_images=a.slots, max_images_per_request=a.slots, queue_size=100_000,
-                    latency_target_s=a.target, max_timeout_s=max(a.timeout, 30))
+                    latency_target_s=a.target, max_timeout_s=max(a.timeout, 30), default_timeout_s=max(a.timeout, 30))
     srv = ServerProcess(a.checkpoint, Path("/tmp/dualrate-overload-capacity.log"), **settings)
     try:
         srv.wait_ready()

@@ -5,16 +5,17 @@ raising it only when the latency target is at risk.
   the Ks whose ratio is within DUALRATE_QUALITY_BUDGET are allowed.
 - `CostModel`: seconds per light-network row and per encoder row, fitted online from the ticks (tick time = a x light
   rows + b x encoder rows, recursive least squares with forgetting), and the completed images per second.
-- `AutoK.choose`: at submission, the smallest allowed K (best quality) whose predicted latency meets the target:
-  predicted latency(K) = the wait for a slot (images ahead / throughput, throughput scaled by how much cheaper K makes
-  an image than the running mix) + the request's own steps at the current tick time, scaled likewise. If no K meets
-  it, the largest allowed. K is chosen once per request and kept for its whole trajectory (not changed at refresh
-  boundaries: the quality of a mid-trajectory change was not measured).
+- `AutoK.choose`: at submission, the smallest allowed K (best quality) that the recent arrival rate can sustain
+  (arrival rate x an image's cost at K <= 0.85) and whose predicted latency meets the target: the wait for a slot
+  (the images ahead at K's cost) + the request's own steps at the current tick time, scaled by K's cost against the
+  running mix. Otherwise the smallest sustainable K while no images wait, else the largest allowed. K is chosen once
+  per request and kept for its whole trajectory (docs/overload.md: why not at refresh boundaries).
 """
 
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -74,18 +75,41 @@ class AutoK:
     budget: QualityBudget
     target_s: float
     cost: CostModel = field(default_factory=CostModel)
+    max_utilisation: float = 0.85  # the arrival rate may use at most this share of the capacity at the chosen K
+    window_s: float = 5.0  # arrival rate over this window
+    _arrivals: deque[tuple[float, int]] = field(default_factory=deque)
 
-    def predict(self, k: int, steps: int, images_ahead: int, free_slots: int, mix_cost: float) -> float:
-        """Predicted latency of a request at interval k. mix_cost: mean image cost of the running batch (same steps)."""
-        scale = self.cost.image_cost(steps, k) / mix_cost if mix_cost > 0 else 1.0
-        waiting = max(0, images_ahead - free_slots)
-        rate = self.cost.images_per_s / scale if self.cost.images_per_s > 0 else 0.0
-        wait = waiting / rate if rate > 0 else 0.0
+    def arrived(self, images: int, now: float) -> None:
+        self._arrivals.append((now, images))
+
+    def arrival_rate(self, now: float) -> float:
+        """Images submitted per second over the last `window_s`."""
+        while self._arrivals and self._arrivals[0][0] < now - self.window_s:
+            self._arrivals.popleft()
+        if not self._arrivals:
+            return 0.0
+        # Over the window, or over the time since the first arrival in it plus a second (a cold start's burst).
+        span = min(self.window_s, now - self._arrivals[0][0] + 1.0)
+        return sum(n for _, n in self._arrivals) / span
+
+    def predict(self, k: int, steps: int, rows: int, images_ahead: int, free_slots: int, mix_cost: float) -> float:
+        """Predicted latency of a request at interval k: the wait for a slot (the images ahead of it at the capacity
+        of interval k) plus its own steps at the current tick time, scaled by k's cost against the running mix."""
+        own = self.cost.image_cost(steps, k, rows)
+        wait = max(0, images_ahead - free_slots) * own
+        scale = own / mix_cost if mix_cost > 0 else 1.0
         return wait + steps * self.cost.tick_s * scale
 
-    def choose(self, steps: int, images_ahead: int, free_slots: int, mix_cost: float) -> int:
+    def utilisation(self, k: int, steps: int, rows: int, now: float) -> float:
+        """The share of the service's time the current arrival rate would take if every image ran at k."""
+        return self.arrival_rate(now) * self.cost.image_cost(steps, k, rows)
+
+    def choose(self, steps: int, rows: int, images_ahead: int, free_slots: int, mix_cost: float, now: float) -> int:
+        """The smallest allowed K (best quality) that the arrival rate can sustain (utilisation <= max_utilisation)
+        and whose predicted latency meets the target; else the smallest sustainable one; else the largest allowed."""
         allowed = [k for k in self.budget.allowed if k <= steps] or [1]
-        for k in allowed:
-            if self.predict(k, steps, images_ahead, free_slots, mix_cost) <= self.target_s:
+        sustainable = [k for k in allowed if self.utilisation(k, steps, rows, now) <= self.max_utilisation]
+        for k in sustainable:
+            if self.predict(k, steps, rows, images_ahead, free_slots, mix_cost) <= self.target_s:
                 return k
-        return allowed[-1]
+        return sustainable[0] if sustainable and images_ahead <= free_slots else allowed[-1]

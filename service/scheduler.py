@@ -140,12 +140,15 @@ class Scheduler:
                 # The predicted wait: the queued images at the measured completion rate.
                 rate = self.cost.images_per_s
                 raise QueueFull(retry_after_s=max(1.0, queued_images / rate if rate > 0 else len(self.queue) * 0.5))
+            if self.autok is not None:
+                self.autok.arrived(spec.num_images, time.monotonic())  # every request loads the service
             if spec.auto:
                 if self.autok is None:
                     raise NotReady("encoder_interval auto is not offered by this server")
-                mix = [self.cost.image_cost(spec.steps, a.job.spec.encoder_interval) for a in self.active]
-                k = self.autok.choose(spec.steps, queued_images + spec.num_images, len(self.free_slots),
-                                      sum(mix) / len(mix) if mix else 0.0)
+                rows = 2 if needs_uncond_row(spec.label, spec.guidance_scale, self.null_label) else 1
+                mix = [self.cost.image_cost(spec.steps, a.job.spec.encoder_interval, rows) for a in self.active]
+                k = self.autok.choose(spec.steps, rows, queued_images + spec.num_images, len(self.free_slots),
+                                      sum(mix) / len(mix) if mix else 0.0, time.monotonic())
                 spec = replace(spec, encoder_interval=k)
             job = Job(spec, images=[None] * spec.num_images, listener=listener,
                       preview_every=preview_every if listener is not None else 0, queue_position=len(self.queue))

@@ -40,16 +40,26 @@ def test_the_cost_model_recovers_per_row_costs():
     assert m.image_cost(32, 4) == pytest.approx(32 * 0.002 + 8 * 0.010, rel=0.05)
 
 
-def test_auto_picks_the_best_quality_k_that_meets_the_target_and_raises_it_under_load():
-    cost = CostModel(theta=np.array([0.002, 0.010]), images_per_s=20.0, tick_s=0.02)
+def test_auto_picks_the_best_quality_k_the_load_allows_and_raises_it_under_load():
+    cost = CostModel(theta=np.array([0.001, 0.004]), tick_s=0.02)  # an image at K = 4: 32 x 1 + 8 x 4 ms = 64 ms
     auto = AutoK(QualityBudget({1: 1.0, 2: 1.03, 4: 1.07, 8: 1.1, 16: 1.5}, 1.15), target_s=2.0, cost=cost)
     mix = cost.image_cost(32, 4)
-    idle = auto.choose(32, images_ahead=1, free_slots=16, mix_cost=mix)
-    busy = auto.choose(32, images_ahead=20, free_slots=0, mix_cost=mix)
-    swamped = auto.choose(32, images_ahead=1000, free_slots=0, mix_cost=mix)
-    assert idle == 1 and 1 < busy <= 8 and swamped == 8  # never beyond the budget (K = 16 is 1.5x)
-    ks = [auto.choose(32, n, 0, mix) for n in range(0, 200, 10)]
-    assert ks == sorted(ks)  # more waiting never lowers K
+
+    def at_rate(images_per_s: float, ahead: int = 1, free: int = 16) -> int:
+        auto._arrivals.clear()
+        n = int(images_per_s * auto.window_s)
+        for i in range(n):  # spread over the window, one image at a time
+            auto.arrived(1, now=100.0 + auto.window_s * i / n)
+        return auto.choose(32, 1, ahead, free, mix, now=100.0 + auto.window_s)
+
+    # Capacity at K = 1: 1 / (32 + 32 x 4 ms) = 6.25 images/s; at K = 4: 15.6; at K = 8: 20.8.
+    assert at_rate(2) == 1  # light load: the best quality
+    assert at_rate(10) == 4  # K = 1 and 2 cannot sustain 10 images/s (utilisation 1.6, 1.0)
+    assert at_rate(17) == 8
+    assert at_rate(40) == 8  # past every capacity: the largest K within the budget, never K = 16 (1.5x FID)
+    ks = [at_rate(r) for r in range(0, 30)]
+    assert ks == sorted(ks)  # more load never lowers K
+    assert at_rate(2, ahead=200, free=0) > 1  # a backlog raises K even at a light arrival rate
 
 
 @pytest.fixture(scope="module")
