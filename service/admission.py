@@ -24,12 +24,14 @@ class Admission:
 
 class ContinuousAdmission(Admission):
     """Step-level: images join at any tick, one image per waiting request in turn (round robin), so a small request
-    is not queued behind every image of the large ones before it. Aligned (the default), an image with interval K
-    joins only at a tick where the active images with the same K are due an encoder refresh (it waits < K ticks), so
-    their refreshes share one encoder call and the ticks between need one light-network call; a request waiting for
-    its phase does not hold up the others. Unaligned, every tick has some rows due and pays an encoder call plus two
-    light calls, which costs most where calls are launch-bound (GPU: docs/gpu.md). The first image of a cohort sets
-    the phase; no state is kept for a K without active images."""
+    is not queued behind every image of the large ones before it; the last `reserved_slots` free slots are only for
+    small requests (a default request or cheaper), so large ones running together cannot lock them out.
+
+    Aligned (the default), an image with interval K joins only at a tick where the active images with the same K are
+    due an encoder refresh (it waits < K ticks), so their refreshes share one encoder call and the ticks between need
+    one light-network call; a request waiting for its phase does not hold up the others. Unaligned, every tick has
+    some rows due and pays an encoder call plus two light calls, which costs most where calls are launch-bound (GPU:
+    docs/gpu.md). The first image of a cohort sets the phase; no state is kept for a K without active images."""
 
     def __init__(self, aligned: bool = True) -> None:
         self.aligned = aligned
@@ -45,6 +47,8 @@ class ContinuousAdmission(Admission):
             for job in list(s.queue):  # one round: an image from each request that may join now, oldest first
                 if not s.free_slots:
                     break
+                if len(s.free_slots) <= s.reserved_slots and not s.is_small(job):
+                    continue  # the last free slots are kept for small requests
                 k = job.spec.encoder_interval
                 if self.aligned and k > 1:
                     if k not in active_k:

@@ -58,7 +58,8 @@ def create_app(settings: Settings | None = None,
             state.engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
             settings.max_active_images, settings.queue_size, settings.policy, state.metrics,
             overlap_encoder=settings.overlap_encoder, align_encoder=settings.align_encoder,
-            output_size=model.cfg.output_size, autok=state.autok,
+            output_size=model.cfg.output_size, autok=state.autok, reserved_slots=settings.effective_reserved_slots,
+            small_cost=model.defaults.steps / model.defaults.encoder_interval,
         )
         state.scheduler.start()
         state.metrics.set_engine(state.engine.info, settings.policy.value)

@@ -2,10 +2,11 @@
 raising it only when the latency target is at risk.
 
 - `QualityBudget`: from the card's sweep (rows at the card's default steps and guidance), FID(K) / FID(K = 1) per K;
-  the Ks whose ratio is within DUALRATE_QUALITY_BUDGET are allowed.
+  auto may use the card's default K and the larger Ks whose ratio is within DUALRATE_QUALITY_BUDGET.
 - `CostModel`: seconds per light-network row and per encoder row, fitted online from the ticks (tick time = a x light
   rows + b x encoder rows, recursive least squares with forgetting), and the completed images per second.
-- `AutoK.choose`: at submission, the smallest allowed K (best quality) that the recent arrival rate can sustain
+- `AutoK.choose`: at submission, the smallest allowed K (the default when nothing is at risk) that the recent
+  arrival rate can sustain
   (arrival rate x an image's cost at K <= 0.85) and whose predicted latency meets the target: the wait for a slot
   (the images ahead at K's cost) + the request's own steps at the current tick time, scaled by K's cost against the
   running mix. Otherwise the smallest sustainable K while no images wait, else the largest allowed. K is chosen once
@@ -25,6 +26,7 @@ import numpy as np
 class QualityBudget:
     fid_ratio: dict[int, float]  # K -> FID(K) / FID(K = 1), from the card
     budget: float
+    default_k: int = 1  # the card's default: auto never goes below it (no load, no change from the default)
 
     @classmethod
     def from_card(cls, card: dict, budget: float, default_k: int) -> QualityBudget:
@@ -34,12 +36,14 @@ class QualityBudget:
                 and r.get("guidance_scale") == d.get("guidance_scale")]
         base = next((r["fid"] for r in rows if r["encoder_interval"] == 1), None)
         if base is None:  # no published sweep: only the card's default K is known to be acceptable
-            return cls({default_k: 1.0}, budget)
-        return cls({int(r["encoder_interval"]): r["fid"] / base for r in rows}, budget)
+            return cls({default_k: 1.0}, budget, default_k)
+        return cls({int(r["encoder_interval"]): r["fid"] / base for r in rows}, budget, default_k)
 
     @property
     def allowed(self) -> list[int]:
-        return sorted(k for k, r in self.fid_ratio.items() if r <= self.budget) or [min(self.fid_ratio)]
+        """The Ks auto may use: the card's default and the larger ones within the budget."""
+        within = [k for k, r in self.fid_ratio.items() if r <= self.budget and k >= self.default_k]
+        return sorted(set(within) | {self.default_k})
 
 
 @dataclass
@@ -105,7 +109,7 @@ class AutoK:
         return self.arrival_rate(now) * self.cost.image_cost(steps, k, rows)
 
     def choose(self, steps: int, rows: int, images_ahead: int, free_slots: int, mix_cost: float, now: float) -> int:
-        """The smallest allowed K (best quality) that the arrival rate can sustain (utilisation <= max_utilisation)
+        """The smallest allowed K (the card's default first) that the arrival rate can sustain (utilisation <= max_utilisation)
         and whose predicted latency meets the target; else the smallest sustainable one; else the largest allowed."""
         allowed = [k for k in self.budget.allowed if k <= steps] or [1]
         sustainable = [k for k in allowed if self.utilisation(k, steps, rows, now) <= self.max_utilisation]

@@ -108,11 +108,14 @@ class Scheduler:
         align_encoder: bool = True,  # continuous policy: admit an image where its K-cohort refreshes
         output_size: int | None = None,  # the delivered crop (ModelConfig.output_size); None = the whole sample
         autok: AutoK | None = None,  # picks K for encoder_interval "auto" requests; None = auto not offered
+        reserved_slots: int = 0,  # slots only small requests may take (continuous policy)
+        small_cost: float = 0.0,  # a request costing at most this (images x steps / K) is small
     ) -> None:
         self.null_label, self.max_active_images, self.queue_size, self.policy = null_label, max_active_images, queue_size, policy
         self.stats = stats or StatsSink()
         self.admission = admission_policy(policy, align_encoder)
         self.autok = autok
+        self.reserved_slots, self.small_cost = reserved_slots, small_cost
         self.cost = autok.cost if autok is not None else CostModel()  # per-row costs and completion rate, from ticks
         self.runner = Runner(engine, sched, null_label, max_active_images, overlap_encoder, output_size, self.stats)
         self.queue: deque[Job] = deque()
@@ -277,6 +280,11 @@ class Scheduler:
                 if job in self.queue:
                     self.queue.remove(job)
                 self._finish_job(job, err)
+
+    def is_small(self, job: Job) -> bool:
+        """Small requests may use the reserved slots: a large one cannot take the last free slots from them."""
+        spec = job.spec
+        return spec.num_images * spec.steps / spec.encoder_interval <= self.small_cost
 
     def admit_image(self, job: Job) -> None:
         """Give the next image of `job` a free slot (caller holds the lock; called by the admission policy)."""

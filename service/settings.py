@@ -57,6 +57,9 @@ class Settings(BaseSettings):
                                   "is at most this multiple of K = 1's (the model card's sweep)")
     max_request_cost: float = Field(0.0, ge=0, description="refuse (422) requests costing more than num_images x steps / "
                                     "encoder_interval (auto: its largest allowed K); 0 = no cap")
+    reserved_slots: int | None = Field(None, ge=0, description="batch slots kept for small requests (at most a default "
+                                       "request's num_images x steps / encoder_interval): large requests together "
+                                       "cannot take them; default max_active_images // 8")
     warmup: bool = True
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
 
@@ -86,6 +89,10 @@ class Settings(BaseSettings):
                             precision=self.precision, threads=self.threads, cuda_graphs=self.cuda_graphs)
 
     @property
+    def effective_reserved_slots(self) -> int:
+        return self.reserved_slots if self.reserved_slots is not None else self.max_active_images // 8
+
+    @property
     def api_key_bytes(self) -> list[bytes]:
         return [k.get_secret_value().encode("utf-8") for k in self.api_keys]
 
@@ -101,6 +108,8 @@ class Settings(BaseSettings):
         if self.max_images_per_request > self.max_active_images:
             raise ValueError(f"max_images_per_request ({self.max_images_per_request}) must be <= max_active_images "
                              f"({self.max_active_images}): a request must fit the batch")
+        if self.reserved_slots is not None and self.reserved_slots >= self.max_active_images:
+            raise ValueError("reserved_slots must be < max_active_images: large requests need a slot too")
         if self.default_timeout_s > self.max_timeout_s:
             raise ValueError("default_timeout_s must be <= max_timeout_s")
         if self.backend is Backend.TENSORRT and self.device == "cpu":
