@@ -34,7 +34,7 @@ import torch
 from PIL import Image
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
-from dualrate.evaluate import Evaluator
+from dualrate.evaluate import Evaluator, generate
 from dualrate.provenance import provenance, publish
 from loadtests.service_bench import closed_loop
 from service.process import ServerProcess
@@ -69,6 +69,20 @@ async def stepped_load(url: str, rate: float, stage_s: float, body: dict, timeou
                 i += 1
                 await asyncio.sleep(rng.expovariate(rate * mult))
         await asyncio.gather(*tasks)
+    return out
+
+
+async def recovery(url: str, body: dict, seconds: float = 20.0, every: float = 0.5) -> list[dict]:
+    """After the load stops: one request every `every` seconds; -> [{t, k, seconds}] (t from the start of the probe)."""
+    out = []
+    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            sent = time.perf_counter()
+            r = await c.post("/generate", json={**body, "class_label": 1})
+            out.append({"t": sent - t0, "status": r.status_code, "k": r.json().get("encoder_interval"),
+                        "seconds": time.perf_counter() - sent})
+            await asyncio.sleep(max(0.0, every - (time.perf_counter() - sent)))
     return out
 
 
@@ -129,12 +143,15 @@ def main(argv: list[str] | None = None) -> None:
         srv.terminate()
     log.info("capacity at K = 4: %.2f images/s", capacity)
     results: dict[str, list[dict]] = {}
+    probes: list[dict] = []
     for name, k in (("K = 4", 4), ("K = 8", 8), ("auto", "auto")):
         srv = ServerProcess(a.checkpoint, Path(f"/tmp/dualrate-overload-{k}.log"), **settings)
         try:
             srv.wait_ready()
             results[name] = asyncio.run(stepped_load(srv.url, capacity, a.stage_seconds, {**base, "encoder_interval": k},
                                                      a.timeout, seed=7))
+            if k == "auto":  # the load has stopped (every request answered): how soon is K back to the default?
+                probes = asyncio.run(recovery(srv.url, {**base, "encoder_interval": k}))
         finally:
             srv.terminate()
         log.info("%s done: %d requests", name, len(results[name]))
@@ -161,6 +178,13 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(f"| {name} | {mult:g}x | {len(rs)} | {row['goodput_per_s']:.2f} | {p95:.2f} | {row['timeouts']} | "
                         f"{row['other_errors']} | {row['mean_k']:.2f} | {fid:.2f} ({n}) | {acc:.3f} | {mean_fid:.2f} |")
     by = {(r["config"], r["offered"]): r for r in raw_rows}
+    # The budget check: the auto stage at 2x against K = 1 images from the evaluator, same count, same labels.
+    auto2 = [r for r in results["auto"] if r["stage"] == STAGES.index(2.0) and r["status"] == 200]
+    ref_imgs, _, _, _ = generate(card, len(auto2), d.steps, 1, d.guidance_scale, seed=50_000)
+    ref_fid = ev.fid(ref_imgs)
+    auto2_fid = by[("auto", 2.0)]["fid"]
+    back = next((p["t"] for i, p in enumerate(probes) if all(q["k"] == d.encoder_interval for q in probes[i:])), None)
+    back_text = f"after {back:.1f} s" if back is not None else "never within 20 s"
     at2 = {c: by[(c, 2.0)]["goodput_per_s"] for c in results}
     stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
     command = f"python -m loadtests.overload {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
@@ -170,11 +194,18 @@ def main(argv: list[str] | None = None) -> None:
              f"at 0.5/1/2/3 x capacity, {a.stage_seconds:g} s per stage; {a.slots} slots; latency target {a.target:g} s. "
              f"Goodput: requests answered within the target per second. At 2x capacity: auto {at2['auto']:.2f}/s vs "
              f"K = 4 {at2['K = 4']:.2f}/s ({at2['auto'] / max(at2['K = 4'], 1e-9):.2f}x) vs K = 8 {at2['K = 8']:.2f}/s.", "",
+             f"Budget check: the {len(auto2)} images auto served at 2x score FID {auto2_fid:.2f}, against "
+             f"{ref_fid:.2f} for {len(auto2)} K = 1 images from the evaluator (same labels): "
+             f"{auto2_fid / ref_fid:.3f}x (budget {1.15}x). After the 3x stage's requests were all answered, probes "
+             f"every 0.5 s got K = {', '.join(str(p['k']) for p in probes[:12])}, ...: back at the default K = "
+             f"{d.encoder_interval} for good {back_text}.", "",
              "| config | offered load | requests | goodput (/s) | p95 (s) | 504 | other errors | mean K | FID (images) "
              "| class accuracy | card FID of the Ks used (mean, 800 images each) |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|", *rows]
     raw = {**provenance(a.checkpoint, command), "capacity_images_per_s": capacity, "stage_seconds": a.stage_seconds,
-           "target_s": a.target, "timeout_s": a.timeout, "slots": a.slots, "rows": raw_rows}
+           "target_s": a.target, "timeout_s": a.timeout, "slots": a.slots, "rows": raw_rows,
+           "budget_check": {"images": len(auto2), "auto_2x_fid": auto2_fid, "k1_reference_fid": ref_fid,
+                            "ratio": auto2_fid / ref_fid}, "recovery_probes": probes, "back_to_default_after_s": back}
     if a.out is not None:
         plot(raw_rows, a.out.parent / "overload.png")
         lines.append(f"\n![goodput and FID against offered load]({'overload.png'})")
