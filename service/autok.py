@@ -48,30 +48,50 @@ class QualityBudget:
 
 @dataclass
 class CostModel:
-    """Per-row costs from the ticks, and the completion rate. Starts from equal costs until ticks arrive."""
+    """What a tick costs, fitted from the last ticks: seconds = c0 + a x light rows + (c1 + b x encoder rows if any
+    row is refreshed). c0 and c1 are per call (launch and framework overhead), a and b per row; fitting the overhead
+    apart keeps small, overhead-bound ticks (light load) from inflating the per-row costs. Solved by ridge least
+    squares over a window of ticks every `refit_every` ticks; starts from `prior` until then."""
 
-    forget: float = 0.98
-    theta: np.ndarray = field(default_factory=lambda: np.array([1e-3, 1e-3]))  # seconds per light row, encoder row
-    p: np.ndarray = field(default_factory=lambda: np.eye(2) * 1e6)
-    images_per_s: float = 0.0
-    tick_s: float = 0.0
+    slots: int = 16
+    window: int = 400
+    refit_every: int = 25
+    prior: tuple[float, float, float, float] = (1e-3, 1e-4, 1e-3, 1e-4)  # c0, a, c1, b (seconds)
+    theta: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    images_per_s: float = 0.0  # completed images per second of tick time (EMA)
+    tick_s: float = 0.0  # seconds per tick (EMA)
+    _x: deque[tuple[float, float, float, float]] = field(default_factory=deque)
+    _y: deque[float] = field(default_factory=deque)
+
+    def __post_init__(self) -> None:
+        if self.theta.size == 0:
+            self.theta = np.array(self.prior)
 
     def observe_tick(self, light_rows: int, encoder_rows: int, seconds: float, images_done: int) -> None:
-        x = np.array([float(light_rows), float(encoder_rows)])
-        if x.sum() > 0:
-            px = self.p @ x
-            gain = px / (self.forget + x @ px)
-            self.theta = np.maximum(self.theta + gain * (seconds - x @ self.theta), 1e-6)
-            self.p = (self.p - np.outer(gain, px)) / self.forget
+        if light_rows + encoder_rows > 0:
+            self._x.append((1.0, float(light_rows), float(encoder_rows > 0), float(encoder_rows)))
+            self._y.append(seconds)
+            if len(self._x) > self.window:
+                self._x.popleft()
+                self._y.popleft()
+            if len(self._x) % self.refit_every == 0 or len(self._x) == self.window:
+                self._refit()
             self.tick_s = 0.9 * self.tick_s + 0.1 * seconds if self.tick_s else seconds
         if seconds > 0:
-            rate = images_done / seconds
-            self.images_per_s = 0.98 * self.images_per_s + 0.02 * rate
+            self.images_per_s = 0.98 * self.images_per_s + 0.02 * images_done / seconds
+
+    def _refit(self) -> None:
+        x, y = np.array(self._x), np.array(self._y)
+        prior = np.array(self.prior)
+        lam = 1e-6 * len(y)  # a light pull toward the prior where the ticks do not tell the terms apart
+        theta = np.linalg.solve(x.T @ x + lam * np.eye(4), x.T @ y + lam * prior)
+        self.theta = np.maximum(theta, 0.0)
 
     def image_cost(self, steps: int, k: int, rows: int = 1) -> float:
-        """Seconds of batch time one image takes at interval k (rows: 2 for a guided image)."""
-        light, enc = self.theta
-        return rows * (steps * light + math.ceil(steps / k) * enc)
+        """Seconds of service time one image takes at interval k with the batch full (rows: 2 for a guided image):
+        its rows' share of every tick, the per-call overheads split over the slots."""
+        c0, a, c1, b = self.theta
+        return steps * (rows * a + c0 / self.slots) + math.ceil(steps / k) * (rows * b + c1 / self.slots)
 
 
 @dataclass

@@ -117,6 +117,7 @@ class Scheduler:
         self.autok = autok
         self.reserved_slots, self.small_cost = reserved_slots, small_cost
         self.cost = autok.cost if autok is not None else CostModel()  # per-row costs and completion rate, from ticks
+        self.cost.slots = max_active_images
         self.runner = Runner(engine, sched, null_label, max_active_images, overlap_encoder, output_size, self.stats)
         self.queue: deque[Job] = deque()
         self.active: list[ImageSlot] = []
