@@ -102,18 +102,20 @@ class SweepRow:
 
 def generate(
     model: LoadedModel, n: int, steps: int, k: int | None, g: float, seed: int = 10_000, batch: int = 250,
-    refresh_steps: list[int] | None = None,
+    refresh_steps: list[int] | None = None, seeds: list[int] | None = None, labels: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, float, int]:
-    """n conditional images, labels 0..9 in turn. Returns images, labels, seconds, encoder calls per image."""
+    """n conditional images, labels 0..9 in turn and seeds seed, seed + 1, ... (or the given `seeds` and `labels`,
+    e.g. those of images a server returned). Returns images, labels, seconds, encoder calls per image."""
     encode, denoise = torch_fns(model)
     sched = CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max)
-    labels = torch.arange(n) % 10
+    labels = torch.arange(n) % 10 if labels is None else labels
+    all_seeds = [seed + j for j in range(n)] if seeds is None else seeds
     out, calls = [], 0
     t0 = time.perf_counter()
     for i in range(0, n, batch):
         lab = labels[i : i + batch]
         imgs, stats = dual_rate_sample(
-            encode, denoise, lab, [seed + j for j in range(i, i + len(lab))], steps, k or steps, g, sched,
+            encode, denoise, lab, all_seeds[i : i + len(lab)], steps, k or steps, g, sched,
             model.cfg.null_label, feature_shapes=model.cfg.feature_shapes if k is None else None,
             refresh_steps=refresh_steps,
         )
