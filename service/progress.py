@@ -24,7 +24,7 @@ log = logging.getLogger("service.progress")
 
 Event = tuple[str, dict[str, Any]]  # (event name, payload)
 Listener = Callable[[list[Event]], None]  # a tick's events for one job, in order
-PROGRESS_INTERVAL_S = 0.1  # the most often a stream gets a progress event (its last one always comes)
+PROGRESS_INTERVAL_S = 0.25  # the most often a stream gets a progress event (its last one always comes)
 
 
 def preview_due(batch: Sequence[ImageSlot]) -> tuple[bool, ...]:
