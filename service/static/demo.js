@@ -40,6 +40,10 @@ function fillForm() {
     if (r && r.fid != null) text += "  (FID " + r.fid.toFixed(2) + (base ? ", " + (r.fid / base.fid).toFixed(2) + "x K=1" : "") + ")";
     kSel.add(new Option(text, String(k)));
   }
+  const auto = model.auto_encoder_interval;
+  if (auto && auto.allowed && auto.allowed.length) {
+    kSel.add(new Option("auto (K " + auto.allowed.join(" or ") + ", by load)", "auto"));
+  }
   kSel.value = String(d.encoder_interval);
   $("guidance_scale").value = d.guidance_scale;
   $("steps").value = d.steps;
@@ -111,7 +115,7 @@ function requestBody() {
     class_label: $("class_label").value === "" ? null : num("class_label"),
     num_images: num("num_images"),
     steps: num("steps"),
-    encoder_interval: num("encoder_interval"),
+    encoder_interval: $("encoder_interval").value === "auto" ? "auto" : num("encoder_interval"),
     guidance_scale: num("guidance_scale"),
     preview_every: num("preview_every"),
   };
@@ -165,7 +169,7 @@ async function generate(ev) {
         const secs = ((performance.now() - t0) / 1000).toFixed(2);
         setStatus("done in " + secs + " s");
         $("summary").textContent = data.images.length + " image(s), " + data.steps + " steps, K = " +
-          data.encoder_interval + ": " + data.encoder_calls + " encoder calls and " + data.denoiser_calls +
+          data.encoder_interval + (data.encoder_interval_auto ? " (picked by the service)" : "") + ": " + data.encoder_calls + " encoder calls and " + data.denoiser_calls +
           " light-network calls per image; server time " + (data.timings.total_ms / 1000).toFixed(2) + " s (queue " +
           (data.timings.queue_ms / 1000).toFixed(2) + " s); " + previews + " previews.";
       } else if (event === "error") {

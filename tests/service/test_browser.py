@@ -63,6 +63,12 @@ def test_demo_page_shows_previews_then_the_final_images(server, browser):
     summary = browser.find_element(By.ID, "summary").text
     assert "96 encoder calls" in summary and "previews" in summary
     assert "done in" in browser.find_element(By.ID, "status").text
+    # encoder_interval "auto" from the page: the service picks K and the summary says which.
+    Select(browser.find_element(By.ID, "encoder_interval")).select_by_value("auto")
+    set_value(browser, "steps", 32)
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 120).until(lambda d: "picked by the service" in d.find_element(By.ID, "summary").text)
+    assert "K = 4 (picked by the service)" in browser.find_element(By.ID, "summary").text  # idle: the card's default
     # Fits the window: no horizontal scrolling on a phone or a desktop.
     assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
 
