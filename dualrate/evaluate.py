@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import platform
-import sys
 import time
 from dataclasses import asdict, dataclass
 from datetime import date
@@ -33,7 +32,7 @@ from dualrate.classifier import CLASSIFIER_DIR, DigitClassifier, batched, load_c
 from dualrate.data import load_mnist, to_uint8
 from dualrate.diffusion import CosineSchedule
 from dualrate.nets import per_image_flops
-from dualrate.provenance import provenance
+from dualrate.provenance import command_line, provenance
 from dualrate.sampler import dual_rate_sample
 
 log = logging.getLogger("dualrate.evaluate")
@@ -71,7 +70,12 @@ class Evaluator:
 
 def quantize(images: Tensor) -> Tensor:
     """Round-trip through the served uint8 28x28 image, padded back to 32x32."""
-    u8 = torch.from_numpy(to_uint8(images)).float() / 127.5 - 1.0  # (B, 28, 28)
+    return from_pictures(to_uint8(images))
+
+
+def from_pictures(pictures: np.ndarray) -> Tensor:
+    """Served MNIST pictures, uint8 (B, 28, 28) (decoded PNGs) -> the evaluator's input (B, 1, 32, 32) in [-1, 1]."""
+    u8 = torch.from_numpy(np.asarray(pictures)).float() / 127.5 - 1.0
     return torch.nn.functional.pad(u8[:, None], (2, 2, 2, 2), value=-1.0)
 
 
@@ -221,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
            "[sweep.provenance.json](sweep.provenance.json).\n\n")
     (a.out / "sweep.md").write_text("# Sweep: steps, encoder interval, guidance\n\n" + raw + header + table + "\n")
     (a.out / "sweep.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
-    command = f"python -m dualrate.evaluate {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    command = command_line("python -m dualrate.evaluate", argv)
     (a.out / "sweep.provenance.json").write_text(json.dumps(provenance(a.checkpoint, command), indent=2) + "\n")
     print(table)
     if a.update_card:
@@ -248,7 +252,7 @@ def check(a: argparse.Namespace, argv: list[str] | None) -> None:
         k = "zeroed" if r.encoder_interval is None else str(r.encoder_interval)
         lines.append(f"| {r.steps} | {k} | {r.fid:.2f} | {b['fid']:.2f} | {r.fid / b['fid']:.3f} | "
                      f"{100 * r.accuracy:.1f}% | {100 * b['accuracy']:.1f}% |" if b else f"| {r.steps} | {k} | {r.fid:.2f} | | | |")
-    command = f"python -m dualrate.evaluate {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    command = command_line("python -m dualrate.evaluate", argv)
     prov = provenance(a.checkpoint, command)
     (a.out / f"{a.name}.json").write_text(json.dumps({**prov, "seed": a.seed, "rows": [asdict(r) for r in rows]},
                                                      indent=2) + "\n")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from dualrate.data import load_mnist
 from dualrate.diffusion import CosineSchedule, q_forward, q_sample, v_target
-from dualrate.provenance import provenance
+from dualrate.provenance import command_line, provenance
 
 T_LEVELS = (0.05, 0.15, 0.3, 0.45, 0.6, 0.75, 0.9)
 GAPS = {"stale K=4 (gap 3/32)": 3 / 32, "stale K=8 (gap 7/32)": 7 / 32, "stale K=16 (gap 15/32)": 15 / 32}
@@ -61,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     res = study(a.checkpoint, a.num_images)
     a.out.mkdir(parents=True, exist_ok=True)
     (a.out / "feature_study.json").write_text(json.dumps(res, indent=2) + "\n")
-    command = f"python -m dualrate.feature_study {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    command = command_line("python -m dualrate.feature_study", argv)
     (a.out / "feature_study.provenance.json").write_text(json.dumps(provenance(a.checkpoint, command), indent=2) + "\n")
     keys = [k for k in res if k != "t"]
     lines = ["| t | " + " | ".join(keys) + " |", "|---:|" + "---:|" * len(keys)]

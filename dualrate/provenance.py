@@ -6,6 +6,7 @@ import json
 import os
 import platform
 import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,17 @@ def git_commit() -> str:
     except (OSError, subprocess.SubprocessError):
         return "unknown"
     return out.stdout.strip() + ("+uncommitted changes" if dirty else "") if out.returncode == 0 else "unknown"
+
+
+def command_line(program: str, argv: list[str] | None) -> str:
+    """The command a report was made with, to rerun it: `program` (e.g. "python -m loadtests.overload") and its
+    arguments (`argv`, or the process's own when None)."""
+    return f"{program} {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+
+
+def utc_stamp() -> str:
+    """Now, as a report heading shows it: 2026-11-27 09:25 UTC."""
+    return datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def provenance(checkpoint: Path, command: str) -> dict[str, Any]:

@@ -11,9 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import platform
-import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -21,7 +19,7 @@ import torch
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from dualrate.diffusion import CosineSchedule
 from dualrate.nets import per_image_flops
-from dualrate.provenance import provenance, publish
+from dualrate.provenance import command_line, provenance, publish, utc_stamp
 from dualrate.sampler import dual_rate_sample
 from engines.factory import create_engine
 
@@ -82,9 +80,9 @@ def main(argv: list[str] | None = None) -> None:
                 rows.append((name, b, k, ips, ips * flops / 1e9))
                 log.info("%s batch %d K=%d: %.2f images/s (%.1f GFLOP/s)", name, b, k, ips, ips * flops / 1e9)
         engine.close()
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = utc_stamp()
     lines = [f"### Engine benchmark, {stamp}, {platform.machine()} CPU, {torch.get_num_threads()} threads",
-             "", f"Command: `python -m engines.bench {' '.join(sys.argv[1:] if argv is None else argv)}`".rstrip(), "",
+             "", f"Command: `{command_line('python -m engines.bench', argv)}`", "",
              f"Reference sampler, N = {steps} steps, guidance {g} (2 rows per image). Measured matmul peak: "
              f"fp32 {peak32:.0f} GFLOP/s, bf16 {peak16:.0f} GFLOP/s.", "",
              "| backend | batch | K | images/s | K=4 / K=1 | model GFLOP/s | % of fp32 peak |",
@@ -93,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
     for name, b, k, ips, gf in rows:
         speedup = f"{ips / base[(name, b)]:.2f}x" if (name, b) in base and k != 1 else ""
         lines.append(f"| {name} | {b} | {k} | {ips:.2f} | {speedup} | {gf:.1f} | {100 * gf / peak32:.0f}% |")
-    command = f"python -m engines.bench {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    command = command_line("python -m engines.bench", argv)
     raw = {**provenance(a.checkpoint, command), "threads": torch.get_num_threads(), "steps": steps,
            "guidance_scale": g, "matmul_peak_gflops": {"fp32": peak32, "bf16": peak16},
            "cells": [{"backend": n, "batch": b, "k": k, "images_per_s": ips, "model_gflops": gf}

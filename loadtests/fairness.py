@@ -13,15 +13,13 @@ import argparse
 import asyncio
 import logging
 import platform
-import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT
-from dualrate.provenance import provenance, publish
+from dualrate.provenance import command_line, provenance, publish, utc_stamp
 from service.process import ServerProcess
 
 log = logging.getLogger("loadtests.fairness")
@@ -62,8 +60,8 @@ def main(argv: list[str] | None = None) -> None:
         res = asyncio.run(scenario(srv.url))
     finally:
         srv.terminate()
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    command = f"python -m loadtests.fairness {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    stamp = utc_stamp()
+    command = command_line("python -m loadtests.fairness", argv)
     wait = res["small_done_s"] - res["small_sent_s"]
     reserved = a.reserved_slots if a.reserved_slots is not None else "default (32 // 8 = 4)"
     lines = [f"### Four requests at the caps and a small one, {stamp}, {platform.machine()} CPU, onnxruntime", "",

@@ -23,9 +23,7 @@ import logging
 import platform
 import random
 import statistics
-import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -34,8 +32,8 @@ import torch
 from PIL import Image
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
-from dualrate.evaluate import Evaluator, generate
-from dualrate.provenance import provenance, publish
+from dualrate.evaluate import Evaluator, from_pictures, generate
+from dualrate.provenance import command_line, provenance, publish, utc_stamp
 from loadtests.service_bench import closed_loop
 from service.process import ServerProcess
 
@@ -91,9 +89,7 @@ def score(ev: Evaluator, records: list[dict]) -> tuple[float, float, int]:
     ok = [r for r in records if r["status"] == 200]
     if len(ok) < 2:
         return float("nan"), float("nan"), len(ok)
-    pics = [np.asarray(Image.open(io.BytesIO(base64.b64decode(r["png"])))) for r in ok]
-    x = torch.from_numpy(np.stack(pics)).float().div(127.5).sub(1.0)[:, None]
-    x = torch.nn.functional.pad(x, (2, 2, 2, 2), value=-1.0)  # the delivered 28x28 -> the sample's 32x32
+    x = from_pictures(np.stack([np.asarray(Image.open(io.BytesIO(base64.b64decode(r["png"])))) for r in ok]))
     return ev.fid(x), ev.accuracy(x, torch.tensor([r["label"] for r in ok])), len(ok)
 
 
@@ -188,8 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     back = next((p["t"] for i, p in enumerate(probes) if all(q["k"] == d.encoder_interval for q in probes[i:])), None)
     back_text = f"after {back:.1f} s" if back is not None else "never within 20 s"
     at2 = {c: by[(c, 2.0)]["goodput_per_s"] for c in results}
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    command = f"python -m loadtests.overload {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    stamp = utc_stamp()
+    command = command_line("python -m loadtests.overload", argv)
     lines = [f"### Overload, {stamp}, {platform.machine()} CPU, onnxruntime", "", f"Command: `{command}`", "",
              f"Capacity at K = 4 (saturation, {2 * a.slots} closed-loop clients, 15 s): **{capacity:.2f} images/s**. "
              f"Requests: 1 image, N = {d.steps}, guidance {d.guidance_scale}, timeout_s {a.timeout:g}; Poisson arrivals "

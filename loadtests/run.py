@@ -18,14 +18,13 @@ import sys
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
 import numpy as np
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT
-from dualrate.provenance import provenance, publish
+from dualrate.provenance import command_line, provenance, publish, utc_stamp
 from service.process import ServerProcess, metric
 
 log = logging.getLogger("loadtests.run")
@@ -126,9 +125,9 @@ def main(argv: list[str] | None = None) -> int:
         s = summarise(cfg.name, a.csv_dir / key, images, elapsed)
         log.info("%s", s)
         results.append(s)
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = utc_stamp()
     lines = [f"### Locust load test, {stamp}, {platform.machine()} CPU (2 cores), service + locust on one machine",
-             "", f"Command: `python -m loadtests.run {' '.join(sys.argv[1:] if argv is None else argv)}`".rstrip(), "",
+             "", f"Command: `{command_line('python -m loadtests.run', argv)}`", "",
              f"{a.users} users, {a.duration} s of load per configuration, service max_active_images = {a.slots}. "
              "Latency (ms): percentiles over every successful valid request of the configuration, pooled. images/s: "
              "images returned / wall time of the locust run (load plus the wait for requests in flight).", "",
@@ -138,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         fails = ", ".join(f"{k}: {v}" for k, v in s.failures.items()) or "0"
         lines.append(f"| {s.config} | {s.requests} | {s.images_per_s:.2f} | {s.p50_ms:.0f} | {s.p95_ms:.0f} | "
                      f"{s.p99_ms:.0f} | {fails} | {s.expected_invalid} |")
-    command = f"python -m loadtests.run {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    command = command_line("python -m loadtests.run", argv)
     raw = {**provenance(a.checkpoint, command), "users": a.users, "duration_s": a.duration, "slots": a.slots,
            "results": [{**asdict(s), "failures": dict(s.failures)} for s in results]}
     publish(lines, a.out, raw)

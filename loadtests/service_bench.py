@@ -18,9 +18,7 @@ import logging
 import platform
 import random
 import statistics
-import sys
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +27,7 @@ import torch
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from dualrate.diffusion import CosineSchedule
-from dualrate.provenance import provenance, publish
+from dualrate.provenance import command_line, provenance, publish, utc_stamp
 from dualrate.sampler import dual_rate_sample
 from engines import create_engine
 from service.process import ServerProcess
@@ -175,8 +173,8 @@ def interleaved(a: argparse.Namespace, argv: list[str] | None) -> None:
         pairs.append({"bare_images_per_s": bare, "service_images_per_s": ips, "ratio": ips / bare, **br})
         log.info("pair %d: bare %.2f, service %.2f images/s (%.3f)", i + 1, bare, ips, ips / bare)
     median = statistics.median(p["ratio"] for p in pairs)
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    command = f"python -m loadtests.service_bench {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    stamp = utc_stamp()
+    command = command_line("python -m loadtests.service_bench", argv)
     lines = [f"### Saturation, bare loop and service interleaved, {stamp}, {platform.machine()} CPU, onnxruntime", "",
              f"Command: `{command}`", "",
              f"Requests: 1 image, N = {d.steps}, K = {d.encoder_interval}, guidance {d.guidance_scale}; "
@@ -251,8 +249,8 @@ def stream_cost(a: argparse.Namespace, argv: list[str] | None) -> None:
         srv.terminate()
     ratios = [r["streams"]["plain_images_per_s"] / r["control"]["plain_images_per_s"] for r in rounds]
     totals = [r["streams"]["total_images_per_s"] / r["control"]["total_images_per_s"] for r in rounds]
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    command = f"python -m loadtests.service_bench {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    stamp = utc_stamp()
+    command = command_line("python -m loadtests.service_bench", argv)
     lines = [f"### What streaming costs the other clients, {stamp}, {platform.machine()} CPU, onnxruntime", "",
              f"Command: `{command}`", "",
              f"One server, {a.slots} slots, requests of 1 image, N = {d.steps}, K = {d.encoder_interval}, guidance "
@@ -329,11 +327,11 @@ def main(argv: list[str] | None = None) -> None:
                      pct(lat[policy]["long"], 0.95))
         finally:
             srv.terminate()
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = utc_stamp()
     sat_ratio = res["svc_sat"] / res[f"bare_b{a.slots}"]
     lines = [
         f"### Service benchmark, {stamp}, {platform.machine()} CPU ({torch.get_num_threads()} threads), onnxruntime",
-        "", f"Command: `python -m loadtests.service_bench {' '.join(sys.argv[1:] if argv is None else argv)}`".rstrip(), "",
+        "", f"Command: `{command_line('python -m loadtests.service_bench', argv)}`", "",
         f"Requests: 1 image, N = {d.steps}, K = {d.encoder_interval}, guidance {d.guidance_scale}; "
         f"service max_active_images = {a.slots}; {a.seconds:.0f} s per measurement.", "",
         "| measurement | images/s | ratio |", "|---|---:|---:|",
@@ -351,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
         sh, lo = by_kind["short"], by_kind["long"]
         lines.append(f"| {policy} | {statistics.median(sh):.2f} | {pct(sh, 0.95):.2f} | {statistics.median(lo):.2f} | "
                      f"{pct(lo, 0.95):.2f} | {pct(sh + lo, 0.95):.2f} | {len(sh) + len(lo)} |")
-    command = f"python -m loadtests.service_bench {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    command = command_line("python -m loadtests.service_bench", argv)
     raw = {**provenance(a.checkpoint, command), "slots": a.slots, "seconds": a.seconds, "request": body,
            "images_per_s": res, "mixed_latencies_s": lat}
     publish(lines, a.out, raw)

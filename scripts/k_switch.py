@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
-from datetime import UTC, datetime
 from pathlib import Path
 
 import torch
@@ -21,7 +19,7 @@ from tqdm import tqdm
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from dualrate.evaluate import Evaluator, generate
-from dualrate.provenance import provenance, publish
+from dualrate.provenance import command_line, provenance, publish, utc_stamp
 
 
 def schedules(steps: int, switch: int) -> dict[str, list[int]]:
@@ -55,8 +53,8 @@ def main(argv: list[str] | None = None) -> None:
         rows.append({"schedule": name, "refresh_steps": refresh, "encoder_calls": len(refresh), "per_seed": per_seed,
                      "fid_mean": statistics.mean(fids), "fid_std": statistics.stdev(fids) if len(fids) > 1 else 0.0,
                      "accuracy_mean": statistics.mean(r["accuracy"] for r in per_seed.values())})
-    stamp = datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC")
-    command = f"python scripts/k_switch.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip()
+    stamp = utc_stamp()
+    command = command_line("python scripts/k_switch.py", argv)
     lines = [f"### Changing K within a trajectory, {stamp}", "", f"Command: `{command}`", "",
              f"{a.num_images} images per seed set, seed sets {', '.join(map(str, seeds))}; N = {d.steps}, guidance "
              f"{d.guidance_scale}; FID against the MNIST test set through the project's classifier.", "",
