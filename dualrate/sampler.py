@@ -125,7 +125,7 @@ def dual_rate_sample(
     16, 24), for studying a change of K within a trajectory."""
     assert steps >= 1 and encoder_interval >= 1 and len(seeds) == labels.shape[0]
     assert refresh_steps is None or 0 in refresh_steps, "the first step needs features"
-    due = set(refresh_steps) if refresh_steps is not None else None
+    due = set(refresh_steps) if refresh_steps is not None else {i for i in range(steps) if encoder_due(i, encoder_interval)}
     seeds = list(seeds)
     b = labels.shape[0]
     guided = any(needs_uncond_row(int(y), guidance_scale, null_label) for y in labels)
@@ -141,7 +141,7 @@ def dual_rate_sample(
         if feature_shapes is not None:
             tau = t
             feats = tuple(torch.zeros(rows.shape[0], *shape) for shape in feature_shapes)
-        elif (i in due) if due is not None else encoder_due(i, encoder_interval):
+        elif i in due:
             tau = t
             feats = encode(zz, torch.cat([tau, tau]) if guided else tau, rows)
             enc_calls += 1

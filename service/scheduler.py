@@ -139,11 +139,11 @@ class Scheduler:
         with self._cv:
             if not self._accepting:
                 raise NotReady("the service is draining and accepts no new requests")
-            queued_images = sum(j.spec.num_images - j.next_image for j in self.queue)
             if len(self.queue) >= self.queue_size:
                 # The predicted wait: the queued images at the measured completion rate.
                 rate = self.cost.images_per_s
-                raise QueueFull(retry_after_s=max(1.0, queued_images / rate if rate > 0 else len(self.queue) * 0.5))
+                wait = self._queued_images() / rate if rate > 0 else len(self.queue) * 0.5
+                raise QueueFull(retry_after_s=max(1.0, wait))
             if self.autok is not None:
                 self.autok.arrived(spec.num_images, time.monotonic())  # every request loads the service
             if spec.auto:
@@ -151,7 +151,7 @@ class Scheduler:
                     raise NotReady("encoder_interval auto is not offered by this server")
                 rows = 2 if needs_uncond_row(spec.label, spec.guidance_scale, self.null_label) else 1
                 mix = [self.cost.image_cost(spec.steps, a.job.spec.encoder_interval, rows) for a in self.active]
-                k = self.autok.choose(spec.steps, rows, queued_images + spec.num_images, len(self.free_slots),
+                k = self.autok.choose(spec.steps, rows, self._queued_images() + spec.num_images, len(self.free_slots),
                                       sum(mix) / len(mix) if mix else 0.0, time.monotonic())
                 spec = replace(spec, encoder_interval=k)
             job = Job(spec, images=[None] * spec.num_images, listener=listener,
@@ -162,9 +162,12 @@ class Scheduler:
 
     def snapshot(self) -> SchedulerSnapshot:
         with self._cv:
-            queued = sum(j.spec.num_images - j.next_image for j in self.queue)
-            return SchedulerSnapshot(len(self.queue), queued, len(self.active), len(self.free_slots),
+            return SchedulerSnapshot(len(self.queue), self._queued_images(), len(self.active), len(self.free_slots),
                                      self._encoder_rows, self._denoiser_rows)
+
+    def _queued_images(self) -> int:
+        """Images of queued requests not yet admitted (caller holds the lock)."""
+        return sum(j.spec.num_images - j.next_image for j in self.queue)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)

@@ -18,7 +18,6 @@ class AppState:
     def __init__(self, settings: Settings, cfg: ModelConfig) -> None:
         self.settings = settings
         self.cfg = cfg  # geometry and labels, from the model card (known before the weights load)
-        self.null_label = cfg.null_label
         self.ready = False
         self.draining = False
         self.engine: Engine | None = None

@@ -79,3 +79,21 @@ def encoder_waits_for_light_network(engine, monkeypatch) -> list[tuple[bool, str
     monkeypatch.setattr(engine, "encode", encode)
     monkeypatch.setattr(engine, "denoise", denoise)
     return seen
+
+
+def slot_freed_after_disconnect(url: str, timeout: float = 10.0) -> bool:
+    """Wait until the server has counted a cancelled request and holds no active image (the disconnected client's
+    slot is free again). -> whether that happened within `timeout`."""
+    import time
+
+    import httpx
+
+    from service.process import metric
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        m = httpx.get(f"{url}/metrics").text
+        if metric(m, "dualrate_requests_total", 'outcome="cancelled"') >= 1 and metric(m, "dualrate_active_images") == 0:
+            return True
+        time.sleep(0.1)
+    return False

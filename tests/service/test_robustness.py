@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from service.process import metric
+from tests.conftest import slot_freed_after_disconnect
 
 pytestmark = pytest.mark.slow  # real servers / training / the evaluator: `pytest -m "not slow"` skips them
 
@@ -52,13 +53,7 @@ def test_client_disconnect_frees_its_slot(start_server):
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{srv.url}/generate", json=LONG, timeout=0.5)
     # The long request would hold the only slot for many seconds; after the disconnect it must be gone.
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        m = httpx.get(f"{srv.url}/metrics").text
-        if metric(m, "dualrate_requests_total", 'outcome="cancelled"') >= 1 and metric(m, "dualrate_active_images") == 0:
-            break
-        time.sleep(0.1)
-    else:
+    if not slot_freed_after_disconnect(srv.url):
         pytest.fail("the disconnected request still holds its slot")
     ok = httpx.post(f"{srv.url}/generate", json={"class_label": 1, "steps": 4, "encoder_interval": 2}, timeout=60)
     assert ok.status_code == 200

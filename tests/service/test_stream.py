@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 
 from service.process import metric
+from tests.conftest import slot_freed_after_disconnect
 
 pytestmark = pytest.mark.slow  # a real server per module
 
@@ -44,8 +45,10 @@ def read_events(response: httpx.Response) -> list[tuple[str, dict]]:
 
 def stream(url: str, body: dict, headers: dict | None = None) -> tuple[httpx.Response, list[tuple[str, dict]]]:
     with httpx.stream("POST", f"{url}/generate/stream", json=body, headers=headers, timeout=120) as r:
-        r.read() if r.status_code != 200 else None
-        return r, (read_events(r) if r.status_code == 200 else [])
+        if r.status_code != 200:  # an HTTP error, not a stream: read its JSON body
+            r.read()
+            return r, []
+        return r, read_events(r)
 
 
 def decode(png_b64: str) -> np.ndarray:
@@ -115,13 +118,7 @@ def test_disconnect_frees_the_slot(start_server):
         for line in r.iter_lines():
             if line.startswith("event: progress"):
                 break  # running: it holds the only slot; now go away
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        m = httpx.get(f"{srv.url}/metrics").text
-        if metric(m, "dualrate_requests_total", 'outcome="cancelled"') >= 1 and metric(m, "dualrate_active_images") == 0:
-            break
-        time.sleep(0.1)
-    else:
+    if not slot_freed_after_disconnect(srv.url):
         pytest.fail("the disconnected stream still holds its slot")
     ok = httpx.post(f"{srv.url}/generate", json={"class_label": 1, "steps": 4, "encoder_interval": 2}, timeout=60)
     assert ok.status_code == 200 and ok.json()["timings"]["queue_ms"] < 1000

@@ -86,7 +86,7 @@ def prepare(req: GenerateRequest, state: AppState, t0: float) -> tuple[Scheduler
     g = state.defaults["guidance_scale"] if req.guidance_scale is None else req.guidance_scale
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     timeout = min(req.timeout_s or settings.default_timeout_s, settings.max_timeout_s)
-    label = state.null_label if req.class_label is None else req.class_label
+    label = cfg.null_label if req.class_label is None else req.class_label
     spec = GenerationSpec(label, req.num_images, steps, k, g, seed, deadline=t0 + timeout, auto=auto)
     return state.scheduler, spec, timeout
 
