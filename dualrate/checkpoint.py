@@ -42,16 +42,21 @@ def model_card(cfg: ModelConfig, name: str, data: dict[str, Any], training: dict
     from dualrate.nets import per_image_flops
 
     enc_flops, den_flops = per_image_flops(cfg)
+    method = ("Standalone diffusion U-ViT, run every step (a baseline for Dual-Rate Diffusion; its encoder does "
+              "nothing)" if cfg.standalone else "Dual-Rate Diffusion (arXiv 2605.18190)")
     return {
         "name": name,
-        "method": "Dual-Rate Diffusion (arXiv 2605.18190)",
+        "kind": cfg.kind,
+        "method": method,
         "config": cfg.to_dict(),
         "schedule": {"kind": "cosine-logsnr", "logsnr_min": cfg.logsnr_min, "logsnr_max": cfg.logsnr_max,
                      "prediction": "v", "process": "variance-preserving", "sampler": "ancestral"},
-        "defaults": SamplingDefaults().__dict__,
+        # A standalone model runs its one network every step; its null encoder costs a zero fill at any K.
+        "defaults": SamplingDefaults(encoder_interval=1 if cfg.standalone else SamplingDefaults.encoder_interval).__dict__,
         "data": data,
         "training": training,
-        "flops_per_forward": {"encoder": enc_flops, "denoiser": den_flops, "ratio": den_flops / enc_flops},
+        "flops_per_forward": {"encoder": enc_flops, "denoiser": den_flops,
+                              "ratio": den_flops / enc_flops if enc_flops else None},
         "quality": {},
     }
 

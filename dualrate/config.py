@@ -17,6 +17,9 @@ class NetConfig:
     emb_dim: int = 128  # time / label embedding width
 
 
+MODEL_KINDS = ("dualrate", "standalone")
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """The dual-rate pair, the images they draw, and the diffusion process they were trained for. The defaults are
@@ -30,12 +33,18 @@ class ModelConfig:
     denoiser: NetConfig = field(default_factory=lambda: NetConfig(channels=(4, 8, 16), transformer_blocks=1, heads=2, emb_dim=32))
     logsnr_min: float = -15.0
     logsnr_max: float = 15.0
+    # "dualrate": the pair above. "standalone": an ordinary diffusion model, i.e. a dual-rate model whose encoder does
+    # nothing: the encoder returns 1x1 zero features, and the `denoiser` U-ViT (with its output head) ignores them and
+    # tau. The same sampler, export, engines and service run it; K changes neither its images nor its FLOPs.
+    kind: str = "dualrate"
 
     def __post_init__(self) -> None:
         if self.image_size % 4 or self.image_size < 4:
             raise ValueError(f"image_size {self.image_size} must be a positive multiple of 4 (two 2x downsamplings)")
         if self.channels not in (1, 3):
             raise ValueError(f"channels must be 1 (grayscale) or 3 (RGB), not {self.channels}")
+        if self.kind not in MODEL_KINDS:
+            raise ValueError(f"kind must be one of {', '.join(MODEL_KINDS)}, not {self.kind!r}")
         if not 1 <= self.output_size <= self.image_size or (self.image_size - self.output_size) % 2:
             raise ValueError(f"output_size {self.output_size} must be <= image_size {self.image_size} and crop the "
                              "same number of pixels from each side")
@@ -50,8 +59,15 @@ class ModelConfig:
         return (self.channels, self.image_size, self.image_size)
 
     @property
+    def standalone(self) -> bool:
+        return self.kind == "standalone"
+
+    @property
     def feature_shapes(self) -> list[tuple[int, int, int]]:
-        """Shapes (C, H, W) of the encoder features: the last activation of each up-path level."""
+        """Shapes (C, H, W) of the encoder features: the last activation of each up-path level (a standalone
+        model's null encoder: three 1x1 zeros)."""
+        if self.standalone:
+            return [(1, 1, 1)] * 3
         s = self.image_size
         c = self.encoder.channels
         return [(c[0], s, s), (c[1], s // 2, s // 2), (c[2], s // 4, s // 4)]
@@ -101,6 +117,9 @@ class TrainConfig:
     """Joint end-to-end training of encoder and denoiser."""
 
     preset: str = "mnist-small"
+    # "" trains the preset's dual-rate pair; "large" / "small" train its standalone baselines instead
+    # (nets.standalone_config) with everything else the same.
+    standalone: str = ""
     batch_size: int = 64
     steps: int = 4500
     lr: float = 1e-3

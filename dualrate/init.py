@@ -20,15 +20,16 @@ import torch
 
 from dualrate.checkpoint import model_card, save_checkpoint
 from dualrate.config import MODEL_PRESETS
-from dualrate.nets import ContextEncoder, LightDenoiser
+from dualrate.nets import ContextEncoder, LightDenoiser, standalone_config
 
 log = logging.getLogger("dualrate.init")
 
 
-def init_checkpoint(preset: str, out: Path, seed: int = 0) -> Path:
+def init_checkpoint(preset: str, out: Path, seed: int = 0, standalone: str = "") -> Path:
+    """standalone "large" / "small": the preset's standalone baseline (nets.standalone_config) instead of its pair."""
     if preset not in MODEL_PRESETS:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(sorted(MODEL_PRESETS))}")
-    cfg = MODEL_PRESETS[preset]
+    cfg = standalone_config(MODEL_PRESETS[preset], standalone) if standalone else MODEL_PRESETS[preset]
     torch.manual_seed(seed)
     encoder, denoiser = ContextEncoder(cfg).eval(), LightDenoiser(cfg).eval()
     with torch.no_grad():
@@ -41,7 +42,7 @@ def init_checkpoint(preset: str, out: Path, seed: int = 0) -> Path:
                             "image": f"{cfg.channels}x{cfg.image_size}x{cfg.image_size}, delivered as "
                                      f"{cfg.output_size}x{cfg.output_size}",
                             "labels": f"0-{cfg.num_classes - 1}, null label {cfg.null_label}"},
-                      training={"preset": preset, "seed": seed, "steps": 0})
+                      training={"preset": preset, "standalone": standalone, "seed": seed, "steps": 0})
     save_checkpoint(Path(out), encoder, denoiser, card)
     return Path(out)
 
@@ -52,9 +53,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--preset", required=True, choices=sorted(MODEL_PRESETS), help="model config (geometry, widths)")
     p.add_argument("--out", type=Path, required=True, help="checkpoint folder to write")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights")
+    p.add_argument("--standalone", choices=("large", "small"), default="",
+                   help="the preset's standalone baseline (one U-ViT run every step, no encoder) instead of its pair")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    out = init_checkpoint(a.preset, a.out, a.seed)
+    out = init_checkpoint(a.preset, a.out, a.seed, a.standalone)
     card = MODEL_PRESETS[a.preset]
     log.info("wrote a random %s checkpoint (%dx%dx%d) to %s", a.preset, card.channels, card.image_size,
              card.image_size, out)

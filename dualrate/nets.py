@@ -138,39 +138,56 @@ class UViT(nn.Module):
 
 
 class ContextEncoder(nn.Module):
-    """Heavy network E(z_tau, tau, y) -> e, run every K-th step. e = the up path's activations at every level."""
+    """Heavy network E(z_tau, tau, y) -> e, run every K-th step. e = the up path's activations at every level.
+    A standalone model's encoder has no weights and returns three (B, 1, 1, 1) zeros (ModelConfig.kind)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
-        self.embed = Embedding(1, cfg.num_classes, cfg.encoder.emb_dim)
-        self.net = UViT(cfg.encoder, cfg.encoder.emb_dim, image_channels=cfg.channels, image_size=cfg.image_size)
+        self.standalone = cfg.standalone
+        if not self.standalone:
+            self.embed = Embedding(1, cfg.num_classes, cfg.encoder.emb_dim)
+            self.net = UViT(cfg.encoder, cfg.encoder.emb_dim, image_channels=cfg.channels, image_size=cfg.image_size)
 
     def forward(self, z_tau: Tensor, tau: Tensor, label: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if self.standalone:
+            # Shaped by the batch, in z's dtype; tau and label only keep the graph's inputs those of every encoder.
+            zero = (z_tau[:, :1, :1, :1] + (tau[:, None, None, None] + label[:, None, None, None]).to(z_tau.dtype)) * 0.0
+            return zero, zero, zero
         f0, f1, f2 = self.net(z_tau, self.embed([tau], label))
         return f0, f1, f2
 
 
 class LightDenoiser(nn.Module):
-    """Light network g(z_t, t, tau, y, e) -> v, run at every step, reusing the most recent encoder features."""
+    """Light network g(z_t, t, tau, y, e) -> v, run at every step, reusing the most recent encoder features.
+    In a standalone model it is the whole model: g(z_t, t, y) -> v, blind to tau and e (ModelConfig.kind)."""
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         d = cfg.denoiser
-        self.embed = Embedding(2, cfg.num_classes, d.emb_dim)
+        self.standalone = cfg.standalone
+        self.embed = Embedding(1 if self.standalone else 2, cfg.num_classes, d.emb_dim)
         # 1x1 projections of the encoder features down to the light network's width at each level.
         self.proj = nn.ModuleList(
-            nn.Conv2d(ce, cd, 1) for ce, cd in zip(cfg.encoder.channels, d.channels, strict=True)
+            () if self.standalone else (nn.Conv2d(ce, cd, 1) for ce, cd in zip(cfg.encoder.channels, d.channels, strict=True))
         )
-        self.net = UViT(d, d.emb_dim, extra=d.channels, image_channels=cfg.channels, image_size=cfg.image_size)
+        extra = (0, 0, 0) if self.standalone else d.channels
+        self.net = UViT(d, d.emb_dim, extra=extra, image_channels=cfg.channels, image_size=cfg.image_size)
         self.out_norm = nn.GroupNorm(_groups(d.channels[0]), d.channels[0])
         self.out = nn.Conv2d(d.channels[0], cfg.channels, 3, padding=1)
         nn.init.zeros_(self.out.weight)
         nn.init.zeros_(self.out.bias)  # type: ignore[arg-type]
 
     def forward(self, z_t: Tensor, t: Tensor, tau: Tensor, label: Tensor, f0: Tensor, f1: Tensor, f2: Tensor) -> Tensor:
-        extra = [p(f) for p, f in zip(self.proj, (f0, f1, f2), strict=True)]
-        u0 = self.net(z_t, self.embed([t, tau], label), extra)[0]
-        return self.out(F.silu(self.out_norm(u0)))  # (B, C, S, S)
+        if self.standalone:
+            u0 = self.net(z_t, self.embed([t], label))[0]
+            # tau and e are ignored; the zero term keeps them inputs of the exported graph (one contract for all models).
+            unused = (tau[:, None, None, None] + f0 + f1 + f2).to(u0.dtype) * 0.0
+        else:
+            extra = [p(f) for p, f in zip(self.proj, (f0, f1, f2), strict=True)]
+            u0 = self.net(z_t, self.embed([t, tau], label), extra)[0]
+            unused = None
+        v = self.out(F.silu(self.out_norm(u0)))  # (B, C, S, S)
+        return v if unused is None else v + unused
 
 
 def count_flops(module: nn.Module, *inputs: Tensor) -> int:
@@ -180,6 +197,41 @@ def count_flops(module: nn.Module, *inputs: Tensor) -> int:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         module(*inputs)
     return int(counter.get_total_flops())
+
+
+def standalone_config(cfg: ModelConfig, size: str, k: int = 4) -> ModelConfig:
+    """The standalone baselines of a dual-rate config. "large": the encoder's U-ViT with the output head, run every
+    step (what one would serve without dual-rate). "small": the encoder's U-ViT narrowed (every level's width times
+    one factor) until its FLOPs per forward are closest to the pair's average per step at interval k,
+    (encoder + k * denoiser) / k. The returned config keeps the pair's `encoder` entry only as a record."""
+    import dataclasses
+
+    if size == "large":
+        return dataclasses.replace(cfg, kind="standalone", denoiser=cfg.encoder)
+    if size != "small":
+        raise ValueError(f"standalone size must be 'large' or 'small', not {size!r}")
+    enc_f, den_f = per_image_flops(cfg)
+    target = enc_f / k + den_f
+    best: tuple[float, ModelConfig] | None = None
+    heads = cfg.encoder.heads
+    tried = set()
+    for pct in range(20, 101, 2):
+        c0, c1, c2 = (max(4, 4 * round(c * pct / 100 / 4)) for c in cfg.encoder.channels)
+        for chans in ((c0, c1, c2 + d) for d in (-8, -4, 0, 4, 8)):  # the transformer's width, finer
+            if chans in tried or chans[2] <= 0 or chans[2] % heads:
+                continue
+            tried.add(chans)
+            cand = dataclasses.replace(cfg, kind="standalone", denoiser=dataclasses.replace(cfg.encoder, channels=chans))
+            try:
+                flops = per_image_flops(cand)[1]
+            except ValueError:  # a width GroupNorm cannot split
+                continue
+            err = abs(flops - target) / target
+            if best is None or err < best[0]:
+                best = (err, cand)
+    if best is None:
+        raise ValueError(f"no narrowed U-ViT of {cfg.encoder} is valid")
+    return best[1]
 
 
 def per_image_flops(cfg: ModelConfig) -> tuple[int, int]:

@@ -27,7 +27,7 @@ from dualrate.checkpoint import DEFAULT_CHECKPOINT, model_card, save_checkpoint
 from dualrate.config import MODEL_PRESETS, ModelConfig, TrainConfig
 from dualrate.data import load_mnist
 from dualrate.diffusion import CosineSchedule, q_forward, q_sample, v_target
-from dualrate.nets import ContextEncoder, LightDenoiser
+from dualrate.nets import ContextEncoder, LightDenoiser, standalone_config
 
 log = logging.getLogger("dualrate.train")
 
@@ -81,12 +81,18 @@ def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> No
         pe.lerp_(pm, 1.0 - decay)
 
 
+def model_config(cfg: TrainConfig) -> ModelConfig:
+    """The preset's pair, or one of its standalone baselines (cfg.standalone)."""
+    mcfg = MODEL_PRESETS[cfg.preset]
+    return standalone_config(mcfg, cfg.standalone) if cfg.standalone else mcfg
+
+
 def main(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "training_options.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    mcfg = MODEL_PRESETS[cfg.preset]
+    mcfg = model_config(cfg)
     sched = CosineSchedule(mcfg.logsnr_min, mcfg.logsnr_max)
     torch.manual_seed(cfg.seed)
     encoder, denoiser = ContextEncoder(mcfg), LightDenoiser(mcfg)
@@ -179,6 +185,10 @@ def cli(argv: list[str] | None = None) -> None:
     p.add_argument("--bf16", action="store_true", help="bf16 autocast (slower than fp32 for this model on the dev CPU)")
     p.add_argument("--feature-dropout", type=float, default=TrainConfig.feature_dropout,
                    help="fraction of rows trained with zeroed features")
+    p.add_argument("--standalone", choices=("large", "small"), default="",
+                   help="train a standalone baseline of the preset instead of its dual-rate pair, with the same data, "
+                   "steps, optimizer, EMA, label dropout and schedule: 'large' = the encoder's U-ViT with an output "
+                   "head run every step; 'small' = a narrower U-ViT with the pair's FLOPs per step at K = 4")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--replace-shipped", action="store_true",
                    help="allow --checkpoint to be the shipped checkpoint folder (its figures in docs/ would then be stale)")
@@ -188,7 +198,7 @@ def cli(argv: list[str] | None = None) -> None:
                 f"{a.out}/checkpoint) and serve it with `make serve CHECKPOINT=...`, or pass --replace-shipped")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = replace(TrainConfig(), preset=a.preset, steps=a.steps, batch_size=a.batch_size, lr=a.lr, bf16=a.bf16, seed=a.seed,
-                  feature_dropout=a.feature_dropout)
+                  feature_dropout=a.feature_dropout, standalone=a.standalone)
     main(cfg, a.out, a.checkpoint)
 
 

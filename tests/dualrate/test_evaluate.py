@@ -34,3 +34,58 @@ def test_real_digits_score_far_better_than_noisy_or_blurred(ev, held_out):
 def test_fid_of_a_single_repeated_digit_is_bad(ev, held_out):
     x, _ = held_out
     assert ev.fid(x[:1].repeat(500, 1, 1, 1)) > 10 * ev.fid(x[:500])
+
+
+def _row(model, steps, k, fid, std, gflops):
+    from dualrate.evaluate import SweepRow
+
+    return SweepRow(steps, k, 1.5, fid, 0.99, 0, gflops, 1.0, model=model, fid_std=std, fids=[fid - std, fid + std])
+
+
+def test_comparisons_find_the_cheapest_matching_row_and_judge_by_the_spread():
+    from dualrate.evaluate import comparisons
+
+    dual = [_row("dual-rate", 32, 1, 10.2, 0.4, 17.1), _row("dual-rate", 32, 4, 10.4, 0.3, 4.6),
+            _row("dual-rate", 32, 8, 11.5, 0.3, 2.5)]
+    large = _row("mnist-standalone-large", 32, 1, 10.0, 0.5, 16.7)
+    out = comparisons([*dual, large, _row("mnist-standalone-small", 32, 1, 14.0, 0.5, 4.9)], 32, 1.5)
+    assert "N = 32, K = 4" in out[0] and f"**{16.7 / 4.6:.2f}x**" in out[0]  # K = 8 is cheaper but outside one std
+    assert "+3.60 below it, lower by more than the spread" in out[1]
+    close = comparisons([*dual, _row("mnist-standalone-small", 32, 1, 10.6, 0.5, 4.9)], 32, 1.5)
+    assert "not lower by more than the spread" in close[0]
+    beyond = comparisons([*dual, _row("mnist-standalone-large", 32, 1, 8.0, 0.5, 16.7)], 32, 1.5)
+    assert "no dual-rate row reaches its FID" in beyond[0]
+
+
+def test_sweep_with_seed_sets_and_baselines_end_to_end(tmp_path):
+    """The evaluator's command on tiny random checkpoints: every row on disjoint seed sets (mean and std of the
+    per-set FIDs), the baseline swept over steps with FLOPs from its one network, the plot and the comparison."""
+    import json
+
+    import numpy as np
+
+    from dualrate.evaluate import main, seed_set_starts
+    from dualrate.init import init_checkpoint
+    from dualrate.nets import per_image_flops
+
+    pair = init_checkpoint("tiny", tmp_path / "pair", seed=1)
+    large = init_checkpoint("tiny", tmp_path / "tiny-standalone-large", seed=2, standalone="large")
+    assert seed_set_starts(10_000, 20, 3) == [10_000, 10_020, 10_040]
+    main(["--checkpoint", str(pair), "--num-images", "20", "--seed-sets", "2", "--baselines", str(large),
+          "--out", str(tmp_path / "out"), "--update-baseline-cards"])
+    rows = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert all(len(r["fids"]) == 2 and r["fids"][0] != r["fids"][1] for r in rows)
+    for r in rows:
+        assert r["fid"] == pytest.approx(np.mean(r["fids"])) and r["fid_std"] == pytest.approx(np.std(r["fids"], ddof=1))
+    base = [r for r in rows if r["model"] == "tiny-standalone-large"]
+    assert [r["steps"] for r in base] == [8, 16, 32, 64]
+    den_f = per_image_flops(__import__("dualrate.checkpoint").checkpoint.load_checkpoint(large).cfg)[1]
+    assert base[0]["gflops_per_image"] == pytest.approx(2 * 8 * den_f / 1e9)
+    md = (tmp_path / "out" / "sweep.md").read_text()
+    assert "Against the standalone baselines" in md and "tiny-standalone-large N = 32" in md
+    assert (tmp_path / "out" / "fid_vs_flops.png").stat().st_size > 10_000
+    card = json.loads((large / "model_card.json").read_text())
+    assert card["quality"]["seed_sets"] == 2 and len(card["quality"]["sweep"]) == 4
+    with pytest.raises(SystemExit):  # a dual-rate checkpoint is not a baseline
+        main(["--checkpoint", str(pair), "--num-images", "20", "--seed-sets", "1", "--baselines", str(pair),
+              "--out", str(tmp_path / "out2")])

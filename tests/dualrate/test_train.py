@@ -6,7 +6,8 @@ from dataclasses import replace
 import pytest
 import torch
 
-from dualrate.config import TrainConfig
+from dualrate.config import MODEL_PRESETS, TrainConfig
+from dualrate.nets import LightDenoiser
 from dualrate.train import main, sample_tau
 
 pytestmark = pytest.mark.slow  # real servers / training / the evaluator: `pytest -m "not slow"` skips them
@@ -76,3 +77,34 @@ def test_training_refuses_to_overwrite_the_shipped_checkpoint(tmp_path):
         cli(["--out", str(tmp_path / "run"), "--checkpoint", str(DEFAULT_CHECKPOINT), "--preset", "tiny", "--steps", "1"])
     assert not (tmp_path / "run" / "state.pt").exists()
     assert (DEFAULT_CHECKPOINT / "encoder.safetensors").stat().st_mtime_ns == before
+
+
+def test_standalone_option_trains_a_baseline_with_the_same_recipe(tmp_path):
+    """`--standalone small` on the tiny preset: same loop and data order, a checkpoint the sampler loads, whose card
+    says what it is and whose K changes nothing."""
+    from dualrate.checkpoint import load_checkpoint, torch_fns
+    from dualrate.diffusion import CosineSchedule
+    from dualrate.nets import per_image_flops
+    from dualrate.sampler import dual_rate_sample
+    from dualrate.train import cli
+
+    cli(["--preset", "tiny", "--standalone", "small", "--steps", "3", "--batch-size", "8", "--out", str(tmp_path / "run"),
+         "--checkpoint", str(tmp_path / "ck")])
+    st = torch.load(tmp_path / "run" / "state.pt", weights_only=False)
+    assert st["step"] == 3 and not st["encoder"]
+    model = load_checkpoint(tmp_path / "ck")
+    card = model.card
+    assert card["kind"] == model.cfg.kind == "standalone" and card["training"]["standalone"] == "small"
+    assert card["flops_per_forward"]["encoder"] == 0 and card["defaults"]["encoder_interval"] == 1
+    pair_enc, pair_den = per_image_flops(MODEL_PRESETS["tiny"])
+    assert abs(card["flops_per_forward"]["denoiser"] / (pair_enc / 4 + pair_den) - 1) < 0.1
+    # The three steps trained the network: its weights left their initialisation (train seeds torch with 0).
+    torch.manual_seed(0)
+    init = LightDenoiser(model.cfg).state_dict()
+    assert any(not torch.allclose(init[k], v) for k, v in st["denoiser"].items())
+    enc, den = torch_fns(model)
+    sched = CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max)
+    args = (torch.tensor([3, 7]), [5, 6], 8)
+    a, sa = dual_rate_sample(enc, den, *args, 1, 1.5, sched, model.cfg.null_label)
+    b, sb = dual_rate_sample(enc, den, *args, 4, 1.5, sched, model.cfg.null_label)
+    assert torch.equal(a, b) and sa.encoder_calls != sb.encoder_calls

@@ -1,6 +1,6 @@
 """Any geometry from the checkpoint: the same seeds give the same pictures from the reference sampler, the CLI and
-the service over real HTTP, for the shipped MNIST checkpoint and a random 3x16x16 `tiny-rgb` one, on both CPU
-backends; RGB models answer RGB PNGs of the card's size."""
+the service over real HTTP, for the shipped MNIST checkpoint, a random 3x16x16 `tiny-rgb` one and a random standalone
+(no-encoder) `tiny` one, on both CPU backends; RGB models answer RGB PNGs of the card's size."""
 
 from __future__ import annotations
 
@@ -31,14 +31,20 @@ def tiny_rgb(tmp_path_factory):
     return init_checkpoint("tiny-rgb", tmp_path_factory.mktemp("ck") / "tiny-rgb", seed=3)
 
 
+@pytest.fixture(scope="module")
+def tiny_standalone(tmp_path_factory):
+    return init_checkpoint("tiny", tmp_path_factory.mktemp("ck") / "tiny-standalone", seed=4, standalone="large")
+
+
 def decode(b64: str) -> Image.Image:
     return Image.open(io.BytesIO(base64.b64decode(b64)))
 
 
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
-@pytest.mark.parametrize("which", ["shipped", "tiny-rgb"])
-def test_reference_cli_and_service_agree(which, backend, checkpoint_dir, tiny_rgb, start_server, tmp_path):
-    ck = checkpoint_dir if which == "shipped" else tiny_rgb
+@pytest.mark.parametrize("which", ["shipped", "tiny-rgb", "tiny-standalone"])
+def test_reference_cli_and_service_agree(which, backend, checkpoint_dir, tiny_rgb, tiny_standalone, start_server,
+                                         tmp_path):
+    ck = {"shipped": checkpoint_dir, "tiny-rgb": tiny_rgb, "tiny-standalone": tiny_standalone}[which]
     cfg = load_checkpoint(ck).cfg
     engine = create_engine(ck, backend=backend, device="cpu", max_batch=16)
     sched = CosineSchedule(cfg.logsnr_min, cfg.logsnr_max)
