@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CHECKPOINT ?= checkpoints/mnist-dualrate
 
-.PHONY: setup serve test test-quick test-deploy lint export bench evaluate clean
+.PHONY: setup serve test test-quick test-deploy lint export bench evaluate baselines clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -47,8 +47,15 @@ lint: setup
 bench: export
 	$(BIN)/python -m engines.bench
 
+# The sweep behind docs/sweep.md and docs/fid_vs_flops.png: every row on 3 disjoint seed sets, with the baselines.
+BASELINES := checkpoints/mnist-standalone-large checkpoints/mnist-standalone-small
 evaluate: setup
-	$(BIN)/python -m dualrate.evaluate --num-images 1000 --out docs
+	$(BIN)/python -m dualrate.evaluate --num-images 400 --seed-sets 3 --baselines $(BASELINES) --out docs
+
+# Retrain the standalone baselines (the pair's recipe, one flag; ~25 + ~12 min on 2 cores; resumable).
+baselines: setup
+	$(BIN)/python -m dualrate.train --standalone large --out runs/mnist-standalone-large --checkpoint checkpoints/mnist-standalone-large
+	$(BIN)/python -m dualrate.train --standalone small --out runs/mnist-standalone-small --checkpoint checkpoints/mnist-standalone-small
 
 clean:
 	rm -rf artifacts .pytest_cache .ruff_cache

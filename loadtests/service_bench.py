@@ -238,9 +238,11 @@ def stream_cost(a: argparse.Namespace, argv: list[str] | None) -> None:
     rounds = []
     try:
         srv.wait_ready()
+        asyncio.run(plain_and_streams(srv.url, 16, 4, False, 5.0, body, 4))  # warm-up, not counted
         for i in range(a.stream_cost):
             row = {}
-            for streaming in (False, True):
+            # ABBA: control first in odd rounds, streams first in even ones, so a drift over the run cancels out.
+            for streaming in ((False, True) if i % 2 == 0 else (True, False)):
                 key = "streams" if streaming else "control"
                 row[key] = asyncio.run(plain_and_streams(srv.url, 16, 4, streaming, a.seconds, body, 4))
                 log.info("round %d, %s: %s", i + 1, key, row[key])
@@ -256,7 +258,8 @@ def stream_cost(a: argparse.Namespace, argv: list[str] | None) -> None:
              f"One server, {a.slots} slots, requests of 1 image, N = {d.steps}, K = {d.encoder_interval}, guidance "
              f"{d.guidance_scale}; 16 plain closed-loop clients beside 4 more clients that either stream "
              f"(/generate/stream, a preview every 4 steps) or, the control, call /generate; {a.seconds:.0f} s each, "
-             f"alternated {a.stream_cost} times. **Median plain clients' images/s with streams / control: "
+             f"alternated {a.stream_cost} times (after 5 s of warm-up; control first in odd rounds, streams first in "
+             "even ones). **Median plain clients' images/s with streams / control: "
              f"{statistics.median(ratios):.3f}; all images/s: {statistics.median(totals):.3f}.**", "",
              "| round | plain images/s (control) | plain images/s (with streams) | ratio | all images/s (control) "
              "| all images/s (with streams) | previews sent |", "|---:|---:|---:|---:|---:|---:|---:|"]

@@ -43,6 +43,7 @@ STREAM_DOC: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}},
           "description": "Server-Sent Events: queued, progress, preview, then done (the /generate body) or error (its "
           "error body plus status)"}}
+INLINE_PNG_BYTES = 16_384  # a tick's preview pictures up to this size are PNG-encoded on the event loop
 WAIT_MARGIN_S = 30.0  # beyond the deadline: the scheduler enforces it; this only guards a scheduler that stopped
 
 
@@ -162,7 +163,7 @@ async def generate_stream(req: StreamRequest, state: StateDep) -> Response:
 
 
 async def _stream(req: StreamRequest, state: AppState, spec: GenerationSpec, job: Job,
-                  events: asyncio.Queue, timeout: float, t0: float) -> AsyncIterator[ServerSentEvent]:
+                  events: asyncio.Queue, timeout: float, t0: float) -> AsyncIterator[ServerSentEvent | bytes]:
     state.open_streams += 1  # the drain waits for this stream's last event
     fut = asyncio.wrap_future(job.future)
     # The scheduler sends a job's events before it resolves the job, and both reach this loop in order, so the end
@@ -173,12 +174,16 @@ async def _stream(req: StreamRequest, state: AppState, spec: GenerationSpec, job
         yield _event("queued", {"position": job.queue_position})
         while (tick_events := await asyncio.wait_for(events.get(), timeout=timeout + WAIT_MARGIN_S)) is not None:
             previews = [p for name, p in tick_events if name == "preview"]
-            if previews:  # one trip to a worker thread for the tick's previews
-                pngs = await asyncio.to_thread(encode_pngs, [p.pop("image") for p in previews])
+            if previews:
+                pictures = [p.pop("image") for p in previews]
+                # Small pictures are encoded here (MNIST: ~30 us each); a trip to a worker thread and back costs more
+                # wake-ups than that. Large ones go to a thread, off the event loop.
+                small = sum(pic.nbytes for pic in pictures) <= INLINE_PNG_BYTES
+                pngs = encode_pngs(pictures) if small else await asyncio.to_thread(encode_pngs, pictures)
                 for p, png in zip(previews, pngs, strict=True):
                     p["png_base64"] = png
-            for name, payload in tick_events:
-                yield _event(name, payload)
+            # A tick's events leave in one write (sse-starlette frames each; bytes pass through as they are).
+            yield b"".join(_event(name, payload).encode() for name, payload in tick_events)
         try:
             resp = await respond(req, spec, fut.result(), t0)
         except ServiceError as e:
