@@ -228,6 +228,15 @@ async def plain_and_streams(url: str, plain: int, extra: int, streaming: bool, s
             "total_images_per_s": (counts["plain"] + counts["extra"]) / wall, "previews": counts["previews"]}
 
 
+def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
+    """Mean and its two-sided t confidence interval (values: one ratio per paired round)."""
+    from scipy import stats
+
+    m = statistics.fmean(values)
+    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
+    return m, float(m - half), float(m + half)
+
+
 def stream_cost(a: argparse.Namespace, argv: list[str] | None) -> None:
     """What streaming costs the others: one server at saturation, 16 plain clients beside 4 more clients that stream
     with previews, or (the control) 4 more plain clients; alternated `a.stream_cost` times in one run."""
@@ -251,6 +260,7 @@ def stream_cost(a: argparse.Namespace, argv: list[str] | None) -> None:
         srv.terminate()
     ratios = [r["streams"]["plain_images_per_s"] / r["control"]["plain_images_per_s"] for r in rounds]
     totals = [r["streams"]["total_images_per_s"] / r["control"]["total_images_per_s"] for r in rounds]
+    ci = mean_ci(ratios)
     stamp = utc_stamp()
     command = command_line("python -m loadtests.service_bench", argv)
     lines = [f"### What streaming costs the other clients, {stamp}, {platform.machine()} CPU, onnxruntime", "",
@@ -260,7 +270,10 @@ def stream_cost(a: argparse.Namespace, argv: list[str] | None) -> None:
              f"(/generate/stream, a preview every 4 steps) or, the control, call /generate; {a.seconds:.0f} s each, "
              f"alternated {a.stream_cost} times (after 5 s of warm-up; control first in odd rounds, streams first in "
              "even ones). **Median plain clients' images/s with streams / control: "
-             f"{statistics.median(ratios):.3f}; all images/s: {statistics.median(totals):.3f}.**", "",
+             f"{statistics.median(ratios):.3f}; all images/s: {statistics.median(totals):.3f}. Mean plain ratio "
+             f"{ci[0]:.3f}, 95% confidence interval {ci[1]:.3f}-{ci[2]:.3f} (t over the {len(ratios)} paired rounds): "
+             + ("1 is inside it, so no cost is measurable at this resolution.**" if ci[1] <= 1 <= ci[2] else
+                "1 is outside it: the difference is measurable.**"), "",
              "| round | plain images/s (control) | plain images/s (with streams) | ratio | all images/s (control) "
              "| all images/s (with streams) | previews sent |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for i, (r, q, t) in enumerate(zip(rounds, ratios, totals, strict=True), 1):
@@ -268,7 +281,8 @@ def stream_cost(a: argparse.Namespace, argv: list[str] | None) -> None:
         lines.append(f"| {i} | {c['plain_images_per_s']:.2f} | {st['plain_images_per_s']:.2f} | {q:.3f} | "
                      f"{c['total_images_per_s']:.2f} | {st['total_images_per_s']:.2f} ({t:.3f}) | {st['previews']} |")
     raw = {**provenance(a.checkpoint, command), "slots": a.slots, "seconds": a.seconds, "request": body,
-           "rounds": rounds, "median_plain_ratio": statistics.median(ratios), "median_total_ratio": statistics.median(totals)}
+           "rounds": rounds, "median_plain_ratio": statistics.median(ratios), "median_total_ratio": statistics.median(totals),
+           "mean_plain_ratio_ci95": ci}
     publish(lines, a.out, raw)
 
 
