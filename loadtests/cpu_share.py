@@ -18,6 +18,7 @@ import logging
 import os
 import platform
 import shutil
+import statistics
 import subprocess
 import tempfile
 import time
@@ -59,9 +60,14 @@ def profile(pid: int, seconds: float) -> dict | None:
     for line in out.read_text().splitlines():
         stack, n = line.rsplit(" ", 1)
         name = stack.split(";")[0].split(": ", 1)[-1].rstrip(")")
+        ort = "Session.run" in stack
+        in_ort += int(n) if ort else 0
         threads["scheduler" if name == "scheduler" else "other threads"] += int(n)
-        in_ort += int(n) if "Session.run" in stack else 0
-    total = sum(threads.values())
+        # Finer: the scheduler thread in and out of ONNX Runtime, the event loop (MainThread), the rest.
+        kind = ("scheduler, in ONNX Runtime" if ort else "scheduler, Python") if name == "scheduler" else \
+            "event loop" if name == "MainThread" else "in ONNX Runtime, other thread" if ort else "other, Python"
+        threads[f"by: {kind}"] += int(n)
+    total = threads["scheduler"] + threads["other threads"]
     return {"samples": total, **{f"{k}_pct": 100 * v / total for k, v in threads.items()},
             "inside_onnxruntime_run_pct": 100 * in_ort / total}
 
@@ -72,6 +78,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
     p.add_argument("--seconds", type=float, default=15.0)
     p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--profile-mixes", type=int, default=0, metavar="ROUNDS",
+                   help="also profile 16 plain + 4 plain against 16 plain + 4 streaming clients (previews every 4 "
+                   "steps), this many alternated rounds: which thread the streams' cost lands on")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
@@ -107,6 +116,17 @@ def main(argv: list[str] | None = None) -> None:
 
         asyncio.run(profiled())
         prof = prof_box["p"]
+        mixes = {}
+        if a.profile_mixes:  # the stream-cost arms, each profiled while it runs, alternated
+            for rnd in range(a.profile_mixes):
+                for streaming in ((False, True) if rnd % 2 == 0 else (True, False)):
+                    async def arm(streaming: bool = streaming) -> tuple[dict, dict | None]:
+                        task = asyncio.create_task(plain_and_streams(srv.url, 16, 4, streaming, a.seconds + 2, body, 4))
+                        prof = await asyncio.to_thread(profile, pid, a.seconds)
+                        return await task, prof
+                    res, pr = asyncio.run(arm())
+                    mixes.setdefault("streams" if streaming else "control", []).append({"result": res, "profile": pr})
+                    log.info("profiled %s: %s %s", "streams" if streaming else "control", res, pr)
     finally:
         srv.terminate()
     command = command_line("python -m loadtests.cpu_share", argv)
@@ -123,7 +143,17 @@ def main(argv: list[str] | None = None) -> None:
                   f"{prof.get('scheduler_pct', 0):.0f}% of the service's samples on the scheduler thread, "
                   f"{prof['inside_onnxruntime_run_pct']:.0f}% inside ONNX Runtime's Session.run, "
                   f"{prof.get('other threads_pct', 0):.0f}% on every other thread (event loop, PNG and AnyIO workers)."]
-    publish(lines, a.out, {**provenance(a.checkpoint, command), "seconds": a.seconds, "cases": cases, "profile": prof})
+    if mixes:
+        kinds = sorted({k for arm in mixes.values() for m in arm for k in (m["profile"] or {}) if k.startswith("by: ")})
+        lines += ["", f"py-spy during the stream-cost arms ({a.profile_mixes} alternated rounds each, {a.seconds:g} s): "
+                  "share of the service's samples per thread, mean over the rounds, and images/s of all clients.", "",
+                  "| arm | images/s | " + " | ".join(k[4:] for k in kinds) + " |", "|---|---:|" + "---:|" * len(kinds)]
+        for arm, ms in mixes.items():
+            ips = statistics.fmean(m["result"]["total_images_per_s"] for m in ms)
+            shares = [statistics.fmean((m["profile"] or {}).get(k + "_pct", 0.0) for m in ms) for k in kinds]
+            lines.append(f"| {arm} | {ips:.2f} | " + " | ".join(f"{v:.1f}%" for v in shares) + " |")
+    publish(lines, a.out, {**provenance(a.checkpoint, command), "seconds": a.seconds, "cases": cases, "profile": prof,
+                           "mixes": mixes})
 
 
 if __name__ == "__main__":
