@@ -50,7 +50,7 @@ bench: export
 # The sweep behind docs/sweep.md and docs/fid_vs_flops.png: every row on 3 disjoint seed sets, with the baselines.
 BASELINES := checkpoints/mnist-standalone-large checkpoints/mnist-standalone-small
 evaluate: setup
-	$(BIN)/python -m dualrate.evaluate --num-images 400 --seed-sets 3 --baselines $(BASELINES) --out docs
+	$(BIN)/python -m dualrate.evaluate --num-images 800 --seed-sets 3 --baselines $(BASELINES) --out docs
 
 # Retrain the standalone baselines (the pair's recipe, one flag; ~25 + ~12 min on 2 cores; resumable).
 baselines: setup

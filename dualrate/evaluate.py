@@ -1,6 +1,6 @@
 """The project's evaluator: FID in the digit classifier's feature space, class accuracy, sample grids, and a sweep.
 
-    python -m dualrate.evaluate --num-images 400 --seed-sets 3 \
+    python -m dualrate.evaluate --num-images 800 --seed-sets 3 \
         --baselines checkpoints/mnist-standalone-large checkpoints/mnist-standalone-small --out docs
 
 The sweep reports, per (steps N, interval K, guidance), FID against the MNIST test set, class accuracy of the
@@ -329,10 +329,6 @@ def main(argv: list[str] | None = None) -> None:
     (a.out / "sweep.md").write_text("# Sweep: steps, encoder interval, guidance, baselines\n\n" + raw + header + table
                                     + cmp)
     (a.out / "sweep.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
-    prov = provenance(a.checkpoint, command)
-    prov["baselines"] = {str(path): provenance(path, command)["checkpoint_sha256"] for path in baselines}
-    (a.out / "sweep.provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
-    print(table + cmp)
     quality = {"measured": date.today().isoformat(), "num_images_per_row": a.num_images, "seed_sets": a.seed_sets}
     updates = ([(a.checkpoint, rows[: len(rows) - sum(map(len, baselines.values()))])] if a.update_card else [])
     updates += list(baselines.items()) if a.update_baseline_cards else []
@@ -341,6 +337,11 @@ def main(argv: list[str] | None = None) -> None:
         card = json.loads(card_path.read_text())
         card["quality"] = {**quality, "sweep": [asdict(r) for r in own]}
         card_path.write_text(json.dumps(card, indent=2) + "\n")
+    # After the card updates: the hashes are those of the checkpoints as they are left (and committed).
+    prov = provenance(a.checkpoint, command)
+    prov["baselines"] = {str(path): provenance(path, command)["checkpoint_sha256"] for path in baselines}
+    (a.out / "sweep.provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
+    print(table + cmp)
 
 
 def check(a: argparse.Namespace, argv: list[str] | None) -> None:
