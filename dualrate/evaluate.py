@@ -215,18 +215,22 @@ def plot(rows: list[SweepRow], path: Path, default_steps: int = 32, default_g: f
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = ["o-", "s--", "^-", "v-", "D-"]
     for (label, sel), style in zip(_curves(rows, default_steps, default_g).items(), styles, strict=False):
         ax.errorbar([r.gflops_per_image for r in sel], [r.fid for r in sel], yerr=[r.fid_std for r in sel],
                     fmt=style, capsize=3, label=label, markersize=5)
+        over_steps = "N = 16" in label or sel[0].model != "dual-rate"
         for r in sel:
-            tag = f"N={r.steps}" if r.model != "dual-rate" or "over steps" in label or "N = 16" in label else \
-                f"K={r.encoder_interval}"
-            ax.annotate(tag, (r.gflops_per_image, r.fid), fontsize=7, xytext=(3, 3), textcoords="offset points")
+            if over_steps and r.model == "dual-rate" and r.steps == default_steps:
+                continue  # the K = 4 point is on the K curve, labelled there
+            tag = f"N={r.steps}" if over_steps else f"K={r.encoder_interval}"
+            ax.annotate(tag, (r.gflops_per_image, r.fid), fontsize=7, xytext=(4, 4),
+                        textcoords="offset points")
     ax.set_xscale("log")
-    ax.set_yscale("log")
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("model GFLOPs per image (counted; guided: cond + uncond)")
     ax.set_ylabel("FID (classifier features, vs MNIST test), mean ± std over seed sets")
     n_sets = max((len(r.fids) for r in rows), default=1)
@@ -290,7 +294,13 @@ def main(argv: list[str] | None = None) -> None:
                    help="first seed: the seed sets are the next --num-images seeds each (sweep.json: 10000)")
     p.add_argument("--ks", default="1,4,8,zeroed", help="--check: the rows, K values or 'zeroed'")
     p.add_argument("--name", default="check", help="--check: output file name (<name>.md, <name>.json)")
+    p.add_argument("--replot", action="store_true", help="only redraw OUT/fid_vs_flops.png from OUT/sweep.json")
     a = p.parse_args(argv)
+    if a.replot:
+        rows = [SweepRow(**r) for r in json.loads((a.out / "sweep.json").read_text())]
+        d0 = load_checkpoint(a.checkpoint).defaults
+        plot(rows, a.out / "fid_vs_flops.png", d0.steps, d0.guidance_scale)
+        return
     if a.check:
         check(a, argv)
         return
