@@ -136,23 +136,23 @@ def generate(
     return torch.cat(out), labels, time.perf_counter() - t0, calls
 
 
-BASELINE_STEPS = (8, 16, 32, 64)
-
-
 def sweep_configs(default_steps: int, default_g: float) -> list[tuple[int, int | None, float, str]]:
-    """Dual-rate rows: K = 1..N at the default steps, the two controls, and steps 16 / 64 at K = 4 (the Pareto plot's
-    second curve). Other guidance scales are left out (each costs as much as a row above on every seed set; the
-    single-set sweep before 2026-11-27's baselines had 1, 2 and 3: FID 22.8, 33.3, 74.1 at K = 4, git history)."""
+    """Dual-rate rows: K = 1..N at the default steps N, the two controls, and steps N/2 and 2N at K = 4 (the Pareto
+    plot's second curve; 16 and 64 at the shipped N = 32). Other guidance scales are left out (each costs as much as
+    a row above on every seed set; the single-set sweep before 2026-11-27's baselines had 1, 2 and 3: FID 22.8, 33.3,
+    74.1 at K = 4, git history)."""
     n = default_steps
     rows: list[tuple[int, int | None, float, str]] = [(n, k, default_g, "") for k in (1, 2, 4, 8, 16)]
     rows += [(n, n, default_g, "control: K = N, one encoder call"), (n, None, default_g, "control: zeroed features")]
-    rows += [(16, 4, default_g, ""), (64, 4, default_g, "")]
+    rows += [(n // 2, 4, default_g, ""), (2 * n, 4, default_g, "")]
     return rows
 
 
-def baseline_configs(model: LoadedModel, default_g: float) -> list[tuple[int, int | None, float, str]]:
-    """A standalone model over steps 8-64 at the pair's guidance (its K changes nothing: the card's default)."""
-    return [(steps, model.defaults.encoder_interval, default_g, "") for steps in BASELINE_STEPS]
+def baseline_configs(model: LoadedModel, default_steps: int, default_g: float) -> list[tuple[int, int | None, float, str]]:
+    """A standalone model over steps N/4 .. 2N of the pair's default N (8-64 for N = 32) at the pair's guidance (its
+    K changes nothing: the card's default)."""
+    n = default_steps
+    return [(steps, model.defaults.encoder_interval, default_g, "") for steps in (n // 4, n // 2, n, 2 * n)]
 
 
 def seed_set_starts(first: int, n_images: int, sets: int) -> list[int]:
@@ -196,18 +196,20 @@ def markdown_table(rows: list[SweepRow]) -> str:
     return "\n".join(lines)
 
 
-def _curves(rows: list[SweepRow], default_steps: int, default_g: float) -> dict[str, list[SweepRow]]:
-    """The plot's curves, each sorted by FLOPs: dual-rate over K at the default steps, dual-rate at K = 4 over steps,
-    and each standalone model over steps (all at the default guidance)."""
+def _curves(rows: list[SweepRow], default_steps: int, default_g: float) -> dict[str, tuple[bool, list[SweepRow]]]:
+    """The plot's curves, each sorted by FLOPs and flagged True where it runs over steps: dual-rate over K at the
+    default steps, dual-rate at K = 4 over steps, and each standalone model over steps (all at the default guidance)."""
     main = [r for r in rows if r.guidance_scale == default_g]
+    n = default_steps
     curves = {
-        f"dual-rate, N = {default_steps}, K = 1..{default_steps}": [
-            r for r in main if r.model == "dual-rate" and r.steps == default_steps and r.encoder_interval is not None],
-        "dual-rate, K = 4, N = 16 / 32 / 64": [r for r in main if r.model == "dual-rate" and r.encoder_interval == 4],
+        f"dual-rate, N = {n}, K = 1..{n}": (False, [
+            r for r in main if r.model == "dual-rate" and r.steps == n and r.encoder_interval is not None]),
+        f"dual-rate, K = 4, N = {n // 2} / {n} / {2 * n}": (
+            True, [r for r in main if r.model == "dual-rate" and r.encoder_interval == 4]),
     }
     for name in dict.fromkeys(r.model for r in main if r.model != "dual-rate"):
-        curves[f"{name}, N = 8..64"] = [r for r in main if r.model == name]
-    return {k: sorted(v, key=lambda r: r.gflops_per_image) for k, v in curves.items() if v}
+        curves[f"{name}, N = {n // 4}..{2 * n}"] = (True, [r for r in main if r.model == name])
+    return {k: (steps, sorted(v, key=lambda r: r.gflops_per_image)) for k, (steps, v) in curves.items() if v}
 
 
 def plot(rows: list[SweepRow], path: Path, default_steps: int = 32, default_g: float = 1.5) -> None:
@@ -219,10 +221,9 @@ def plot(rows: list[SweepRow], path: Path, default_steps: int = 32, default_g: f
 
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = ["o-", "s--", "^-", "v-", "D-"]
-    for (label, sel), style in zip(_curves(rows, default_steps, default_g).items(), styles, strict=False):
+    for (label, (over_steps, sel)), style in zip(_curves(rows, default_steps, default_g).items(), styles, strict=False):
         ax.errorbar([r.gflops_per_image for r in sel], [r.fid for r in sel], yerr=[r.fid_std for r in sel],
                     fmt=style, capsize=3, label=label, markersize=5)
-        over_steps = "N = 16" in label or sel[0].model != "dual-rate"
         for r in sel:
             if over_steps and r.model == "dual-rate" and r.steps == default_steps:
                 continue  # the K = 4 point is on the K curve, labelled there
@@ -273,6 +274,7 @@ def comparisons(rows: list[SweepRow], default_steps: int, default_g: float) -> l
     return out
 
 
+@torch.no_grad()  # a decorator, not set_grad_enabled: callers in the same process keep autograd
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
@@ -305,7 +307,6 @@ def main(argv: list[str] | None = None) -> None:
         check(a, argv)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    torch.set_grad_enabled(False)
     model = load_checkpoint(a.checkpoint)
     base_models = {path: load_checkpoint(path) for path in a.baselines}
     for path, base in base_models.items():
@@ -320,7 +321,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = run_sweep(model, ev, a.num_images, sweep_configs(d.steps, d.guidance_scale), a.seed, a.seed_sets)
     baselines: dict[Path, list[SweepRow]] = {}
     for path, base in base_models.items():
-        baselines[path] = run_sweep(base, ev, a.num_images, baseline_configs(base, d.guidance_scale), a.seed,
+        baselines[path] = run_sweep(base, ev, a.num_images, baseline_configs(base, d.steps, d.guidance_scale), a.seed,
                                     a.seed_sets, name=base.card.get("name", path.name))
         rows += baselines[path]
     table = markdown_table(rows)
@@ -356,7 +357,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def check(a: argparse.Namespace, argv: list[str] | None) -> None:
     """The quality rows that matter most, against the committed sweep's same rows (same seeds, same evaluator)."""
-    torch.set_grad_enabled(False)
     model = load_checkpoint(a.checkpoint)
     d = model.defaults
     ks = [None if k == "zeroed" else int(k) for k in a.ks.split(",")]

@@ -144,7 +144,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"{prof['inside_onnxruntime_run_pct']:.0f}% inside ONNX Runtime's Session.run, "
                   f"{prof.get('other threads_pct', 0):.0f}% on every other thread (event loop, PNG and AnyIO workers)."]
     if mixes:
-        kinds = sorted({k for arm in mixes.values() for m in arm for k in (m["profile"] or {}) if k.startswith("by: ")})
+        kinds = sorted({k.removesuffix("_pct") for arm in mixes.values() for m in arm for k in (m["profile"] or {})
+                        if k.startswith("by: ")})
         lines += ["", f"py-spy during the stream-cost arms ({a.profile_mixes} alternated rounds each, {a.seconds:g} s): "
                   "share of the service's samples per thread, mean over the rounds, and images/s of all clients.", "",
                   "| arm | images/s | " + " | ".join(k[4:] for k in kinds) + " |", "|---|---:|" + "---:|" * len(kinds)]

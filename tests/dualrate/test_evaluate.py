@@ -69,20 +69,25 @@ def test_sweep_with_seed_sets_and_baselines_end_to_end(tmp_path):
     from dualrate.nets import per_image_flops
 
     pair = init_checkpoint("tiny", tmp_path / "pair", seed=1)
+    card = json.loads((pair / "model_card.json").read_text())
+    card["defaults"]["steps"] = 8  # rows over N/4 .. 2N of the default steps: 2-16 here (8-64 for the shipped N = 32)
+    (pair / "model_card.json").write_text(json.dumps(card))
     large = init_checkpoint("tiny", tmp_path / "tiny-standalone-large", seed=2, standalone="large")
     assert seed_set_starts(10_000, 20, 3) == [10_000, 10_020, 10_040]
     main(["--checkpoint", str(pair), "--num-images", "20", "--seed-sets", "2", "--baselines", str(large),
           "--out", str(tmp_path / "out"), "--update-baseline-cards"])
+    assert torch.is_grad_enabled()  # the command left autograd as it found it
     rows = json.loads((tmp_path / "out" / "sweep.json").read_text())
     assert all(len(r["fids"]) == 2 and r["fids"][0] != r["fids"][1] for r in rows)
     for r in rows:
         assert r["fid"] == pytest.approx(np.mean(r["fids"])) and r["fid_std"] == pytest.approx(np.std(r["fids"], ddof=1))
     base = [r for r in rows if r["model"] == "tiny-standalone-large"]
-    assert [r["steps"] for r in base] == [8, 16, 32, 64]
+    assert [r["steps"] for r in base] == [2, 4, 8, 16]
+    assert {r["steps"] for r in rows if r["model"] == "dual-rate"} == {4, 8, 16}
     den_f = per_image_flops(__import__("dualrate.checkpoint").checkpoint.load_checkpoint(large).cfg)[1]
-    assert base[0]["gflops_per_image"] == pytest.approx(2 * 8 * den_f / 1e9)
+    assert base[0]["gflops_per_image"] == pytest.approx(2 * 2 * den_f / 1e9)
     md = (tmp_path / "out" / "sweep.md").read_text()
-    assert "Against the standalone baselines" in md and "tiny-standalone-large N = 32" in md
+    assert "Against the standalone baselines" in md and "tiny-standalone-large N = 8" in md
     assert (tmp_path / "out" / "fid_vs_flops.png").stat().st_size > 10_000
     card = json.loads((large / "model_card.json").read_text())
     assert card["quality"]["seed_sets"] == 2 and len(card["quality"]["sweep"]) == 4
