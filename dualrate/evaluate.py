@@ -31,7 +31,7 @@ from scipy import linalg
 from torch import Tensor
 from tqdm import tqdm
 
-from dualrate.checkpoint import CARD_FILE, DEFAULT_CHECKPOINT, LoadedModel, load_checkpoint, torch_fns
+from dualrate.checkpoint import CARD_FILE, DEFAULT_CHECKPOINT, LoadedModel, checkpoint_hash, load_checkpoint, torch_fns
 from dualrate.classifier import CLASSIFIER_DIR, DigitClassifier, batched, load_classifier
 from dualrate.data import load_mnist, to_uint8
 from dualrate.diffusion import CosineSchedule
@@ -350,7 +350,7 @@ def main(argv: list[str] | None = None) -> None:
         card_path.write_text(json.dumps(card, indent=2) + "\n")
     # After the card updates: the hashes are those of the checkpoints as they are left (and committed).
     prov = provenance(a.checkpoint, command)
-    prov["baselines"] = {str(path): provenance(path, command)["checkpoint_sha256"] for path in baselines}
+    prov["baselines"] = {str(path): checkpoint_hash(path) for path in baselines}
     (a.out / "sweep.provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
     print(table + cmp)
 

@@ -202,8 +202,9 @@ def count_flops(module: nn.Module, *inputs: Tensor) -> int:
 def standalone_config(cfg: ModelConfig, size: str, k: int = 4) -> ModelConfig:
     """The standalone baselines of a dual-rate config. "large": the encoder's U-ViT with the output head, run every
     step (what one would serve without dual-rate). "small": the encoder's U-ViT narrowed (every level's width times
-    one factor) until its FLOPs per forward are closest to the pair's average per step at interval k,
-    (encoder + k * denoiser) / k. The returned config keeps the pair's `encoder` entry only as a record."""
+    one factor, rounded to multiples of 4, the transformer's width then moved by up to +-8) to the candidate whose
+    FLOPs per forward are closest to the pair's average per step at interval k, (encoder + k * denoiser) / k.
+    The returned config keeps the pair's `encoder` entry only as a record."""
     import dataclasses
 
     if size == "large":

@@ -35,7 +35,9 @@ def main(argv: list[str] | None = None) -> None:
     for path in a.checkpoints:
         model = load_checkpoint(path)
         configs = [(steps, model.defaults.encoder_interval, float(g), "guidance") for g in a.guidance.split(",")]
-        rows += run_sweep(model, ev, a.num_images, configs, a.seed, a.seed_sets, name=model.card.get("name", path.name))
+        # The pair's rows are named "dual-rate", as in sweep.md, so the table prints their K and encoder calls.
+        name = model.card.get("name", path.name) if model.cfg.standalone else "dual-rate"
+        rows += run_sweep(model, ev, a.num_images, configs, a.seed, a.seed_sets, name=name)
     command = command_line("python scripts/baseline_guidance.py", argv)
     lines = [f"### Baselines at other guidance scales, {utc_stamp()}", "", f"Command: `{command}`", "",
              f"{a.seed_sets} seed sets of {a.num_images} images from seed {a.seed}, N = {steps}: the sets and evaluator "
