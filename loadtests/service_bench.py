@@ -8,6 +8,9 @@
    images/s (the ceiling batching can reach on this CPU).
 3. A mix of short and long requests at a fixed arrival rate: p50/p95 latency under continuous (step-level) and
    request-level batching, from one run.
+
+What streaming clients cost the others is measured by `python -m loadtests.stream_cost` (runs 5-8 in
+docs/service_bench.md used an earlier `--stream-cost` mode of this module, which restarted the clients every round).
 """
 
 from __future__ import annotations
@@ -228,64 +231,6 @@ async def plain_and_streams(url: str, plain: int, extra: int, streaming: bool, s
             "total_images_per_s": (counts["plain"] + counts["extra"]) / wall, "previews": counts["previews"]}
 
 
-def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, float]:
-    """Mean and its two-sided t confidence interval (values: one ratio per paired round)."""
-    from scipy import stats
-
-    m = statistics.fmean(values)
-    half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
-    return m, float(m - half), float(m + half)
-
-
-def stream_cost(a: argparse.Namespace, argv: list[str] | None) -> None:
-    """What streaming costs the others: one server at saturation, 16 plain clients beside 4 more clients that stream
-    with previews, or (the control) 4 more plain clients; alternated `a.stream_cost` times in one run."""
-    d = load_checkpoint(a.checkpoint).defaults
-    body = {"num_images": 1, "steps": d.steps, "encoder_interval": d.encoder_interval, "guidance_scale": d.guidance_scale}
-    srv = ServerProcess(a.checkpoint, Path("/tmp/dualrate-bench-stream.log"), max_active_images=a.slots,
-                        max_images_per_request=a.slots, queue_size=1024)
-    rounds = []
-    try:
-        srv.wait_ready()
-        asyncio.run(plain_and_streams(srv.url, 16, 4, False, 5.0, body, 4))  # warm-up, not counted
-        for i in range(a.stream_cost):
-            row = {}
-            # ABBA: control first in odd rounds, streams first in even ones, so a drift over the run cancels out.
-            for streaming in ((False, True) if i % 2 == 0 else (True, False)):
-                key = "streams" if streaming else "control"
-                row[key] = asyncio.run(plain_and_streams(srv.url, 16, 4, streaming, a.seconds, body, 4))
-                log.info("round %d, %s: %s", i + 1, key, row[key])
-            rounds.append(row)
-    finally:
-        srv.terminate()
-    ratios = [r["streams"]["plain_images_per_s"] / r["control"]["plain_images_per_s"] for r in rounds]
-    totals = [r["streams"]["total_images_per_s"] / r["control"]["total_images_per_s"] for r in rounds]
-    ci = mean_ci(ratios)
-    stamp = utc_stamp()
-    command = command_line("python -m loadtests.service_bench", argv)
-    lines = [f"### What streaming costs the other clients, {stamp}, {platform.machine()} CPU, onnxruntime", "",
-             f"Command: `{command}`", "",
-             f"One server, {a.slots} slots, requests of 1 image, N = {d.steps}, K = {d.encoder_interval}, guidance "
-             f"{d.guidance_scale}; 16 plain closed-loop clients beside 4 more clients that either stream "
-             f"(/generate/stream, a preview every 4 steps) or, the control, call /generate; {a.seconds:.0f} s each, "
-             f"alternated {a.stream_cost} times (after 5 s of warm-up; control first in odd rounds, streams first in "
-             "even ones). **Median plain clients' images/s with streams / control: "
-             f"{statistics.median(ratios):.3f}; all images/s: {statistics.median(totals):.3f}. Mean plain ratio "
-             f"{ci[0]:.3f}, 95% confidence interval {ci[1]:.3f}-{ci[2]:.3f} (t over the {len(ratios)} paired rounds): "
-             + ("1 is inside it, so no cost is measurable at this resolution.**" if ci[1] <= 1 <= ci[2] else
-                "1 is outside it: the difference is measurable.**"), "",
-             "| round | plain images/s (control) | plain images/s (with streams) | ratio | all images/s (control) "
-             "| all images/s (with streams) | previews sent |", "|---:|---:|---:|---:|---:|---:|---:|"]
-    for i, (r, q, t) in enumerate(zip(rounds, ratios, totals, strict=True), 1):
-        c, st = r["control"], r["streams"]
-        lines.append(f"| {i} | {c['plain_images_per_s']:.2f} | {st['plain_images_per_s']:.2f} | {q:.3f} | "
-                     f"{c['total_images_per_s']:.2f} | {st['total_images_per_s']:.2f} ({t:.3f}) | {st['previews']} |")
-    raw = {**provenance(a.checkpoint, command), "slots": a.slots, "seconds": a.seconds, "request": body,
-           "rounds": rounds, "median_plain_ratio": statistics.median(ratios), "median_total_ratio": statistics.median(totals),
-           "mean_plain_ratio_ci95": ci}
-    publish(lines, a.out, raw)
-
-
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m loadtests.service_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -298,14 +243,7 @@ def main(argv: list[str] | None = None) -> None:
                         "(e.g. threads=1 overlap_encoder=false), alternating, and print a table")
     p.add_argument("--pairs", type=int, default=0,
                    help="only saturation: bare loop and service interleaved this many times each (median ratio)")
-    p.add_argument("--stream-cost", type=int, default=0, metavar="ROUNDS",
-                   help="only measure what /generate/stream with previews costs 16 plain clients (this many rounds)")
     a = p.parse_args(argv)
-    if a.stream_cost:
-        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        logging.getLogger("httpx").setLevel(logging.WARNING)
-        stream_cost(a, argv)
-        return
     if a.pairs:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("httpx").setLevel(logging.WARNING)

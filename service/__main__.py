@@ -112,8 +112,10 @@ def main() -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     raise_open_file_limit()
     app = create_app(settings)
+    # log_config=None: uvicorn's records (access lines included) go through the root handler above, in this log's
+    # format; uvicorn's own formatters copy every record to colour it, ~0.4 ms per request on the event loop here.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            timeout_graceful_shutdown=10)
+                            log_config=None, timeout_graceful_shutdown=10)
     server = DrainingServer(config, app.state.dualrate, settings)
     server.run()
     if server.forced:

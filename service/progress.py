@@ -1,11 +1,14 @@
 """Progress and previews of streamed requests (POST /generate/stream), as the scheduler thread sees them.
 
 A streamed job carries a `Listener`; after each tick the scheduler calls `emit_progress`, which sends the job, in one
-call, a `progress` event (its least advanced image's completed steps, encoder calls so far; at most one per
-PROGRESS_INTERVAL_S, and always the last) and a `preview` per image whose preview the plan asked for
-(`preview_due`). Jobs without a listener cost nothing here. Listeners must not block: the service's listener hands
-the events to the request's event loop. Measured (docs/service_bench.md): a progress event every tick cost the plain
-clients beside 4 streams ~4% of their images/s on two CPU cores (event-loop work competing with the tick loop).
+call, a `progress` event (its least advanced image's completed steps, encoder calls so far) and a `preview` per image
+whose preview the plan asked for (`preview_due`). A job gets its events at most once per PROGRESS_INTERVAL_S (the
+previews made since its last hand-over, then one `progress`), and always at its last step. Jobs without a listener
+cost nothing here. Listeners must not block: the service's listener hands the events to the request's event loop.
+Each hand-over wakes that loop and becomes one write to the client, and on two CPU cores that event-loop work is taken
+from the tick loop (docs/service_bench.md: a progress event every tick cost the plain clients beside 4 streams ~4% of
+their images/s), so a stream gets at most 1 / PROGRESS_INTERVAL_S writes per second however often it asks for
+previews; every preview asked for still arrives, in order.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ log = logging.getLogger("service.progress")
 
 Event = tuple[str, dict[str, Any]]  # (event name, payload)
 Listener = Callable[[list[Event]], None]  # a tick's events for one job, in order
-PROGRESS_INTERVAL_S = 0.25  # the most often a stream gets a progress event (its last one always comes)
+PROGRESS_INTERVAL_S = 0.25  # the most often a stream gets events (its last step's always come)
 
 
 def preview_due(batch: Sequence[ImageSlot]) -> tuple[bool, ...]:
@@ -36,7 +39,8 @@ def preview_due(batch: Sequence[ImageSlot]) -> tuple[bool, ...]:
 
 
 def emit_progress(batch: Sequence[ImageSlot], previews: dict[int, np.ndarray], failed: dict[Job, str]) -> None:
-    """After a tick (steps already advanced): one `progress` per streamed job in the tick, then its previews."""
+    """After a tick (steps already advanced): queue each streamed job's due previews; hand a job its previews so far
+    and a `progress` event when PROGRESS_INTERVAL_S has passed since its last hand-over, or at its last step."""
     jobs: dict[int, tuple[Job, list[ImageSlot]]] = {}
     for a in batch:
         if a.job.listener is not None and a.job not in failed:
@@ -44,19 +48,18 @@ def emit_progress(batch: Sequence[ImageSlot], previews: dict[int, np.ndarray], f
     now = time.monotonic()
     for job, images in jobs.values():
         steps = job.spec.steps
-        events: list[Event] = []
+        job.pending += [("preview", {"index": a.index, "step": a.step, "image": previews[a.slot]})
+                        for a in images if a.slot in previews]
         waiting = job.next_image < job.spec.num_images  # images not admitted yet have done no step
         least = 0 if waiting else min((a.step for a in images), default=steps)
-        if least == steps or now - job.progress_sent >= PROGRESS_INTERVAL_S:
-            job.progress_sent = now
-            events.append(("progress", {
-                "step": least, "of": steps, "images_done": job.done_images + sum(a.step == steps for a in images),
-                "num_images": job.spec.num_images,
-                "encoder_calls": max([job.encoder_calls, *(a.encoder_calls for a in images)])}))
-        events += [("preview", {"index": a.index, "step": a.step, "image": previews[a.slot]})
-                   for a in images if a.slot in previews]
-        if events:
-            _send(job, events)
+        if least < steps and now - job.progress_sent < PROGRESS_INTERVAL_S:
+            continue
+        job.progress_sent = now
+        progress = ("progress", {
+            "step": least, "of": steps, "images_done": job.done_images + sum(a.step == steps for a in images),
+            "num_images": job.spec.num_images, "encoder_calls": max([job.encoder_calls, *(a.encoder_calls for a in images)])})
+        events, job.pending = [*job.pending, progress], []
+        _send(job, events)
 
 
 def _send(job: Job, events: list[Event]) -> None:

@@ -26,7 +26,7 @@ from engines import Engine
 from service.admission import Policy, admission_policy
 from service.autok import AutoK, CostModel
 from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, QueueFull, ServiceError
-from service.progress import Listener, emit_progress, preview_due
+from service.progress import Event, Listener, emit_progress, preview_due
 from service.runner import Runner, TickPlan
 from service.stats import RequestDone, SchedulerSnapshot, StatsSink, TickStats
 
@@ -70,7 +70,8 @@ class Job:
     listener: Listener | None = None  # streamed events (service.progress), called on the scheduler thread
     preview_every: int = 0  # a preview every this many steps of each image (0 = none); only with a listener
     queue_position: int = 0  # requests ahead of it when it was queued
-    progress_sent: float = float("-inf")  # when its last progress event went out (service.progress)
+    progress_sent: float = float("-inf")  # when it last got events (service.progress)
+    pending: list[Event] = field(default_factory=list)  # its previews not handed over yet
 
     def cancel(self) -> None:
         """Called from any thread (client disconnect); the slot is freed at the next tick."""

@@ -10,7 +10,9 @@ from fastapi import Depends, Request
 from service.state import AppState
 
 
-def get_state(request: Request) -> AppState:
+# Both are `async def`: FastAPI runs a plain `def` dependency in a worker thread, a round trip per request that the
+# event loop pays for (and on two cores takes from the tick loop).
+async def get_state(request: Request) -> AppState:
     return request.app.state.dualrate
 
 
@@ -21,7 +23,7 @@ class Unauthorized(Exception):
     """Missing or wrong API key; answered 401 by `service.api.answers`."""
 
 
-def authorize(request: Request, state: StateDep) -> None:
+async def authorize(request: Request, state: StateDep) -> None:
     keys = state.settings.api_key_bytes
     if not keys:
         return

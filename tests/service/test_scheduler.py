@@ -159,3 +159,35 @@ def test_no_state_is_kept_per_encoder_interval_after_its_last_image(engine, mode
         run_all(s, [s.submit(GenerationSpec(1, 1, k, k, 1.0, seed=k))])
     s.tick()  # an idle tick: admission sees no image with any K
     assert s.admission.phase == {}
+
+
+def test_a_streamed_job_gets_every_preview_in_few_hand_overs(engine, model, monkeypatch):
+    """Events are handed over at most once per PROGRESS_INTERVAL_S of the clock (and at the last step), each
+    hand-over carrying the previews made since the previous one: every preview asked for arrives, in step order."""
+    import itertools
+    import types
+
+    from service import progress
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(monotonic=lambda: clock["t"]))
+    s, _ = make(engine, model, slots=4)
+    handovers: list[tuple[float, list]] = []
+    job = s.submit(GenerationSpec(3, 2, 16, 4, 1.5, seed=7), lambda ev: handovers.append((clock["t"], ev)), 2)
+    for _ in range(1000):
+        if job.future.done():
+            break
+        s.tick()
+        clock["t"] += 0.1  # a tick every 0.1 s: a hand-over every third tick at most
+    assert job.future.done()
+    times = [t for t, _ in handovers]
+    assert times[0] == 0.0  # the first tick's progress comes at once
+    assert all(b - a >= progress.PROGRESS_INTERVAL_S - 1e-9 for a, b in itertools.pairwise(times[:-1]))
+    assert len(handovers) <= 16 * 0.1 / progress.PROGRESS_INTERVAL_S + 2
+    for _, ev in handovers:
+        assert ev[-1][0] == "progress" and all(name == "preview" for name, _ in ev[:-1])
+    assert handovers[-1][1][-1][1]["step"] == 16 and handovers[-1][1][-1][1]["images_done"] == 2
+    previews = [(p["index"], p["step"]) for _, ev in handovers for name, p in ev if name == "preview"]
+    assert sorted(previews) == [(i, st) for i in (0, 1) for st in range(2, 16, 2)]
+    assert [st for i, st in previews if i == 0] == list(range(2, 16, 2))  # in order
+    assert all(p["image"].shape == (28, 28) for _, ev in handovers for name, p in ev if name == "preview")
