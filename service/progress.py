@@ -18,9 +18,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
 if TYPE_CHECKING:
+    from service.runner import Preview
     from service.scheduler import ImageSlot, Job
 
 log = logging.getLogger("service.progress")
@@ -38,9 +37,10 @@ def preview_due(batch: Sequence[ImageSlot]) -> tuple[bool, ...]:
     return flags if any(flags) else ()
 
 
-def emit_progress(batch: Sequence[ImageSlot], previews: dict[int, np.ndarray], failed: dict[Job, str]) -> None:
+def emit_progress(batch: Sequence[ImageSlot], previews: dict[int, Preview], failed: dict[Job, str]) -> None:
     """After a tick (steps already advanced): queue each streamed job's due previews; hand a job its previews so far
-    and a `progress` event when PROGRESS_INTERVAL_S has passed since its last hand-over, or at its last step."""
+    and a `progress` event when PROGRESS_INTERVAL_S has passed since its last hand-over, or at its last step. A
+    preview's "image" is a `Preview`: the receiver makes the picture (`.picture()`), off the tick loop."""
     jobs: dict[int, tuple[Job, list[ImageSlot]]] = {}
     for a in batch:
         if a.job.listener is not None and a.job not in failed:

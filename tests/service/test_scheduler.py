@@ -190,4 +190,5 @@ def test_a_streamed_job_gets_every_preview_in_few_hand_overs(engine, model, monk
     previews = [(p["index"], p["step"]) for _, ev in handovers for name, p in ev if name == "preview"]
     assert sorted(previews) == [(i, st) for i in (0, 1) for st in range(2, 16, 2)]
     assert [st for i, st in previews if i == 0] == list(range(2, 16, 2))  # in order
-    assert all(p["image"].shape == (28, 28) for _, ev in handovers for name, p in ev if name == "preview")
+    pictures = [p["image"].picture() for _, ev in handovers for name, p in ev if name == "preview"]
+    assert all(pic.shape == (28, 28) and pic.dtype == np.uint8 for pic in pictures)

@@ -177,7 +177,8 @@ async def _stream(req: StreamRequest, state: AppState, spec: GenerationSpec, job
                 break
             previews = [p for name, p in tick_events if name == "preview"]
             if previews:
-                for p, png in zip(previews, await pngs([p.pop("image") for p in previews]), strict=True):
+                # The pictures are made here, off the tick loop (service.runner.PreviewRows).
+                for p, png in zip(previews, await pngs([p.pop("image").picture() for p in previews]), strict=True):
                     p["png_base64"] = png
             # A tick's events leave in one write (sse-starlette frames each; bytes pass through as they are).
             chunk = last + b"".join(_event(name, payload).encode() for name, payload in tick_events)
