@@ -2,13 +2,13 @@
 
 A streamed job carries a `Listener`; after each tick the scheduler calls `emit_progress`, which sends the job, in one
 call, a `progress` event (its least advanced image's completed steps, encoder calls so far) and a `preview` per image
-whose preview the plan asked for (`preview_due`). A job gets its events at most once per PROGRESS_INTERVAL_S (the
-previews made since its last hand-over, then one `progress`), and always at its last step. Jobs without a listener
-cost nothing here. Listeners must not block: the service's listener hands the events to the request's event loop.
-Each hand-over wakes that loop and becomes one write to the client, and on two CPU cores that event-loop work is taken
-from the tick loop (docs/service_bench.md: a progress event every tick cost the plain clients beside 4 streams ~4% of
-their images/s), so a stream gets at most 1 / PROGRESS_INTERVAL_S writes per second however often it asks for
-previews; every preview asked for still arrives, in order.
+whose preview the plan asked for (`preview_due`). The streamed jobs get their events together, at most once per
+PROGRESS_INTERVAL_S (the previews made since the last hand-over, then one `progress`), and each job always at its
+last step (`Handover`). Jobs without a listener cost nothing here. Listeners must not block: the service's listener
+hands the events to the request's event loop. Each hand-over wakes that loop and becomes one write to the client, and
+on two CPU cores that event-loop work is taken from the tick loop (docs/service_bench.md: a progress event every tick
+cost the plain clients beside 4 streams ~4% of their images/s), so a stream gets at most 1 / PROGRESS_INTERVAL_S
+writes per second however often it asks for previews; every preview asked for still arrives, in order.
 """
 
 from __future__ import annotations
@@ -37,29 +37,42 @@ def preview_due(batch: Sequence[ImageSlot]) -> tuple[bool, ...]:
     return flags if any(flags) else ()
 
 
-def emit_progress(batch: Sequence[ImageSlot], previews: dict[int, Preview], failed: dict[Job, str]) -> None:
-    """After a tick (steps already advanced): queue each streamed job's due previews; hand a job its previews so far
-    and a `progress` event when PROGRESS_INTERVAL_S has passed since its last hand-over, or at its last step. A
-    preview's "image" is a `Preview`: the receiver makes the picture (`.picture()`), off the tick loop."""
-    jobs: dict[int, tuple[Job, list[ImageSlot]]] = {}
-    for a in batch:
-        if a.job.listener is not None and a.job not in failed:
-            jobs.setdefault(id(a.job), (a.job, []))[1].append(a)
-    now = time.monotonic()
-    for job, images in jobs.values():
-        steps = job.spec.steps
-        job.pending += [("preview", {"index": a.index, "step": a.step, "image": previews[a.slot]})
-                        for a in images if a.slot in previews]
-        waiting = job.next_image < job.spec.num_images  # images not admitted yet have done no step
-        least = 0 if waiting else min((a.step for a in images), default=steps)
-        if least < steps and now - job.progress_sent < PROGRESS_INTERVAL_S:
-            continue
-        job.progress_sent = now
-        progress = ("progress", {
-            "step": least, "of": steps, "images_done": job.done_images + sum(a.step == steps for a in images),
-            "num_images": job.spec.num_images, "encoder_calls": max([job.encoder_calls, *(a.encoder_calls for a in images)])})
-        events, job.pending = [*job.pending, progress], []
-        _send(job, events)
+class Handover:
+    """When streamed jobs get their events: all of them together, at most once per PROGRESS_INTERVAL_S, and each job
+    at its last step. Together, because each hand-over wakes the event loop, and the wake-ups of streams handed over
+    on different ticks were what streams cost the tick loop (every stream sharing one wake-up: one per interval)."""
+
+    def __init__(self) -> None:
+        self.last = float("-inf")  # the last time the streams got their events
+
+    def emit(self, batch: Sequence[ImageSlot], previews: dict[int, Preview], failed: dict[Job, str]) -> None:
+        """After a tick (steps already advanced): queue each streamed job's due previews; when the interval has
+        passed (or at a job's last step) hand the job its previews so far and a `progress` event. A preview's
+        "image" is a `Preview`: the receiver makes the picture (`.picture()`), off the tick loop."""
+        jobs: dict[int, tuple[Job, list[ImageSlot]]] = {}
+        for a in batch:
+            if a.job.listener is not None and a.job not in failed:
+                jobs.setdefault(id(a.job), (a.job, []))[1].append(a)
+        if not jobs:
+            return
+        now = time.monotonic()
+        due = now - self.last >= PROGRESS_INTERVAL_S
+        if due:
+            self.last = now
+        for job, images in jobs.values():
+            steps = job.spec.steps
+            job.pending += [("preview", {"index": a.index, "step": a.step, "image": previews[a.slot]})
+                            for a in images if a.slot in previews]
+            waiting = job.next_image < job.spec.num_images  # images not admitted yet have done no step
+            least = 0 if waiting else min((a.step for a in images), default=steps)
+            if least < steps and not due:
+                continue
+            progress = ("progress", {
+                "step": least, "of": steps, "images_done": job.done_images + sum(a.step == steps for a in images),
+                "num_images": job.spec.num_images,
+                "encoder_calls": max([job.encoder_calls, *(a.encoder_calls for a in images)])})
+            events, job.pending = [*job.pending, progress], []
+            _send(job, events)
 
 
 def _send(job: Job, events: list[Event]) -> None:

@@ -26,7 +26,7 @@ from engines import Engine
 from service.admission import Policy, admission_policy
 from service.autok import AutoK, CostModel
 from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, QueueFull, ServiceError
-from service.progress import Event, Listener, emit_progress, preview_due
+from service.progress import Event, Handover, Listener, preview_due
 from service.runner import Runner, TickPlan
 from service.stats import RequestDone, SchedulerSnapshot, StatsSink, TickStats
 
@@ -70,7 +70,6 @@ class Job:
     listener: Listener | None = None  # streamed events (service.progress), called on the scheduler thread
     preview_every: int = 0  # a preview every this many steps of each image (0 = none); only with a listener
     queue_position: int = 0  # requests ahead of it when it was queued
-    progress_sent: float = float("-inf")  # when it last got events (service.progress)
     pending: list[Event] = field(default_factory=list)  # its previews not handed over yet
 
     def cancel(self) -> None:
@@ -124,6 +123,7 @@ class Scheduler:
         self.active: list[ImageSlot] = []
         self.free_slots = list(range(max_active_images))
         self._admitted: list[tuple[int, int]] = []  # (slot, seed) since the last plan
+        self.handover = Handover()  # streamed jobs' events (service.progress)
         self._cv = threading.Condition()
         self._stop = False
         self._accepting = True
@@ -231,7 +231,7 @@ class Scheduler:
                 a.tau = a.times[a.step] if due else a.tau
                 a.encoder_calls += due
                 a.step += 1
-            emit_progress(batch, out.previews, failed_jobs)  # before any job resolves: its events come first
+            self.handover.emit(batch, out.previews, failed_jobs)  # before any job resolves: its events come first
             finished = [a for a in batch if a.slot in out.finished and a.job not in failed_jobs]
             self._release(finished)
             for a in finished:

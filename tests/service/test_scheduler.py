@@ -192,3 +192,27 @@ def test_a_streamed_job_gets_every_preview_in_few_hand_overs(engine, model, monk
     assert [st for i, st in previews if i == 0] == list(range(2, 16, 2))  # in order
     pictures = [p["image"].picture() for _, ev in handovers for name, p in ev if name == "preview"]
     assert all(pic.shape == (28, 28) and pic.dtype == np.uint8 for pic in pictures)
+
+
+def test_streamed_jobs_get_their_events_on_the_same_ticks(engine, model, monkeypatch):
+    """Every hand-over wakes the event loop: the streams share them (one per interval), whenever each job began."""
+    import types
+
+    from service import progress
+
+    clock = {"t": 0.0}
+    monkeypatch.setattr(progress, "time", types.SimpleNamespace(monotonic=lambda: clock["t"]))
+    s, _ = make(engine, model, slots=4)
+    got: dict[str, list[float]] = {"a": [], "b": []}
+    jobs = [s.submit(GenerationSpec(3, 1, 24, 4, 1.5, seed=1), lambda ev: got["a"].append(clock["t"]), 4)]
+    for i in range(200):
+        if all(j.future.done() for j in jobs):
+            break
+        if i == 2:  # the second stream starts between two hand-overs
+            jobs.append(s.submit(GenerationSpec(5, 1, 24, 4, 1.5, seed=2), lambda ev: got["b"].append(clock["t"]), 4))
+        s.tick()
+        clock["t"] += 0.1
+    assert all(j.future.done() for j in jobs)
+    a = set(got["a"][:-1])  # the last one comes at the job's last step
+    both = {t for t in got["b"] if t < got["a"][-1]}  # b's hand-overs while a still ran
+    assert len(both) >= 3 and both <= a, (got["a"], got["b"])
