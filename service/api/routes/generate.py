@@ -1,11 +1,13 @@
 """POST /generate (JSON) and POST /generate/stream (Server-Sent Events): one request body, one validation, one
 response builder; the stream's `done` event is exactly the body /generate answers.
 
-Stream events, in order: `queued` (requests ahead), then per tick `progress` (the least advanced image's completed
-steps `step` of `of`, images done, encoder calls so far) and `preview` (image `index`, `step`, `png_base64` of the
-current x0 estimate) every `preview_every` steps, then `done` or `error` (the error body /generate would send, plus
-its `status`). A request refused before it is queued (invalid, 401, 429, 503) gets the same HTTP error as /generate,
-not a stream. A client that goes away frees its slots at the next tick.
+Stream events, in order: `queued` (requests ahead), then `preview` (image `index`, `step`, `png_base64` of the
+current x0 estimate) every `preview_every` steps and `progress` (the least advanced image's completed steps `step`
+of `of`, images done, encoder calls so far), then `done` or `error` (the error body /generate would send, plus its
+`status`). Previews and progress come in batches, at most one per 0.25 s for all streams together
+(service.progress.Handover); the last step's progress comes with `done`, in one write. A request refused before it
+is queued (invalid, 401, 429, 503) gets the same HTTP error as /generate, not a stream. A client that goes away frees
+its slots at the next tick.
 """
 
 from __future__ import annotations
