@@ -1,6 +1,6 @@
 """Progress and previews of streamed requests (POST /generate/stream), as the scheduler thread sees them.
 
-A streamed job carries a `Listener`; after each tick the scheduler calls `emit_progress`, which sends the job, in one
+A streamed job carries a `Listener`; after each tick the scheduler calls `Handover.emit`, which sends the job, in one
 call, a `progress` event (its least advanced image's completed steps, encoder calls so far) and a `preview` per image
 whose preview the plan asked for (`preview_due`). The streamed jobs get their events together, at most once per
 PROGRESS_INTERVAL_S (the previews made since the last hand-over, then one `progress`), and each job always at its
