@@ -170,8 +170,10 @@ class Runner:
         previews = {}
         want = [j for j, i in enumerate(idx) if plan.preview and plan.preview[i]]
         if want:
-            cpu = [x[want].cpu() for x in (z, v_cond, v_uncond, g, t)]
-            rows = PreviewRows(cpu[0], cpu[1], cpu[2], cpu[3], cpu[4], self.sched, self.output_size)
+            # Two copies to the CPU (two waits for the device), not five.
+            zv = torch.cat([z[want], v_cond[want], v_uncond[want]]).float().cpu().chunk(3)
+            gt = torch.cat([g[want], t[want]]).cpu().chunk(2)
+            rows = PreviewRows(zv[0], zv[1], zv[2], gt[0], gt[1], self.sched, self.output_size)
             previews = {plan.slots[idx[j]]: Preview(rows, r) for r, j in enumerate(want)}
         noise = draw_noise([plan.seeds[i] for i in idx], [plan.steps[i] + 1 for i in idx], self.sample_shape, dev)
         self.z[slots] = guided_step(z, v_cond, v_uncond, g, t, s, self.sched, noise)
