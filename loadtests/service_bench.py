@@ -195,6 +195,18 @@ def interleaved(a: argparse.Namespace, argv: list[str] | None) -> None:
     publish(lines, a.out, raw)
 
 
+async def read_stream(c: httpx.AsyncClient, req: dict) -> bytes:
+    """POST /generate/stream and return its whole body, raw. The bytes are read as they come and events counted in
+    them afterwards: parsing each event line in Python cost this load generator measurable CPU beside the service on
+    two cores (docs/service_bench.md)."""
+    async with c.stream("POST", "/generate/stream", json=req) as r:
+        r.raise_for_status()
+        raw = b"".join([chunk async for chunk in r.aiter_raw()])
+    if b"event: done" not in raw:
+        raise RuntimeError(f"stream without done: {raw[-300:]!r}")
+    return raw
+
+
 async def plain_and_streams(url: str, plain: int, extra: int, streaming: bool, seconds: float, body: dict,
                             preview_every: int) -> dict[str, float]:
     """`plain` closed-loop /generate clients beside `extra` more clients, which use /generate/stream with previews
@@ -212,14 +224,7 @@ async def plain_and_streams(url: str, plain: int, extra: int, streaming: bool, s
     async def stream_client(c: httpx.AsyncClient, i: int) -> None:
         while time.perf_counter() < stop:
             req = {**body, "class_label": i % 10, "preview_every": preview_every}
-            async with c.stream("POST", "/generate/stream", json=req) as r:
-                r.raise_for_status()
-                # Read the raw bytes and count event names at the end: parsing each event line in Python cost this
-                # load generator measurable CPU beside the service on two cores (docs/service_bench.md).
-                raw = b"".join([chunk async for chunk in r.aiter_raw()])
-            if b"event: done" not in raw:
-                raise RuntimeError(f"stream without done: {raw[-300:]!r}")
-            counts["previews"] += raw.count(b"event: preview")
+            counts["previews"] += (await read_stream(c, req)).count(b"event: preview")
             counts["extra"] += req["num_images"]
 
     t0 = time.perf_counter()

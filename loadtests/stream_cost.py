@@ -35,6 +35,8 @@ import httpx
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
+from loadtests.cpu_share import process_cpu_s
+from loadtests.service_bench import read_stream
 from service.process import ServerProcess
 
 log = logging.getLogger("loadtests.stream_cost")
@@ -48,11 +50,6 @@ def mean_ci(values: list[float], level: float = 0.95) -> tuple[float, float, flo
     m = statistics.fmean(values)
     half = stats.t.ppf(0.5 + level / 2, len(values) - 1) * statistics.stdev(values) / len(values) ** 0.5
     return m, float(m - half), float(m + half)
-
-
-def process_cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def computed(sent: float, answer: dict, who: str) -> tuple[float, float, str, int]:
@@ -98,12 +95,7 @@ async def alternate(url: str, server_pid: int, body: dict, pairs: int, window: f
                 r.raise_for_status()
                 done.append(computed(sent, r.json(), arm))
                 continue
-            async with c.stream("POST", "/generate/stream", json={**req, "preview_every": PREVIEW_EVERY}) as r:
-                r.raise_for_status()
-                # The raw bytes, events counted at the end: parsing each line in Python would be load-generator CPU.
-                raw = b"".join([chunk async for chunk in r.aiter_raw()])
-            if b"event: done" not in raw:
-                raise RuntimeError(f"stream without done: {raw[-300:]!r}")
+            raw = await read_stream(c, {**req, "preview_every": PREVIEW_EVERY})
             previews.extend([time.perf_counter()] * raw.count(b"event: preview"))
             answer = json.loads(raw[raw.rindex(b"event: done"):].split(b"data: ", 1)[1].split(b"\r\n", 1)[0])
             done.append(computed(sent, answer, arm))
