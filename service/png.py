@@ -2,10 +2,10 @@
 
 A PNG of an 8-bit grayscale or RGB picture is three chunks around one zlib stream (PNG spec, sections 5 and 11):
 IHDR (size, bit depth, colour type), IDAT (each row prefixed by its filter type, 0 = none, deflated), IEND. Pillow
-writes the same format but spends ~60-80 us of Python per call on plug-in look-up and tiling before zlib's work;
-for a 28x28 picture, measured on this project's 2-core machine: 7 us here against 74 us for a mostly black digit, 24
-against 85 us for noise. At a preview every 4 steps of every streamed request that was event-loop time taken from
-the tick loop. Decoders (Pillow, browsers) read both alike; tests/service/test_png.py
+writes the same format with more Python per call (plug-in look-up, tiling) around the same zlib work; for a 28x28
+picture, `python -m timeit` (best of 5) on this project's 2-core machine: 6 us here against 21 us for a mostly black
+digit, 23 against 76 us for noise (docs/service_bench.md has the command). At a preview every 4 steps of every
+streamed request that was event-loop time taken from the tick loop. Decoders (Pillow, browsers) read both alike; tests/service/test_png.py
 checks the round trip through Pillow.
 """
 
