@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from enum import StrEnum
@@ -67,6 +68,7 @@ class Engine(ABC):
     feature_shapes: list[tuple[int, int, int]]
     sample_shape: tuple[int, int, int]  # (C, S, S) of z and v, from the export contract / model config
     max_batch: int
+    feature_dtype: torch.dtype = torch.float32  # what `encode` returns (a feature cache is kept in it)
     PRECISIONS: ClassVar[frozenset[Precision]] = frozenset({Precision.FP32})  # what the backend honours
 
     def __init__(self) -> None:
@@ -108,8 +110,9 @@ class Engine(ABC):
         fut: Future[Features] = self._encoder_worker.submit(self.encode, z, tau, label)
         return fut
 
-    def warmup(self, batch_sizes: tuple[int, ...] = (1, 8)) -> None:
-        """Run both networks once per batch size (first-call allocations, kernel selection, graph capture)."""
+    def warmup(self, batch_sizes: tuple[int, ...] = (1, 8), progress: Callable[[str], None] | None = None) -> None:
+        """Run both networks once per batch size (first-call allocations, kernel selection, graph capture).
+        `progress` receives a line per finished stage where a backend has stages worth reporting (compilation)."""
         for b in batch_sizes:
             b = min(b, self.max_batch)
             z = torch.zeros(b, *self.sample_shape, device=self.device)

@@ -38,7 +38,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 2048, reps: int = 10) -> float:
 
 def bench_cell(engine, model, batch: int, steps: int, k: int, g: float, min_seconds: float) -> float:
     sched = CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max)
-    labels = torch.arange(batch) % 10
+    labels = torch.arange(batch) % model.cfg.num_classes
     run = lambda: dual_rate_sample(engine.encode, engine.denoise, labels, list(range(batch)), steps, k, g,  # noqa: E731
                                    sched, model.cfg.null_label, sample_shape=model.cfg.sample_shape)
     run()  # warm
@@ -57,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--intervals", type=int, nargs="+", default=[1, 4])
     p.add_argument("--steps", type=int, default=None, help="default: the model card's")
-    p.add_argument("--backends", nargs="+", default=["onnxruntime", "torch", "torch-bf16"])
+    p.add_argument("--backends", nargs="+", default=["onnxruntime", "torch", "torch-bf16"],
+                   help="backend[+compile][-precision]: e.g. onnxruntime, torch, torch+compile, torch+compile-bf16")
     p.add_argument("--min-seconds", type=float, default=3.0, help="time per cell")
     p.add_argument("--out", type=Path, default=None, help="append the markdown table to this file")
     a = p.parse_args(argv)
@@ -70,8 +71,14 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for name in a.backends:
         backend, precision = [*name.split("-"), "fp32"][:2]
+        backend, _, flag = backend.partition("+")
+        # Compiled: one bucket per measured batch (a guided image takes two rows), each compiled before it is timed.
         engine = create_engine(a.checkpoint, backend=backend, device="cpu", max_batch=2 * max(a.batches),
-                               precision=precision)
+                               precision=precision, compile=flag == "compile",
+                               buckets=tuple(sorted({2 * b for b in a.batches})))
+        t0 = time.perf_counter()
+        engine.warmup()
+        log.info("%s: warm-up (compilation where compiled) %.1f s", name, time.perf_counter() - t0)
         for b in a.batches:
             for k in a.intervals:
                 ips = bench_cell(engine, model, b, steps, k, g, a.min_seconds)

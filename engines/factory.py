@@ -52,6 +52,9 @@ class EngineConfig:
     precision: Precision = Precision.FP32  # each backend honours its own set (Engine.PRECISIONS) or refuses
     threads: int = 0  # CPU threads per network (0 = library default)
     cuda_graphs: bool = False  # torch on CUDA: one graph per batch bucket
+    compile: bool = False  # torch: torch.compile (Inductor) per batch bucket, all compiled at warm-up
+    buckets: tuple[int, ...] = ()  # batch buckets of compiled / captured calls; () = powers of two up to max_batch
+    low_precision: str = "autocast"  # torch bf16/fp16: "autocast" (fp32 weights) or "weights" (cast weights)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "backend", Backend(self.backend))
@@ -70,12 +73,15 @@ def create_engine(checkpoint: Path | str = DEFAULT_CHECKPOINT, config: EngineCon
     cls = _backend_class(kind)
     if cfg.precision not in cls.PRECISIONS:
         raise EngineError(f"the {kind} backend runs precision {', '.join(sorted(cls.PRECISIONS))}, not {cfg.precision}")
+    if cfg.compile and kind is not Backend.TORCH:
+        raise EngineError(f"compile is a torch-backend option; the {kind} backend compiles its own way")
     if kind is Backend.TORCH:
         from engines.torch_engine import TorchEngine
 
         if cfg.threads and device == "cpu":
             torch.set_num_threads(cfg.threads)
-        return TorchEngine(checkpoint, device, cfg.max_batch, cuda_graphs=cfg.cuda_graphs, precision=cfg.precision)
+        return TorchEngine(checkpoint, device, cfg.max_batch, cuda_graphs=cfg.cuda_graphs, precision=cfg.precision,
+                           compile=cfg.compile, graph_buckets=cfg.buckets or None, low_precision=cfg.low_precision)
     from export import export_onnx
 
     if kind is Backend.ONNXRUNTIME:

@@ -51,7 +51,11 @@ def create_app(settings: Settings | None = None,
                           "guidance_scale": model.defaults.guidance_scale}
         state.engine = await asyncio.to_thread(engine_factory, settings.checkpoint, settings.engine_config())
         if settings.warmup:
-            await asyncio.to_thread(state.engine.warmup, (1, 2 * settings.max_active_images))
+            def progress(line: str) -> None:
+                state.starting = f"compiling the networks: {line}"
+
+            state.starting = "warming up the networks"
+            await asyncio.to_thread(state.engine.warmup, (1, 2 * settings.max_active_images), progress)
         budget = QualityBudget.from_card(model.card, settings.quality_budget, model.defaults.encoder_interval)
         state.autok = AutoK(budget, settings.latency_target_s)
         state.scheduler = Scheduler(
@@ -59,7 +63,7 @@ def create_app(settings: Settings | None = None,
             settings.max_active_images, settings.queue_size, settings.policy, state.metrics,
             overlap_encoder=settings.overlap_encoder, align_encoder=settings.align_encoder,
             output_size=model.cfg.output_size, autok=state.autok, reserved_slots=settings.effective_reserved_slots,
-            small_cost=model.defaults.steps / model.defaults.encoder_interval,
+            small_cost=model.defaults.steps / model.defaults.encoder_interval, fused=settings.use_fused_tick,
         )
         state.scheduler.start()
         state.metrics.set_engine(state.engine.info, settings.policy.value)

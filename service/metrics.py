@@ -55,7 +55,8 @@ class PrometheusStats(StatsSink):
 
     def network_call(self, call: NetworkCall) -> None:
         self.batch_rows.labels(call.network).observe(call.rows)
-        self.call_duration.labels(call.network).observe(call.seconds)
+        if call.seconds is not None:
+            self.call_duration.labels(call.network).observe(call.seconds)
         self.calls.labels(call.network).inc()
         self.rows.labels(call.network).inc(call.rows)
 

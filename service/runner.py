@@ -28,6 +28,7 @@ from dualrate.data import to_uint8
 from dualrate.diffusion import CosineSchedule
 from dualrate.sampler import draw_noise, guided_step, preview_x0
 from engines import Engine
+from service.fused import FusedTick
 from service.stats import NetworkCall, StatsSink
 
 log = logging.getLogger("service.runner")
@@ -107,7 +108,8 @@ class _Ready:
 
 class Runner:
     def __init__(self, engine: Engine, sched: CosineSchedule, null_label: int, max_active_images: int,
-                 overlap_encoder: bool = True, output_size: int | None = None, stats: StatsSink | None = None) -> None:
+                 overlap_encoder: bool = True, output_size: int | None = None, stats: StatsSink | None = None,
+                 fused: bool = False) -> None:
         assert engine.max_batch >= 2 * max_active_images, "a guided image takes two rows"
         self.engine, self.sched, self.null_label, self.slots = engine, sched, null_label, max_active_images
         self.overlap_encoder = overlap_encoder
@@ -115,10 +117,22 @@ class Runner:
         self.output_size = output_size or self.sample_shape[-1]
         self.stats = stats or StatsSink()
         dev = self.device = engine.device
-        self.z = torch.zeros(max_active_images, *self.sample_shape, device=dev)
-        # Feature cache, one tensor per encoder level: row `slot` holds a slot's conditional features, row
-        # `max_active_images + slot` its unconditional ones. A full batch in slot order reads it as views.
-        self.cache = [torch.zeros(2 * max_active_images, *s, device=dev) for s in engine.feature_shapes]
+        # One spare "trash" slot past the last (z row max_active_images, cache row 2 max_active_images): the fused
+        # tick's padded rows read and write there.
+        self.z = torch.zeros(max_active_images + 1, *self.sample_shape, device=dev)
+        # Feature cache, one tensor per encoder level, in the engine's feature dtype: row `slot` holds a slot's
+        # conditional features, row `max_active_images + slot` its unconditional ones. A full batch in slot order
+        # reads it as views.
+        self.cache = [torch.zeros(2 * max_active_images + 1, *s, device=dev, dtype=engine.feature_dtype)
+                      for s in engine.feature_shapes]
+        self.fused: FusedTick | None = None
+        if fused:
+            calls, buckets = getattr(engine, "network_calls", None), getattr(engine, "buckets", None)
+            if calls is None or buckets is None:
+                raise ValueError(f"the fused tick needs the torch backend, not {engine.info.backend}")
+            encode, denoise = calls()
+            self.fused = FusedTick(encode, denoise, buckets, self.z, self.cache, sched, null_label,
+                                   graphs=dev.startswith("cuda"))
 
     # ---- one tick ---------------------------------------------------------------------------------------------
 
@@ -129,16 +143,37 @@ class Runner:
         out = TickOutcome()
         if not plan.slots:
             return out
-        ok, out.failed = self._isolate(plan, list(range(len(plan.slots))), retry=True)
+        everything = list(range(len(plan.slots)))
+        if self.fused is not None:
+            try:
+                t0 = time.perf_counter()
+                z_before, v_cond, v_uncond, enc_rows, den_rows = self.fused.run(plan, everything)
+                if enc_rows:
+                    self.stats.network_call(NetworkCall("encoder", enc_rows, None))
+                self.stats.network_call(NetworkCall("denoiser", den_rows, None))
+                out.previews.update(self._previews(plan, everything, z_before, v_cond, v_uncond))
+                out.encoder_rows, out.denoiser_rows = enc_rows, den_rows
+                self._finished(plan, everything, out)
+                self.stats.fused_tick(time.perf_counter() - t0)
+                return out
+            except Exception:
+                # The samples are written last, so a failed program left them as they were; the unfused path below
+                # recomputes the due rows' features and isolates the images that fail.
+                log.exception("fused tick failed: running this tick unfused")
+        ok, out.failed = self._isolate(plan, everything, retry=True)
         for idx, (v_cond, v_uncond, enc_rows, den_rows) in ok:
             out.previews.update(self._step(plan, idx, v_cond, v_uncond))
             out.encoder_rows += enc_rows
             out.denoiser_rows += den_rows
-            done = [i for i in idx if plan.last[i]]
-            if done:
-                pics = to_uint8(self.z[torch.tensor([plan.slots[i] for i in done])], self.output_size)
-                out.finished.update({plan.slots[i]: p for i, p in zip(done, pics, strict=True)})
+            self._finished(plan, idx, out)
         return out
+
+    def _finished(self, plan: TickPlan, idx: list[int], out: TickOutcome) -> None:
+        """The delivered pictures of the rows that took their last step (the only read-back of a plain tick)."""
+        done = [i for i in idx if plan.last[i]]
+        if done:
+            pics = to_uint8(self.z[torch.tensor([plan.slots[i] for i in done], device=self.device)], self.output_size)
+            out.finished.update({plan.slots[i]: p for i, p in zip(done, pics, strict=True)})
 
     def _isolate(self, plan: TickPlan, idx: list[int], retry: bool) -> tuple[list, dict[int, str]]:
         """Run the networks for rows `idx`; on failure retry once, then split in halves down to the rows that fail
@@ -167,17 +202,21 @@ class Runner:
         t, s, g = (torch.tensor([col[i] for i in idx], dtype=torch.float32, device=dev)
                    for col in (plan.t, plan.s, plan.guidance))
         z = self.z[slots]
-        previews = {}
-        want = [j for j, i in enumerate(idx) if plan.preview and plan.preview[i]]
-        if want:
-            # Two copies to the CPU (two waits for the device), not five.
-            zv = torch.cat([z[want], v_cond[want], v_uncond[want]]).float().cpu().chunk(3)
-            gt = torch.cat([g[want], t[want]]).cpu().chunk(2)
-            rows = PreviewRows(zv[0], zv[1], zv[2], gt[0], gt[1], self.sched, self.output_size)
-            previews = {plan.slots[idx[j]]: Preview(rows, r) for r, j in enumerate(want)}
+        previews = self._previews(plan, idx, z, v_cond, v_uncond)
         noise = draw_noise([plan.seeds[i] for i in idx], [plan.steps[i] + 1 for i in idx], self.sample_shape, dev)
         self.z[slots] = guided_step(z, v_cond, v_uncond, g, t, s, self.sched, noise)
         return previews
+
+    def _previews(self, plan: TickPlan, idx: list[int], z: Tensor, v_cond: Tensor, v_uncond: Tensor) -> dict[int, Preview]:
+        """slot -> preview, for the rows `idx` the plan asks a preview of (none asked: no work, no read-back)."""
+        want = [j for j, i in enumerate(idx) if plan.preview and plan.preview[i]]
+        if not want:
+            return {}
+        # Two copies to the CPU (two waits for the device), not five.
+        zv = torch.cat([z[want], v_cond[want], v_uncond[want]]).float().cpu().chunk(3)
+        g, t = (torch.tensor([col[idx[j]] for j in want], dtype=torch.float32) for col in (plan.guidance, plan.t))
+        rows = PreviewRows(zv[0], zv[1], zv[2], g, t, self.sched, self.output_size)
+        return {plan.slots[idx[j]]: Preview(rows, r) for r, j in enumerate(want)}
 
     # ---- the networks -----------------------------------------------------------------------------------------
 

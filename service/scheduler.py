@@ -110,6 +110,7 @@ class Scheduler:
         autok: AutoK | None = None,  # picks K for encoder_interval "auto" requests; None = auto not offered
         reserved_slots: int = 0,  # slots only small requests may take (continuous policy)
         small_cost: float = 0.0,  # a request costing at most this (images x steps / K) is small
+        fused: bool = False,  # each tick as one program (service.fused; torch backend)
     ) -> None:
         self.null_label, self.max_active_images, self.queue_size, self.policy = null_label, max_active_images, queue_size, policy
         self.stats = stats or StatsSink()
@@ -118,7 +119,8 @@ class Scheduler:
         self.reserved_slots, self.small_cost = reserved_slots, small_cost
         self.cost = autok.cost if autok is not None else CostModel()  # per-row costs and completion rate, from ticks
         self.cost.slots = max_active_images
-        self.runner = Runner(engine, sched, null_label, max_active_images, overlap_encoder, output_size, self.stats)
+        self.runner = Runner(engine, sched, null_label, max_active_images, overlap_encoder, output_size, self.stats,
+                             fused=fused)
         self.queue: deque[Job] = deque()
         self.active: list[ImageSlot] = []
         self.free_slots = list(range(max_active_images))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Self
 
@@ -12,6 +13,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 from dualrate.checkpoint import DEFAULT_CHECKPOINT
 from engines import Backend, EngineConfig, Precision
 from service.admission import Policy
+
+
+class Toggle(StrEnum):
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
 
 
 class Settings(BaseSettings):
@@ -39,6 +46,16 @@ class Settings(BaseSettings):
     policy: Policy = Field(Policy.CONTINUOUS, description="continuous (step-level) | request (whole requests)")
     threads: int = Field(0, ge=0, description="CPU threads per network (0 = library default)")
     cuda_graphs: bool = Field(False, description="torch backend on CUDA: capture graphs per batch bucket")
+    compile: Toggle = Field(Toggle.AUTO, description="torch backend: torch.compile both networks per batch bucket at "
+                            "start-up (cached on disk beside the ONNX export); auto = on with CUDA, off on the CPU "
+                            "(docs/cpu_backends.md)")
+    buckets: Annotated[list[int], NoDecode] = Field(
+        default_factory=list, description="batch buckets (rows) of compiled and captured calls, comma-separated; "
+        "default powers of two up to 2 x max_active_images")
+    low_precision: str = Field("autocast", pattern=r"^(autocast|weights)$", description="torch bf16/fp16: autocast "
+                               "(fp32 weights) or weights (weights cast to bf16/fp16)")
+    fused_tick: Toggle = Field(Toggle.AUTO, description="torch backend: each tick as one program (on CUDA one "
+                               "captured graph per bucket); auto = on with CUDA")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
         default_factory=list, description="comma-separated (or a JSON list); if set, /generate, /generate/stream and /v1/model require "
         "Authorization: Bearer <key> (health and /metrics stay open)")
@@ -76,6 +93,13 @@ class Settings(BaseSettings):
             return [k.strip() for k in text.split(",") if k.strip()]
         return v
 
+    @field_validator("buckets", mode="before")
+    @classmethod
+    def _split_buckets(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [int(x) for x in v.replace(",", " ").split()]
+        return v
+
     @field_validator("api_keys", mode="after")
     @classmethod
     def _keys_ascii(cls, v: list[SecretStr]) -> list[SecretStr]:
@@ -86,7 +110,24 @@ class Settings(BaseSettings):
     def engine_config(self) -> EngineConfig:
         """The engine's one typed config; a guided image takes two rows, so the engine takes 2 x the slots."""
         return EngineConfig(backend=self.backend, device=self.device, max_batch=2 * self.max_active_images,
-                            precision=self.precision, threads=self.threads, cuda_graphs=self.cuda_graphs)
+                            precision=self.precision, threads=self.threads, cuda_graphs=self.cuda_graphs,
+                            compile=self._on(self.compile), buckets=tuple(self.buckets),
+                            low_precision=self.low_precision)
+
+    @property
+    def torch_on_cuda(self) -> bool:
+        """The engine will be the torch backend on a CUDA device (what `auto` toggles turn on for)."""
+        import torch
+
+        cuda = self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
+        return cuda and self.backend in (Backend.TORCH, Backend.AUTO)
+
+    def _on(self, toggle: Toggle) -> bool:
+        return toggle is Toggle.ON or (toggle is Toggle.AUTO and self.torch_on_cuda)
+
+    @property
+    def use_fused_tick(self) -> bool:
+        return self._on(self.fused_tick)
 
     @property
     def effective_reserved_slots(self) -> int:
@@ -116,6 +157,10 @@ class Settings(BaseSettings):
             raise ValueError("backend tensorrt needs device cuda or auto")
         if self.precision is Precision.TF32 and self.device == "cpu":
             raise ValueError("precision tf32 needs a CUDA device (set DUALRATE_DEVICE=cuda or another precision)")
+        if Toggle.ON in (self.compile, self.fused_tick) and self.backend not in (Backend.TORCH, Backend.AUTO):
+            raise ValueError(f"compile and fused_tick are torch-backend options, not {self.backend}'s")
+        if any(b < 1 for b in self.buckets):
+            raise ValueError("buckets must be positive row counts")
         if self.backend is Backend.ONNXRUNTIME and self.precision is not Precision.FP32:
             raise ValueError(f"backend onnxruntime runs precision fp32 only, not {self.precision}")
         return self

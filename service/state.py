@@ -19,6 +19,7 @@ class AppState:
         self.settings = settings
         self.cfg = cfg  # geometry and labels, from the model card (known before the weights load)
         self.ready = False
+        self.starting = "starting"  # what the start-up is doing (GET /health/ready while not ready)
         self.draining = False
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None

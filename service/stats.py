@@ -12,7 +12,7 @@ from dataclasses import dataclass
 class NetworkCall:
     network: str  # "encoder" | "denoiser"
     rows: int  # batch rows (a guided image contributes a conditional and an unconditional row)
-    seconds: float  # wall time of the call (for async encoder calls: submit -> features ready)
+    seconds: float | None  # wall time of the call (async encoder calls: submit -> ready); None inside a fused tick
 
 
 @dataclass(frozen=True)
@@ -60,3 +60,6 @@ class StatsSink:
     def tick(self, stats: TickStats) -> None: ...
 
     def request_done(self, done: RequestDone) -> None: ...
+
+    def fused_tick(self, seconds: float) -> None:
+        """A tick run as one program (service.fused): host time to prepare and launch it, read-backs included."""

@@ -20,7 +20,7 @@ async def live() -> dict[str, str]:
 @router.get("/health/ready", tags=["health"], responses={503: {"model": ErrorBody}})
 async def ready(state: StateDep) -> Response:
     if not state.ready or state.draining:
-        body = ErrorBody(error="unavailable", message="draining" if state.draining else "starting")
+        body = ErrorBody(error="unavailable", message="draining" if state.draining else state.starting)
         return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
     return JSONResponse({"status": "ready"})
 
