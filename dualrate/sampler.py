@@ -119,6 +119,7 @@ def dual_rate_sample(
     feature_shapes: Sequence[tuple[int, int, int]] | None = None,  # set = control: zeroed features, no encoder
     sample_shape: tuple[int, int, int] = (1, 32, 32),  # (C, S, S): ModelConfig.sample_shape
     refresh_steps: Sequence[int] | None = None,  # set = the encoder runs at these steps instead (must include 0)
+    device: str | torch.device = "cpu",  # where z lives: an engine's device keeps the loop free of host copies
 ) -> tuple[Tensor, SampleStats]:
     """Ancestral dual-rate sampling. Returns samples (B, C, S, S) in [-1, 1] and per-image call counts.
     `refresh_steps` replaces the fixed interval by any schedule (e.g. K = 4, then K = 8 from step 16: 0, 4, 8, 12,
@@ -129,18 +130,20 @@ def dual_rate_sample(
     seeds = list(seeds)
     b = labels.shape[0]
     guided = any(needs_uncond_row(int(y), guidance_scale, null_label) for y in labels)
+    labels = labels.to(device)
     rows = torch.cat([labels, torch.full_like(labels, null_label)]) if guided else labels  # (R,)
-    times = step_times(steps).float()
-    z = draw_noise(seeds, [0] * b, sample_shape)  # (B, C, S, S)
+    times = step_times(steps).float().to(device)
+    z = draw_noise(seeds, [0] * b, sample_shape, device)  # (B, C, S, S)
+    seed_t = torch.tensor(seeds, dtype=torch.int64, device=device)
     feats: Features = ()
-    tau = torch.ones(b)
+    tau = torch.ones(b, device=device)
     enc_calls = 0
     for i in range(steps):
         t, s = times[i].expand(b), times[i + 1].expand(b)
         zz = torch.cat([z, z]) if guided else z
         if feature_shapes is not None:
             tau = t
-            feats = tuple(torch.zeros(rows.shape[0], *shape) for shape in feature_shapes)
+            feats = tuple(torch.zeros(rows.shape[0], *shape, device=device) for shape in feature_shapes)
         elif i in due:
             tau = t
             feats = encode(zz, torch.cat([tau, tau]) if guided else tau, rows)
@@ -149,7 +152,8 @@ def dual_rate_sample(
         v = denoise(zz, tt, tautau, rows, feats).to(z.device).float()  # engines may return device tensors
         # Unconditional images in a guided batch get the same v from both rows, so guidance leaves them as they are.
         v_cond, v_uncond = v.chunk(2) if guided else (v, v)
-        z = guided_step(z, v_cond, v_uncond, guidance_scale, t, s, sched, draw_noise(seeds, [i + 1] * b, sample_shape))
+        noise = draw_noise(seed_t, torch.full_like(seed_t, i + 1), sample_shape, device)
+        z = guided_step(z, v_cond, v_uncond, guidance_scale, t, s, sched, noise)
     return z, SampleStats(encoder_calls=enc_calls, denoiser_calls=steps)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,7 +62,17 @@ def configure_inductor_cache(path: Path | None = None) -> Path:
     before the first compile. (Inductor writes its own default into TORCHINDUCTOR_CACHE_DIR the first time it
     looks, e.g. during an ONNX export, so that variable cannot tell an operator's choice; DUALRATE_ONNX_CACHE can.)"""
     path = Path(path or inductor_cache_dir())
-    path.mkdir(parents=True, exist_ok=True)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+    except OSError as e:  # a read-only image with the export baked in: compile into the temp folder instead
+        fallback = Path(tempfile.gettempdir()) / "dualrate-inductor"
+        log.warning("inductor cache %s is not writable (%s): using %s, so a restart compiles again unless "
+                    "DUALRATE_ONNX_CACHE names a writable folder (a volume)", path, e.strerror, fallback)
+        path = fallback
+        path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)
     os.environ["TRITON_CACHE_DIR"] = str(path / "triton")
     import torch._inductor.config as inductor_config

@@ -42,11 +42,11 @@ def bare_engine_ips(checkpoint: Path, batch: int, steps: int, k: int, g: float, 
     model = load_checkpoint(checkpoint)
     engine = create_engine(checkpoint, backend="onnxruntime", device="cpu", max_batch=2 * batch)
     sched = CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max)
-    labels = torch.arange(batch) % 10
+    labels = torch.arange(batch) % model.cfg.num_classes
 
     def run() -> None:
         dual_rate_sample(engine.encode, engine.denoise, labels, list(range(batch)), steps, k, g, sched,
-                         model.cfg.null_label)
+                         model.cfg.null_label, sample_shape=model.cfg.sample_shape)
 
     run()
     n, t0 = 0, time.perf_counter()
@@ -57,8 +57,10 @@ def bare_engine_ips(checkpoint: Path, batch: int, steps: int, k: int, g: float, 
     return n / (time.perf_counter() - t0)
 
 
-async def closed_loop(url: str, clients: int, seconds: float, body: dict) -> tuple[float, list[float]]:
-    """`clients` concurrent clients, each sending one request after another; -> images/s, latencies."""
+async def closed_loop(url: str, clients: int, seconds: float, body: dict, num_classes: int = 10,
+                      offset: int = 0) -> tuple[float, list[float]]:
+    """`clients` concurrent clients, each sending one request after another, client i with label (offset + i) %
+    num_classes; -> images/s, latencies."""
     latencies: list[float] = []
     images = 0
     stop = time.perf_counter() + seconds
@@ -67,7 +69,7 @@ async def closed_loop(url: str, clients: int, seconds: float, body: dict) -> tup
         nonlocal images
         while time.perf_counter() < stop:
             t0 = time.perf_counter()
-            r = await c.post("/generate", json={**body, "class_label": i % 10})
+            r = await c.post("/generate", json={**body, "class_label": (offset + i) % num_classes})
             r.raise_for_status()
             latencies.append(time.perf_counter() - t0)
             images += len(r.json()["images"])
@@ -159,39 +161,47 @@ def saturation_only(a: argparse.Namespace) -> None:
 
 
 def interleaved(a: argparse.Namespace, argv: list[str] | None) -> None:
-    """Saturation, bare engine loop and service alternately, `a.pairs` times each, in one run: the service's share of
-    the bare loop per pair and their median, with the tick's time split by the service's own metrics."""
-    d = load_checkpoint(a.checkpoint).defaults
+    """Saturation, bare engine loop and the service (once per settings arm, `--arms`) alternately, `a.pairs` times
+    each, in one run: each arm's share of the bare loop per round and their median, with the tick's time split by
+    the service's own metrics."""
+    model = load_checkpoint(a.checkpoint)
+    d = model.defaults
     body = {"num_images": 1, "steps": d.steps, "encoder_interval": d.encoder_interval, "guidance_scale": d.guidance_scale}
+    arms = a.arms or ["default"]
     pairs = []
     for i in range(a.pairs):
         bare = bare_engine_ips(a.checkpoint, a.slots, d.steps, d.encoder_interval, d.guidance_scale, a.seconds)
-        srv = ServerProcess(a.checkpoint, Path("/tmp/dualrate-bench-interleaved.log"), max_active_images=a.slots,
-                            max_images_per_request=a.slots, queue_size=1024)
-        try:
-            srv.wait_ready()
-            (ips, _), br = tick_breakdown(srv.url, lambda u=srv.url: asyncio.run(closed_loop(u, 2 * a.slots, a.seconds, body)))
-        finally:
-            srv.terminate()
-        pairs.append({"bare_images_per_s": bare, "service_images_per_s": ips, "ratio": ips / bare, **br})
-        log.info("pair %d: bare %.2f, service %.2f images/s (%.3f)", i + 1, bare, ips, ips / bare)
-    median = statistics.median(p["ratio"] for p in pairs)
+        for arm in arms:
+            extra = dict(kv.split("=", 1) for kv in arm.split(",") if kv != "default")
+            srv = ServerProcess(a.checkpoint, Path("/tmp/dualrate-bench-interleaved.log"), max_active_images=a.slots,
+                                max_images_per_request=a.slots, queue_size=1024, **extra)
+            try:
+                srv.wait_ready()
+                (ips, _), br = tick_breakdown(srv.url, lambda u=srv.url: asyncio.run(
+                    closed_loop(u, 2 * a.slots, a.seconds, body, model.cfg.num_classes)))
+            finally:
+                srv.terminate()
+            pairs.append({"round": i + 1, "arm": arm, "bare_images_per_s": bare, "service_images_per_s": ips,
+                          "ratio": ips / bare, **br})
+            log.info("round %d, %s: bare %.2f, service %.2f images/s (%.3f)", i + 1, arm, bare, ips, ips / bare)
+    medians = {arm: statistics.median(p["ratio"] for p in pairs if p["arm"] == arm) for arm in arms}
     stamp = utc_stamp()
     command = command_line("python -m loadtests.service_bench", argv)
+    summary = "; ".join(f"{arm}: {m:.3f}" for arm, m in medians.items())
     lines = [f"### Saturation, bare loop and service interleaved, {stamp}, {platform.machine()} CPU, onnxruntime", "",
              f"Command: `{command}`", "",
              f"Requests: 1 image, N = {d.steps}, K = {d.encoder_interval}, guidance {d.guidance_scale}; "
              f"{a.slots} slots ({2 * a.slots} closed-loop clients), bare loop on the same batch; {a.seconds:.0f} s per "
-             f"measurement. **Median service / bare over the {a.pairs} pairs: {median:.3f}.**", "",
-             "| pair | bare engine images/s | service images/s | service / bare | time in ticks | in light network "
-             "| in encoder (async) | rows/tick | ms/tick outside light network |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for i, p in enumerate(pairs, 1):
-        lines.append(f"| {i} | {p['bare_images_per_s']:.2f} | {p['service_images_per_s']:.2f} | {p['ratio']:.3f} | "
-                     f"{p['in_ticks']:.0%} | {p['in_light_network']:.0%} | {p['in_encoder']:.0%} | "
+             f"measurement. **Median service / bare over the {a.pairs} rounds: {summary}.**", "",
+             "| round | service settings | bare engine images/s | service images/s | service / bare | time in ticks "
+             "| in light network | in encoder (async) | rows/tick | ms/tick outside light network |",
+             "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for p in pairs:
+        lines.append(f"| {p['round']} | {p['arm']} | {p['bare_images_per_s']:.2f} | {p['service_images_per_s']:.2f} | "
+                     f"{p['ratio']:.3f} | {p['in_ticks']:.0%} | {p['in_light_network']:.0%} | {p['in_encoder']:.0%} | "
                      f"{p['rows_per_tick']:.1f} | {p['ms_per_tick_outside_light_network']:.1f} |")
     raw = {**provenance(a.checkpoint, command), "slots": a.slots, "seconds": a.seconds, "request": body,
-           "pairs": pairs, "median_ratio": median}
+           "pairs": pairs, "median_ratio": medians}
     publish(lines, a.out, raw)
 
 
@@ -248,6 +258,9 @@ def main(argv: list[str] | None = None) -> None:
                         "(e.g. threads=1 overlap_encoder=false), alternating, and print a table")
     p.add_argument("--pairs", type=int, default=0,
                    help="only saturation: bare loop and service interleaved this many times each (median ratio)")
+    p.add_argument("--arms", nargs="+", metavar="KEY=VALUE[,KEY=VALUE]", default=None,
+                   help="with --pairs: the service once per settings set in each round (e.g. engine_process=off "
+                        "engine_process=on); default: the service's defaults")
     a = p.parse_args(argv)
     if a.pairs:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

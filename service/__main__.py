@@ -70,8 +70,14 @@ class DrainingServer(uvicorn.Server):
 
     def _force(self, why: str) -> None:
         self.forced = True
-        if self.state.scheduler is not None:
-            self.state.scheduler.abort(NotReady(f"{why} before this request finished"))
+        if self.state.core is not None:
+            self.state.core.abort(NotReady(f"{why} before this request finished"))
+
+    def core_died(self, why: str) -> None:
+        """The engine core process stopped: its open requests were answered 503; exit soon (non-zero) so that the
+        supervisor (Docker, Kubernetes, systemd) restarts the pair."""
+        assert self._loop is not None
+        self._loop.call_later(1.0, setattr, self, "should_exit", True)
 
     async def _drain_then_exit(self) -> None:
         try:
@@ -117,7 +123,10 @@ def main() -> int:
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             log_config=None, timeout_graceful_shutdown=10)
     server = DrainingServer(config, app.state.dualrate, settings)
+    app.state.dualrate.on_core_death = server.core_died
     server.run()
+    if app.state.dualrate.core_dead is not None:
+        return 4  # the engine core died: restart
     if server.forced:
         return 1
     if server.drain_started is None and not server.started:

@@ -19,13 +19,13 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from dualrate.checkpoint import load_checkpoint, read_card
 from dualrate.config import ModelConfig
-from dualrate.diffusion import CosineSchedule
 from engines import Engine, EngineConfig, create_engine
 from service.api import api_router
 from service.api.answers import install_error_handlers
 from service.api.routes.pages import mount_static
 from service.autok import AutoK, QualityBudget
-from service.scheduler import Scheduler
+from service.core import LocalCore, build_core
+from service.core_client import RemoteCore, spawn_core
 from service.settings import Settings
 from service.state import AppState, drain
 
@@ -49,34 +49,45 @@ def create_app(settings: Settings | None = None,
         state.model_card = model.card
         state.defaults = {"steps": model.defaults.steps, "encoder_interval": model.defaults.encoder_interval,
                           "guidance_scale": model.defaults.guidance_scale}
-        state.engine = await asyncio.to_thread(engine_factory, settings.checkpoint, settings.engine_config())
-        if settings.warmup:
-            def progress(line: str) -> None:
-                state.starting = f"compiling the networks: {line}"
-
-            state.starting = "warming up the networks"
-            await asyncio.to_thread(state.engine.warmup, (1, 2 * settings.max_active_images), progress)
         budget = QualityBudget.from_card(model.card, settings.quality_budget, model.defaults.encoder_interval)
-        state.autok = AutoK(budget, settings.latency_target_s)
-        state.scheduler = Scheduler(
-            state.engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
-            settings.max_active_images, settings.queue_size, settings.policy, state.metrics,
-            overlap_encoder=settings.overlap_encoder, align_encoder=settings.align_encoder,
-            output_size=model.cfg.output_size, autok=state.autok, reserved_slots=settings.effective_reserved_slots,
-            small_cost=model.defaults.steps / model.defaults.encoder_interval, fused=settings.use_fused_tick,
-        )
-        state.scheduler.start()
-        state.metrics.set_engine(state.engine.info, settings.policy.value)
+        state.autok = AutoK(budget, settings.latency_target_s)  # the front end's copy: the limits of "auto"
+        remote: RemoteCore | None = None
+        built = None
+        if settings.use_engine_process:
+            remote = RemoteCore(*spawn_core())
+            remote.on_death = state.core_died
+            remote.start()
+            state.core = remote
+
+            def progress(line: str) -> None:
+                state.starting = line
+
+            await remote.wait_ready(progress)
+        else:
+            def progress_threadsafe(line: str) -> None:
+                state.starting = line
+
+            built = await asyncio.to_thread(build_core, settings, state.metrics, engine_factory, progress_threadsafe)
+            state.engine, state.scheduler = built.engine, built.scheduler
+            state.core = LocalCore(built.scheduler, built.engine.info, state.metrics.refresh)
+            state.metrics.set_engine(built.engine.info, settings.policy.value)
+        info = state.core.engine_info
         state.ready = True
-        log.info("ready: backend=%s device=%s policy=%s slots=%d queue=%d", state.engine.info.backend,
-                 state.engine.info.device, settings.policy, settings.max_active_images, settings.queue_size)
+        log.info("ready: backend=%s device=%s precision=%s policy=%s slots=%d queue=%d engine core %s",
+                 info.backend, info.device, info.precision, settings.policy, settings.max_active_images,
+                 settings.queue_size, f"in its own process (pid {remote.proc.pid})" if remote else "in this process")
         try:
             yield
         finally:
             state.ready = False
-            await drain(state)
-            state.scheduler.shutdown(timeout=30)
-            state.engine.close()
+            if remote is not None and remote.dead is None:
+                await drain(state)
+                code = await remote.close()
+                log.info("engine core exited with %s", code)
+            elif built is not None:
+                await drain(state)
+                built.scheduler.shutdown(timeout=30)
+                built.engine.close()
             log.info("stopped")
 
     # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the service itself (fastapi-offline ships them),

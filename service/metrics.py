@@ -13,41 +13,48 @@ ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
 
 class PrometheusStats(StatsSink):
-    def __init__(self) -> None:
+    def __init__(self, front: bool = True, core: bool = True) -> None:
+        """`front`: the series the HTTP layer counts (requests by outcome, latency, images, K served); `core`: those
+        of the scheduler and runner. In one process both share a registry; with the engine core in its own process
+        each side has its own, and the front end's /metrics appends the core's (service.core)."""
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("dualrate_requests_total", "Requests by outcome", ["outcome"], registry=r)
-        self.request_duration = Histogram("dualrate_request_duration_seconds", "Request latency, arrival to answer",
-                                          ["outcome"], buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_wait = Histogram("dualrate_queue_wait_seconds", "Wait for a batch slot",
-                                    buckets=LATENCY_BUCKETS, registry=r)
-        self.queue_depth = Gauge("dualrate_queue_depth", "Requests waiting for a slot", registry=r)
-        self.active_images = Gauge("dualrate_active_images", "Images in the running batch", registry=r)
-        self.queued_images = Gauge("dualrate_queued_images", "Images of queued requests, waiting for a slot", registry=r)
-        self.load = Gauge("dualrate_load_ratio", "(active + queued images) / batch slots: 1 = every slot busy and "
-                          "nothing waiting; the autoscaling signal (deploy/k8s)", registry=r)
-        self.batch_rows = Histogram("dualrate_network_batch_rows", "Rows per network call", ["network"],
-                                    buckets=ROW_BUCKETS, registry=r)
-        self.call_duration = Histogram("dualrate_network_duration_seconds", "Wall time per network call", ["network"],
-                                       buckets=CALL_BUCKETS, registry=r)
-        self.calls = Counter("dualrate_network_calls_total", "Network calls", ["network"], registry=r)
-        self.rows = Counter("dualrate_network_rows_total", "Rows run per network", ["network"], registry=r)
-        self.reuse = Gauge("dualrate_encoder_reuse_ratio",
-                           "Fraction of light-network rows that reused cached encoder features", registry=r)
-        self.images = Counter("dualrate_images_generated_total", "Images returned to clients", registry=r)
-        self.tick_duration = Histogram("dualrate_tick_duration_seconds", "One scheduler tick (one denoising step)",
-                                       buckets=CALL_BUCKETS, registry=r)
-        self.k_used = Histogram("dualrate_encoder_interval", "K that answered requests ran at", ["mode"],
-                                buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
-        self.within_target = Counter("dualrate_requests_within_target_total", "Requests answered ok within "
-                                     "DUALRATE_LATENCY_TARGET_S (their rate is the goodput)", registry=r)
-        self.engine = Info("dualrate_engine", "Backend, device and precision of the engine", registry=r)
-        for outcome in ("ok", "invalid_request", "queue_full", "timeout", "cancelled", "engine_error", "unavailable",
-                        "unauthorized", "internal", "not_found", "method_not_allowed", "payload_too_large",
-                        "unsupported_media_type"):
-            self.requests.labels(outcome)
-        for net in ("encoder", "denoiser"):
-            self.calls.labels(net)
-            self.rows.labels(net)
+        if front:
+            self.requests = Counter("dualrate_requests_total", "Requests by outcome", ["outcome"], registry=r)
+            self.request_duration = Histogram("dualrate_request_duration_seconds", "Request latency, arrival to "
+                                              "answer", ["outcome"], buckets=LATENCY_BUCKETS, registry=r)
+            self.images = Counter("dualrate_images_generated_total", "Images returned to clients", registry=r)
+            self.k_used = Histogram("dualrate_encoder_interval", "K that answered requests ran at", ["mode"],
+                                    buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+            self.within_target = Counter("dualrate_requests_within_target_total", "Requests answered ok within "
+                                         "DUALRATE_LATENCY_TARGET_S (their rate is the goodput)", registry=r)
+            for outcome in ("ok", "invalid_request", "queue_full", "timeout", "cancelled", "engine_error",
+                            "unavailable", "unauthorized", "internal", "not_found", "method_not_allowed",
+                            "payload_too_large", "unsupported_media_type"):
+                self.requests.labels(outcome)
+        if core:
+            self.queue_wait = Histogram("dualrate_queue_wait_seconds", "Wait for a batch slot",
+                                        buckets=LATENCY_BUCKETS, registry=r)
+            self.queue_depth = Gauge("dualrate_queue_depth", "Requests waiting for a slot", registry=r)
+            self.active_images = Gauge("dualrate_active_images", "Images in the running batch", registry=r)
+            self.queued_images = Gauge("dualrate_queued_images", "Images of queued requests, waiting for a slot",
+                                       registry=r)
+            self.load = Gauge("dualrate_load_ratio", "(active + queued images) / batch slots: 1 = every slot busy and "
+                              "nothing waiting; the autoscaling signal (deploy/k8s)", registry=r)
+            self.batch_rows = Histogram("dualrate_network_batch_rows", "Rows per network call", ["network"],
+                                        buckets=ROW_BUCKETS, registry=r)
+            self.call_duration = Histogram("dualrate_network_duration_seconds", "Wall time per network call (not "
+                                           "observed inside a fused tick)", ["network"], buckets=CALL_BUCKETS,
+                                           registry=r)
+            self.calls = Counter("dualrate_network_calls_total", "Network calls", ["network"], registry=r)
+            self.rows = Counter("dualrate_network_rows_total", "Rows run per network", ["network"], registry=r)
+            self.reuse = Gauge("dualrate_encoder_reuse_ratio",
+                               "Fraction of light-network rows that reused cached encoder features", registry=r)
+            self.tick_duration = Histogram("dualrate_tick_duration_seconds", "One scheduler tick (one denoising step)",
+                                           buckets=CALL_BUCKETS, registry=r)
+            self.engine = Info("dualrate_engine", "Backend, device and precision of the engine", registry=r)
+            for net in ("encoder", "denoiser"):
+                self.calls.labels(net)
+                self.rows.labels(net)
 
     def set_engine(self, info: EngineInfo, policy: str) -> None:
         self.engine.info({"backend": info.backend, "device": info.device, "precision": info.precision,

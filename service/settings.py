@@ -54,6 +54,9 @@ class Settings(BaseSettings):
         "default powers of two up to 2 x max_active_images")
     low_precision: str = Field("autocast", pattern=r"^(autocast|weights)$", description="torch bf16/fp16: autocast "
                                "(fp32 weights) or weights (weights cast to bf16/fp16)")
+    engine_process: Toggle = Field(Toggle.AUTO, description="run the engine core (scheduler, runner, device) in its "
+                                   "own process, HTTP in this one; auto = on with CUDA, off on the CPU "
+                                   "(docs/cpu_backends.md)")
     fused_tick: Toggle = Field(Toggle.AUTO, description="torch backend: each tick as one program (on CUDA one "
                                "captured graph per bucket); auto = on with CUDA")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
@@ -124,6 +127,10 @@ class Settings(BaseSettings):
 
     def _on(self, toggle: Toggle) -> bool:
         return toggle is Toggle.ON or (toggle is Toggle.AUTO and self.torch_on_cuda)
+
+    @property
+    def use_engine_process(self) -> bool:
+        return self._on(self.engine_process)
 
     @property
     def use_fused_tick(self) -> bool:

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
 
 from dualrate.config import ModelConfig
 from engines import Engine
 from service.autok import AutoK
+from service.core import CoreHandle
 from service.metrics import PrometheusStats
 from service.scheduler import Scheduler
 from service.settings import Settings
@@ -22,19 +25,35 @@ class AppState:
         self.starting = "starting"  # what the start-up is doing (GET /health/ready while not ready)
         self.draining = False
         self.engine: Engine | None = None
-        self.scheduler: Scheduler | None = None
-        self.metrics = PrometheusStats()
+        self.scheduler: Scheduler | None = None  # in-process core only
+        self.core: CoreHandle | None = None  # the engine core, here or in its own process (service.core)
+        self.core_dead: str | None = None  # why the engine core process stopped, once it has
+        self.on_core_death: Callable[[str], None] | None = None  # set by the server: exit non-zero
+        # With the engine core in its own process the front end counts only its own series (service.core).
+        self.metrics = PrometheusStats(core=not settings.use_engine_process)
         self.model_card: dict = {}
         self.defaults: dict = {}
         self.autok: AutoK | None = None  # encoder_interval "auto" (built in the lifespan from the card)
         self.open_streams = 0  # /generate/stream responses still sending
 
 
+    def core_died(self, why: str) -> None:
+        """The engine core process stopped: not live, not ready; the server exits non-zero (on_core_death)."""
+        self.core_dead = why
+        self.ready = False
+        log.error("%s", why)
+        if self.on_core_death is not None:
+            self.on_core_death(why)
+
+
+log = logging.getLogger("service")
+
+
 async def drain(state: AppState, poll_s: float = 0.05) -> None:
     """Stop admission (503) and wait until every accepted request has its answer (streams: their last event)."""
     state.draining = True
-    if state.scheduler is None:
+    if state.core is None:
         return
-    state.scheduler.stop_admission()
-    while not state.scheduler.idle() or state.open_streams:
+    state.core.stop_admission()
+    while state.core_dead is None and (not await state.core.idle() or state.open_streams):
         await asyncio.sleep(poll_s)

@@ -28,10 +28,11 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.api.answers import LimitError, error_event, service_error_response
 from service.api.deps import Authorized, StateDep
+from service.core import CoreHandle, JobHandle
 from service.errors import Cancelled, DeadlineExceeded, InternalError, NotReady, ServiceError
 from service.png import encode_pngs
 from service.progress import Event
-from service.scheduler import GenerationSpec, Job, JobResult, Scheduler
+from service.scheduler import GenerationSpec, JobResult
 from service.schemas import ErrorBody, GenerateRequest, GenerateResponse, ImageOut, StreamRequest, Timings
 from service.state import AppState
 
@@ -55,10 +56,12 @@ async def pngs(images: list[np.ndarray]) -> list[str]:
     return await asyncio.to_thread(encode_pngs, images)
 
 
-def prepare(req: GenerateRequest, state: AppState, t0: float) -> tuple[Scheduler, GenerationSpec, float]:
-    """Check the request against this server and model, fill the defaults. -> (scheduler, spec, timeout)."""
+def prepare(req: GenerateRequest, state: AppState, t0: float) -> tuple[CoreHandle, GenerationSpec, float]:
+    """Check the request against this server and model, fill the defaults. -> (engine core, spec, timeout)."""
     settings, cfg = state.settings, state.cfg
-    if not state.ready or state.draining or state.scheduler is None:
+    if state.core_dead is not None:
+        raise NotReady(state.core_dead)
+    if not state.ready or state.draining or state.core is None:
         raise NotReady("the service is draining" if state.draining else "the service is starting")
     limit_errors = []
     if req.class_label is not None and req.class_label >= cfg.num_classes:
@@ -87,7 +90,7 @@ def prepare(req: GenerateRequest, state: AppState, t0: float) -> tuple[Scheduler
     timeout = min(req.timeout_s or settings.default_timeout_s, settings.max_timeout_s)
     label = cfg.null_label if req.class_label is None else req.class_label
     spec = GenerationSpec(label, req.num_images, steps, k, g, seed, deadline=t0 + timeout, auto=auto)
-    return state.scheduler, spec, timeout
+    return state.core, spec, timeout
 
 
 async def respond(req: GenerateRequest, spec: GenerationSpec, result: JobResult, t0: float) -> GenerateResponse:
@@ -108,7 +111,7 @@ def served(state: AppState, resp: GenerateResponse, seconds: float) -> None:
     state.metrics.served(resp.encoder_interval, resp.encoder_interval_auto, seconds <= state.settings.latency_target_s)
 
 
-def abandon(job: Job, fut: asyncio.Future) -> None:
+def abandon(job: JobHandle, fut: asyncio.Future) -> None:
     """Nobody waits for `job` any more: free its slots at the next tick. The scheduler still resolves it
     (Cancelled); retrieve that outcome, so asyncio does not log "exception never retrieved"."""
     job.cancel()
@@ -119,8 +122,8 @@ def abandon(job: Job, fut: asyncio.Future) -> None:
 async def generate(req: GenerateRequest, request: Request, state: StateDep) -> Response:
     t0 = time.monotonic()
     try:
-        scheduler, spec, timeout = prepare(req, state, t0)
-        job = scheduler.submit(spec)
+        core, spec, timeout = prepare(req, state, t0)
+        job = await core.submit(spec)
         fut = asyncio.wrap_future(job.future)
         # Wait for the result or the client going away, whichever comes first, without polling: a poll per request
         # every 0.1 s was measurable GIL time beside the scheduler thread at 100+ open requests.
@@ -149,18 +152,18 @@ async def generate_stream(req: StreamRequest, state: StateDep) -> Response:
     loop = asyncio.get_running_loop()
     events: asyncio.Queue[list[Event] | None] = asyncio.Queue()
 
-    def listener(tick_events: list[Event]) -> None:  # on the scheduler thread: one hand-over per tick
+    def listener(tick_events: list[Event]) -> None:  # on the scheduler thread (or this loop): one hand-over
         loop.call_soon_threadsafe(events.put_nowait, tick_events)
 
     try:
-        scheduler, spec, timeout = prepare(req, state, t0)
-        job = scheduler.submit(spec, listener, every)
+        core, spec, timeout = prepare(req, state, t0)
+        job = await core.submit(spec, listener, every)
     except ServiceError as e:
         return service_error_response(state, e, time.monotonic() - t0)
     return EventSourceResponse(_stream(req, state, spec, job, events, timeout, t0), ping=15)
 
 
-async def _stream(req: StreamRequest, state: AppState, spec: GenerationSpec, job: Job,
+async def _stream(req: StreamRequest, state: AppState, spec: GenerationSpec, job: JobHandle,
                   events: asyncio.Queue, timeout: float, t0: float) -> AsyncIterator[ServerSentEvent | bytes]:
     state.open_streams += 1  # the drain waits for this stream's last event
     fut = asyncio.wrap_future(job.future)

@@ -12,21 +12,24 @@ from service.schemas import ErrorBody
 router = APIRouter()
 
 
-@router.get("/health/live", tags=["health"])
-async def live() -> dict[str, str]:
-    return {"status": "alive"}
+@router.get("/health/live", tags=["health"], responses={503: {"model": ErrorBody}})
+async def live(state: StateDep) -> Response:
+    if state.core_dead is not None:  # the engine core process stopped: restart the pair
+        body = ErrorBody(error="unavailable", message=state.core_dead)
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
+    return JSONResponse({"status": "alive"})
 
 
 @router.get("/health/ready", tags=["health"], responses={503: {"model": ErrorBody}})
 async def ready(state: StateDep) -> Response:
-    if not state.ready or state.draining:
-        body = ErrorBody(error="unavailable", message="draining" if state.draining else state.starting)
+    if state.core_dead is not None or not state.ready or state.draining:
+        why = state.core_dead or ("draining" if state.draining else state.starting)
+        body = ErrorBody(error="unavailable", message=why)
         return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
     return JSONResponse({"status": "ready"})
 
 
 @router.get("/metrics", tags=["ops"], response_class=Response)
 async def metrics(state: StateDep) -> Response:
-    if state.scheduler is not None:
-        state.metrics.refresh(state.scheduler.snapshot())
-    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    core = await state.core.metrics_text() if state.core is not None and state.core_dead is None else b""
+    return Response(generate_latest(state.metrics.registry) + core, media_type=CONTENT_TYPE_LATEST)

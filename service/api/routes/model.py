@@ -13,9 +13,9 @@ router = APIRouter()
 
 @router.get("/v1/model", response_model=ModelInfo, tags=["model"], dependencies=[Authorized])
 async def model_info(state: StateDep) -> ModelInfo:
-    if state.engine is None:
+    if state.core is None or not state.ready:
         raise NotReady("the engine is not loaded yet")
-    settings, cfg, info = state.settings, state.cfg, state.engine.info
+    settings, cfg, info = state.settings, state.cfg, state.core.engine_info
     limits = {"max_images_per_request": settings.max_images_per_request, "max_steps": settings.max_steps,
               "max_timeout_s": settings.max_timeout_s, "default_timeout_s": settings.default_timeout_s,
               "max_active_images": settings.max_active_images, "queue_size": settings.queue_size,

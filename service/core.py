@@ -1,0 +1,129 @@
+"""What the HTTP front end sees of the engine core (scheduler + runner + device), wherever the core runs.
+
+`LocalCore` wraps a `Scheduler` in this process (the CPU default); `service.core_client.RemoteCore` talks to the
+core in its own process (`service.engine_core`) over ZeroMQ + msgpack. Both have the same awaitable interface, so
+the routes, the drain and /metrics do not know which one they have. Errors cross the process boundary as
+(kind, message, fields) and become the same `ServiceError` classes again (`error_to_wire` / `error_from_wire`).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future
+from typing import Any, Protocol
+
+from engines import EngineInfo
+from service.errors import Cancelled, DeadlineExceeded, EngineFailure, InternalError, NotReady, QueueFull, ServiceError
+from service.progress import Listener
+from service.scheduler import GenerationSpec, Scheduler
+from service.stats import SchedulerSnapshot
+
+
+class JobHandle(Protocol):
+    future: Future  # resolved with a JobResult or a ServiceError (from any thread)
+    queue_position: int
+
+    def cancel(self) -> None: ...
+
+
+class CoreHandle(Protocol):
+    engine_info: EngineInfo
+
+    async def submit(self, spec: GenerationSpec, listener: Listener | None = None, preview_every: int = 0) -> JobHandle:
+        """Queue a request; raises QueueFull / NotReady at once when it cannot be queued."""
+        ...
+
+    async def snapshot(self) -> SchedulerSnapshot: ...
+
+    async def idle(self) -> bool: ...
+
+    def stop_admission(self) -> None: ...
+
+    def abort(self, err: ServiceError) -> None: ...
+
+    async def metrics_text(self) -> bytes:
+        """The core's own Prometheus series (b"" when they are in the front end's registry already)."""
+        ...
+
+
+class LocalCore:
+    """The scheduler in this process."""
+
+    def __init__(self, scheduler: Scheduler, engine_info: EngineInfo, refresh: Any = None) -> None:
+        self.scheduler, self.engine_info, self._refresh = scheduler, engine_info, refresh
+
+    async def submit(self, spec: GenerationSpec, listener: Listener | None = None, preview_every: int = 0) -> JobHandle:
+        return self.scheduler.submit(spec, listener, preview_every)
+
+    async def snapshot(self) -> SchedulerSnapshot:
+        return self.scheduler.snapshot()
+
+    async def idle(self) -> bool:
+        return self.scheduler.idle()
+
+    def stop_admission(self) -> None:
+        self.scheduler.stop_admission()
+
+    def abort(self, err: ServiceError) -> None:
+        self.scheduler.abort(err)
+
+    async def metrics_text(self) -> bytes:
+        if self._refresh is not None:
+            self._refresh(self.scheduler.snapshot())  # the gauges, into the one shared registry
+        return b""
+
+
+def error_to_wire(e: BaseException) -> dict[str, Any]:
+    if not isinstance(e, ServiceError):
+        e = InternalError("core")
+    wire: dict[str, Any] = {"kind": e.kind, "message": str(e)}
+    for field in ("retry_after_s", "error_id"):
+        if hasattr(e, field):
+            wire[field] = getattr(e, field)
+    return wire
+
+
+def error_from_wire(w: dict[str, Any]) -> ServiceError:
+    kind, msg = w.get("kind"), str(w.get("message", ""))
+    if kind == QueueFull.kind:
+        return QueueFull(float(w.get("retry_after_s", 1.0)))
+    if kind == EngineFailure.kind:
+        return EngineFailure(str(w.get("error_id", "")), msg)
+    if kind == InternalError.kind:
+        return InternalError(str(w.get("error_id", "core")))
+    cls = {NotReady.kind: NotReady, DeadlineExceeded.kind: DeadlineExceeded, Cancelled.kind: Cancelled}.get(str(kind))
+    return cls(msg) if cls is not None else InternalError("core")
+
+
+class Built:
+    """What `build_core` made: the model (card, defaults), the engine, auto-K and the started scheduler."""
+
+    def __init__(self, model: Any, engine: Any, autok: Any, scheduler: Scheduler) -> None:
+        self.model, self.engine, self.autok, self.scheduler = model, engine, autok, scheduler
+
+
+def build_core(settings: Any, stats: Any, engine_factory: Any = None, progress: Any = None) -> Built:
+    """Load the checkpoint, build and warm the engine (compiling where configured; `progress(line)` hears each
+    stage), start the scheduler. Runs in whichever process owns the device."""
+    from dualrate.checkpoint import load_checkpoint
+    from dualrate.diffusion import CosineSchedule
+    from engines import create_engine
+    from service.autok import AutoK, QualityBudget
+
+    model = load_checkpoint(settings.checkpoint)
+    engine = (engine_factory or create_engine)(settings.checkpoint, settings.engine_config())
+    if settings.warmup:
+        if progress is not None:
+            progress("warming up the networks")
+        engine.warmup((1, 2 * settings.max_active_images),
+                      (lambda line: progress(f"compiling the networks: {line}")) if progress is not None else None)
+    budget = QualityBudget.from_card(model.card, settings.quality_budget, model.defaults.encoder_interval)
+    autok = AutoK(budget, settings.latency_target_s)
+    scheduler = Scheduler(
+        engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
+        settings.max_active_images, settings.queue_size, settings.policy, stats,
+        overlap_encoder=settings.overlap_encoder, align_encoder=settings.align_encoder,
+        output_size=model.cfg.output_size, autok=autok, reserved_slots=settings.effective_reserved_slots,
+        small_cost=model.defaults.steps / model.defaults.encoder_interval, fused=settings.use_fused_tick,
+    )
+    scheduler.start()
+    return Built(model, engine, autok, scheduler)

@@ -1,0 +1,131 @@
+"""The engine core in its own process (DUALRATE_ENGINE_PROCESS=on) behind a real front end, over real HTTP: the same
+images as the in-process service, streams, metrics from both sides, cancel on disconnect, SIGTERM drains both
+processes, and a killed core makes the front end answer 503 and exit non-zero."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from service.process import metric
+from tests.conftest import slot_freed_after_disconnect
+from tests.service.test_robustness import _drain_run
+from tests.service.test_stream import stream
+
+pytestmark = pytest.mark.slow  # real servers
+
+BODY = {"class_label": 7, "num_images": 2, "steps": 12, "encoder_interval": 4, "seed": 123}
+
+
+def core_pid(front_pid: int, timeout: float = 10.0) -> int:
+    """The front end's child named engine-core (/proc), as `ps` shows it."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for d in Path("/proc").iterdir():
+            if not d.name.isdigit():
+                continue
+            try:
+                stat = (d / "stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            if ppid == front_pid and (d / "comm").read_text().strip() == "engine-core":
+                return int(d.name)
+        time.sleep(0.1)
+    raise AssertionError(f"no engine-core child of {front_pid}")
+
+
+def alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def split(start_server):
+    return start_server(engine_process="on", max_active_images=8, max_images_per_request=4, queue_size=32)
+
+
+def test_split_gives_the_same_images_as_in_process(split, start_server):
+    local = start_server(engine_process="off", max_active_images=8, max_images_per_request=4, queue_size=32)
+    a = httpx.post(f"{split.url}/generate", json=BODY, timeout=120).json()
+    b = httpx.post(f"{local.url}/generate", json=BODY, timeout=120).json()
+    assert [i["png_base64"] for i in a["images"]] == [i["png_base64"] for i in b["images"]]
+    assert a["encoder_calls"] == b["encoder_calls"] == 3
+    assert "in its own process" in split.log() and "in this process" in local.log()
+
+
+def test_the_core_is_named_engine_core_and_metrics_come_from_both_sides(split):
+    pid = core_pid(split.proc.pid)
+    assert "engine-core" in (Path("/proc") / str(pid) / "cmdline").read_bytes().decode().replace("\0", " ")
+    httpx.post(f"{split.url}/generate", json=BODY, timeout=120).raise_for_status()
+    m = httpx.get(f"{split.url}/metrics").text
+    assert metric(m, "dualrate_requests_total", 'outcome="ok"') >= 1  # the front end's series
+    assert metric(m, "dualrate_network_calls_total", 'network="denoiser"') >= 12  # the core's
+    assert m.count("# TYPE dualrate_requests_total ") == 1 and m.count("# TYPE dualrate_queue_depth ") == 1
+
+
+def test_a_stream_gets_previews_and_done_through_the_core(split):
+    r, events = stream(split.url, {**BODY, "preview_every": 4})
+    assert r.status_code == 200
+    names = [e for e, _ in events]
+    assert names[0] == "queued" and names[-1] == "done" and "preview" in names
+    done = events[-1][1]
+    plain = httpx.post(f"{split.url}/generate", json=BODY, timeout=120).json()
+    assert [i["png_base64"] for i in done["images"]] == [i["png_base64"] for i in plain["images"]]
+
+
+def test_a_full_queue_is_429_across_the_process_boundary(start_server):
+    srv = start_server(engine_process="on", max_active_images=1, max_images_per_request=1, queue_size=1)
+
+    async def flood() -> list[httpx.Response]:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+            return await asyncio.gather(*[c.post("/generate", json={"class_label": 1, "steps": 40}) for _ in range(6)])
+
+    codes = sorted(r.status_code for r in asyncio.run(flood()))
+    assert 429 in codes and 200 in codes, codes
+
+
+def test_disconnect_frees_the_slot_in_the_core(start_server):
+    srv = start_server(engine_process="on", max_active_images=1, max_images_per_request=1, max_steps=256)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{srv.url}/generate", json={"class_label": 4, "steps": 256, "encoder_interval": 1}, timeout=0.5)
+    assert slot_freed_after_disconnect(srv.url), "the disconnected request still holds its slot in the core"
+
+
+def test_sigterm_drains_both_processes_with_nothing_lost(start_server):
+    srv = start_server(engine_process="on", max_active_images=4, max_images_per_request=2)
+    core = core_pid(srv.proc.pid)
+    rs, late = _drain_run(srv, [(0.0, signal.SIGTERM)])
+    assert [getattr(r, "status_code", r) for r in rs] == [200] * 6
+    assert not isinstance(late, Exception) and late.status_code == 503
+    assert srv.proc.wait(60) == 0, srv.log()
+    assert not alive(core), "the engine core outlived the drain"
+    assert "engine core exited with 0" in srv.log()
+
+
+def test_a_killed_core_gives_503_and_the_front_end_exits_non_zero(start_server):
+    srv = start_server(engine_process="on", max_active_images=1, max_images_per_request=1, max_steps=256)
+
+    async def run() -> tuple[httpx.Response, float]:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
+            pending = asyncio.create_task(c.post("/generate", json={"class_label": 2, "steps": 256, "encoder_interval": 1}))
+            await asyncio.sleep(1.0)
+            t0 = time.monotonic()
+            os.kill(core_pid(srv.proc.pid), signal.SIGKILL)
+            r = await pending
+            return r, time.monotonic() - t0
+
+    r, seconds = asyncio.run(run())
+    assert r.status_code == 503 and r.json()["error"] == "unavailable", r.text
+    assert "engine core stopped" in r.json()["message"]
+    assert seconds < 5
+    code = srv.proc.wait(15)
+    assert code not in (0, None), srv.log()
