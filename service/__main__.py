@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
+import socket
 import sys
 import time
 from types import FrameType
@@ -25,6 +28,7 @@ from pydantic_settings import SettingsError
 from service.app import AppState, create_app, drain
 from service.errors import NotReady
 from service.settings import Settings, describe_settings_error
+from service.supervisor import WORKER_FD_ENV
 
 log = logging.getLogger("service")
 
@@ -115,16 +119,33 @@ def main() -> int:
         for line in describe_settings_error(e):
             print(f"invalid setting: {line}", file=sys.stderr)
         return 2
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    worker_fd = os.environ.get(WORKER_FD_ENV)
+    who = f"worker {os.getpid()} " if worker_fd else ""
+    logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s")
     raise_open_file_limit()
+    if settings.frontend_workers > 1 and not worker_fd:
+        from service.supervisor import run
+
+        return run(settings)
     app = create_app(settings)
     # log_config=None: uvicorn's records (access lines included) go through the root handler above, in this log's
     # format; uvicorn's own formatters copy every record to colour it, ~0.4 ms per request on the event loop here.
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             log_config=None, timeout_graceful_shutdown=10)
     server = DrainingServer(config, app.state.dualrate, settings)
-    app.state.dualrate.on_core_death = server.core_died
-    server.run()
+    state = app.state.dualrate
+    state.on_core_death = server.core_died
+    sockets = None
+    if worker_fd:
+        sockets = [socket.socket(fileno=int(worker_fd))]
+
+        def core_gone(sig: int, frame: FrameType | None) -> None:  # the supervisor saw the shared core die
+            if server._loop is not None and state.core is not None:
+                server._loop.call_soon_threadsafe(state.core.died, "the engine core stopped; the service "
+                                                  "is restarting")
+
+        signal.signal(signal.SIGUSR1, core_gone)
+    server.run(sockets=sockets)
     if app.state.dualrate.core_dead is not None:
         return 4  # the engine core died: restart
     if server.forced:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -25,7 +26,7 @@ from service.api.answers import install_error_handlers
 from service.api.routes.pages import mount_static
 from service.autok import AutoK, QualityBudget
 from service.core import LocalCore, build_core
-from service.core_client import RemoteCore, spawn_core
+from service.core_client import SHARED_CORE_ENV, RemoteCore, spawn_core
 from service.settings import Settings
 from service.state import AppState, drain
 
@@ -53,7 +54,14 @@ def create_app(settings: Settings | None = None,
         state.autok = AutoK(budget, settings.latency_target_s)  # the front end's copy: the limits of "auto"
         remote: RemoteCore | None = None
         built = None
-        if settings.use_engine_process:
+        shared = os.environ.get(SHARED_CORE_ENV)  # a front-end worker of several: the supervisor's core
+        if shared:
+            remote = RemoteCore(None, shared)
+            remote.on_death = state.core_died
+            remote.start()
+            state.core = remote
+            await remote.wait_ready(lambda line: setattr(state, "starting", line))
+        elif settings.use_engine_process:
             remote = RemoteCore(*spawn_core())
             remote.on_death = state.core_died
             remote.start()
@@ -75,7 +83,9 @@ def create_app(settings: Settings | None = None,
         state.ready = True
         log.info("ready: backend=%s device=%s precision=%s policy=%s slots=%d queue=%d engine core %s",
                  info.backend, info.device, info.precision, settings.policy, settings.max_active_images,
-                 settings.queue_size, f"in its own process (pid {remote.proc.pid})" if remote else "in this process")
+                 settings.queue_size, "in this process" if remote is None else
+                 f"in its own process (pid {remote.proc.pid})" if remote.proc is not None else
+                 f"shared by the front-end workers at {remote.address}")
         try:
             yield
         finally:

@@ -36,6 +36,7 @@ from service.stats import SchedulerSnapshot
 
 log = logging.getLogger("service.core_client")
 ROOT = Path(__file__).resolve().parents[1]
+SHARED_CORE_ENV = "DUALRATE_SHARED_CORE"  # set by service.supervisor for its front-end workers: the core's address
 
 
 class CoreDied(NotReady):
@@ -71,14 +72,19 @@ def spawn_core(env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str
     """Start `python -m service.engine_core` with this process's settings. -> (process, address, socket folder)."""
     folder = tempfile.mkdtemp(prefix="dualrate-core-")
     address = f"ipc://{folder}/core.sock"
+    child_env = {**os.environ, **(env or {}), "DUALRATE_CORE_ADDRESS": address}
+    child_env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the core keeps its own registry (gauges, info)
     proc = subprocess.Popen([sys.executable, "-m", "service.engine_core", "--title", "engine-core"], cwd=ROOT,
-                            env={**os.environ, **(env or {}), "DUALRATE_CORE_ADDRESS": address})
+                            env=child_env)
     log.info("engine core started (pid %d) at %s", proc.pid, address)
     return proc, address, folder
 
 
 class RemoteCore:
-    def __init__(self, proc: subprocess.Popen, address: str, folder: str | None = None) -> None:
+    """`proc` given: this front end started the core and owns it (watches it, shuts it down after the drain).
+    None: a front-end worker of several (service.supervisor owns the core and signals its death: `died`)."""
+
+    def __init__(self, proc: subprocess.Popen | None, address: str, folder: str | None = None) -> None:
         self.proc, self.address, self.folder = proc, address, folder
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -95,7 +101,9 @@ class RemoteCore:
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._reader()), asyncio.create_task(self._watch())]
+        self._tasks = [asyncio.create_task(self._reader())]
+        if self.proc is not None:
+            self._tasks.append(asyncio.create_task(self._watch()))
 
     def _send(self, msg: list) -> None:
         if self.dead is None:
@@ -176,15 +184,18 @@ class RemoteCore:
             await asyncio.sleep(poll_s)
 
     async def close(self, timeout: float = 30.0) -> int | None:
-        """Tell the core to stop (after the drain), wait for it, then stop the reader. -> its exit code."""
+        """Tell the core to stop (after the drain) if this front end owns it, wait for it, then stop the reader.
+        -> its exit code (None: not ours)."""
         self.closing = True
-        self._send(["shutdown"])
-        try:
-            code = await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout)
-        except TimeoutError:
-            log.warning("engine core did not stop within %.0f s: killing it", timeout)
-            self.proc.kill()
-            code = await asyncio.to_thread(self.proc.wait)
+        code = None
+        if self.proc is not None:
+            self._send(["shutdown"])
+            try:
+                code = await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout)
+            except TimeoutError:
+                log.warning("engine core did not stop within %.0f s: killing it", timeout)
+                self.proc.kill()
+                code = await asyncio.to_thread(self.proc.wait)
         for t in self._tasks:
             t.cancel()
         self.sock.close()
@@ -238,11 +249,17 @@ class RemoteCore:
                     compute_seconds=r["compute_seconds"], encoder_interval=r["encoder_interval"]))
 
     async def _watch(self, poll_s: float = 0.1) -> None:
+        assert self.proc is not None
         while self.proc.poll() is None:
             await asyncio.sleep(poll_s)
-        if self.closing:
+        if not self.closing:
+            self.died(f"the engine core stopped (exit code {self.proc.returncode}); the service is restarting")
+
+    def died(self, why: str) -> None:
+        """The core is gone: every open request gets 503 now; then `on_death`. On the event loop."""
+        if self.dead is not None:
             return
-        self.dead = f"the engine core stopped (exit code {self.proc.returncode}); the service is restarting"
+        self.dead = why
         log.error("%s: answering %d open requests 503", self.dead, len(self.jobs))
         err = CoreDied(self.dead)
         for fut in [*self.submits.values(), *self.queries.values()]:

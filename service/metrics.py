@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest, multiprocess
 
 from engines import EngineInfo
 from service.stats import NetworkCall, RequestDone, SchedulerSnapshot, StatsSink, TickStats
@@ -55,6 +57,15 @@ class PrometheusStats(StatsSink):
             for net in ("encoder", "denoiser"):
                 self.calls.labels(net)
                 self.rows.labels(net)
+
+    def exposition(self) -> bytes:
+        """This side's series in the text format. Front-end workers of one service (PROMETHEUS_MULTIPROC_DIR set by
+        service.supervisor) report the sum over all of them."""
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            pooled = CollectorRegistry()
+            multiprocess.MultiProcessCollector(pooled)
+            return generate_latest(pooled)
+        return generate_latest(self.registry)
 
     def set_engine(self, info: EngineInfo, policy: str) -> None:
         self.engine.info({"backend": info.backend, "device": info.device, "precision": info.precision,

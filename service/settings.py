@@ -57,6 +57,8 @@ class Settings(BaseSettings):
     engine_process: Toggle = Field(Toggle.AUTO, description="run the engine core (scheduler, runner, device) in its "
                                    "own process, HTTP in this one; auto = on with CUDA, off on the CPU "
                                    "(docs/cpu_backends.md)")
+    frontend_workers: int = Field(1, ge=1, le=64, description="HTTP front-end processes over one engine core (more "
+                                  "than 1 runs the core in its own process; service.supervisor)")
     fused_tick: Toggle = Field(Toggle.AUTO, description="torch backend: each tick as one program (on CUDA one "
                                "captured graph per bucket); auto = on with CUDA")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
@@ -130,7 +132,7 @@ class Settings(BaseSettings):
 
     @property
     def use_engine_process(self) -> bool:
-        return self._on(self.engine_process)
+        return self._on(self.engine_process) or (self.frontend_workers > 1 and self.engine_process is not Toggle.OFF)
 
     @property
     def use_fused_tick(self) -> bool:
@@ -166,6 +168,9 @@ class Settings(BaseSettings):
             raise ValueError("precision tf32 needs a CUDA device (set DUALRATE_DEVICE=cuda or another precision)")
         if Toggle.ON in (self.compile, self.fused_tick) and self.backend not in (Backend.TORCH, Backend.AUTO):
             raise ValueError(f"compile and fused_tick are torch-backend options, not {self.backend}'s")
+        if self.frontend_workers > 1 and self.engine_process is Toggle.OFF:
+            raise ValueError("frontend_workers > 1 needs the engine core in its own process (DUALRATE_ENGINE_PROCESS "
+                             "on or auto)")
         if any(b < 1 for b in self.buckets):
             raise ValueError("buckets must be positive row counts")
         if self.backend is Backend.ONNXRUNTIME and self.precision is not Precision.FP32:

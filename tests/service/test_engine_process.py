@@ -129,3 +129,38 @@ def test_a_killed_core_gives_503_and_the_front_end_exits_non_zero(start_server):
     assert seconds < 5
     code = srv.proc.wait(15)
     assert code not in (0, None), srv.log()
+
+
+def children(pid: int) -> list[int]:
+    out = []
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                if int((d / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d.name))
+            except OSError:
+                pass
+    return out
+
+
+def test_two_front_end_workers_share_one_core_and_pool_their_metrics(start_server):
+    srv = start_server(frontend_workers=2, max_active_images=8, max_images_per_request=4, queue_size=64)
+    kids = children(srv.proc.pid)
+    names = sorted((Path("/proc") / str(k) / "comm").read_text().strip() for k in kids)
+    assert len(kids) == 3 and names.count("engine-core") == 1, names
+
+    async def many() -> list[httpx.Response]:
+        # A new connection per request: the kernel spreads connections over the workers.
+        async def one(i: int) -> httpx.Response:
+            async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
+                return await c.post("/generate", json={**BODY, "num_images": 1, "seed": 500 + i})
+        return list(await asyncio.gather(*[one(i) for i in range(12)]))
+
+    rs = asyncio.run(many())
+    assert [r.status_code for r in rs] == [200] * 12
+    for _ in range(4):  # whichever worker answers the scrape, it reports all of them
+        m = httpx.get(f"{srv.url}/metrics").text
+        assert metric(m, "dualrate_requests_total", 'outcome="ok"') >= 12
+        assert metric(m, "dualrate_network_calls_total", 'network="denoiser"') >= 12
+    assert srv.terminate() == 0, srv.log()
+    assert not any(alive(k) for k in kids), "a worker or the core outlived the drain"

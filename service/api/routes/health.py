@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.deps import StateDep
 from service.schemas import ErrorBody
@@ -32,4 +32,4 @@ async def ready(state: StateDep) -> Response:
 @router.get("/metrics", tags=["ops"], response_class=Response)
 async def metrics(state: StateDep) -> Response:
     core = await state.core.metrics_text() if state.core is not None and state.core_dead is None else b""
-    return Response(generate_latest(state.metrics.registry) + core, media_type=CONTENT_TYPE_LATEST)
+    return Response(state.metrics.exposition() + core, media_type=CONTENT_TYPE_LATEST)
