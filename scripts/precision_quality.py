@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> None:
     ref = next(iter(ARMS))
     for arm in ARMS:
         diff = (first16[arm] - first16[ref]).abs() * 127.5  # quantized images in [-1, 1]: 1/127.5 per level
-        results[arm]["first16_max_pixel_diff_vs_fp32"] = int(round(float(diff.max())))
+        results[arm]["first16_max_pixel_diff_vs_fp32"] = round(float(diff.max()))
     command = command_line("python scripts/precision_quality.py", argv)
     lines = [f"### bf16 compiled against fp32, {utc_stamp()}, {platform.machine()} CPU", "", f"Command: `{command}`", "",
              f"Shipped checkpoint at its defaults (N = {d.steps}, K = {d.encoder_interval}, guidance "
