@@ -27,6 +27,7 @@ from pydantic_settings import SettingsError
 
 from service.app import AppState, create_app, drain
 from service.errors import NotReady
+from service.http_limits import bounded_protocol
 from service.settings import Settings, describe_settings_error
 from service.supervisor import WORKER_FD_ENV
 
@@ -130,8 +131,11 @@ def main() -> int:
     app = create_app(settings)
     # log_config=None: uvicorn's records (access lines included) go through the root handler above, in this log's
     # format; uvicorn's own formatters copy every record to colour it, ~0.4 ms per request on the event loop here.
+    http = bounded_protocol(settings.max_header_bytes, settings.max_headers, settings.header_timeout_s,
+                            settings.body_timeout_s)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            log_config=None, timeout_graceful_shutdown=10)
+                            log_config=None, timeout_graceful_shutdown=10, http=http,
+                            limit_concurrency=settings.max_connections)
     server = DrainingServer(config, app.state.dualrate, settings)
     state = app.state.dualrate
     state.on_core_death = server.core_died

@@ -23,9 +23,11 @@ class Admission:
 
 
 class ContinuousAdmission(Admission):
-    """Step-level: images join at any tick, one image per waiting request in turn (round robin), so a small request
-    is not queued behind every image of the large ones before it; the last `reserved_slots` free slots are only for
-    small requests (a default request or cheaper), so large ones running together cannot lock them out.
+    """Step-level: images join at any tick, one image per waiting request in turn (round robin), small requests (a
+    default request or cheaper) first, so a small request is not queued behind the images of the large ones before
+    it. The last `reserved_slots` free slots are kept for small requests while one waits; when none waits, large
+    requests may use them too (reserved capacity does not idle), and the next slot that frees goes to the next small
+    request.
 
     Aligned (the default), an image with interval K joins only at a tick where the active images with the same K are
     due an encoder refresh (it waits < K ticks), so their refreshes share one encoder call and the ticks between need
@@ -44,11 +46,13 @@ class ContinuousAdmission(Admission):
         admitted = True
         while s.queue and s.free_slots and admitted:
             admitted = False
-            for job in list(s.queue):  # one round: an image from each request that may join now, oldest first
+            # One round: an image from each request that may join now, small ones first, else oldest first.
+            small_waits = any(s.is_small(j) for j in s.queue)
+            for job in sorted(s.queue, key=lambda j: not s.is_small(j)):
                 if not s.free_slots:
                     break
-                if len(s.free_slots) <= s.reserved_slots and not s.is_small(job):
-                    continue  # the last free slots are kept for small requests
+                if small_waits and len(s.free_slots) <= s.reserved_slots and not s.is_small(job):
+                    continue  # the last free slots are kept for the small requests waiting
                 k = job.spec.encoder_interval
                 if self.aligned and k > 1:
                     if k not in active_k:

@@ -5,6 +5,7 @@ error handlers (`service.api.answers`: the one place a service error becomes an 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,7 @@ from dualrate.config import ModelConfig
 from engines import Engine, EngineConfig, create_engine
 from service.api import api_router
 from service.api.answers import install_error_handlers
+from service.api.deps import Unauthorized, key_ok
 from service.api.routes.pages import mount_static
 from service.autok import AutoK, QualityBudget
 from service.core import LocalCore, build_core
@@ -80,6 +82,9 @@ def create_app(settings: Settings | None = None,
             state.core = LocalCore(built.scheduler, built.engine.info, state.metrics.refresh)
             state.metrics.set_engine(built.engine.info, settings.policy.value)
         info = state.core.engine_info
+        log.info("API keys: %s", f"{len(settings.api_keys)} configured: /generate, /generate/stream and /v1/model need "
+                 "one" if settings.api_keys else "none (DUALRATE_API_KEYS unset): the API is open to whoever reaches "
+                 "the port")
         state.ready = True
         log.info("ready: backend=%s device=%s precision=%s policy=%s slots=%d queue=%d engine core %s",
                  info.backend, info.device, info.precision, settings.policy, settings.max_active_images,
@@ -111,18 +116,25 @@ def create_app(settings: Settings | None = None,
         static_url="/static-docs",
     )
     app.state.dualrate = state
-    _integer_limits_in_openapi(app, {"class_label": cfg.num_classes - 1})
-    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes)
+    # The published schema carries this server's live limits, so a schema-valid request is one the server takes.
+    _limits_in_openapi(app, {"class_label": cfg.num_classes - 1, "num_images": settings.max_images_per_request,
+                             "steps": settings.max_steps, "encoder_interval": settings.max_steps,
+                             "timeout_s": settings.max_timeout_s})
+    app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, keys=settings.api_key_bytes)
     install_error_handlers(app)
+    # Starlette would answer /static with a redirect to http://<Host header>/static/: an absolute URL built from what
+    # the client sent. No slash redirects: a path is served as written or 404.
+    app.router.redirect_slashes = False
     app.include_router(api_router)
     mount_static(app)
     return app
 
 
-def _integer_limits_in_openapi(app: FastAPI, maxima: dict[str, int]) -> None:
+def _limits_in_openapi(app: FastAPI, maxima: dict[str, float]) -> None:
     """FastAPI's OpenAPI model stores minimum/maximum as floats (2**53 - 1 came out as 9007199254740991.0 and 2**62
     as 4.611686018427388e+18); give integer fields integer limits so a schema-driven client sends valid values.
-    `maxima`: request fields whose maximum depends on the model (class_label < num_classes)."""
+    `maxima`: request fields whose maximum depends on the model or the settings (class_label < num_classes,
+    num_images, steps, encoder_interval and timeout_s), written into each numeric variant of the field."""
     build = app.openapi
 
     def fix(node: object) -> None:
@@ -144,30 +156,42 @@ def _integer_limits_in_openapi(app: FastAPI, maxima: dict[str, int]) -> None:
                 props = schema["components"]["schemas"][model]["properties"]
                 for name, maximum in maxima.items():
                     for variant in props[name].get("anyOf", [props[name]]):
-                        if variant.get("type") == "integer":
+                        if variant.get("type") in ("integer", "number"):
                             variant["maximum"] = maximum
+                            variant.pop("exclusiveMaximum", None)
             fix(schema)
         return app.openapi_schema  # type: ignore[return-value]
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+PROTECTED_PREFIXES = ("/generate", "/v1/")  # the routes behind the API key (service.api.deps.Authorized)
+
+
 class BodyLimit:
     """Refuses request bodies over `max_bytes` (413) without reading past the limit: by Content-Length when the client
-    sends one, else by counting the chunks. The 413 is raised from `receive`, so the app's error handler (the one
-    place errors become answers) answers and counts it. Starlette's own limiter answers in plain text instead."""
+    sends one, else by counting the chunks. A JSON body is read whole on the app's first `receive` and checked for
+    what the JSON parser would only call "an error parsing the body": not UTF-8 (RFC 8259 JSON is UTF-8; Python's
+    parser would also take UTF-16 and UTF-32), nested too deeply for the parser, or a number of more digits than
+    Python converts; each gets a 400 that names it. (Syntax errors go on to the app's 422, with their position.) The
+    errors are raised from `receive`, so the app's error handler (the one place errors become answers) answers and
+    counts them. Starlette's own limiter answers in plain text instead. Every answer carries X-Content-Type-Options:
+    nosniff."""
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, keys: list[bytes] | None = None) -> None:
+        self.app, self.max_bytes, self.keys = app, max_bytes, keys or []
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        declared = Headers(scope=scope).get("content-length")
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
+        is_json = headers.get("content-type", "").split(";")[0].strip().lower().endswith("json")
         seen = 0
+        whole: list[Message] = []
 
-        async def limited() -> Message:
+        async def read() -> Message:
             nonlocal seen
             if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
                 raise StarletteHTTPException(413)
@@ -178,4 +202,51 @@ class BodyLimit:
                     raise StarletteHTTPException(413)
             return message
 
-        await self.app(scope, limited, send)
+        # The API key before the body: a request without a valid key learns nothing about its body (401, not 422).
+        protected = scope["path"].startswith(PROTECTED_PREFIXES)
+        key_checked = not protected or key_ok(self.keys, headers.get("authorization", ""))
+
+        async def limited() -> Message:
+            if not key_checked:
+                raise Unauthorized()
+            if not is_json or whole:
+                return await read()
+            parts, message = [], await read()
+            while message["type"] == "http.request":
+                parts.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+                message = await read()
+            if message["type"] != "http.request":
+                return message  # the client went away mid-body
+            body = b"".join(parts)
+            _check_json(body)
+            whole.append(message)
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send_nosniff(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]}
+            await send(message)
+
+        await self.app(scope, limited, send_nosniff)
+
+
+def _check_json(body: bytes) -> None:
+    """400 for a JSON body the parser cannot take for a reason other than its syntax (see BodyLimit)."""
+    if not body:
+        return
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise StarletteHTTPException(400, f"the body is not UTF-8 (byte {e.start}): JSON bodies must be UTF-8 encoded"
+                                     ) from None
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return  # the app answers 422 with the position
+    except RecursionError:
+        raise StarletteHTTPException(400, "the JSON body is nested too deeply to parse (keep it under ~900 levels)"
+                                     ) from None
+    except ValueError as e:
+        raise StarletteHTTPException(400, f"a number in the JSON body is too large to read: {e}") from None

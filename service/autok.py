@@ -60,6 +60,9 @@ class CostModel:
     theta: np.ndarray = field(default_factory=lambda: np.zeros(0))
     images_per_s: float = 0.0  # completed images per second of tick time (EMA)
     tick_s: float = 0.0  # seconds per tick (EMA)
+    rate_window_s: float = 20.0  # image-steps per second over about this much tick time (Retry-After)
+    _steps: deque[tuple[int, float]] = field(default_factory=deque)  # (images advanced, seconds) per tick
+    _steps_sum: tuple[int, float] = (0, 0.0)
     _x: deque[tuple[float, float, float, float]] = field(default_factory=deque)
     _y: deque[float] = field(default_factory=deque)
 
@@ -67,7 +70,16 @@ class CostModel:
         if self.theta.size == 0:
             self.theta = np.array(self.prior)
 
-    def observe_tick(self, light_rows: int, encoder_rows: int, seconds: float, images_done: int) -> None:
+    def observe_tick(self, light_rows: int, encoder_rows: int, seconds: float, images_done: int,
+                     images_advanced: int = 0) -> None:
+        if images_advanced:
+            n, t = self._steps_sum
+            self._steps.append((images_advanced, seconds))
+            n, t = n + images_advanced, t + seconds
+            while len(self._steps) > 1 and t - self._steps[0][1] >= self.rate_window_s:
+                old_n, old_t = self._steps.popleft()
+                n, t = n - old_n, t - old_t
+            self._steps_sum = (n, t)
         if light_rows + encoder_rows > 0:
             self._x.append((1.0, float(light_rows), float(encoder_rows > 0), float(encoder_rows)))
             self._y.append(seconds)
@@ -79,6 +91,14 @@ class CostModel:
             self.tick_s = 0.9 * self.tick_s + 0.1 * seconds if self.tick_s else seconds
         if seconds > 0:
             self.images_per_s = 0.98 * self.images_per_s + 0.02 * images_done / seconds
+
+    @property
+    def steps_per_s(self) -> float:
+        """Image-steps per second of tick time over the last ~rate_window_s: a busy service's throughput in the unit
+        its queue is measured in (a tick advances every active image one step), smooth where completions come in
+        waves."""
+        n, t = self._steps_sum
+        return n / t if t > 0 else 0.0
 
     def _refit(self) -> None:
         x, y = np.array(self._x), np.array(self._y)

@@ -117,6 +117,8 @@ class Scheduler:
         self.admission = admission_policy(policy, align_encoder)
         self.autok = autok
         self.reserved_slots, self.small_cost = reserved_slots, small_cost
+        # Queue places only small requests may take (as the reserved slots, one in eight by default).
+        self.reserved_queue = min(queue_size - 1, max(1, queue_size // 8)) if reserved_slots and queue_size > 1 else 0
         self.cost = autok.cost if autok is not None else CostModel()  # per-row costs and completion rate, from ticks
         self.cost.slots = max_active_images
         self.runner = Runner(engine, sched, null_label, max_active_images, overlap_encoder, output_size, self.stats,
@@ -142,11 +144,11 @@ class Scheduler:
         with self._cv:
             if not self._accepting:
                 raise NotReady("the service is draining and accepts no new requests")
-            if len(self.queue) >= self.queue_size:
-                # The predicted wait: the queued images at the measured completion rate.
-                rate = self.cost.images_per_s
-                wait = self._queued_images() / rate if rate > 0 else len(self.queue) * 0.5
-                raise QueueFull(retry_after_s=max(1.0, wait))
+            # Small requests may use the whole queue; large ones leave its last `reserved_queue` places to them, so
+            # a flood of large requests cannot turn every small one away.
+            limit = self.queue_size if self.spec_is_small(spec) else self.queue_size - self.reserved_queue
+            if len(self.queue) >= limit:
+                raise QueueFull(retry_after_s=self.predicted_wait())
             if self.autok is not None:
                 self.autok.arrived(spec.num_images, time.monotonic())  # every request loads the service
             if spec.auto:
@@ -167,6 +169,13 @@ class Scheduler:
         with self._cv:
             return SchedulerSnapshot(len(self.queue), self._queued_images(), len(self.active), len(self.free_slots),
                                      self._encoder_rows, self._denoiser_rows)
+
+    def predicted_wait(self) -> float:
+        """Seconds until the queue has taken in what waits now: its image-steps over the service's image-steps per
+        second (smoothed over ~20 s of ticks); at least 1. Before any tick: 0.5 s per queued request."""
+        rate = self.cost.steps_per_s
+        work = sum((j.spec.num_images - j.next_image) * j.spec.steps for j in self.queue)
+        return max(1.0, work / rate if rate > 0 else len(self.queue) * 0.5)
 
     def _queued_images(self) -> int:
         """Images of queued requests not yet admitted (caller holds the lock)."""
@@ -222,7 +231,8 @@ class Scheduler:
             plan = self._plan(batch)
         t_run = time.perf_counter()
         out = self.runner.run(plan)
-        self.cost.observe_tick(out.denoiser_rows, out.encoder_rows, time.perf_counter() - t_run, len(out.finished))
+        self.cost.observe_tick(out.denoiser_rows, out.encoder_rows, time.perf_counter() - t_run, len(out.finished),
+                               len(plan.slots))
         self._encoder_rows += out.encoder_rows
         self._denoiser_rows += out.denoiser_rows
         failed_jobs = {a.job: out.failed[a.slot] for a in batch if a.slot in out.failed}
@@ -289,8 +299,10 @@ class Scheduler:
                 self._finish_job(job, err)
 
     def is_small(self, job: Job) -> bool:
-        """Small requests may use the reserved slots: a large one cannot take the last free slots from them."""
-        spec = job.spec
+        """Small requests may use the reserved slots and queue places, and are admitted first."""
+        return self.spec_is_small(job.spec)
+
+    def spec_is_small(self, spec: GenerationSpec) -> bool:
         return spec.num_images * spec.steps / spec.encoder_interval <= self.small_cost
 
     def admit_image(self, job: Job) -> None:

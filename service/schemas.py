@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_SEED = 2**53 - 1  # exact in a JSON number / JavaScript double, so schema-driven clients send it unchanged
+MIN_TIMEOUT_S = 0.1  # a shorter deadline cannot be met by any request: a client error (422), not a 504
 MAX_ENCODER_INTERVAL = 4096  # the largest max_steps setting; requests are further held to K <= steps
+
+
+INTEGER_FIELDS = frozenset({"class_label", "num_images", "steps", "encoder_interval", "seed", "preview_every"})
 
 
 class GenerateRequest(BaseModel):
@@ -27,12 +31,23 @@ class GenerateRequest(BaseModel):
         None, description="K: heavy encoder every K-th step (1 = every step); K <= steps. \"auto\": the service picks "
         "K within the model card's quality budget, raising it only when the latency target is at risk (see "
         "/v1/model's auto_encoder_interval)")
-    guidance_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False,
+    guidance_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False, strict=True,
                                          description="classifier-free guidance, 0-100 (default: model card)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True,
                              description="0 to 2^53 - 1; image i uses seed + i; absent = random, reported back")
-    timeout_s: float | None = Field(None, gt=0, allow_inf_nan=False,
-                                    description="deadline in seconds (capped by the server's maximum)")
+    timeout_s: float | None = Field(None, ge=MIN_TIMEOUT_S, allow_inf_nan=False, strict=True,
+                                    description=f"deadline in seconds, at least {MIN_TIMEOUT_S} (at most the server's "
+                                    "max_timeout_s)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_numbers(cls, data: Any) -> Any:
+        """JSON Schema's "integer" includes 1.0: take a whole float as its integer in the integer fields (strings and
+        booleans stay refused: the fields are strict)."""
+        if isinstance(data, dict):
+            return {k: int(v) if k in INTEGER_FIELDS and isinstance(v, float) and v.is_integer() and abs(v) < 2**63
+                    else v for k, v in data.items()}
+        return data
 
 class StreamRequest(GenerateRequest):
     """POST /generate/stream: the /generate body, plus how often to send a preview."""

@@ -38,6 +38,16 @@ class Settings(BaseSettings):
     default_timeout_s: float = Field(120.0, gt=0)
     max_timeout_s: float = Field(600.0, gt=0)
     max_body_bytes: int = Field(65_536, ge=256, description="larger request bodies are refused with 413 unread")
+    max_header_bytes: int = Field(32_768, ge=1024, le=1_048_576, description="request line + headers larger than this "
+                                  "get 431 and the connection is closed (nothing larger is buffered)")
+    max_headers: int = Field(100, ge=8, le=10_000, description="requests with more headers get 431")
+    header_timeout_s: float = Field(10.0, gt=0, le=600, description="a request's head must arrive within this many "
+                                    "seconds of the connection's first byte (or of the previous response): else 408, "
+                                    "closed")
+    body_timeout_s: float = Field(30.0, gt=0, le=600, description="a request's body must arrive within this many "
+                                  "seconds of its head: else 408, closed")
+    max_connections: int = Field(2048, ge=1, le=1_000_000, description="open connections (and requests in flight) "
+                                 "beyond this get 503 at once (uvicorn's limit_concurrency; per front-end worker)")
     drain_timeout_s: float | None = Field(None, gt=0, description="longest drain after SIGTERM before the requests "
                                           "still running are cancelled (503); default max_timeout_s + 10")
     signal_grace_s: float = Field(5.0, ge=0, description="repeated SIGTERM/SIGINT within this many seconds of the "
@@ -90,6 +100,9 @@ class Settings(BaseSettings):
     def _split_keys(cls, v: Any) -> Any:
         if isinstance(v, str):
             text = v.strip()
+            if not text:
+                raise ValueError("set but blank: unset DUALRATE_API_KEYS to serve without keys, or give at least one "
+                                 "key (a blank value would silently turn authentication off)")
             if text.startswith("["):
                 try:
                     return json.loads(text)
@@ -155,6 +168,11 @@ class Settings(BaseSettings):
         if not (self.checkpoint / "model_card.json").is_file():
             raise ValueError(f"checkpoint {self.checkpoint} has no model_card.json: set DUALRATE_CHECKPOINT to a "
                              "checkpoint folder (the shipped one is checkpoints/mnist-dualrate)")
+        defaults = json.loads((self.checkpoint / "model_card.json").read_text()).get("defaults", {})
+        if int(defaults.get("steps", 1)) > self.max_steps:
+            raise ValueError(f"max_steps ({self.max_steps}) is below the model card's default steps "
+                             f"({defaults['steps']}): every request that leaves steps out would be refused; set "
+                             f"DUALRATE_MAX_STEPS >= {defaults['steps']}")
         if self.max_images_per_request > self.max_active_images:
             raise ValueError(f"max_images_per_request ({self.max_images_per_request}) must be <= max_active_images "
                              f"({self.max_active_images}): a request must fit the batch")

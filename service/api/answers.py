@@ -122,7 +122,7 @@ def install_error_handlers(app: FastAPI) -> None:
         kind = HTTP_KINDS.get(exc.status_code, "invalid_request" if exc.status_code < 500 else "internal")
         message = str(exc.detail)
         if exc.status_code == 400 and message == "There was an error parsing the body":
-            message = "the body could not be read as JSON (it must be UTF-8 encoded JSON)"
+            message = "the body could not be read as JSON"
         elif exc.status_code == 404:
             message = f"no such path: {request.url.path} (see /docs)"
         elif exc.status_code == 405:

@@ -23,15 +23,21 @@ class Unauthorized(Exception):
     """Missing or wrong API key; answered 401 by `service.api.answers`."""
 
 
-async def authorize(request: Request, state: StateDep) -> None:
-    keys = state.settings.api_key_bytes
+def key_ok(keys: list[bytes], authorization: str) -> bool:
+    """Whether an Authorization header value carries one of `keys` (none configured: every request passes). The
+    scheme is case-insensitive (RFC 9110): Bearer, bearer, BEARER."""
     if not keys:
-        return
-    header = request.headers.get("authorization", "")
-    token = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        return True
+    scheme, _, token = authorization.strip().partition(" ")
+    if scheme.lower() != "bearer":
+        return False
     # Compare bytes: compare_digest refuses non-ASCII str, and a client may send any header bytes (latin-1).
-    presented = token.encode("utf-8", errors="surrogateescape")
-    if not any(secrets.compare_digest(presented, k) for k in keys):
+    presented = token.strip().encode("utf-8", errors="surrogateescape")
+    return any(secrets.compare_digest(presented, k) for k in keys)
+
+
+async def authorize(request: Request, state: StateDep) -> None:
+    if not key_ok(state.settings.api_key_bytes, request.headers.get("authorization", "")):
         raise Unauthorized()
 
 

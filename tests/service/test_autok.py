@@ -106,10 +106,51 @@ def test_retry_after_is_the_predicted_wait(engine, model):
     s = scheduler(engine, model, slots=2, queue_size=2)
     for i in range(2):
         s.submit(GenerationSpec(1, 2, 8, 4, 1.0, seed=i))
-    s.cost.images_per_s = 0.5  # measured completion rate: 4 queued images take 8 s
+    # Measured throughput: 4 image-steps per second of tick time; 2 x 2 queued images of 8 steps take 8 s.
+    s.cost.observe_tick(8, 0, 0.5, 0, images_advanced=2)
+    s.cost.observe_tick(8, 0, 0.5, 0, images_advanced=2)
     with pytest.raises(QueueFull) as e:
         s.submit(GenerationSpec(1, 1, 8, 4, 1.0, seed=9))
     assert e.value.retry_after_s == pytest.approx(8.0)
+
+
+def test_throughput_for_retry_after_is_smoothed_over_a_window(engine, model):
+    s = scheduler(engine, model)
+    for _ in range(100):  # steady: 4 image-steps per 0.1 s tick
+        s.cost.observe_tick(8, 0, 0.1, 0, images_advanced=4)
+    s.cost.observe_tick(8, 0, 0.1, 4, images_advanced=4)  # a wave of completions changes nothing
+    assert s.cost.steps_per_s == pytest.approx(40.0)
+    for _ in range(400):  # 20 s later at half the speed: the old ticks have left the window
+        s.cost.observe_tick(8, 0, 0.1, 0, images_advanced=2)
+    assert s.cost.steps_per_s == pytest.approx(20.0, rel=0.02)
+
+
+def test_small_requests_keep_a_share_of_the_queue(engine, model):
+    s = scheduler(engine, model, slots=4, queue_size=8)
+    s.reserved_slots = 1
+    s.reserved_queue = 1
+    s.small_cost = 8.0
+    for i in range(7):  # large: 2 x 128 / 4 = 64
+        s.submit(GenerationSpec(1, 2, 128, 4, 1.0, seed=i))
+    with pytest.raises(QueueFull):
+        s.submit(GenerationSpec(1, 2, 128, 4, 1.0, seed=99))  # the last place is a small request's
+    s.submit(GenerationSpec(2, 1, 8, 4, 1.0, seed=100))  # small: 1 x 8 / 4 = 2
+
+
+def test_reserved_slots_are_lent_while_no_small_request_waits(engine, model):
+    s = scheduler(engine, model, slots=4, queue_size=16)
+    s.reserved_slots, s.small_cost = 1, 8.0
+    bigs = [s.submit(GenerationSpec(1, 2, 24, 4, 1.0, seed=i)) for i in range(4)]  # cost 2 x 24 / 4 = 12 > 8
+    s.tick()
+    assert len(s.active) == 4  # nobody small waits: the reserved slot works too
+    small = s.submit(GenerationSpec(2, 1, 8, 4, 1.0, seed=50))
+    for _ in range(25):
+        s.tick()
+        if any(a.job is small for a in s.active):
+            break
+    # The first slot that frees goes to the small request, before the large requests queued before it.
+    assert any(a.job is small for a in s.active)
+    assert not all(b.future.done() for b in bigs)
 
 
 @pytest.mark.slow

@@ -85,7 +85,7 @@ def test_parse_errors_and_404s_are_counted(server):
         assert metric(after, *key) == metric(before, *key) + 1, outcome
 
 
-@pytest.mark.parametrize("k", [10**100, 4097, 9])
+@pytest.mark.parametrize("k", [10**100, 4097, 129])
 def test_encoder_interval_is_bounded(server, k):
     r = httpx.post(f"{server.url}/generate", json={"class_label": 1, "steps": 8, "encoder_interval": k}, timeout=30)
     assert r.status_code == 422, r.text
@@ -95,6 +95,15 @@ def test_encoder_interval_is_bounded(server, k):
 def test_k_equal_to_steps_is_accepted(server):
     r = httpx.post(f"{server.url}/generate", json={"class_label": 1, "steps": 4, "encoder_interval": 4}, timeout=60)
     assert r.status_code == 200 and r.json()["encoder_calls"] == 1
+
+
+def test_k_above_steps_runs_like_k_equal_to_steps(server):
+    body = {"class_label": 1, "steps": 4, "seed": 3}
+    same = httpx.post(f"{server.url}/generate", json={**body, "encoder_interval": 4}, timeout=60).json()
+    above = httpx.post(f"{server.url}/generate", json={**body, "encoder_interval": 9}, timeout=60)
+    assert above.status_code == 200, above.text
+    assert above.json()["encoder_calls"] == 1 and above.json()["encoder_interval"] == 9
+    assert above.json()["images"][0]["png_base64"] == same["images"][0]["png_base64"]
 
 
 def test_schema_publishes_integer_limits(server):

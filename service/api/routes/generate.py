@@ -39,7 +39,10 @@ from service.state import AppState
 log = logging.getLogger("service")
 router = APIRouter(tags=["generate"], dependencies=[Authorized])
 
-ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody} for s in (401, 413, 415, 422, 429, 500, 503, 504)}
+# Every status these routes answer, documented with the error body (408, 431 and the connection cap's 503 come from
+# service.http_limits before the app).
+ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody}
+                                           for s in (400, 401, 408, 413, 415, 422, 429, 431, 500, 503, 504)}
 STREAM_DOC: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}},
           "description": "Server-Sent Events: queued, progress, preview, then done (the /generate body) or error (its "
@@ -75,19 +78,23 @@ def prepare(req: GenerateRequest, state: AppState, t0: float) -> tuple[CoreHandl
     k = (state.defaults["encoder_interval"] if req.encoder_interval is None or auto else int(req.encoder_interval))
     if auto and state.autok is None:
         limit_errors.append(("encoder_interval", "auto is not offered by this server"))
-    if not auto and k > steps:
-        limit_errors.append(("encoder_interval", f"must be <= steps ({steps}): K = steps already runs the encoder once"))
+    if not auto and k > settings.max_steps:
+        limit_errors.append(("encoder_interval", f"must be <= {settings.max_steps} (max_steps)"))
+    # K > steps runs the encoder once, at step 0, exactly as K = steps does: accepted (a JSON schema cannot say
+    # "K <= steps", and a schema-valid request must not be refused); the answer reports the K asked for.
     cheapest_k = max([k, *(state.autok.budget.allowed if auto and state.autok else [])])
     cost = req.num_images * steps / min(cheapest_k, steps)
     if settings.max_request_cost and cost > settings.max_request_cost:
         limit_errors.append(("num_images", f"this request costs {cost:g} (num_images x steps / encoder_interval), over "
                              f"the server's cap of {settings.max_request_cost:g} (DUALRATE_MAX_REQUEST_COST): fewer "
                              "images or steps, or a larger encoder_interval"))
+    if req.timeout_s is not None and req.timeout_s > settings.max_timeout_s:
+        limit_errors.append(("timeout_s", f"must be <= {settings.max_timeout_s:g} (DUALRATE_MAX_TIMEOUT_S)"))
     if limit_errors:
         raise LimitError(limit_errors)
     g = state.defaults["guidance_scale"] if req.guidance_scale is None else req.guidance_scale
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
-    timeout = min(req.timeout_s or settings.default_timeout_s, settings.max_timeout_s)
+    timeout = req.timeout_s or settings.default_timeout_s
     label = cfg.null_label if req.class_label is None else req.class_label
     spec = GenerationSpec(label, req.num_images, steps, k, g, seed, deadline=t0 + timeout, auto=auto)
     return state.core, spec, timeout
