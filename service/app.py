@@ -24,7 +24,7 @@ from dualrate.config import ModelConfig
 from engines import Engine, EngineConfig, create_engine
 from service.api import api_router
 from service.api.answers import install_error_handlers
-from service.api.deps import Unauthorized, key_ok
+from service.api.deps import key_ok
 from service.api.routes.pages import mount_static
 from service.autok import AutoK, QualityBudget
 from service.core import LocalCore, build_core
@@ -207,8 +207,8 @@ class BodyLimit:
         key_checked = not protected or key_ok(self.keys, headers.get("authorization", ""))
 
         async def limited() -> Message:
-            if not key_checked:
-                raise Unauthorized()
+            if not key_checked:  # an HTTPException: FastAPI turns other errors while reading the body into 400
+                raise StarletteHTTPException(401, headers={"WWW-Authenticate": "Bearer"})
             if not is_json or whole:
                 return await read()
             parts, message = [], await read()

@@ -117,8 +117,6 @@ class Scheduler:
         self.admission = admission_policy(policy, align_encoder)
         self.autok = autok
         self.reserved_slots, self.small_cost = reserved_slots, small_cost
-        # Queue places only small requests may take (as the reserved slots, one in eight by default).
-        self.reserved_queue = min(queue_size - 1, max(1, queue_size // 8)) if reserved_slots and queue_size > 1 else 0
         self.cost = autok.cost if autok is not None else CostModel()  # per-row costs and completion rate, from ticks
         self.cost.slots = max_active_images
         self.runner = Runner(engine, sched, null_label, max_active_images, overlap_encoder, output_size, self.stats,
@@ -144,10 +142,11 @@ class Scheduler:
         with self._cv:
             if not self._accepting:
                 raise NotReady("the service is draining and accepts no new requests")
-            # Small requests may use the whole queue; large ones leave its last `reserved_queue` places to them, so
-            # a flood of large requests cannot turn every small one away.
-            limit = self.queue_size if self.spec_is_small(spec) else self.queue_size - self.reserved_queue
-            if len(self.queue) >= limit:
+            # Small requests have queue places of their own beside the large ones' (as many), so a flood of large
+            # requests cannot turn every small one away; with reserved slots off, one queue for all.
+            small = self.spec_is_small(spec)
+            waiting = sum(self.is_small(j) == small for j in self.queue) if self.reserved_slots else len(self.queue)
+            if waiting >= self.queue_size:
                 raise QueueFull(retry_after_s=self.predicted_wait())
             if self.autok is not None:
                 self.autok.arrived(spec.num_images, time.monotonic())  # every request loads the service

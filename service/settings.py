@@ -32,7 +32,8 @@ class Settings(BaseSettings):
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = cuda:0 if present, else cpu")
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="checkpoint folder (weights + model card)")
     max_active_images: int = Field(32, ge=1, le=512, description="images advanced together per tick (batch slots)")
-    queue_size: int = Field(64, ge=1, le=100_000, description="requests waiting for a slot before 429")
+    queue_size: int = Field(64, ge=1, le=100_000, description="requests waiting for a slot before 429 (small "
+                            "requests have as many places again of their own while reserved_slots > 0)")
     max_images_per_request: int = Field(16, ge=1)
     max_steps: int = Field(256, ge=1, le=4096)
     default_timeout_s: float = Field(120.0, gt=0)
@@ -90,8 +91,8 @@ class Settings(BaseSettings):
     max_request_cost: float = Field(0.0, ge=0, description="refuse (422) requests costing more than num_images x steps / "
                                     "encoder_interval (auto: its largest allowed K); 0 = no cap")
     reserved_slots: int | None = Field(None, ge=0, description="batch slots kept for small requests (at most a default "
-                                       "request's num_images x steps / encoder_interval): large requests together "
-                                       "cannot take them; default max_active_images // 8")
+                                       "request's num_images x steps / encoder_interval) while one waits, lent to large "
+                                       "requests while none does; default max_active_images // 8")
     warmup: bool = True
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
 

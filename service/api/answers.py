@@ -22,8 +22,11 @@ from service.state import AppState
 log = logging.getLogger("service")
 
 # Statuses that the framework raises (routing, body reading) -> the error kind of the documented error body.
-HTTP_KINDS = {400: "invalid_request", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
+HTTP_KINDS = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
               415: "unsupported_media_type"}
+
+
+UNAUTHORIZED_MESSAGE = "missing or wrong API key: send Authorization: Bearer <key>"
 
 
 class LimitError(ServiceError):
@@ -123,6 +126,8 @@ def install_error_handlers(app: FastAPI) -> None:
         message = str(exc.detail)
         if exc.status_code == 400 and message == "There was an error parsing the body":
             message = "the body could not be read as JSON"
+        elif exc.status_code == 401:
+            message = UNAUTHORIZED_MESSAGE
         elif exc.status_code == 404:
             message = f"no such path: {request.url.path} (see /docs)"
         elif exc.status_code == 405:
@@ -133,8 +138,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Unauthorized)
     async def _unauth(request: Request, exc: Exception) -> JSONResponse:
-        return error_response(state_of(request), 401, "unauthorized",
-                              "missing or wrong API key: send Authorization: Bearer <key>",
+        return error_response(state_of(request), 401, "unauthorized", UNAUTHORIZED_MESSAGE,
                               headers={"WWW-Authenticate": "Bearer"})
 
     @app.exception_handler(ServiceError)

@@ -125,16 +125,17 @@ def test_throughput_for_retry_after_is_smoothed_over_a_window(engine, model):
     assert s.cost.steps_per_s == pytest.approx(20.0, rel=0.02)
 
 
-def test_small_requests_keep_a_share_of_the_queue(engine, model):
+def test_small_requests_have_queue_places_of_their_own(engine, model):
     s = scheduler(engine, model, slots=4, queue_size=8)
-    s.reserved_slots = 1
-    s.reserved_queue = 1
-    s.small_cost = 8.0
-    for i in range(7):  # large: 2 x 128 / 4 = 64
+    s.reserved_slots, s.small_cost = 1, 8.0
+    for i in range(8):  # large: 2 x 128 / 4 = 64
         s.submit(GenerationSpec(1, 2, 128, 4, 1.0, seed=i))
     with pytest.raises(QueueFull):
-        s.submit(GenerationSpec(1, 2, 128, 4, 1.0, seed=99))  # the last place is a small request's
-    s.submit(GenerationSpec(2, 1, 8, 4, 1.0, seed=100))  # small: 1 x 8 / 4 = 2
+        s.submit(GenerationSpec(1, 2, 128, 4, 1.0, seed=99))  # the large requests' places are full
+    for i in range(8):  # small: 1 x 8 / 4 = 2, eight places of their own
+        s.submit(GenerationSpec(2, 1, 8, 4, 1.0, seed=100 + i))
+    with pytest.raises(QueueFull):
+        s.submit(GenerationSpec(2, 1, 8, 4, 1.0, seed=200))
 
 
 def test_reserved_slots_are_lent_while_no_small_request_waits(engine, model):

@@ -114,16 +114,20 @@ def test_sigterm_drains_both_processes_with_nothing_lost(start_server):
 def test_a_killed_core_gives_503_and_the_front_end_exits_non_zero(start_server):
     srv = start_server(engine_process="on", max_active_images=1, max_images_per_request=1, max_steps=256)
 
-    async def run() -> tuple[httpx.Response, float]:
+    async def run() -> tuple[httpx.Response, float, int, int]:
         async with httpx.AsyncClient(base_url=srv.url, timeout=60) as c:
             pending = asyncio.create_task(c.post("/generate", json={"class_label": 2, "steps": 256, "encoder_interval": 1}))
             await asyncio.sleep(1.0)
             t0 = time.monotonic()
             os.kill(core_pid(srv.proc.pid), signal.SIGKILL)
             r = await pending
-            return r, time.monotonic() - t0
+            seconds = time.monotonic() - t0
+            # The front end lingers a second to answer: liveness and readiness say the core is gone.
+            live, ready = (await c.get("/health/live")).status_code, (await c.get("/health/ready")).status_code
+            return r, seconds, live, ready
 
-    r, seconds = asyncio.run(run())
+    r, seconds, live, ready = asyncio.run(run())
+    assert live == ready == 503
     assert r.status_code == 503 and r.json()["error"] == "unavailable", r.text
     assert "engine core stopped" in r.json()["message"]
     assert seconds < 5
