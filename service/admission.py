@@ -25,9 +25,11 @@ class Admission:
 class ContinuousAdmission(Admission):
     """Step-level: images join at any tick, one image per waiting request in turn (round robin), small requests (a
     default request or cheaper) first, so a small request is not queued behind the images of the large ones before
-    it. The last `reserved_slots` free slots are kept for small requests while one waits; when none waits, large
-    requests may use them too (reserved capacity does not idle), and the next slot that frees goes to the next small
-    request.
+    it. The last `reserved_slots` free slots are kept for small requests: while one waits, always; while none waits,
+    they are lent to large images expected to finish within `s.lend_horizon_s` (their steps at the measured tick
+    time), so reserved capacity does not idle under a flood of moderate requests, and a small request that arrives
+    waits at most about that long for the next slot (small requests are admitted first). Images longer than that
+    never take a reserved slot: without preemption a small request would wait their whole trajectory.
 
     Aligned (the default), an image with interval K joins only at a tick where the active images with the same K are
     due an encoder refresh (it waits < K ticks), so their refreshes share one encoder call and the ticks between need
@@ -51,8 +53,8 @@ class ContinuousAdmission(Admission):
             for job in sorted(s.queue, key=lambda j: not s.is_small(j)):
                 if not s.free_slots:
                     break
-                if small_waits and len(s.free_slots) <= s.reserved_slots and not s.is_small(job):
-                    continue  # the last free slots are kept for the small requests waiting
+                if len(s.free_slots) <= s.reserved_slots and not s.is_small(job) and (small_waits or not s.may_lend(job)):
+                    continue  # the last free slots are kept for small requests
                 k = job.spec.encoder_interval
                 if self.aligned and k > 1:
                     if k not in active_k:

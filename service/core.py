@@ -94,6 +94,11 @@ def error_from_wire(w: dict[str, Any]) -> ServiceError:
     return cls(msg) if cls is not None else InternalError("core")
 
 
+# Reserved slots are lent to large images expected to finish within this many latency targets (6 s by default): the
+# longest a small request then waits for a slot (issue 21's overload: 128-step images on 8 slots took ~4.6 s here).
+LEND_HORIZON_TARGETS = 3.0
+
+
 class Built:
     """What `build_core` made: the model (card, defaults), the engine, auto-K and the started scheduler."""
 
@@ -124,6 +129,7 @@ def build_core(settings: Any, stats: Any, engine_factory: Any = None, progress: 
         overlap_encoder=settings.overlap_encoder, align_encoder=settings.align_encoder,
         output_size=model.cfg.output_size, autok=autok, reserved_slots=settings.effective_reserved_slots,
         small_cost=model.defaults.steps / model.defaults.encoder_interval, fused=settings.use_fused_tick,
+        lend_horizon_s=LEND_HORIZON_TARGETS * settings.latency_target_s,
     )
     scheduler.start()
     return Built(model, engine, autok, scheduler)

@@ -111,12 +111,13 @@ class Scheduler:
         reserved_slots: int = 0,  # slots only small requests may take (continuous policy)
         small_cost: float = 0.0,  # a request costing at most this (images x steps / K) is small
         fused: bool = False,  # each tick as one program (service.fused; torch backend)
+        lend_horizon_s: float = 6.0,  # reserved slots are lent to large images expected to finish within this
     ) -> None:
         self.null_label, self.max_active_images, self.queue_size, self.policy = null_label, max_active_images, queue_size, policy
         self.stats = stats or StatsSink()
         self.admission = admission_policy(policy, align_encoder)
         self.autok = autok
-        self.reserved_slots, self.small_cost = reserved_slots, small_cost
+        self.reserved_slots, self.small_cost, self.lend_horizon_s = reserved_slots, small_cost, lend_horizon_s
         self.cost = autok.cost if autok is not None else CostModel()  # per-row costs and completion rate, from ticks
         self.cost.slots = max_active_images
         self.runner = Runner(engine, sched, null_label, max_active_images, overlap_encoder, output_size, self.stats,
@@ -300,6 +301,11 @@ class Scheduler:
     def is_small(self, job: Job) -> bool:
         """Small requests may use the reserved slots and queue places, and are admitted first."""
         return self.spec_is_small(job.spec)
+
+    def may_lend(self, job: Job) -> bool:
+        """May a large request's image take a reserved slot while no small request waits? Only if it is expected to
+        finish within lend_horizon_s (its steps at the measured seconds per tick; unknown before the first ticks)."""
+        return 0 < job.spec.steps * self.cost.tick_s <= self.lend_horizon_s
 
     def spec_is_small(self, spec: GenerationSpec) -> bool:
         return spec.num_images * spec.steps / spec.encoder_interval <= self.small_cost

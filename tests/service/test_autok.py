@@ -141,6 +141,7 @@ def test_small_requests_have_queue_places_of_their_own(engine, model):
 def test_reserved_slots_are_lent_while_no_small_request_waits(engine, model):
     s = scheduler(engine, model, slots=4, queue_size=16)
     s.reserved_slots, s.small_cost = 1, 8.0
+    s.cost.tick_s, s.lend_horizon_s = 0.1, 3.0  # 24-step images take 2.4 s: short enough to lend to
     bigs = [s.submit(GenerationSpec(1, 2, 24, 4, 1.0, seed=i)) for i in range(4)]  # cost 2 x 24 / 4 = 12 > 8
     s.tick()
     assert len(s.active) == 4  # nobody small waits: the reserved slot works too
@@ -152,6 +153,16 @@ def test_reserved_slots_are_lent_while_no_small_request_waits(engine, model):
     # The first slot that frees goes to the small request, before the large requests queued before it.
     assert any(a.job is small for a in s.active)
     assert not all(b.future.done() for b in bigs)
+
+
+def test_reserved_slots_are_not_lent_to_images_longer_than_the_horizon(engine, model):
+    s = scheduler(engine, model, slots=4, queue_size=16)
+    s.reserved_slots, s.small_cost = 1, 8.0
+    s.cost.tick_s, s.lend_horizon_s = 0.1, 3.0  # 64-step images would hold the slot 6.4 s
+    for i in range(4):
+        s.submit(GenerationSpec(1, 2, 64, 4, 1.0, seed=i))
+    s.tick()
+    assert len(s.active) == 3 and s.free_slots  # the reserved slot waits for a small request
 
 
 @pytest.mark.slow
