@@ -37,13 +37,21 @@ def test_missing_or_wrong_content_type_gives_415(server, content_type):
 @pytest.mark.parametrize(
     ("payload", "field"),
     [({"class_label": True}, "class_label"), ({"class_label": "7"}, "class_label"), ({"steps": True}, "steps"),
-     ({"seed": False}, "seed"), ({"num_images": "2"}, "num_images"), ({"encoder_interval": 2.0}, "encoder_interval"),
+     ({"seed": False}, "seed"), ({"num_images": "2"}, "num_images"), ({"encoder_interval": 2.5}, "encoder_interval"),
      ({"seed": MAX_SEED + 1}, "seed")],
 )
 def test_integers_are_strict(server, payload, field):
     r = httpx.post(f"{server.url}/generate", json=payload, timeout=30)
     assert r.status_code == 422, r.text
     assert [d["field"] for d in r.json()["details"]] == [field]
+
+
+def test_a_whole_number_written_as_a_float_is_an_integer(server):
+    """JSON Schema's "integer" includes 2.0: a schema-valid request is taken."""
+    r = httpx.post(f"{server.url}/generate", json={"class_label": 1.0, "steps": 4.0, "encoder_interval": 2.0,
+                                                   "num_images": 1.0, "seed": 5.0}, timeout=60)
+    assert r.status_code == 200, r.text
+    assert (r.json()["steps"], r.json()["encoder_interval"], r.json()["images"][0]["seed"]) == (4, 2, 5)
 
 
 @pytest.mark.parametrize("value", [b"NaN", b"Infinity", b"-Infinity"])
