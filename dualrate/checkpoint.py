@@ -35,6 +35,22 @@ def save_checkpoint(path: Path, encoder: ContextEncoder, denoiser: LightDenoiser
     save_file({k: v.detach().contiguous().float() for k, v in encoder.state_dict().items()}, str(path / ENCODER_FILE))
     save_file({k: v.detach().contiguous().float() for k, v in denoiser.state_dict().items()}, str(path / DENOISER_FILE))
     (path / CARD_FILE).write_text(json.dumps(card, indent=2) + "\n")
+    for name in (ENCODER_FILE, DENOISER_FILE, CARD_FILE):
+        # The safetensors writer leaves its files owner-only (0600); a checkpoint is read by whoever serves it (the
+        # container's own user, uid 10001), so it is written readable by all, like the card.
+        (path / name).chmod(0o644)
+
+
+def checkpoint_problem(path: Path | str) -> str | None:
+    """Why `path` is not a checkpoint folder, in one line that says what to do (None: it is one). The one message
+    for every entry point: the service's settings, `python -m export`, `make serve`."""
+    path = Path(path)
+    missing = [n for n in (CARD_FILE, ENCODER_FILE, DENOISER_FILE) if not (path / n).is_file()]
+    if not missing:
+        return None
+    what = "does not exist" if not path.exists() else f"has no {', '.join(missing)}"
+    return (f"checkpoint {path} {what}: set DUALRATE_CHECKPOINT (or make's CHECKPOINT) to a checkpoint folder, e.g. "
+            f"checkpoints/mnist-dualrate, or write one with python -m dualrate.init")
 
 
 def model_card(cfg: ModelConfig, name: str, data: dict[str, Any], training: dict[str, Any]) -> dict[str, Any]:

@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from dualrate.checkpoint import DEFAULT_CHECKPOINT
+from dualrate.checkpoint import DEFAULT_CHECKPOINT, checkpoint_problem
 from export.onnx_export import ExportParityError, export_onnx
 
 
@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--force", action="store_true", help="re-export even if the cache matches")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    problem = checkpoint_problem(a.checkpoint)
+    if problem is not None:
+        print(f"error: {problem}", file=sys.stderr)
+        return 2
     try:
         art = export_onnx(a.checkpoint, a.out, fp16=a.fp16, force=a.force)
     except ExportParityError as e:

@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -126,21 +127,49 @@ def check_parity(module: torch.nn.Module, c: NetworkContract, path: Path, null_l
     return worst
 
 
+def _cached(out: Path, key: str, fp16: bool) -> OnnxArtifacts | None:
+    """The export in `out` if it is complete and of this export key."""
+    side_path = out / "onnx.json"
+    if not side_path.is_file():
+        return None
+    side = json.loads(side_path.read_text())
+    names = ("encoder", "denoiser")
+    files_ok = all((out / side[n]["file"]).is_file() for n in names) and (
+        not fp16 or ("fp16" in side and all((out / side["fp16"][n]["file"]).is_file() for n in names)))
+    return OnnxArtifacts.load(out) if side.get("export_key") == key and files_ok else None
+
+
+def _writable(folder: Path) -> bool:
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.touch()
+        probe.unlink()
+        return True
+    except OSError:
+        return False
+
+
 def export_onnx(checkpoint: Path, out: Path | None = None, fp16: bool = False, force: bool = False) -> OnnxArtifacts:
     """Export (or reuse, when the checkpoint hash matches) encoder.onnx, denoiser.onnx and onnx.json."""
     checkpoint = Path(checkpoint)
+    defaulted = out is None
     out = Path(out) if out is not None else onnx_dir_for(checkpoint)
     digest = checkpoint_hash(checkpoint)
     key = export_key(checkpoint)
-    side_path = out / "onnx.json"
-    if not force and side_path.is_file():
-        side = json.loads(side_path.read_text())
-        names = ("encoder", "denoiser")
-        files_ok = all((out / side[n]["file"]).is_file() for n in names) and (
-            not fp16 or ("fp16" in side and all((out / side["fp16"][n]["file"]).is_file() for n in names)))
-        if side.get("export_key") == key and files_ok:
-            log.info("ONNX graphs for checkpoint %s (export key %s) already in %s", digest[:12], key[:12], out)
-            return OnnxArtifacts.load(out)
+    if not force and (done := _cached(out, key, fp16)) is not None:
+        log.info("ONNX graphs for checkpoint %s (export key %s) already in %s", digest[:12], key[:12], out)
+        return done
+    if defaulted and not _writable(out.parent):
+        # A read-only image serving a checkpoint it was not built with: export into the temp folder (the container's
+        # tmpfs) instead of failing on the baked-in cache.
+        fallback = Path(tempfile.gettempdir()) / "dualrate-onnx" / out.name
+        log.warning("the ONNX cache %s is not writable (a read-only root?): exporting to %s instead; set "
+                    "DUALRATE_ONNX_CACHE to a writable folder (a volume) to keep the export across restarts",
+                    out.parent, fallback)
+        out = fallback
+        if not force and (done := _cached(out, key, fp16)) is not None:
+            return done
     out.mkdir(parents=True, exist_ok=True)
     model: LoadedModel = load_checkpoint(checkpoint)
     t0 = time.perf_counter()
@@ -164,5 +193,5 @@ def export_onnx(checkpoint: Path, out: Path | None = None, fp16: bool = False, f
             log.info("exported %s (%s): max relative error vs PyTorch %.1e", path.name, dtype, err)
             module.float()
     sidecar["export_seconds"] = round(time.perf_counter() - t0, 2)
-    side_path.write_text(json.dumps(sidecar, indent=2) + "\n")
+    (out / "onnx.json").write_text(json.dumps(sidecar, indent=2) + "\n")
     return OnnxArtifacts.load(out)

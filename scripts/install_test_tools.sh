@@ -17,12 +17,12 @@ if [ "${#missing[@]}" -eq 0 ]; then
 fi
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
     echo "installing Debian packages for the tests: ${missing[*]}"
+    # The prometheus and nginx packages may start system services (on :9090, :80); the tests run their own
+    # instances. Stop only the processes the installation started: those not running before it.
+    before=$(pgrep -x 'prometheus|nginx' || true)
     apt-get update -qq >/dev/null
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-    # The prometheus package may start a system service on :9090; the tests run their own instance.
-    (service prometheus stop || pkill -x prometheus) >/dev/null 2>&1 || true
-    # Likewise nginx: the tests run their own on loopback ports.
-    (service nginx stop || pkill -x nginx) >/dev/null 2>&1 || true
+    bash "$(dirname "$0")/stop_new_processes.sh" 'prometheus|nginx' "$before"
 else
     echo "missing ${missing[*]} and cannot apt-get install them: the tests that need them will be skipped" >&2
 fi

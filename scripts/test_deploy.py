@@ -6,9 +6,11 @@
 3. runs it with a read-only root filesystem and a tmpfs at /tmp, waits for Docker's health status `healthy`,
    gets PNGs from POST /generate, checks the process runs as non-root and that the start exported no ONNX;
 4. `docker stop` with a request in flight: the request completes (200) and the container exits 0;
-5. brings up the compose `cpu` profile (service + Prometheus, local images) and waits until Prometheus scrapes the
+5. serves your own model: a random tiny-rgb checkpoint (`python -m dualrate.init`) mounted read-only into the
+   read-only container, exported into the tmpfs, answered as 16x16 RGB PNGs;
+6. brings up the compose `cpu` profile (service + Prometheus, local images) and waits until Prometheus scrapes the
    service (`up == 1`);
-6. stops and removes everything it started (and the Docker engine, if it started it).
+7. stops and removes everything it started (and the Docker engine, if it started it).
 
 Figures go to stdout and, as JSON, to --out (default artifacts/test-deploy.json).
 """
@@ -20,6 +22,7 @@ import base64
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -175,6 +178,43 @@ class Deploy:
             f"{self.results['stop_seconds_with_request_in_flight']} s")
         self.d("rm", "-f", NAME)
 
+    def own_model(self) -> None:
+        """The README's "serve your own model": a random tiny-rgb checkpoint written on the host by dualrate.init,
+        mounted read-only into the read-only container; it is exported into the tmpfs and served as 3x16x16 RGB."""
+        folder = Path(tempfile.mkdtemp(prefix="dualrate-own-"))
+        folder.chmod(0o755)  # the container's user (uid 10001) must reach the checkpoint
+        sh(sys.executable, "-m", "dualrate.init", "--preset", "tiny-rgb", "--out", str(folder / "tiny-rgb"), cwd=ROOT)
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        log(f"running {TAG} read-only with a mounted tiny-rgb checkpoint on port {port}")
+        self.d("rm", "-f", NAME, check=False)
+        self.d("run", "-d", "--name", NAME, "--network", "host", "--read-only", "--tmpfs", "/tmp",
+               "-v", f"{folder / 'tiny-rgb'}:/models/tiny-rgb:ro", "-e", "DUALRATE_CHECKPOINT=/models/tiny-rgb",
+               "-e", f"DUALRATE_PORT={port}", TAG)
+
+        def ready() -> bool:
+            st = self.d("inspect", "-f", "{{.State.Status}}", NAME).stdout.strip()
+            if st != "running":
+                raise RuntimeError(f"container {st}:\n{self.d('logs', NAME, check=False).stderr[-4000:]}")
+            try:
+                return httpx.get(f"{url}/health/ready", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for("the own model ready", ready, 240, every=1.0)
+        image = httpx.get(f"{url}/v1/model", timeout=30).json()["image"]
+        assert (image["channels"], image["output_size"], image["png_mode"]) == (3, 16, "RGB"), image
+        r = httpx.post(f"{url}/generate", json={"class_label": 1, "steps": 4, "seed": 1}, timeout=120)
+        assert r.status_code == 200, r.text
+        png = base64.b64decode(r.json()["images"][0]["png_base64"])
+        assert png[12:16] == b"IHDR" and int.from_bytes(png[16:20], "big") == 16 and png[25] == 2, png[:32]  # RGB
+        logs = self.d("logs", NAME).stderr
+        assert "exporting to /tmp/dualrate-onnx" in logs, logs[-3000:]
+        self.results["own_model_served"] = True
+        log("own tiny-rgb checkpoint, mounted read-only: exported into the tmpfs, served as 16x16 RGB PNGs")
+        self.d("rm", "-f", NAME)
+        shutil.rmtree(folder, ignore_errors=True)
+
     def compose(self, src: Path) -> None:
         port, prom_port = free_port(), free_port()
         env = {**os.environ, "DUALRATE_CPU_IMAGE": TAG, "PROMETHEUS_IMAGE": self.env["LOCAL_PROMETHEUS_IMAGE"],
@@ -231,6 +271,7 @@ def main() -> int:
             sh("git", "clone", "--quiet", str(ROOT), str(src))
             deploy.build(src)
             deploy.run_container()
+            deploy.own_model()
             deploy.compose(src)
     finally:
         deploy.d("rm", "-f", NAME, check=False)

@@ -28,8 +28,8 @@ from pydantic_settings import SettingsError
 from service.app import AppState, create_app, drain
 from service.errors import NotReady
 from service.http_limits import bounded_protocol
-from service.settings import Settings, describe_settings_error
-from service.supervisor import WORKER_FD_ENV
+from service.settings import Settings, describe_settings_error, unknown_variables
+from service.supervisor import WORKER_FD_ENV, bind
 
 log = logging.getLogger("service")
 
@@ -123,11 +123,22 @@ def main() -> int:
     worker_fd = os.environ.get(WORKER_FD_ENV)
     who = f"worker {os.getpid()} " if worker_fd else ""
     logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s")
+    for line in unknown_variables(os.environ):
+        log.warning("%s", line)
     raise_open_file_limit()
-    if settings.frontend_workers > 1 and not worker_fd:
+    listen: socket.socket | None = None
+    if not worker_fd:
+        # Bind before anything loads, so a port in use is one clear line now, not a "ready" and then a bind error.
+        try:
+            listen = bind(settings.host, settings.port)
+        except OSError as e:
+            print(f"error: cannot listen on {settings.host}:{settings.port} ({e.strerror}): another process holds it; "
+                  "set DUALRATE_PORT (or DUALRATE_HOST) to a free one", file=sys.stderr)
+            return 2
+    if settings.frontend_workers > 1 and listen is not None:
         from service.supervisor import run
 
-        return run(settings)
+        return run(settings, listen)
     app = create_app(settings)
     # log_config=None: uvicorn's records (access lines included) go through the root handler above, in this log's
     # format; uvicorn's own formatters copy every record to colour it, ~0.4 ms per request on the event loop here.
@@ -139,7 +150,7 @@ def main() -> int:
     server = DrainingServer(config, app.state.dualrate, settings)
     state = app.state.dualrate
     state.on_core_death = server.core_died
-    sockets = None
+    sockets = [listen] if listen is not None else None
     if worker_fd:
         sockets = [socket.socket(fileno=int(worker_fd))]
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import json
+from collections.abc import Mapping
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Self
@@ -10,7 +12,7 @@ from typing import Annotated, Any, Self
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
-from dualrate.checkpoint import DEFAULT_CHECKPOINT
+from dualrate.checkpoint import DEFAULT_CHECKPOINT, checkpoint_problem
 from engines import Backend, EngineConfig, Precision
 from service.admission import Policy
 
@@ -112,6 +114,11 @@ class Settings(BaseSettings):
             return [k.strip() for k in text.split(",") if k.strip()]
         return v
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower_level(cls, v: Any) -> Any:
+        return v.strip().lower() if isinstance(v, str) else v
+
     @field_validator("buckets", mode="before")
     @classmethod
     def _split_buckets(cls, v: Any) -> Any:
@@ -166,35 +173,55 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        if not (self.checkpoint / "model_card.json").is_file():
-            raise ValueError(f"checkpoint {self.checkpoint} has no model_card.json: set DUALRATE_CHECKPOINT to a "
-                             "checkpoint folder (the shipped one is checkpoints/mnist-dualrate)")
+        problem = checkpoint_problem(self.checkpoint)
+        if problem is not None:
+            raise ValueError(problem)
         defaults = json.loads((self.checkpoint / "model_card.json").read_text()).get("defaults", {})
         if int(defaults.get("steps", 1)) > self.max_steps:
-            raise ValueError(f"max_steps ({self.max_steps}) is below the model card's default steps "
+            raise ValueError(f"DUALRATE_MAX_STEPS ({self.max_steps}) is below the model card's default steps "
                              f"({defaults['steps']}): every request that leaves steps out would be refused; set "
                              f"DUALRATE_MAX_STEPS >= {defaults['steps']}")
         if self.max_images_per_request > self.max_active_images:
-            raise ValueError(f"max_images_per_request ({self.max_images_per_request}) must be <= max_active_images "
-                             f"({self.max_active_images}): a request must fit the batch")
+            raise ValueError(f"DUALRATE_MAX_IMAGES_PER_REQUEST ({self.max_images_per_request}) must be <= "
+                             f"DUALRATE_MAX_ACTIVE_IMAGES ({self.max_active_images}): a request must fit the batch")
         if self.reserved_slots is not None and self.reserved_slots >= self.max_active_images:
-            raise ValueError("reserved_slots must be < max_active_images: large requests need a slot too")
+            raise ValueError(f"DUALRATE_RESERVED_SLOTS ({self.reserved_slots}) must be < DUALRATE_MAX_ACTIVE_IMAGES "
+                             f"({self.max_active_images}): large requests need a slot too")
         if self.default_timeout_s > self.max_timeout_s:
-            raise ValueError("default_timeout_s must be <= max_timeout_s")
+            raise ValueError(f"DUALRATE_DEFAULT_TIMEOUT_S ({self.default_timeout_s:g}) must be <= "
+                             f"DUALRATE_MAX_TIMEOUT_S ({self.max_timeout_s:g})")
         if self.backend is Backend.TENSORRT and self.device == "cpu":
-            raise ValueError("backend tensorrt needs device cuda or auto")
+            raise ValueError("DUALRATE_BACKEND=tensorrt needs DUALRATE_DEVICE=cuda or auto")
         if self.precision is Precision.TF32 and self.device == "cpu":
-            raise ValueError("precision tf32 needs a CUDA device (set DUALRATE_DEVICE=cuda or another precision)")
+            raise ValueError("DUALRATE_PRECISION=tf32 needs a CUDA device (set DUALRATE_DEVICE=cuda or another precision)")
         if Toggle.ON in (self.compile, self.fused_tick) and self.backend not in (Backend.TORCH, Backend.AUTO):
-            raise ValueError(f"compile and fused_tick are torch-backend options, not {self.backend}'s")
+            raise ValueError(f"DUALRATE_COMPILE and DUALRATE_FUSED_TICK are torch-backend options, not "
+                             f"DUALRATE_BACKEND={self.backend}'s")
         if self.frontend_workers > 1 and self.engine_process is Toggle.OFF:
-            raise ValueError("frontend_workers > 1 needs the engine core in its own process (DUALRATE_ENGINE_PROCESS "
-                             "on or auto)")
+            raise ValueError("DUALRATE_FRONTEND_WORKERS > 1 needs the engine core in its own process "
+                             "(DUALRATE_ENGINE_PROCESS on or auto)")
         if any(b < 1 for b in self.buckets):
-            raise ValueError("buckets must be positive row counts")
+            raise ValueError("DUALRATE_BUCKETS must be positive row counts")
         if self.backend is Backend.ONNXRUNTIME and self.precision is not Precision.FP32:
-            raise ValueError(f"backend onnxruntime runs precision fp32 only, not {self.precision}")
+            raise ValueError(f"DUALRATE_BACKEND=onnxruntime runs DUALRATE_PRECISION=fp32 only, not {self.precision}")
         return self
+
+
+# DUALRATE_* variables that are read elsewhere, not settings: the export/engine caches, the process wiring between
+# the supervisor, the front ends and the engine core, and the test suite's.
+OTHER_VARIABLES = frozenset({"DUALRATE_ONNX_CACHE", "DUALRATE_ENGINE_CACHE", "DUALRATE_CORE_ADDRESS",
+                             "DUALRATE_SHARED_CORE", "DUALRATE_WORKER_FD", "DUALRATE_TEST_THREADS",
+                             "DUALRATE_TEST_CHECKPOINT"})
+
+
+def unknown_variables(environ: Mapping[str, str]) -> list[str]:
+    """A line per DUALRATE_* variable that no setting reads (a typo such as DUALRATE_PROT), with the nearest name."""
+    known = {f"DUALRATE_{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES
+    lines = []
+    for var in sorted(v for v in environ if v.upper().startswith("DUALRATE_") and v.upper() not in known):
+        near = difflib.get_close_matches(var.upper(), sorted(known), n=1, cutoff=0.7)
+        lines.append(f"{var} is not a setting and is ignored" + (f" (did you mean {near[0]}?)" if near else ""))
+    return lines
 
 
 def describe_settings_error(e: ValidationError | SettingsError) -> list[str]:

@@ -56,8 +56,8 @@ def tell_core_to_stop(address: str) -> None:
     ctx.term()
 
 
-def run(settings: Settings) -> int:
-    sock = bind(settings.host, settings.port)
+def run(settings: Settings, sock: socket.socket) -> int:
+    """`sock`: the listening socket, already bound by `python -m service`."""
     metrics_dir = tempfile.mkdtemp(prefix="dualrate-metrics-")
     core, address, folder = spawn_core()
     env = {**os.environ, WORKER_FD_ENV: str(sock.fileno()), SHARED_CORE_ENV: address,
