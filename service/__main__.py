@@ -98,6 +98,19 @@ class DrainingServer(uvicorn.Server):
         self.should_exit = True
 
 
+class QuietHealthProbes(logging.Filter):
+    """Drops uvicorn's access lines for successful /health/* probes (Docker's HEALTHCHECK and Kubernetes probe every
+    few seconds; their lines drowned the requests). Failed probes and every other request are still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if isinstance(args, tuple) and len(args) >= 5:
+            path, status = str(args[2]), args[4]
+            if path.startswith("/health/") and isinstance(status, int) and status < 400:
+                return False
+        return True
+
+
 def raise_open_file_limit() -> None:
     """Each client connection is a file descriptor; a soft limit of 1024 (a common default) is below what a few hundred
     concurrent clients plus the libraries' own files need. Raise the soft limit to the hard one."""
@@ -123,6 +136,7 @@ def main() -> int:
     worker_fd = os.environ.get(WORKER_FD_ENV)
     who = f"worker {os.getpid()} " if worker_fd else ""
     logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s")
+    logging.getLogger("uvicorn.access").addFilter(QuietHealthProbes())
     for line in unknown_variables(os.environ):
         log.warning("%s", line)
     raise_open_file_limit()

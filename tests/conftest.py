@@ -20,6 +20,17 @@ torch.set_num_threads(int(os.environ.get("DUALRATE_TEST_THREADS", "2")))
 CHECKPOINT = Path(os.environ.get("DUALRATE_TEST_CHECKPOINT", DEFAULT_CHECKPOINT))
 
 
+SERVER_FIXTURES = {"start_server", "server", "keyed", "bounded", "split"}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that starts a real server is slow, whatever its module says: `pytest -m "not slow"` (make test-quick)
+    runs no server."""
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def checkpoint_dir() -> Path:
     if not (CHECKPOINT / "model_card.json").is_file():

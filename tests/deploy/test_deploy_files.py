@@ -96,3 +96,16 @@ def test_dashboard_is_valid_provisionable_json():
     titles = " ".join(p["title"].lower() for p in dash["panels"])
     for topic in ("throughput", "latency", "queue", "batch", "reuse", "errors"):
         assert topic in titles
+
+
+def test_compose_publishes_on_loopback_unless_told_otherwise():
+    import yaml
+
+    services = yaml.safe_load((ROOT / "docker-compose.yml").read_text())["services"]
+    published = [(name, p) for name, svc in services.items() for p in svc.get("ports", [])]
+    assert published
+    for name, port in published:
+        assert str(port).startswith("${DUALRATE_BIND_ADDRESS:-127.0.0.1}:"), (name, port)
+    if shutil.which("docker-compose"):
+        out = subprocess.run(["docker-compose", "--profile", "cpu", "config"], cwd=ROOT, capture_output=True, text=True)
+        assert out.returncode == 0 and "127.0.0.1" in out.stdout, out.stderr
