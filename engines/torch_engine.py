@@ -150,7 +150,10 @@ class TorchEngine(Engine):
     def _amp(self):
         if self._autocast is None:
             return contextlib.nullcontext()
-        return torch.autocast(torch.device(self._device).type, dtype=self._autocast)
+        kind = torch.device(self._device).type
+        # On CUDA the calls may be captured into CUDA graphs (per bucket, per tick), where autocast's cache of cast
+        # weights must stay off (PyTorch's CUDA-graph notes); a compiled network casts inside its own graph anyway.
+        return torch.autocast(kind, dtype=self._autocast, cache_enabled=kind != "cuda")
 
     def network_calls(self) -> tuple[NetCall, NetCall]:
         """(encode, denoise) on device tensors of any batch, in the engine's precision, nothing else: what the
