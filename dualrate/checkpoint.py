@@ -99,9 +99,13 @@ def load_checkpoint(path: Path | str = DEFAULT_CHECKPOINT) -> LoadedModel:
     encoder, denoiser = ContextEncoder(cfg), LightDenoiser(cfg)
     encoder.load_state_dict(load_file(str(path / ENCODER_FILE)))
     denoiser.load_state_dict(load_file(str(path / DENOISER_FILE)))
+    return LoadedModel(cfg, encoder.eval(), denoiser.eval(), card, card_defaults(card), path)
+
+
+def card_defaults(card: dict[str, Any]) -> SamplingDefaults:
+    """The sampling defaults a model card publishes (the dataclass's where it names none)."""
     d = card.get("defaults", {})
-    defaults = SamplingDefaults(**{k: d[k] for k in ("steps", "encoder_interval", "guidance_scale") if k in d})
-    return LoadedModel(cfg, encoder.eval(), denoiser.eval(), card, defaults, path)
+    return SamplingDefaults(**{k: d[k] for k in ("steps", "encoder_interval", "guidance_scale") if k in d})
 
 
 def torch_fns(model: LoadedModel):

@@ -1,7 +1,7 @@
 """Batch buckets and `torch.compile` for the torch backend.
 
 A network call is padded up to the next bucket (`Buckets.pad`), so a compiled network sees a fixed set of static
-shapes: Inductor (Triton kernels on CUDA, C++ on the CPU) compiles each once, at start-up (`TorchEngine.compile_all`),
+shapes: Inductor (Triton kernels on CUDA, C++ on the CPU) compiles each once, at start-up (`TorchEngine.warmup`),
 and CUDA graphs can capture each. Inductor's caches live under the same cache folder as the ONNX export
 (`<DUALRATE_ONNX_CACHE or artifacts/onnx>/inductor`), so a restart with the same checkpoint, code and torch loads
 the kernels instead of compiling them again.
@@ -61,16 +61,13 @@ def configure_inductor_cache(path: Path | None = None) -> Path:
     """Point Inductor's on-disk caches (FX graphs, kernels, Triton) at `path` (default: `inductor_cache_dir()`)
     before the first compile. (Inductor writes its own default into TORCHINDUCTOR_CACHE_DIR the first time it
     looks, e.g. during an ONNX export, so that variable cannot tell an operator's choice; DUALRATE_ONNX_CACHE can.)"""
+    from export import writable_folder
+
     path = Path(path or inductor_cache_dir())
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write-test-{os.getpid()}"
-        probe.touch()
-        probe.unlink()
-    except OSError as e:  # a read-only image with the export baked in: compile into the temp folder instead
+    if not writable_folder(path):  # a read-only image with the export baked in: compile into the temp folder instead
         fallback = Path(tempfile.gettempdir()) / "dualrate-inductor"
-        log.warning("inductor cache %s is not writable (%s): using %s, so a restart compiles again unless "
-                    "DUALRATE_ONNX_CACHE names a writable folder (a volume)", path, e.strerror, fallback)
+        log.warning("inductor cache %s is not writable: using %s, so a restart compiles again unless "
+                    "DUALRATE_ONNX_CACHE names a writable folder (a volume)", path, fallback)
         path = fallback
         path.mkdir(parents=True, exist_ok=True)
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(path)

@@ -139,7 +139,8 @@ def _cached(out: Path, key: str, fp16: bool) -> OnnxArtifacts | None:
     return OnnxArtifacts.load(out) if side.get("export_key") == key and files_ok else None
 
 
-def _writable(folder: Path) -> bool:
+def writable_folder(folder: Path) -> bool:
+    """Whether `folder` exists (created if need be) and takes a file: a read-only root says no."""
     try:
         folder.mkdir(parents=True, exist_ok=True)
         probe = folder / f".write-test-{os.getpid()}"
@@ -160,7 +161,7 @@ def export_onnx(checkpoint: Path, out: Path | None = None, fp16: bool = False, f
     if not force and (done := _cached(out, key, fp16)) is not None:
         log.info("ONNX graphs for checkpoint %s (export key %s) already in %s", digest[:12], key[:12], out)
         return done
-    if defaulted and not _writable(out.parent):
+    if defaulted and not writable_folder(out.parent):
         # A read-only image serving a checkpoint it was not built with: export into the temp folder (the container's
         # tmpfs) instead of failing on the baked-in cache.
         fallback = Path(tempfile.gettempdir()) / "dualrate-onnx" / out.name

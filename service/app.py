@@ -19,7 +19,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dualrate.checkpoint import load_checkpoint, read_card
+from dualrate.checkpoint import card_defaults, read_card
 from dualrate.config import ModelConfig
 from engines import Engine, EngineConfig, create_engine
 from service.api import api_router
@@ -43,17 +43,22 @@ def create_app(settings: Settings | None = None,
     """`engine_factory(checkpoint, engine config)` builds the engine: `engines.create_engine`, or a wrapper around it
     (a failing engine double in the failure tests)."""
     settings = settings or Settings()
-    cfg = ModelConfig.from_dict(read_card(settings.checkpoint)["config"])  # geometry and labels, before the weights
+    card = read_card(settings.checkpoint)  # all the front end needs of the checkpoint: the engine loads the weights
+    cfg = ModelConfig.from_dict(card["config"])
     state = AppState(settings, cfg)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        model = await asyncio.to_thread(load_checkpoint, settings.checkpoint)
-        state.model_card = model.card
-        state.defaults = {"steps": model.defaults.steps, "encoder_interval": model.defaults.encoder_interval,
-                          "guidance_scale": model.defaults.guidance_scale}
-        budget = QualityBudget.from_card(model.card, settings.quality_budget, model.defaults.encoder_interval)
+        defaults = card_defaults(card)
+        state.model_card = card
+        state.defaults = {"steps": defaults.steps, "encoder_interval": defaults.encoder_interval,
+                          "guidance_scale": defaults.guidance_scale}
+        budget = QualityBudget.from_card(card, settings.quality_budget, defaults.encoder_interval)
         state.autok = AutoK(budget, settings.latency_target_s)  # the front end's copy: the limits of "auto"
+
+        def starting(line: str) -> None:  # what /health/ready says while not ready (from any thread)
+            state.starting = line
+
         remote: RemoteCore | None = None
         built = None
         shared = os.environ.get(SHARED_CORE_ENV)  # a front-end worker of several: the supervisor's core
@@ -62,22 +67,15 @@ def create_app(settings: Settings | None = None,
             remote.on_death = state.core_died
             remote.start()
             state.core = remote
-            await remote.wait_ready(lambda line: setattr(state, "starting", line))
+            await remote.wait_ready(starting)
         elif settings.use_engine_process:
             remote = RemoteCore(*spawn_core())
             remote.on_death = state.core_died
             remote.start()
             state.core = remote
-
-            def progress(line: str) -> None:
-                state.starting = line
-
-            await remote.wait_ready(progress)
+            await remote.wait_ready(starting)
         else:
-            def progress_threadsafe(line: str) -> None:
-                state.starting = line
-
-            built = await asyncio.to_thread(build_core, settings, state.metrics, engine_factory, progress_threadsafe)
+            built = await asyncio.to_thread(build_core, settings, state.metrics, engine_factory, starting)
             state.engine, state.scheduler = built.engine, built.scheduler
             state.core = LocalCore(built.scheduler, built.engine.info, state.metrics.refresh)
             state.metrics.set_engine(built.engine.info, settings.policy.value)

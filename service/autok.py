@@ -58,7 +58,6 @@ class CostModel:
     refit_every: int = 25
     prior: tuple[float, float, float, float] = (1e-3, 1e-4, 1e-3, 1e-4)  # c0, a, c1, b (seconds)
     theta: np.ndarray = field(default_factory=lambda: np.zeros(0))
-    images_per_s: float = 0.0  # completed images per second of tick time (EMA)
     tick_s: float = 0.0  # seconds per tick (EMA)
     rate_window_s: float = 20.0  # image-steps per second over about this much tick time (Retry-After)
     _steps: deque[tuple[int, float]] = field(default_factory=deque)  # (images advanced, seconds) per tick
@@ -70,8 +69,9 @@ class CostModel:
         if self.theta.size == 0:
             self.theta = np.array(self.prior)
 
-    def observe_tick(self, light_rows: int, encoder_rows: int, seconds: float, images_done: int,
-                     images_advanced: int = 0) -> None:
+    def observe_tick(self, light_rows: int, encoder_rows: int, seconds: float, images_advanced: int) -> None:
+        """One tick: its rows per network and time (the fitted tick cost), and the images it advanced one step (the
+        throughput behind Retry-After)."""
         if images_advanced:
             n, t = self._steps_sum
             self._steps.append((images_advanced, seconds))
@@ -89,8 +89,6 @@ class CostModel:
             if len(self._x) % self.refit_every == 0 or len(self._x) == self.window:
                 self._refit()
             self.tick_s = 0.9 * self.tick_s + 0.1 * seconds if self.tick_s else seconds
-        if seconds > 0:
-            self.images_per_s = 0.98 * self.images_per_s + 0.02 * images_done / seconds
 
     @property
     def steps_per_s(self) -> float:

@@ -100,36 +100,38 @@ LEND_HORIZON_TARGETS = 3.0
 
 
 class Built:
-    """What `build_core` made: the model (card, defaults), the engine, auto-K and the started scheduler."""
+    """What `build_core` made: the warmed engine and the started scheduler."""
 
-    def __init__(self, model: Any, engine: Any, autok: Any, scheduler: Scheduler) -> None:
-        self.model, self.engine, self.autok, self.scheduler = model, engine, autok, scheduler
+    def __init__(self, engine: Any, scheduler: Scheduler) -> None:
+        self.engine, self.scheduler = engine, scheduler
 
 
 def build_core(settings: Any, stats: Any, engine_factory: Any = None, progress: Any = None) -> Built:
-    """Load the checkpoint, build and warm the engine (compiling where configured; `progress(line)` hears each
-    stage), start the scheduler. Runs in whichever process owns the device."""
-    from dualrate.checkpoint import load_checkpoint
+    """Build and warm the engine from the checkpoint (compiling where configured; `progress(line)` hears each
+    stage), start the scheduler. Runs in whichever process owns the device; only the engine loads the weights."""
+    from dualrate.checkpoint import card_defaults, read_card
+    from dualrate.config import ModelConfig
     from dualrate.diffusion import CosineSchedule
     from engines import create_engine
     from service.autok import AutoK, QualityBudget
 
-    model = load_checkpoint(settings.checkpoint)
+    card = read_card(settings.checkpoint)
+    cfg, defaults = ModelConfig.from_dict(card["config"]), card_defaults(card)
     engine = (engine_factory or create_engine)(settings.checkpoint, settings.engine_config())
     if settings.warmup:
         if progress is not None:
             progress("warming up the networks")
         engine.warmup((1, 2 * settings.max_active_images),
                       (lambda line: progress(f"compiling the networks: {line}")) if progress is not None else None)
-    budget = QualityBudget.from_card(model.card, settings.quality_budget, model.defaults.encoder_interval)
-    autok = AutoK(budget, settings.latency_target_s)
+    autok = AutoK(QualityBudget.from_card(card, settings.quality_budget, defaults.encoder_interval),
+                  settings.latency_target_s)
     scheduler = Scheduler(
-        engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
+        engine, CosineSchedule(cfg.logsnr_min, cfg.logsnr_max), cfg.null_label,
         settings.max_active_images, settings.queue_size, settings.policy, stats,
         overlap_encoder=settings.overlap_encoder, align_encoder=settings.align_encoder,
-        output_size=model.cfg.output_size, autok=autok, reserved_slots=settings.effective_reserved_slots,
-        small_cost=model.defaults.steps / model.defaults.encoder_interval, fused=settings.use_fused_tick,
+        output_size=cfg.output_size, autok=autok, reserved_slots=settings.effective_reserved_slots,
+        small_cost=defaults.steps / defaults.encoder_interval, fused=settings.use_fused_tick,
         lend_horizon_s=LEND_HORIZON_TARGETS * settings.latency_target_s,
     )
     scheduler.start()
-    return Built(model, engine, autok, scheduler)
+    return Built(engine, scheduler)

@@ -32,7 +32,7 @@ import numpy as np
 import zmq
 from prometheus_client import generate_latest
 
-from service.core import build_core, error_to_wire
+from service.core import build_core, error_from_wire, error_to_wire
 from service.errors import NotReady, ServiceError
 from service.metrics import PrometheusStats
 from service.progress import Event
@@ -179,8 +179,6 @@ class CoreServer:
         if op == "stop_admission" and self.scheduler is not None:
             self.scheduler.stop_admission()
         elif op == "abort" and self.scheduler is not None:
-            from service.core import error_from_wire
-
             self.scheduler.abort(error_from_wire(msg[1]))
         elif op == "shutdown":
             self.stop.set()

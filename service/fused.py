@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,19 +44,34 @@ class Key:
     enc: int  # encoder row bucket (0: no refresh this tick)
 
 
+# The static buffers' fields, per image, per light-network row and per encoder row, in buffer order.
+INT_FIELDS = (("slot", "seed", "step", "cond_row", "uncond_row"), ("r_zslot", "r_cache", "r_label"),
+              ("e_zslot", "e_cache", "e_label"))
+FLOAT_FIELDS = (("t", "s", "g"), ("r_t", "r_tau"), ("e_tau",))
+
+
+def _layout(key: Key, groups: tuple[tuple[str, ...], ...]) -> tuple[dict[str, slice], int]:
+    """Each field's place in one flat buffer (a group's fields have its bucket's length). -> (places, length)."""
+    places, at = {}, 0
+    for names, size in zip(groups, (key.images, key.rows, key.enc), strict=True):
+        for name in names:
+            places[name] = slice(at, at + size)
+            at += size
+    return places, at
+
+
 class _Program:
     """Static input buffers of one key, the function over them, and (CUDA) its captured graph."""
 
     def __init__(self, key: Key, device: str) -> None:
         self.key = key
-        b, r, e = key.images, key.rows, key.enc
-        self.n_int = 5 * b + 3 * r + 3 * e  # slot seed step cond_row uncond_row | zslot cache_row label (rows, enc)
-        self.n_float = 3 * b + 2 * r + e  # t s g | t tau | tau
-        self.ints = torch.zeros(self.n_int, dtype=torch.int64, device=device)
-        self.floats = torch.zeros(self.n_float, dtype=torch.float32, device=device)
+        self.int_at, n_int = _layout(key, INT_FIELDS)
+        self.float_at, n_float = _layout(key, FLOAT_FIELDS)
+        self.ints = torch.zeros(n_int, dtype=torch.int64, device=device)
+        self.floats = torch.zeros(n_float, dtype=torch.float32, device=device)
         pin = device.startswith("cuda")
-        self.host_ints = torch.zeros(self.n_int, dtype=torch.int64, pin_memory=pin)
-        self.host_floats = torch.zeros(self.n_float, dtype=torch.float32, pin_memory=pin)
+        self.host_ints = torch.zeros(n_int, dtype=torch.int64, pin_memory=pin)
+        self.host_floats = torch.zeros(n_float, dtype=torch.float32, pin_memory=pin)
         self.graph: torch.cuda.CUDAGraph | None = None
         self.out: tuple[Tensor, Tensor, Tensor] | None = None
         # CUDA: the host buffers are pinned and copied asynchronously; the next tick waits for this event before it
@@ -85,23 +101,18 @@ class FusedTick:
     # ---- the program -------------------------------------------------------------------------------------------
 
     def _body(self, p: _Program) -> tuple[Tensor, Tensor, Tensor]:
-        b, r, e = p.key.images, p.key.rows, p.key.enc
-        ints, floats = p.ints, p.floats
-        slot, seed, step, cond_row, uncond_row = ints[: 5 * b].view(5, b)
-        r_zslot, r_cache, r_label = ints[5 * b : 5 * b + 3 * r].view(3, r)
-        t, s, g = floats[: 3 * b].view(3, b)
-        r_t, r_tau = floats[3 * b : 3 * b + 2 * r].view(2, r)
-        if e:
-            e_zslot, e_cache, e_label = ints[5 * b + 3 * r :].view(3, e)
-            e_tau = floats[3 * b + 2 * r :]
-            feats = self.encode(self.z[e_zslot], e_tau, e_label)
-            for c, f in zip(self.cache, feats, strict=True):  # type: ignore[call-overload]
-                c.index_copy_(0, e_cache, f.to(c.dtype))
-        v = self.denoise(self.z[r_zslot], r_t, r_tau, r_label, *(c[r_cache] for c in self.cache))
+        i = {name: p.ints[at] for name, at in p.int_at.items()}
+        f = {name: p.floats[at] for name, at in p.float_at.items()}
+        if p.key.enc:
+            feats = self.encode(self.z[i["e_zslot"]], f["e_tau"], i["e_label"])
+            for c, x in zip(self.cache, feats, strict=True):  # type: ignore[call-overload]
+                c.index_copy_(0, i["e_cache"], x.to(c.dtype))
+        v = self.denoise(self.z[i["r_zslot"]], f["r_t"], f["r_tau"], i["r_label"], *(c[i["r_cache"]] for c in self.cache))
         assert isinstance(v, Tensor)
-        z_before, v_cond, v_uncond = self.z[slot], v[cond_row], v[uncond_row]
-        noise = draw_noise(seed, step + 1, self.sample_shape, self.device)  # type: ignore[arg-type]
-        self.z.index_copy_(0, slot, guided_step(z_before, v_cond, v_uncond, g, t, s, self.sched, noise))
+        z_before, v_cond, v_uncond = self.z[i["slot"]], v[i["cond_row"]], v[i["uncond_row"]]
+        noise = draw_noise(i["seed"], i["step"] + 1, self.sample_shape, self.device)  # type: ignore[arg-type]
+        z_after = guided_step(z_before, v_cond, v_uncond, f["g"], f["t"], f["s"], self.sched, noise)
+        self.z.index_copy_(0, i["slot"], z_after)
         return z_before, v_cond, v_uncond
 
     def _program(self, key: Key) -> _Program:
@@ -125,25 +136,24 @@ class FusedTick:
         self.programs[key] = p
         return p
 
+    def _write(self, p: _Program, rows: dict[str, Any]) -> None:
+        """Write the tick's rows into the host buffers, each field's tail at its padding value (the trash slot, the
+        trash cache row, the null label, valid times: s < t). `rows` empty: padding alone."""
+        pads = {"slot": self.trash, "r_zslot": self.trash, "e_zslot": self.trash, "r_cache": self.cache_trash,
+                "e_cache": self.cache_trash, "r_label": self.null_label, "e_label": self.null_label, "s": 0.25,
+                "g": 1.0, "seed": 0, "step": 0, "cond_row": 0, "uncond_row": 0}
+        for buf, places in ((p.host_ints.numpy(), p.int_at), (p.host_floats.numpy(), p.float_at)):
+            for name, at in places.items():
+                field, values = buf[at], rows.get(name, ())
+                n = len(values)
+                field[:n] = values
+                field[n:] = pads.get(name, 0.5)
+
     def _fill_padding(self, p: _Program) -> None:
-        """Every row of the static buffers at its padding value (the trash slot, valid times)."""
-        b, r, e = p.key.images, p.key.rows, p.key.enc
-        hi, hf = p.host_ints, p.host_floats
-        hi.zero_()
-        hi[0:b] = self.trash
-        hi[5 * b : 5 * b + r] = self.trash
-        hi[5 * b + r : 5 * b + 2 * r] = self.cache_trash
-        hi[5 * b + 2 * r : 5 * b + 3 * r] = self.null_label
-        if e:
-            o = 5 * b + 3 * r
-            hi[o : o + e] = self.trash
-            hi[o + e : o + 2 * e] = self.cache_trash
-            hi[o + 2 * e :] = self.null_label
-        hf.fill_(0.5)
-        hf[b : 2 * b] = 0.25  # s < t for padded images
-        hf[2 * b : 3 * b] = 1.0
-        p.ints.copy_(hi)
-        p.floats.copy_(hf)
+        """Every row of the static buffers at its padding value (before the first warm-up and capture)."""
+        self._write(p, {})
+        p.ints.copy_(p.host_ints)
+        p.floats.copy_(p.host_floats)
 
     # ---- one tick ----------------------------------------------------------------------------------------------
 
@@ -157,52 +167,29 @@ class FusedTick:
         n_rows, n_enc = n + len(guided), len(due) + len(due_unc)
         key = Key(self.buckets.bucket(n), self.buckets.bucket(n_rows), self.buckets.bucket(n_enc) if n_enc else 0)
         p = self._program(key)
-        b, r, e = key.images, key.rows, key.enc
         if p.copied is not None:
             p.copied.synchronize()  # the previous tick's copy out of these host buffers has run
-        hi, hf = p.host_ints.numpy(), p.host_floats.numpy()
         slots = np.array([plan.slots[i] for i in idx], dtype=np.int64)
-        col = lambda c: [c[i] for i in idx]  # noqa: E731
+        labels = np.array([plan.labels[i] for i in idx], dtype=np.int64)
+        ts, taus = (np.array([c[i] for i in idx], dtype=np.float32) for c in (plan.t, plan.tau))
         unc_row = np.arange(n, dtype=np.int64)
         unc_row[guided] = n + np.arange(len(guided))
-        # images
-        hi[0:n] = slots
-        hi[b : b + n] = col(plan.seeds)
-        hi[2 * b : 2 * b + n] = col(plan.steps)
-        hi[3 * b : 3 * b + n] = np.arange(n)
-        hi[4 * b : 4 * b + n] = unc_row
-        hi[n:b] = self.trash
-        hi[3 * b + n : 3 * b + b] = 0
-        hi[4 * b + n : 4 * b + b] = 0
-        hf[0:n], hf[b : b + n], hf[2 * b : 2 * b + n] = col(plan.t), col(plan.s), col(plan.guidance)
-        # light-network rows: conditional rows of every image, then the unconditional rows of the guided ones
-        o = 5 * b
-        g_slots = slots[guided]
-        labels = np.array(col(plan.labels), dtype=np.int64)
-        hi[o : o + n_rows] = np.concatenate([slots, g_slots])
-        hi[o + r : o + r + n_rows] = np.concatenate([slots, g_slots + self.stride])
-        hi[o + 2 * r : o + 2 * r + n_rows] = np.concatenate([labels, np.full(len(guided), self.null_label)])
-        hi[o + n_rows : o + r] = self.trash
-        hi[o + r + n_rows : o + 2 * r] = self.cache_trash
-        hi[o + 2 * r + n_rows : o + 3 * r] = self.null_label
-        ts, taus = np.array(col(plan.t), dtype=np.float32), np.array(col(plan.tau), dtype=np.float32)
-        fo = 3 * b
-        hf[fo : fo + n_rows] = np.concatenate([ts, ts[guided]])
-        hf[fo + r : fo + r + n_rows] = np.concatenate([taus, taus[guided]])
-        hf[fo + n_rows : fo + r] = 0.5
-        hf[fo + r + n_rows : fo + 2 * r] = 0.5
-        if e:
-            o = 5 * b + 3 * r
-            d_slots, du_slots = slots[due], slots[due_unc]
-            hi[o : o + n_enc] = np.concatenate([d_slots, du_slots])
-            hi[o + e : o + e + n_enc] = np.concatenate([d_slots, du_slots + self.stride])
-            hi[o + 2 * e : o + 2 * e + n_enc] = np.concatenate([labels[due], np.full(len(due_unc), self.null_label)])
-            hi[o + n_enc : o + e] = self.trash
-            hi[o + e + n_enc : o + 2 * e] = self.cache_trash
-            hi[o + 2 * e + n_enc :] = self.null_label
-            fo = 3 * b + 2 * r
-            hf[fo : fo + n_enc] = np.concatenate([taus[due], taus[due_unc]])
-            hf[fo + n_enc :] = 0.5
+        nulls = np.full(len(guided), self.null_label, dtype=np.int64)
+        rows = {  # images; then light-network rows: every image's conditional row, the guided ones' unconditional
+            "slot": slots, "seed": [plan.seeds[i] for i in idx], "step": [plan.steps[i] for i in idx],
+            "cond_row": np.arange(n), "uncond_row": unc_row, "t": ts, "s": [plan.s[i] for i in idx],
+            "g": [plan.guidance[i] for i in idx],
+            "r_zslot": np.concatenate([slots, slots[guided]]),
+            "r_cache": np.concatenate([slots, slots[guided] + self.stride]),
+            "r_label": np.concatenate([labels, nulls]), "r_t": np.concatenate([ts, ts[guided]]),
+            "r_tau": np.concatenate([taus, taus[guided]])}
+        if n_enc:  # encoder rows: the due images' conditional rows, then their unconditional ones
+            rows.update({
+                "e_zslot": np.concatenate([slots[due], slots[due_unc]]),
+                "e_cache": np.concatenate([slots[due], slots[due_unc] + self.stride]),
+                "e_label": np.concatenate([labels[due], np.full(len(due_unc), self.null_label, dtype=np.int64)]),
+                "e_tau": np.concatenate([taus[due], taus[due_unc]])})
+        self._write(p, rows)
         p.ints.copy_(p.host_ints, non_blocking=True)
         p.floats.copy_(p.host_floats, non_blocking=True)
         if p.copied is not None:

@@ -146,7 +146,6 @@ class Runner:
         everything = list(range(len(plan.slots)))
         if self.fused is not None:
             try:
-                t0 = time.perf_counter()
                 z_before, v_cond, v_uncond, enc_rows, den_rows = self.fused.run(plan, everything)
                 if enc_rows:
                     self.stats.network_call(NetworkCall("encoder", enc_rows, None))
@@ -154,7 +153,6 @@ class Runner:
                 out.previews.update(self._previews(plan, everything, z_before, v_cond, v_uncond))
                 out.encoder_rows, out.denoiser_rows = enc_rows, den_rows
                 self._finished(plan, everything, out)
-                self.stats.fused_tick(time.perf_counter() - t0)
                 return out
             except Exception:
                 # The samples are written last, so a failed program left them as they were; the unfused path below

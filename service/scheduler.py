@@ -118,7 +118,7 @@ class Scheduler:
         self.admission = admission_policy(policy, align_encoder)
         self.autok = autok
         self.reserved_slots, self.small_cost, self.lend_horizon_s = reserved_slots, small_cost, lend_horizon_s
-        self.cost = autok.cost if autok is not None else CostModel()  # per-row costs and completion rate, from ticks
+        self.cost = autok.cost if autok is not None else CostModel()  # per-row costs and throughput, from ticks
         self.cost.slots = max_active_images
         self.runner = Runner(engine, sched, null_label, max_active_images, overlap_encoder, output_size, self.stats,
                              fused=fused)
@@ -231,8 +231,7 @@ class Scheduler:
             plan = self._plan(batch)
         t_run = time.perf_counter()
         out = self.runner.run(plan)
-        self.cost.observe_tick(out.denoiser_rows, out.encoder_rows, time.perf_counter() - t_run, len(out.finished),
-                               len(plan.slots))
+        self.cost.observe_tick(out.denoiser_rows, out.encoder_rows, time.perf_counter() - t_run, len(plan.slots))
         self._encoder_rows += out.encoder_rows
         self._denoiser_rows += out.denoiser_rows
         failed_jobs = {a.job: out.failed[a.slot] for a in batch if a.slot in out.failed}

@@ -60,6 +60,3 @@ class StatsSink:
     def tick(self, stats: TickStats) -> None: ...
 
     def request_done(self, done: RequestDone) -> None: ...
-
-    def fused_tick(self, seconds: float) -> None:
-        """A tick run as one program (service.fused): host time to prepare and launch it, read-backs included."""

@@ -107,8 +107,8 @@ def test_retry_after_is_the_predicted_wait(engine, model):
     for i in range(2):
         s.submit(GenerationSpec(1, 2, 8, 4, 1.0, seed=i))
     # Measured throughput: 4 image-steps per second of tick time; 2 x 2 queued images of 8 steps take 8 s.
-    s.cost.observe_tick(8, 0, 0.5, 0, images_advanced=2)
-    s.cost.observe_tick(8, 0, 0.5, 0, images_advanced=2)
+    s.cost.observe_tick(8, 0, 0.5, 2)
+    s.cost.observe_tick(8, 0, 0.5, 2)
     with pytest.raises(QueueFull) as e:
         s.submit(GenerationSpec(1, 1, 8, 4, 1.0, seed=9))
     assert e.value.retry_after_s == pytest.approx(8.0)
@@ -117,11 +117,11 @@ def test_retry_after_is_the_predicted_wait(engine, model):
 def test_throughput_for_retry_after_is_smoothed_over_a_window(engine, model):
     s = scheduler(engine, model)
     for _ in range(100):  # steady: 4 image-steps per 0.1 s tick
-        s.cost.observe_tick(8, 0, 0.1, 0, images_advanced=4)
-    s.cost.observe_tick(8, 0, 0.1, 4, images_advanced=4)  # a wave of completions changes nothing
+        s.cost.observe_tick(8, 0, 0.1, 4)
+    s.cost.observe_tick(8, 0, 0.1, 4)
     assert s.cost.steps_per_s == pytest.approx(40.0)
     for _ in range(400):  # 20 s later at half the speed: the old ticks have left the window
-        s.cost.observe_tick(8, 0, 0.1, 0, images_advanced=2)
+        s.cost.observe_tick(8, 0, 0.1, 2)
     assert s.cost.steps_per_s == pytest.approx(20.0, rel=0.02)
 
 
