@@ -38,8 +38,12 @@ RUN if [ -z "$TORCH_INDEX_URL" ]; then \
 FROM cpu-deps AS onnx
 COPY checkpoints checkpoints
 ENV DUALRATE_ONNX_CACHE=/app/artifacts/onnx
-# The default output folder is export.onnx_dir_for(checkpoint): the one the runtime computes. --fp16 adds the half
-# graphs the TensorRT build uses.
+# The default output folder is export.onnx_dir_for(checkpoint): the one the runtime computes. fp32 graphs only: the
+# CPU image runs nothing else.
+RUN python -m export --checkpoint checkpoints/mnist-dualrate
+
+# The GPU image adds the half graphs the TensorRT build uses (same folder: same checkpoint, same export key).
+FROM onnx AS onnx-fp16
 RUN python -m export --checkpoint checkpoints/mnist-dualrate --fp16
 
 # ---------------------------------------------------------------- CPU runtime
@@ -99,7 +103,7 @@ RUN if [ -z "$GPU_TORCH_INDEX_URL" ]; then \
 RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --home-dir /app --no-create-home app \
     && mkdir -p /var/cache/dualrate/engines && chown app:app /var/cache/dualrate/engines
 COPY --chown=app:app checkpoints checkpoints
-COPY --from=onnx --chown=app:app /app/artifacts/onnx /app/artifacts/onnx
+COPY --from=onnx-fp16 --chown=app:app /app/artifacts/onnx /app/artifacts/onnx
 COPY --chown=app:app deploy/gpu-entrypoint.sh /usr/local/bin/gpu-entrypoint.sh
 # fp16: TensorRT's engines (built from the FP16 graphs); where TensorRT is missing, torch runs fp16 autocast.
 ENV DUALRATE_HOST=0.0.0.0 DUALRATE_PORT=8000 DUALRATE_BACKEND=auto DUALRATE_DEVICE=cuda:0 DUALRATE_PRECISION=fp16 \

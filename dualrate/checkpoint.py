@@ -85,6 +85,14 @@ def checkpoint_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+def weights_hash(path: Path) -> str:
+    """sha256 over the weights alone: what a measurement of the model depends on (the card may change after it)."""
+    h = hashlib.sha256()
+    for name in (ENCODER_FILE, DENOISER_FILE):
+        h.update((path / name).read_bytes())
+    return h.hexdigest()
+
+
 def read_card(path: Path) -> dict[str, Any]:
     card_path = Path(path) / CARD_FILE
     if not card_path.is_file():

@@ -19,6 +19,7 @@ import json
 import logging
 import math
 import platform
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import date
@@ -31,7 +32,7 @@ from scipy import linalg
 from torch import Tensor
 from tqdm import tqdm
 
-from dualrate.checkpoint import CARD_FILE, DEFAULT_CHECKPOINT, LoadedModel, checkpoint_hash, load_checkpoint, torch_fns
+from dualrate.checkpoint import CARD_FILE, DEFAULT_CHECKPOINT, LoadedModel, checkpoint_hash, load_checkpoint, torch_fns, weights_hash
 from dualrate.classifier import CLASSIFIER_DIR, DigitClassifier, batched, load_classifier
 from dualrate.data import load_mnist, to_uint8
 from dualrate.diffusion import CosineSchedule
@@ -285,13 +286,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--baselines", type=Path, nargs="*", default=[],
                    help="standalone checkpoints to sweep over steps 8-64 on the same seeds (e.g. "
                    "checkpoints/mnist-standalone-large checkpoints/mnist-standalone-small)")
-    p.add_argument("--out", type=Path, default=Path("docs"))
+    p.add_argument("--out", type=Path, default=Path("runs/evaluate"),
+                   help="where the tables, raw JSON and plots go (default runs/evaluate, untracked; `make evaluate` "
+                   "passes --out docs to refresh the committed ones)")
+    p.add_argument("--sweep", type=Path, default=Path("docs/sweep.json"),
+                   help="the committed sweep that --check compares with and --card-from-sweep reads")
     p.add_argument("--update-card", action="store_true", help="write the sweep's figures into the model card")
+    p.add_argument("--card-from-sweep", action="store_true",
+                   help="write the dual-rate rows of --sweep (mean and spread over its seed sets) into the model card "
+                   "without sampling again; refused unless --sweep was measured on this checkpoint's weights")
     p.add_argument("--update-baseline-cards", action="store_true",
                    help="write each baseline's rows into its own model card")
     p.add_argument("--check", action="store_true",
                    help="only K = 1, 4, 8 and zeroed features at the default steps, side by side with the committed "
-                   "sweep.json: writes check.md / check.json (e.g. after a change to the sampler's noise)")
+                   "sweep (--sweep): writes OUT/check.md and OUT/check.json (e.g. after a change to the sampler's noise). "
+                   "Takes about 10 min on 2 cores at --num-images 800 (logged at the start, from the committed sweep's "
+                   "images/s)")
     p.add_argument("--seed", type=int, default=10_000,
                    help="first seed: the seed sets are the next --num-images seeds each (sweep.json: 10000)")
     p.add_argument("--ks", default="1,4,8,zeroed", help="--check: the rows, K values or 'zeroed'")
@@ -303,10 +313,13 @@ def main(argv: list[str] | None = None) -> None:
         d0 = load_checkpoint(a.checkpoint).defaults
         plot(rows, a.out / "fid_vs_flops.png", d0.steps, d0.guidance_scale)
         return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if a.check:
         check(a, argv)
         return
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if a.card_from_sweep:
+        card_from_sweep(a.checkpoint, a.sweep)
+        return
     model = load_checkpoint(a.checkpoint)
     base_models = {path: load_checkpoint(path) for path in a.baselines}
     for path, base in base_models.items():
@@ -350,6 +363,7 @@ def main(argv: list[str] | None = None) -> None:
         card_path.write_text(json.dumps(card, indent=2) + "\n")
     # After the card updates: the hashes are those of the checkpoints as they are left (and committed).
     prov = provenance(a.checkpoint, command)
+    prov.update(weights_sha256=weights_hash(a.checkpoint), num_images_per_row=a.num_images)
     prov["baselines"] = {str(path): checkpoint_hash(path) for path in baselines}
     (a.out / "sweep.provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
     print(table + cmp)
@@ -361,9 +375,14 @@ def check(a: argparse.Namespace, argv: list[str] | None) -> None:
     d = model.defaults
     ks = [None if k == "zeroed" else int(k) for k in a.ks.split(",")]
     configs = [(d.steps, k, d.guidance_scale, "" if k else "zeroed") for k in ks]
-    rows = run_sweep(model, Evaluator(), a.num_images, configs, seed=a.seed)
     before = {(r["steps"], r["encoder_interval"], r["guidance_scale"]): r
-              for r in json.loads((a.out / "sweep.json").read_text()) if r.get("model", "dual-rate") == "dual-rate"}
+              for r in json.loads(a.sweep.read_text()) if r.get("model", "dual-rate") == "dual-rate"}
+    known = [before[c[:3]]["images_per_s"] for c in configs if c[:3] in before]
+    if known:
+        secs = sum(a.num_images / ips for ips in known) * len(configs) / len(known)
+        log.info("--check: %d rows of %d images, about %.0f min at the committed sweep's images/s (%s); writing to %s",
+                 len(configs), a.num_images, secs / 60, a.sweep, a.out)
+    rows = run_sweep(model, Evaluator(), a.num_images, configs, seed=a.seed)
     lines = ["| N | K | FID now | FID in sweep.json | ratio | accuracy now | accuracy before |", "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = before.get((r.steps, r.encoder_interval, r.guidance_scale))
@@ -372,6 +391,7 @@ def check(a: argparse.Namespace, argv: list[str] | None) -> None:
                      f"{100 * r.accuracy:.1f}% | {100 * b['accuracy']:.1f}% |" if b else f"| {r.steps} | {k} | {r.fid:.2f} | | | |")
     command = command_line("python -m dualrate.evaluate", argv)
     prov = provenance(a.checkpoint, command)
+    a.out.mkdir(parents=True, exist_ok=True)
     (a.out / f"{a.name}.json").write_text(json.dumps({**prov, "seed": a.seed, "rows": [asdict(r) for r in rows]},
                                                      indent=2) + "\n")
     table = "\n".join(lines)
@@ -379,8 +399,34 @@ def check(a: argparse.Namespace, argv: list[str] | None) -> None:
         "# Quality check against the committed sweep\n\n"
         f"Raw output: [{a.name}.json]({a.name}.json) (date {prov['date']}, commit {prov['git_commit'][:12]}, checkpoint "
         f"sha256 {prov['checkpoint_sha256'][:12]}). Command: `{command}`; {a.num_images} conditional samples per row, "
-        "first seed {a.seed} (sweep.json: 10000), the same evaluator as sweep.json.\n\n" + table + "\n")
+        f"first seed {a.seed} (sweep.json: 10000), the same evaluator as {a.sweep}.\n\n" + table + "\n")
     print(table)
+    print(f"written: {a.out / (a.name + '.md')}, {a.out / (a.name + '.json')}")
+
+
+def card_from_sweep(checkpoint: Path, sweep: Path) -> None:
+    """The model card's quality from a committed sweep (its dual-rate rows, mean and spread over the seed sets), when
+    the sweep's provenance says it sampled these weights: refreshing the card needs no new hour of sampling."""
+    prov_path = sweep.with_name(sweep.stem + ".provenance.json")
+    prov = json.loads(prov_path.read_text())
+    # Newer sweeps record the weights' hash; older ones the whole checkpoint's (weights + card), which still matches
+    # while the card has not been rewritten since.
+    same = (prov["weights_sha256"] == weights_hash(checkpoint) if "weights_sha256" in prov
+            else prov.get("checkpoint_sha256") == checkpoint_hash(checkpoint))
+    if not same:
+        raise SystemExit(f"{sweep} was measured on other weights than {checkpoint}'s ({prov_path}): run the sweep "
+                         "again (make evaluate) instead")
+    m = re.search(r"--num-images (\d+)", prov["command"])
+    per_row = prov.get("num_images_per_row") or (int(m.group(1)) if m else None)
+    rows = [r for r in json.loads(sweep.read_text()) if r.get("model", "dual-rate") == "dual-rate"]
+    card_path = checkpoint / CARD_FILE
+    card = json.loads(card_path.read_text())
+    card["quality"] = {"measured": prov["date"][:10], "num_images_per_row": per_row,
+                       "seed_sets": len(rows[0].get("fids") or [0]), "source": f"{sweep} (commit {prov['git_commit'][:12]}, "
+                       f"{prov['command']})", "sweep": rows}
+    card_path.write_text(json.dumps(card, indent=2) + "\n")
+    print(f"{card_path}: {len(rows)} rows from {sweep} ({card['quality']['seed_sets']} seed sets, measured "
+          f"{card['quality']['measured']})")
 
 
 if __name__ == "__main__":

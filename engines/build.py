@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 from engines.base import EngineError
+from export.atomic import staged_folder, write_atomically
 
 log = logging.getLogger("engines.build")
 # Engines are specific to the GPU and TensorRT version: containers point this at a persistent volume.
@@ -64,7 +65,7 @@ def build_engine(onnx_path: Path, inputs: list[dict], out: Path, max_batch: int,
     if serialized is None:
         raise EngineError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
     out.write_bytes(bytes(serialized))
-    timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
+    write_atomically(timing_cache, bytes(config.get_timing_cache().serialize()))
 
 
 def build_engines(onnx_dir: Path, max_batch: int = 64, opt_batch: int = 16, root: Path = ENGINE_ROOT) -> Path:
@@ -78,15 +79,18 @@ def build_engines(onnx_dir: Path, max_batch: int = 64, opt_batch: int = 16, root
     gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "nogpu"
     key = engine_cache_key(paths, trt.__version__, gpu, max_batch, opt_batch)
     out = root / key
-    if (out / "encoder.engine").exists() and (out / "denoiser.engine").exists():
+    if (out / "engines.json").is_file():  # written last: the engines beside it are whole
         log.info("TensorRT engines already built in %s", out)
         return out
-    out.mkdir(parents=True, exist_ok=True)
-    for name, path in zip(("encoder", "denoiser"), paths, strict=True):
-        log.info("building %s engine from %s (batch 1..%d, opt %d)", name, path.name, max_batch, opt_batch)
-        build_engine(path, nets[name]["inputs"], out / f"{name}.engine", max_batch, opt_batch, root / "timing.cache")
-    (out / "engines.json").write_text(json.dumps({"tensorrt": trt.__version__, "gpu": gpu, "max_batch": max_batch,
-                                                  "opt_batch": opt_batch, "onnx": str(onnx_dir)}, indent=2))
+    # Built in a staging folder and moved in, engines.json last: replicas sharing the cache volume, or a pod killed
+    # mid-build, never leave a half-written engine for the next start to load.
+    with staged_folder(out, "engines.json") as stage:
+        for name, path in zip(("encoder", "denoiser"), paths, strict=True):
+            log.info("building %s engine from %s (batch 1..%d, opt %d)", name, path.name, max_batch, opt_batch)
+            build_engine(path, nets[name]["inputs"], stage / f"{name}.engine", max_batch, opt_batch,
+                         root / "timing.cache")
+        (stage / "engines.json").write_text(json.dumps({"tensorrt": trt.__version__, "gpu": gpu, "max_batch": max_batch,
+                                                        "opt_batch": opt_batch, "onnx": str(onnx_dir)}, indent=2))
     return out
 
 

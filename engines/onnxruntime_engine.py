@@ -32,7 +32,12 @@ class OnnxRuntimeEngine(Engine):
     ) -> None:
         super().__init__()
         import json
+        import os
 
+        # onnxruntime (1.2x on Linux) sends usage telemetry and persists a device id under $HOME, which a read-only
+        # container cannot write ("Failed to persist telemetry device ID" at every start). A serving process does
+        # neither unless the operator sets ORT_DISABLE_TELEMETRY=0.
+        os.environ.setdefault("ORT_DISABLE_TELEMETRY", "1")
         import onnxruntime as ort
 
         side = json.loads((Path(onnx_dir) / "onnx.json").read_text())

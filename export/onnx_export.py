@@ -16,6 +16,7 @@ import onnx
 import torch
 
 from dualrate.checkpoint import LoadedModel, checkpoint_hash, load_checkpoint
+from export.atomic import staged_folder
 from export.contract import NetworkContract, contracts
 
 log = logging.getLogger("export")
@@ -171,28 +172,29 @@ def export_onnx(checkpoint: Path, out: Path | None = None, fp16: bool = False, f
         out = fallback
         if not force and (done := _cached(out, key, fp16)) is not None:
             return done
-    out.mkdir(parents=True, exist_ok=True)
     model: LoadedModel = load_checkpoint(checkpoint)
-    t0 = time.perf_counter()
-    log.info("exporting %s to %s (export key %s)", checkpoint, out, key[:12])
-    sidecar: dict = {"checkpoint": str(checkpoint), "checkpoint_sha256": digest, "export_key": key, "opset": OPSET,
-                     "torch": torch.__version__, "dynamic_axes": {"batch": 0}}
-    variants = [("float32", "")] + ([("float16", "_fp16")] if fp16 else [])
-    for dtype, suffix in variants:
-        cs = contracts(model.cfg, dtype)
-        for name, module in (("encoder", model.encoder), ("denoiser", _DenoiserWrapper(model.denoiser))):
-            module = module.eval().to(getattr(torch, dtype))
-            path = out / f"{name}{suffix}.onnx"
-            _export_one(module, cs[name], path, model.cfg.null_label)
-            err = check_parity(module, cs[name], path, model.cfg.null_label, dtype)
-            entry = {"file": path.name, **asdict(cs[name]), "max_rel_error_vs_torch": err,
-                     "parity_batches": list(PARITY_BATCHES)}
-            if suffix:
-                sidecar.setdefault("fp16", {})[name] = entry
-            else:
-                sidecar[name] = entry
-            log.info("exported %s (%s): max relative error vs PyTorch %.1e", path.name, dtype, err)
-            module.float()
-    sidecar["export_seconds"] = round(time.perf_counter() - t0, 2)
-    (out / "onnx.json").write_text(json.dumps(sidecar, indent=2) + "\n")
+    # Staged, then moved in (onnx.json last): a shared cache volume or a kill mid-export never leaves half a graph.
+    with staged_folder(out, "onnx.json") as stage:
+        t0 = time.perf_counter()
+        log.info("exporting %s to %s (export key %s)", checkpoint, out, key[:12])
+        sidecar: dict = {"checkpoint": str(checkpoint), "checkpoint_sha256": digest, "export_key": key, "opset": OPSET,
+                         "torch": torch.__version__, "dynamic_axes": {"batch": 0}}
+        variants = [("float32", "")] + ([("float16", "_fp16")] if fp16 else [])
+        for dtype, suffix in variants:
+            cs = contracts(model.cfg, dtype)
+            for name, module in (("encoder", model.encoder), ("denoiser", _DenoiserWrapper(model.denoiser))):
+                module = module.eval().to(getattr(torch, dtype))
+                path = stage / f"{name}{suffix}.onnx"
+                _export_one(module, cs[name], path, model.cfg.null_label)
+                err = check_parity(module, cs[name], path, model.cfg.null_label, dtype)
+                entry = {"file": path.name, **asdict(cs[name]), "max_rel_error_vs_torch": err,
+                         "parity_batches": list(PARITY_BATCHES)}
+                if suffix:
+                    sidecar.setdefault("fp16", {})[name] = entry
+                else:
+                    sidecar[name] = entry
+                log.info("exported %s (%s): max relative error vs PyTorch %.1e", path.name, dtype, err)
+                module.float()
+        sidecar["export_seconds"] = round(time.perf_counter() - t0, 2)
+        (stage / "onnx.json").write_text(json.dumps(sidecar, indent=2) + "\n")
     return OnnxArtifacts.load(out)

@@ -148,7 +148,11 @@ class Deploy:
         self.results["uid"] = int(proc_uid)
         logs = self.d("logs", NAME).stdout + self.d("logs", NAME).stderr
         assert "already in" in logs and "exporting" not in logs, f"the start re-exported ONNX:\n{logs[-3000:]}"
-        log(f"runs as uid {proc_uid}; the start reused the build-time ONNX export")
+        assert "telemetry" not in logs.lower(), f"onnxruntime's telemetry line is back:\n{logs[-3000:]}"
+        graphs = self.d("exec", NAME, "sh", "-c", "ls /app/artifacts/onnx/*/").stdout.split()
+        assert graphs and not [g for g in graphs if "fp16" in g], f"the CPU image carries fp16 graphs: {graphs}"
+        log(f"runs as uid {proc_uid}; the start reused the build-time ONNX export (fp32 graphs only: {graphs}); no "
+            "telemetry line")
 
         # docker stop with a request in flight: SIGTERM drains, the request completes, the exit code is 0.
         box: dict = {}

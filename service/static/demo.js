@@ -57,13 +57,26 @@ function fillForm() {
 }
 
 function showCost() {
+  // The model card's quality figures for the K picked (for "auto": for each K it may pick), at the card's steps and
+  // guidance, and a note when the form asks for other steps than those the figures were measured at.
   const rows = qualityRows();
-  const r = rows.find((x) => String(x.encoder_interval) === $("encoder_interval").value);
+  const d = model.defaults;
   const base = rows.find((x) => x.encoder_interval === 1);
-  $("k-cost").textContent = r && base
-    ? "Model card at K = " + r.encoder_interval + ": FID " + r.fid.toFixed(2) + " (K = 1: " + base.fid.toFixed(2) +
-      "), " + r.gflops_per_image.toFixed(2) + " GFLOPs per image (K = 1: " + base.gflops_per_image.toFixed(2) + ")."
-    : "";
+  const picked = $("encoder_interval").value;
+  const ks = picked === "auto" ? (model.auto_encoder_interval.allowed || []) : [Number(picked)];
+  const shown = ks.map((k) => rows.find((x) => x.encoder_interval === k)).filter((r) => r && r.fid != null);
+  if (!shown.length || !base) {
+    $("k-cost").textContent = "";
+    return;
+  }
+  const one = (r) => "K = " + r.encoder_interval + ": FID " + r.fid.toFixed(2) + (r.fid_std != null ? " ± " + r.fid_std.toFixed(2) : "") +
+    ", " + r.gflops_per_image.toFixed(2) + " GFLOPs per image";
+  let text = (picked === "auto" ? "auto picks K by load. " : "") + "Model card (N = " + d.steps + " steps, guidance " +
+    d.guidance_scale + "): " + shown.map(one).join("; ") + " (K = 1: FID " + base.fid.toFixed(2) + ", " +
+    base.gflops_per_image.toFixed(2) + " GFLOPs).";
+  const steps = Number($("steps").value);
+  if (steps && steps !== d.steps) text += " These figures are for N = " + d.steps + "; you asked for N = " + steps + ".";
+  $("k-cost").textContent = text;
 }
 
 function cells(n) {
@@ -125,6 +138,9 @@ function requestBody() {
 
 async function generate(ev) {
   ev.preventDefault();
+  // The form is filled from /v1/model: with an API key just typed, that read may still be under way (or not yet
+  // started); wait for it rather than send empty fields.
+  if (!(await ensureModel())) return;
   const body = requestBody();
   const figs = cells(body.num_images);
   const t0 = performance.now();
@@ -191,11 +207,21 @@ async function loadModel() {
     $("model-line").textContent = "could not read /v1/model (" + r.status + ")" +
       (r.status === 401 ? ": enter the API key" : "");
     $("model-line").className = "error";
-    return;
+    return null;
   }
   model = await r.json();
   $("model-line").className = "muted";
   fillForm();
+  return model;
+}
+
+let loading = null;
+
+function ensureModel() {
+  // One read of /v1/model at a time; the form is filled once.
+  if (model) return Promise.resolve(model);
+  if (!loading) loading = loadModel().finally(() => { loading = null; });
+  return loading;
 }
 
 function init() {
@@ -203,8 +229,9 @@ function init() {
   $("cancel").addEventListener("click", () => controller && controller.abort());
   $("random-seed").addEventListener("click", () => { $("seed").value = Math.floor(Math.random() * 2 ** 31); });
   $("encoder_interval").addEventListener("change", showCost);
-  $("api_key").addEventListener("change", () => { if (!model) loadModel(); });
-  loadModel();
+  $("steps").addEventListener("input", () => model && showCost());
+  $("api_key").addEventListener("change", ensureModel);
+  ensureModel();
 }
 
 init();

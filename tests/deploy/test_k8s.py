@@ -54,8 +54,9 @@ def overlay(request) -> tuple[str, list[dict]]:
 
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_object_validates_against_the_kubernetes_schema(overlay, version):
-    _, objs = overlay
-    assert {o["kind"] for o in objs} == {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"}
+    name, objs = overlay
+    kinds = {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"}
+    assert {o["kind"] for o in objs} == kinds | ({"PersistentVolumeClaim"} if name == "gpu" else set())
     for obj in objs:
         kubernetes_validate.validate(obj, version, strict=True)  # raises on any schema error
 
@@ -68,10 +69,79 @@ def test_the_schema_check_catches_a_wrong_field():
         kubernetes_validate.validate(deployment, VERSIONS[-1], strict=True)
 
 
-def test_the_monitoring_rule_validates():
-    for obj in render(K8S / "monitoring"):
-        kubernetes_validate.validate(obj, VERSIONS[-1], strict=True)
-        assert "dualrate_load_ratio" in obj["data"]["config.yaml"]
+MONITORING = K8S / "monitoring"
+
+
+def test_the_adapter_rule_is_a_merge_snippet_not_a_configmap_that_replaces_the_adapters():
+    # `kubectl apply -k` of a prometheus-adapter ConfigMap replaced every other rule of the cluster's adapter.
+    for f in MONITORING.rglob("*.yaml"):
+        for doc in yaml.safe_load_all(f.read_text()):
+            assert not (isinstance(doc, dict) and doc.get("kind") == "ConfigMap"), f
+    assert not (MONITORING / "kustomization.yaml").exists()
+    (rule,) = yaml.safe_load((MONITORING / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
+    assert rule["name"]["as"] == "dualrate_load_ratio" and "dualrate_load_ratio" in rule["seriesQuery"]
+    assert set(rule["resources"]["overrides"]) == {"namespace", "pod"}
+
+
+def test_the_scrape_job_is_valid_and_writes_the_labels_the_adapter_rule_reads(tmp_path):
+    job = yaml.safe_load((MONITORING / "prometheus-scrape-job.yaml").read_text())
+    assert job[0]["kubernetes_sd_configs"] == [{"role": "pod"}]
+    # Debian's Prometheus is built without Kubernetes discovery: promtool checks the job with a static target in its
+    # place, which still parses and compiles every relabelling rule.
+    config = tmp_path / "prometheus.yml"
+    checked = {k: v for k, v in job[0].items() if k != "kubernetes_sd_configs"}
+    config.write_text(yaml.safe_dump({"scrape_configs": [{**checked, "static_configs": [{"targets": ["pod:8000"]}]}]}))
+    promtool = shutil.which("promtool")
+    if promtool is None and not os.environ.get("CI"):
+        pytest.skip("promtool is not installed")
+    out = subprocess.run([promtool or "promtool", "check", "config", str(config)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    written = {r.get("target_label") for r in job[0]["relabel_configs"]}
+    (rule,) = yaml.safe_load((MONITORING / "prometheus-adapter-values.yaml").read_text())["rules"]["custom"]
+    assert set(rule["resources"]["overrides"]) <= written
+
+
+@pytest.mark.parametrize("name", ["cpu", "gpu"])
+def test_the_podmonitor_selects_the_pods_on_a_named_port(name):
+    (pm,) = render(MONITORING / "operator")
+    assert pm["kind"] == "PodMonitor" and pm["apiVersion"] == "monitoring.coreos.com/v1"
+    objs = render(K8S / "overlays" / name)
+    labels = by_kind(objs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert all(labels.get(k) == v for k, v in pm["spec"]["selector"]["matchLabels"].items())
+    (ep,) = pm["spec"]["podMetricsEndpoints"]
+    assert ep["port"] in {p["name"] for p in container(objs)["ports"]} and ep["path"] == "/metrics"
+
+
+def test_every_path_the_manifests_mention_exists():
+    # deployment.yaml once pointed at a deploy/k8s/README.md that did not exist.
+    import re
+
+    for f in K8S.rglob("*.yaml"):
+        for ref in re.findall(r"deploy/k8s/[\w./-]*\w", f.read_text()):
+            assert (ROOT / ref).exists(), f"{f.relative_to(ROOT)} mentions {ref}, which does not exist"
+
+
+def test_the_hpa_owns_the_replica_count_and_a_drain_never_takes_the_last_pod(overlay):
+    _, objs = overlay
+    # A `replicas:` in the Deployment resets the HPA's count on every apply.
+    assert "replicas" not in by_kind(objs, "Deployment")["spec"]
+    # PodDisruptionBudget maxUnavailable 1 with at least two replicas: a drain or a GPU rollout leaves one serving.
+    assert by_kind(objs, "PodDisruptionBudget")["spec"]["maxUnavailable"] == 1
+    assert by_kind(objs, "HorizontalPodAutoscaler")["spec"]["minReplicas"] >= 2
+
+
+def test_the_gpu_engine_cache_outlives_a_pod(overlay):
+    name, objs = overlay
+    if name != "gpu":
+        return
+    spec = by_kind(objs, "Deployment")["spec"]["template"]["spec"]
+    c, pvc = container(objs), by_kind(objs, "PersistentVolumeClaim")
+    (vol,) = [v for v in spec["volumes"] if "persistentVolumeClaim" in v]
+    assert vol["persistentVolumeClaim"]["claimName"] == pvc["metadata"]["name"]
+    assert pvc["spec"]["accessModes"] == ["ReadWriteMany"]  # every replica, on any node
+    (mount,) = [m["mountPath"] for m in c["volumeMounts"] if m["name"] == vol["name"]]
+    for var in ("DUALRATE_ENGINE_CACHE", "DUALRATE_ONNX_CACHE"):
+        assert env(c)[var].startswith(mount + "/")
 
 
 def test_probes_security_and_a_grace_period_that_covers_the_drain(overlay):
@@ -88,7 +158,9 @@ def test_probes_security_and_a_grace_period_that_covers_the_drain(overlay):
     # The longest request is answered within the drain, and the drain ends before the kubelet's SIGKILL.
     assert float(e["DUALRATE_MAX_TIMEOUT_S"]) <= float(e["DUALRATE_DRAIN_TIMEOUT_S"])
     assert pre_stop + float(e["DUALRATE_DRAIN_TIMEOUT_S"]) < spec["terminationGracePeriodSeconds"]
-    assert by_kind(objs, "Deployment")["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    rolling = by_kind(objs, "Deployment")["spec"]["strategy"]["rollingUpdate"]
+    # CPU: a new pod first; GPU: no surge (it would need a spare GPU), one pod at a time instead.
+    assert (rolling["maxSurge"], rolling["maxUnavailable"]) == ((0, 1) if overlay[0] == "gpu" else (1, 0))
     ann = by_kind(objs, "Deployment")["spec"]["template"]["metadata"]["annotations"]
     assert ann["prometheus.io/port"] == str(c["ports"][0]["containerPort"])
     # The Service and the PDB select the Deployment's pods.

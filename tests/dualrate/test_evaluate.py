@@ -57,7 +57,7 @@ def test_comparisons_find_the_cheapest_matching_row_and_judge_by_the_spread():
     assert "no dual-rate row reaches its FID" in beyond[0]
 
 
-def test_sweep_with_seed_sets_and_baselines_end_to_end(tmp_path):
+def test_sweep_with_seed_sets_and_baselines_end_to_end(tmp_path, monkeypatch):
     """The evaluator's command on tiny random checkpoints: every row on disjoint seed sets (mean and std of the
     per-set FIDs), the baseline swept over steps with FLOPs from its one network, the plot and the comparison."""
     import json
@@ -94,3 +94,22 @@ def test_sweep_with_seed_sets_and_baselines_end_to_end(tmp_path):
     with pytest.raises(SystemExit):  # a dual-rate checkpoint is not a baseline
         main(["--checkpoint", str(pair), "--num-images", "20", "--seed-sets", "1", "--baselines", str(pair),
               "--out", str(tmp_path / "out2")])
+
+    # --check writes under runs/evaluate unless told otherwise (never over the tracked docs), against --sweep, and
+    # its report names the first seed (it once printed a literal "{a.seed}").
+    sweep = tmp_path / "out" / "sweep.json"
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    main(["--checkpoint", str(pair), "--check", "--num-images", "20", "--ks", "4", "--sweep", str(sweep)])
+    report = (work / "runs" / "evaluate" / "check.md").read_text()
+    assert "first seed 10000" in report and "{" not in report.split("\n\n")[1], report
+    assert sorted(p.name for p in work.rglob("*") if p.is_file()) == ["check.json", "check.md"]
+
+    # The card's quality from the committed sweep, without sampling again; refused for other weights.
+    main(["--checkpoint", str(pair), "--card-from-sweep", "--sweep", str(sweep)])
+    quality = json.loads((pair / "model_card.json").read_text())["quality"]
+    assert quality["seed_sets"] == 2 and quality["num_images_per_row"] == 20
+    assert [r["fids"] for r in quality["sweep"]] == [r["fids"] for r in rows if r["model"] == "dual-rate"]
+    with pytest.raises(SystemExit, match="other weights"):
+        main(["--checkpoint", str(large), "--card-from-sweep", "--sweep", str(sweep)])

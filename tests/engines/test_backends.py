@@ -152,3 +152,24 @@ def test_each_backend_honours_or_refuses_a_precision(checkpoint_dir):
     assert e.info.precision == "bf16"
     with pytest.raises(ValueError):
         EngineConfig(precision="fp8")
+
+
+@pytest.mark.parametrize("opt_in", [False, True])
+def test_onnxruntime_keeps_quiet_about_telemetry_under_a_read_only_home(onnx_dir, checkpoint_dir, opt_in):
+    # A read-only container's home: onnxruntime's telemetry could not persist its device id and said so at every
+    # start. The engine turns telemetry off unless the operator opts in (ORT_DISABLE_TELEMETRY=0), which brings the
+    # line back: the check can fail.
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("XDG_CACHE_HOME", "ORT_DISABLE_TELEMETRY")}
+    env["HOME"] = "/proc/self"  # nothing can be created there, not even by root
+    if opt_in:
+        env["ORT_DISABLE_TELEMETRY"] = "0"
+    code = (f"from engines import create_engine; e = create_engine({str(checkpoint_dir)!r}, backend='onnxruntime', "
+            "device='cpu', max_batch=4); e.close()")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
+    assert out.returncode == 0, out.stderr
+    assert ("telemetry" in out.stderr.lower()) == opt_in, out.stderr

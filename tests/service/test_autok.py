@@ -21,14 +21,26 @@ from service.scheduler import GenerationSpec, Scheduler
 def test_the_quality_budget_comes_from_the_model_card(checkpoint_dir):
     card = read_card(checkpoint_dir)
     d = card["defaults"]
-    sweep = {r["encoder_interval"]: r["fid"] for r in card["quality"]["sweep"]
+    assert card["quality"]["seed_sets"] == 3  # the card carries the spread-aware sweep (docs/sweep.json)
+    sweep = {r["encoder_interval"]: r["fids"] for r in card["quality"]["sweep"]
              if r["encoder_interval"] and r["steps"] == d["steps"] and r["guidance_scale"] == d["guidance_scale"]}
     b = QualityBudget.from_card(card, 1.15, 4)
-    assert b.fid_ratio == pytest.approx({k: f / sweep[1] for k, f in sweep.items()})
-    assert b.allowed == [4, 8]  # the shipped card: default K = 4; K = 8 is 1.105x K = 1's FID, K = 16 1.48x
-    assert QualityBudget.from_card(card, 1.05, 4).allowed == [4]  # K = 4 is 1.07x: only the default
+    # Paired per seed set (the same seeds in every row), then averaged.
+    assert b.fid_ratio == pytest.approx({k: float(np.mean(np.array(f) / np.array(sweep[1]))) for k, f in sweep.items()})
+    assert b.fid_ratio_std[1] == 0 and 0 < b.fid_ratio_std[8] < 0.1
+    assert b.allowed == [4, 8]  # the shipped card: default K = 4; K = 8 is 1.13x K = 1's FID, K = 16 1.36x
+    assert QualityBudget.from_card(card, 1.05, 4).allowed == [4]  # K = 8 over 1.05: only the default
     assert QualityBudget.from_card(card, 1.15, 1).allowed == [1, 2, 4, 8]
     assert QualityBudget.from_card({"defaults": {"steps": 32}}, 1.15, 4).allowed == [4]  # no sweep: the default only
+
+
+def test_a_card_without_per_seed_set_figures_uses_the_ratio_of_means():
+    rows = [{"steps": 32, "guidance_scale": 1.5, "encoder_interval": k, "fid": f} for k, f in ((1, 10.0), (4, 11.0),
+                                                                                              (8, 12.0))]
+    card = {"defaults": {"steps": 32, "guidance_scale": 1.5}, "quality": {"sweep": rows}}
+    b = QualityBudget.from_card(card, 1.15, 4)
+    assert b.fid_ratio == pytest.approx({1: 1.0, 4: 1.1, 8: 1.2}) and b.fid_ratio_std == {}
+    assert b.allowed == [4]
 
 
 def test_the_cost_model_separates_call_overhead_from_per_row_costs():

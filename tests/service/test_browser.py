@@ -81,3 +81,35 @@ def test_api_docs_render_offline(server, browser):
     # Every script, style and image came from the service itself (no CDN).
     resources = browser.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert resources and all(r.startswith(server.url) for r in resources), resources
+
+
+@pytest.fixture(scope="module")
+def keyed_server(start_server):
+    return start_server(max_active_images=8, max_images_per_request=4, api_keys="page-key")
+
+
+def test_with_a_key_the_first_generate_waits_for_the_model_and_the_card_figures_say_what_they_are(keyed_server,
+                                                                                                    browser):
+    browser.get(keyed_server.url + "/")
+    wait = WebDriverWait(browser, 60, poll_frequency=0.02)
+    wait.until(lambda d: "enter the API key" in d.find_element(By.ID, "model-line").text)
+    # Type the key and press Generate at once: the form is still empty (the model is read after the key), and the
+    # page once sent it as it was (422: steps and encoder_interval empty).
+    browser.find_element(By.ID, "api_key").send_keys("page-key")
+    browser.find_element(By.ID, "generate").click()
+    images = browser.find_element(By.ID, "images")
+    WebDriverWait(browser, 120).until(lambda d: images.get_attribute("data-done") == "true"
+                                      or "Error" in d.find_element(By.ID, "status").text)
+    assert images.get_attribute("data-done") == "true", browser.find_element(By.ID, "status").text
+    k_options = Select(browser.find_element(By.ID, "encoder_interval")).options
+    assert len(k_options) == len({o.get_attribute("value") for o in k_options})  # the form was filled once
+    # "auto" shows the card's figures for each K it may pick, not a blank line.
+    Select(browser.find_element(By.ID, "encoder_interval")).select_by_value("auto")
+    cost = browser.find_element(By.ID, "k-cost").text
+    assert "auto picks K" in cost and "K = 4: FID" in cost and "K = 8: FID" in cost and "±" in cost, cost
+    # Other steps than the card's: the figures say they are for N = 32.
+    set_value(browser, "steps", 128)
+    cost = browser.find_element(By.ID, "k-cost").text
+    assert "N = 32" in cost and "you asked for N = 128" in cost, cost
+    # No favicon request (it was a 404 on every load).
+    assert "favicon" not in keyed_server.log()

@@ -26,6 +26,7 @@ async def model_info(state: StateDep) -> ModelInfo:
     if state.autok is not None:
         b = state.autok.budget
         auto = {"allowed": b.allowed, "fid_ratio": {str(k): round(r, 4) for k, r in sorted(b.fid_ratio.items())},
+                "fid_ratio_spread": {str(k): round(s, 4) for k, s in sorted(b.fid_ratio_std.items())},
                 "quality_budget": b.budget, "latency_target_s": state.autok.target_s}
     return ModelInfo(name=state.model_card.get("name", settings.checkpoint.name), card=state.model_card,
                      backend=info.backend, device=info.device, precision=info.precision,
