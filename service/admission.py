@@ -7,7 +7,12 @@ from enum import StrEnum
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from service.scheduler import Scheduler
+    from service.scheduler import Job, Scheduler
+
+
+class Priority(StrEnum):
+    INTERACTIVE = "interactive"  # admitted first; may take the slots of batch images at their refresh boundary
+    BATCH = "batch"  # every slot the interactive traffic leaves idle; paused (never recomputed) when it needs them
 
 
 class Policy(StrEnum):
@@ -45,23 +50,50 @@ class ContinuousAdmission(Admission):
         active_k = {a.job.spec.encoder_interval for a in s.active}
         for k in [k for k in self.phase if k not in active_k]:
             del self.phase[k]
+        if not s.priorities:
+            self._jobs(s, active_k, None)
+            return
+        # Interactive requests first. While any of their images still waits (no slot yet, or its K's phase not
+        # come), the free slots are theirs; otherwise paused batch images resume, oldest first, then new batch work.
+        self._jobs(s, active_k, Priority.INTERACTIVE)
+        if s.interactive_waiting():
+            return
+        for p in list(s.paused):
+            if not s.free_slots:
+                return
+            if self._blocked(s, p.image.job, active_k, small_waits=False):
+                continue
+            s.resume_image(p)
+        if not s.paused:
+            self._jobs(s, active_k, Priority.BATCH)
+
+    def _blocked(self, s: Scheduler, job: Job, active_k: set[int], small_waits: bool) -> bool:
+        """May the next image of `job` not take a free slot at this tick? Reserved slots and the K cohort's phase;
+        otherwise records the phase of a new cohort and the K as active."""
+        if len(s.free_slots) <= s.reserved_slots and not s.is_small(job) and (small_waits or not s.may_lend(job)):
+            return True  # the last free slots are kept for small requests
+        k = job.spec.encoder_interval
+        if self.aligned and k > 1:
+            if k not in active_k:
+                self.phase[k] = s.ticks % k
+            elif s.ticks % k != self.phase[k]:
+                return True
+        active_k.add(k)
+        return False
+
+    def _jobs(self, s: Scheduler, active_k: set[int], priority: Priority | None) -> None:
+        """Admit queued requests of `priority` (None: all), round robin, small requests first."""
         admitted = True
         while s.queue and s.free_slots and admitted:
             admitted = False
             # One round: an image from each request that may join now, small ones first, else oldest first.
-            small_waits = any(s.is_small(j) for j in s.queue)
-            for job in sorted(s.queue, key=lambda j: not s.is_small(j)):
+            queue = [j for j in s.queue if priority is None or j.spec.priority is priority]
+            small_waits = any(s.is_small(j) for j in queue)
+            for job in sorted(queue, key=lambda j: not s.is_small(j)):
                 if not s.free_slots:
                     break
-                if len(s.free_slots) <= s.reserved_slots and not s.is_small(job) and (small_waits or not s.may_lend(job)):
-                    continue  # the last free slots are kept for small requests
-                k = job.spec.encoder_interval
-                if self.aligned and k > 1:
-                    if k not in active_k:
-                        self.phase[k] = s.ticks % k
-                    elif s.ticks % k != self.phase[k]:
-                        continue
-                active_k.add(k)
+                if self._blocked(s, job, active_k, small_waits):
+                    continue
                 s.admit_image(job)
                 admitted = True
                 if job.next_image == job.spec.num_images:

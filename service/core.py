@@ -131,7 +131,8 @@ def build_core(settings: Any, stats: Any, engine_factory: Any = None, progress: 
         overlap_encoder=settings.overlap_encoder, align_encoder=settings.align_encoder,
         output_size=cfg.output_size, autok=autok, reserved_slots=settings.effective_reserved_slots,
         small_cost=defaults.steps / defaults.encoder_interval, fused=settings.use_fused_tick,
-        lend_horizon_s=LEND_HORIZON_TARGETS * settings.latency_target_s,
+        lend_horizon_s=LEND_HORIZON_TARGETS * settings.latency_target_s, priorities=settings.priorities,
+        max_paused_images=settings.effective_max_paused_images,
     )
     scheduler.start()
     return Built(engine, scheduler)

@@ -191,7 +191,8 @@ class CoreServer:
         if s is not None:
             snap = s.snapshot()
             st["snapshot"] = [snap.queue_depth, snap.queued_images, snap.active_images, snap.free_slots,
-                              snap.encoder_rows_total, snap.denoiser_rows_total]
+                              snap.encoder_rows_total, snap.denoiser_rows_total, snap.queue_by_priority,
+                              snap.paused_images, snap.preemptions_total]
             if with_metrics:
                 self.stats.refresh(snap)
                 st["metrics"] = generate_latest(self.stats.registry)

@@ -53,10 +53,23 @@ class PrometheusStats(StatsSink):
                                "Fraction of light-network rows that reused cached encoder features", registry=r)
             self.tick_duration = Histogram("dualrate_tick_duration_seconds", "One scheduler tick (one denoising step)",
                                            buckets=CALL_BUCKETS, registry=r)
+            self.priority_duration = Histogram("dualrate_priority_request_duration_seconds", "Latency of requests "
+                                               "answered ok by the engine core, submission to last image, per "
+                                               "priority", ["priority"], buckets=LATENCY_BUCKETS, registry=r)
+            self.priority_queue = Gauge("dualrate_priority_queue_depth", "Requests waiting for a slot, per priority",
+                                        ["priority"], registry=r)
+            self.paused = Gauge("dualrate_paused_images", "Batch images paused at a refresh boundary for interactive "
+                                "ones, waiting to resume", registry=r)
+            self.preemptions = Counter("dualrate_preemptions_total", "Batch images paused for interactive ones",
+                                       registry=r)
+            self._preemptions_seen = 0
             self.engine = Info("dualrate_engine", "Backend, device and precision of the engine", registry=r)
             for net in ("encoder", "denoiser"):
                 self.calls.labels(net)
                 self.rows.labels(net)
+            for priority in ("interactive", "batch"):
+                self.priority_duration.labels(priority)
+                self.priority_queue.labels(priority)
 
     def exposition(self) -> bytes:
         """This side's series in the text format. Front-end workers of one service (PROMETHEUS_MULTIPROC_DIR set by
@@ -84,6 +97,7 @@ class PrometheusStats(StatsSink):
     def request_done(self, done: RequestDone) -> None:
         if done.outcome == "ok":
             self.queue_wait.observe(done.queue_seconds)
+            self.priority_duration.labels(done.priority).observe(done.total_seconds)
 
     def request_answered(self, outcome: str, seconds: float, images: int = 0) -> None:
         """Called by the HTTP layer once per request, whatever its outcome."""
@@ -103,3 +117,9 @@ class PrometheusStats(StatsSink):
         self.queued_images.set(snap.queued_images)
         self.load.set(snap.load_ratio)
         self.reuse.set(snap.encoder_reuse_ratio)
+        for priority, depth in snap.queue_by_priority.items():
+            self.priority_queue.labels(priority).set(depth)
+        self.paused.set(snap.paused_images)
+        if snap.preemptions_total > self._preemptions_seen:
+            self.preemptions.inc(snap.preemptions_total - self._preemptions_seen)
+            self._preemptions_seen = snap.preemptions_total

@@ -51,6 +51,7 @@ class TickPlan:
     last: tuple[bool, ...]  # the image's final step: its picture is returned
     admitted: tuple[tuple[int, int], ...] = ()  # (slot, seed) of images joining now: z is set to noise draw 0 first
     preview: tuple[bool, ...] = ()  # return this image's current x0 estimate (a streamed preview); () = none
+    resumed: tuple[tuple[int, np.ndarray], ...] = ()  # (slot, z) of paused images coming back: z is restored first
 
 
 @dataclass(eq=False)
@@ -136,10 +137,16 @@ class Runner:
 
     # ---- one tick ---------------------------------------------------------------------------------------------
 
+    def sample(self, slot: int) -> np.ndarray:
+        """A slot's current sample z, copied to host memory (a paused image's whole state with its step)."""
+        return self.z[slot].cpu().numpy().copy()
+
     def run(self, plan: TickPlan) -> TickOutcome:
         if plan.admitted:
             slots, seeds = zip(*plan.admitted, strict=True)
             self.z[list(slots)] = draw_noise(seeds, [0] * len(seeds), self.sample_shape, self.device)
+        for slot, z in plan.resumed:
+            self.z[slot] = torch.from_numpy(z).to(self.device)
         out = TickOutcome()
         if not plan.slots:
             return out

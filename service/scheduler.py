@@ -13,7 +13,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -23,7 +23,7 @@ import numpy as np
 from dualrate.diffusion import CosineSchedule, step_times
 from dualrate.sampler import encoder_due, needs_uncond_row
 from engines import Engine
-from service.admission import Policy, admission_policy
+from service.admission import Policy, Priority, admission_policy
 from service.autok import AutoK, CostModel
 from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, QueueFull, ServiceError
 from service.progress import Event, Handover, Listener, preview_due
@@ -43,6 +43,10 @@ class GenerationSpec:
     seed: int
     deadline: float | None = None  # time.monotonic() deadline
     auto: bool = False  # encoder_interval "auto": the scheduler picks K at submission (service.autok)
+    priority: Priority = Priority.INTERACTIVE
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "priority", Priority(self.priority))  # a plain string over the wire
 
 
 @dataclass
@@ -89,6 +93,17 @@ class ImageSlot:
     encoder_calls: int = 0
 
 
+@dataclass(eq=False)
+class PausedImage:
+    """A batch image taken out of its slot at an encoder-refresh boundary: its whole state is its sample z (host
+    memory) and its step; the features it held were about to be recomputed, so nothing is lost and resuming is
+    exact (the noise is a function of seed and step)."""
+
+    image: ImageSlot  # as it stood (slot no longer its own)
+    z: np.ndarray
+    paused_at: float
+
+
 @lru_cache(maxsize=64)
 def _times(steps: int) -> list[float]:
     return step_times(steps).float().tolist()  # exact float32 values: torch.tensor(...) gives them back bit for bit
@@ -112,6 +127,8 @@ class Scheduler:
         small_cost: float = 0.0,  # a request costing at most this (images x steps / K) is small
         fused: bool = False,  # each tick as one program (service.fused; torch backend)
         lend_horizon_s: float = 6.0,  # reserved slots are lent to large images expected to finish within this
+        priorities: bool = True,  # interactive images first, batch images paused at a refresh boundary for them
+        max_paused_images: int = 0,  # batch images held paused at most (their samples in host memory)
     ) -> None:
         self.null_label, self.max_active_images, self.queue_size, self.policy = null_label, max_active_images, queue_size, policy
         self.stats = stats or StatsSink()
@@ -122,6 +139,10 @@ class Scheduler:
         self.cost.slots = max_active_images
         self.runner = Runner(engine, sched, null_label, max_active_images, overlap_encoder, output_size, self.stats,
                              fused=fused)
+        self.priorities, self.max_paused_images = priorities, max_paused_images
+        self.paused: list[PausedImage] = []  # oldest request first (resume order)
+        self._resumed: list[tuple[int, np.ndarray]] = []  # (slot, z) since the last plan
+        self.preemptions = 0
         self.queue: deque[Job] = deque()
         self.active: list[ImageSlot] = []
         self.free_slots = list(range(max_active_images))
@@ -167,8 +188,11 @@ class Scheduler:
 
     def snapshot(self) -> SchedulerSnapshot:
         with self._cv:
+            by_priority = Counter(j.spec.priority.value for j in self.queue)
             return SchedulerSnapshot(len(self.queue), self._queued_images(), len(self.active), len(self.free_slots),
-                                     self._encoder_rows, self._denoiser_rows)
+                                     self._encoder_rows, self._denoiser_rows,
+                                     {p.value: by_priority.get(p.value, 0) for p in Priority}, len(self.paused),
+                                     self.preemptions)
 
     def predicted_wait(self) -> float:
         """Seconds until the queue has taken in what waits now: its image-steps over the service's image-steps per
@@ -178,8 +202,8 @@ class Scheduler:
         return max(1.0, work / rate if rate > 0 else len(self.queue) * 0.5)
 
     def _queued_images(self) -> int:
-        """Images of queued requests not yet admitted (caller holds the lock)."""
-        return sum(j.spec.num_images - j.next_image for j in self.queue)
+        """Images waiting for a slot: of queued requests, not yet admitted, and paused (caller holds the lock)."""
+        return sum(j.spec.num_images - j.next_image for j in self.queue) + len(self.paused)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
@@ -198,7 +222,7 @@ class Scheduler:
 
     def idle(self) -> bool:
         with self._cv:
-            return not self.queue and not self.active
+            return not self.queue and not self.active and not self.paused
 
     def shutdown(self, timeout: float | None = None) -> None:
         with self._cv:
@@ -212,9 +236,9 @@ class Scheduler:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._stop and not self.queue and not self.active:
+                while not self._stop and not self.queue and not self.active and not self.paused:
                     self._cv.wait()
-                if self._stop and not self.queue and not self.active:
+                if self._stop and not self.queue and not self.active and not self.paused:
                     return
             try:
                 self.tick()
@@ -226,6 +250,7 @@ class Scheduler:
         t0 = time.perf_counter()
         with self._cv:
             self._reap()
+            self._preempt()
             self.admission.admit(self)
             batch = sorted(self.active, key=lambda a: a.slot)  # slot order: a full batch reads the cache as views
             plan = self._plan(batch)
@@ -269,8 +294,8 @@ class Scheduler:
             t=tuple(a.times[a.step] for a in batch), s=tuple(a.times[a.step + 1] for a in batch),
             tau=tuple(a.times[a.step] if d else a.tau for a, d in zip(batch, due, strict=True)), due=due,
             last=tuple(a.step + 1 == a.job.spec.steps for a in batch),
-            admitted=tuple(self._admitted), preview=preview_due(batch))
-        self._admitted = []
+            admitted=tuple(self._admitted), preview=preview_due(batch), resumed=tuple(self._resumed))
+        self._admitted, self._resumed = [], []
         return plan
 
     def _reap(self) -> None:
@@ -290,12 +315,50 @@ class Scheduler:
             self.queue.remove(job)
             self._finish_job(job, why)
         failed = {a.job: err for a in self.active if (err := dead(a.job)) is not None}
+        gone = {p.image.job: err for p in self.paused if (err := dead(p.image.job)) is not None}
+        if gone:
+            self.paused = [p for p in self.paused if p.image.job not in gone]
+            failed = {**gone, **failed}
         if failed:
             self._release([a for a in self.active if a.job in failed])
             for job, err in failed.items():
                 if job in self.queue:
                     self.queue.remove(job)
                 self._finish_job(job, err)
+
+    def interactive_waiting(self) -> int:
+        """Images of queued interactive requests not yet admitted (caller holds the lock); 0 with priorities off."""
+        if not self.priorities:
+            return 0
+        return sum(j.spec.num_images - j.next_image for j in self.queue if j.spec.priority is Priority.INTERACTIVE)
+
+    def _preempt(self) -> None:
+        """While interactive images wait with no free slot for them, pause as many batch images as they need, each
+        at its next encoder-refresh boundary (caller holds the lock). An image pauses only at a tick where it is due
+        a refresh: its features are stale from that tick on, so its sample and step are its whole state. Images
+        further from their boundary pause at later ticks if the need is still there then. The youngest requests'
+        images pause first (the oldest resume first). At most `max_paused_images` are held."""
+        if not self.priorities or self.policy is not Policy.CONTINUOUS:
+            return
+        need = min(self.interactive_waiting() - len(self.free_slots), self.max_paused_images - len(self.paused))
+        if need <= 0:
+            return
+        due = [a for a in self.active if a.job.spec.priority is Priority.BATCH and a.step > 0
+               and encoder_due(a.step, a.job.spec.encoder_interval) and not a.job.cancelled]
+        due.sort(key=lambda a: (a.job.submitted, a.index), reverse=True)
+        for a in due[:need]:
+            self.paused.append(PausedImage(a, self.runner.sample(a.slot), time.monotonic()))
+            self._release([a])
+            self.preemptions += 1
+        self.paused.sort(key=lambda p: (p.image.job.submitted, p.image.index))
+
+    def resume_image(self, p: PausedImage) -> None:
+        """Give a paused image a free slot again, at the step it paused (caller holds the lock; called by the
+        admission policy). Its sample goes back first; that tick refreshes its features."""
+        self.paused.remove(p)
+        p.image.slot = self.free_slots.pop(0)
+        self._resumed.append((p.image.slot, p.z))
+        self.active.append(p.image)
 
     def is_small(self, job: Job) -> bool:
         """Small requests may use the reserved slots and queue places, and are admitted first."""
@@ -331,6 +394,7 @@ class Scheduler:
         with self._cv:
             self._release(slots)
             for job in {id(a.job): a.job for a in slots}.values():
+                self.paused = [p for p in self.paused if p.image.job is not job]
                 if job in self.queue:
                     self.queue.remove(job)  # its remaining images would be computed for nobody
                 self._finish_job(job, err)
@@ -352,5 +416,6 @@ class Scheduler:
         else:
             job.future.set_exception(err)
             outcome = err.kind
-        self.stats.request_done(RequestDone(outcome, job.spec.num_images, admitted - job.submitted, now - job.submitted))
+        self.stats.request_done(RequestDone(outcome, job.spec.num_images, admitted - job.submitted, now - job.submitted,
+                                            job.spec.priority.value))
 

@@ -35,6 +35,10 @@ class GenerateRequest(BaseModel):
                                          description="classifier-free guidance, 0-100 (default: model card)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True,
                              description="0 to 2^53 - 1; image i uses seed + i; absent = random, reported back")
+    priority: Literal["interactive", "batch"] | None = Field(
+        None, description="interactive: admitted first, and may take a batch image's slot at that image's next "
+        "encoder refresh (the batch image pauses and later resumes exactly); batch: every slot interactive traffic "
+        "leaves idle. Default: the server's DUALRATE_DEFAULT_PRIORITY")
     timeout_s: float | None = Field(None, ge=MIN_TIMEOUT_S, allow_inf_nan=False, strict=True,
                                     description=f"deadline in seconds, at least {MIN_TIMEOUT_S} (at most the server's "
                                     "max_timeout_s)")

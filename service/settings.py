@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, checkpoint_problem
 from engines import Backend, EngineConfig, Precision
-from service.admission import Policy
+from service.admission import Policy, Priority
 
 
 class Toggle(StrEnum):
@@ -95,6 +95,13 @@ class Settings(BaseSettings):
     reserved_slots: int | None = Field(None, ge=0, description="batch slots kept for small requests (at most a default "
                                        "request's num_images x steps / encoder_interval) while one waits, lent to large "
                                        "requests while none does; default max_active_images // 8")
+    priorities: bool = Field(True, description="interactive requests first: batch images pause at their next encoder "
+                             "refresh (exactly resumable) while interactive images wait for a slot; false = one class")
+    default_priority: Priority = Field(Priority.INTERACTIVE, description="priority of requests that name none: "
+                                       "interactive | batch")
+    max_paused_images: int | None = Field(None, ge=0, le=100_000, description="batch images held paused at most "
+                                          "(each keeps its sample in host memory: channels x size^2 x 4 bytes); "
+                                          "default 4 x max_active_images")
     warmup: bool = True
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
 
@@ -158,6 +165,10 @@ class Settings(BaseSettings):
     @property
     def use_fused_tick(self) -> bool:
         return self._on(self.fused_tick)
+
+    @property
+    def effective_max_paused_images(self) -> int:
+        return self.max_paused_images if self.max_paused_images is not None else 4 * self.max_active_images
 
     @property
     def effective_reserved_slots(self) -> int:

@@ -5,7 +5,7 @@ Nothing here imports prometheus_client: the scheduler talks to a `StatsSink`, wh
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class RequestDone:
     images: int
     queue_seconds: float
     total_seconds: float
+    priority: str = "interactive"
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class SchedulerSnapshot:
     free_slots: int
     encoder_rows_total: int
     denoiser_rows_total: int
+    queue_by_priority: dict[str, int] = field(default_factory=dict)  # requests waiting, per priority
+    paused_images: int = 0  # batch images paused for interactive ones, waiting to resume
+    preemptions_total: int = 0
 
     @property
     def load_ratio(self) -> float:

@@ -26,6 +26,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
+from service.admission import Priority
 from service.api.answers import LimitError, error_event, service_error_response
 from service.api.deps import Authorized, StateDep
 from service.core import CoreHandle, JobHandle
@@ -96,7 +97,9 @@ def prepare(req: GenerateRequest, state: AppState, t0: float) -> tuple[CoreHandl
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     timeout = req.timeout_s or settings.default_timeout_s
     label = cfg.null_label if req.class_label is None else req.class_label
-    spec = GenerationSpec(label, req.num_images, steps, k, g, seed, deadline=t0 + timeout, auto=auto)
+    priority = Priority(req.priority) if req.priority is not None else settings.default_priority
+    spec = GenerationSpec(label, req.num_images, steps, k, g, seed, deadline=t0 + timeout, auto=auto,
+                          priority=priority)
     return state.core, spec, timeout
 
 
