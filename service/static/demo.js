@@ -133,6 +133,7 @@ function requestBody() {
     preview_every: num("preview_every"),
   };
   if ($("seed").value !== "") body.seed = num("seed");
+  if ($("priority").value !== "") body.priority = $("priority").value;
   return body;
 }
 

@@ -63,6 +63,7 @@ def test_defaults_come_from_the_model_card_and_seed_is_reported(server):
         ({"seed": "abc"}, "seed"),
         ({"timeout_s": 0}, "timeout_s"),
         ({"colour": "red"}, "colour"),
+        ({"priority": "urgent"}, "priority"),
     ],
 )
 def test_invalid_fields_give_422_naming_the_field(server, payload, field):
@@ -116,6 +117,14 @@ def test_metrics_move_as_requests_flow(server):
         assert metric(after, "dualrate_network_calls_total", lbl) > metric(before, "dualrate_network_calls_total", lbl)
     assert 0.0 < metric(after, "dualrate_encoder_reuse_ratio") < 1.0
     assert 'backend="onnxruntime"' in after
+    # Per priority: a request that names none is the default (interactive); a batch one is counted apart.
+    name, inter, batch = "dualrate_priority_request_duration_seconds_count", 'priority="interactive"', 'priority="batch"'
+    assert metric(after, name, inter) == metric(before, name, inter) + 1
+    httpx.post(f"{server.url}/generate", json={"num_images": 1, "steps": 4, "priority": "batch"},
+               timeout=60).raise_for_status()
+    last = httpx.get(f"{server.url}/metrics").text
+    assert metric(last, name, batch) == metric(after, name, batch) + 1
+    assert metric(last, "dualrate_priority_queue_depth", batch) == 0 and "dualrate_preemptions_total" in last
 
 
 def test_health_and_openapi(server):

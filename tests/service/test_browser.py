@@ -69,6 +69,16 @@ def test_demo_page_shows_previews_then_the_final_images(server, browser):
     browser.find_element(By.ID, "generate").click()
     WebDriverWait(browser, 120).until(lambda d: "picked by the service" in d.find_element(By.ID, "summary").text)
     assert "K = 4 (picked by the service)" in browser.find_element(By.ID, "summary").text  # idle: the card's default
+    # The priority picked on the page reaches the engine core.
+    import httpx
+
+    from service.process import metric
+
+    name, label = "dualrate_priority_request_duration_seconds_count", 'priority="batch"'
+    before = metric(httpx.get(server.url + "/metrics").text, name, label)
+    Select(browser.find_element(By.ID, "priority")).select_by_value("batch")
+    browser.find_element(By.ID, "generate").click()
+    WebDriverWait(browser, 120).until(lambda d: metric(httpx.get(server.url + "/metrics").text, name, label) > before)
     # Fits the window: no horizontal scrolling on a phone or a desktop.
     assert browser.execute_script("return document.documentElement.scrollWidth <= window.innerWidth")
 

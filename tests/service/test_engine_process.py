@@ -70,6 +70,11 @@ def test_the_core_is_named_engine_core_and_metrics_come_from_both_sides(split):
     assert metric(m, "dualrate_requests_total", 'outcome="ok"') >= 1  # the front end's series
     assert metric(m, "dualrate_network_calls_total", 'network="denoiser"') >= 12  # the core's
     assert m.count("# TYPE dualrate_requests_total ") == 1 and m.count("# TYPE dualrate_queue_depth ") == 1
+    # The priority crosses the process boundary (a plain string in the message) and the core counts it.
+    before = metric(m, "dualrate_priority_request_duration_seconds_count", 'priority="batch"')
+    httpx.post(f"{split.url}/generate", json={**BODY, "priority": "batch"}, timeout=120).raise_for_status()
+    m = httpx.get(f"{split.url}/metrics").text
+    assert metric(m, "dualrate_priority_request_duration_seconds_count", 'priority="batch"') == before + 1
 
 
 def test_a_stream_gets_previews_and_done_through_the_core(split):

@@ -1,0 +1,50 @@
+"""The architecture as the imports show it: data flows one way, dualrate -> export -> engines -> service, and the
+runtime packages import no tooling (load generators, plotting, progress bars) outside the research modules."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+ORDER = ["dualrate", "export", "engines", "service"]  # each may import those before it, never those after
+TOOLING = {"loadtests", "scripts", "tests", "httpx", "matplotlib", "scipy", "tqdm", "locust", "selenium", "pytest"}
+# The research tools inside dualrate (training and evaluation), installed with the `research` extra.
+RESEARCH = {"dualrate/train.py", "dualrate/evaluate.py", "dualrate/classifier.py", "dualrate/feature_study.py"}
+
+
+def imports(path: Path) -> set[str]:
+    """Top-level names of every module `path` imports, at any depth of the file (lazy imports count too)."""
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return names
+
+
+def files(package: str) -> list[Path]:
+    return sorted((ROOT / package).rglob("*.py"))
+
+
+@pytest.mark.parametrize("package", ORDER)
+def test_imports_flow_one_way(package):
+    later = set(ORDER[ORDER.index(package) + 1:])
+    bad = {str(f.relative_to(ROOT)): sorted(imports(f) & later) for f in files(package) if imports(f) & later}
+    assert not bad, f"{package} imports a package after it in {' -> '.join(ORDER)}: {bad}"
+
+
+@pytest.mark.parametrize("package", ORDER)
+def test_runtime_packages_import_no_tooling(package):
+    bad = {rel: sorted(found) for f in files(package)
+           if (rel := str(f.relative_to(ROOT))) not in RESEARCH and (found := imports(f) & TOOLING)}
+    assert not bad, f"runtime modules import tooling: {bad}"
+
+
+def test_the_check_sees_a_lazy_import(tmp_path):
+    f = tmp_path / "m.py"
+    f.write_text("def g():\n    from engines import create_engine\n    import httpx.client\n")
+    assert {"engines", "httpx"} <= imports(f)
