@@ -66,15 +66,20 @@ def _load_raw() -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return out
 
 
+MNIST_SIZE = 28  # the digits' size; the models see them padded to MNIST_SAMPLE (the MNIST preset's geometry)
+MNIST_SAMPLE = 32
+
+
 def load_mnist(split: str = "train") -> tuple[Tensor, Tensor]:
     """Images (N, 1, 32, 32) float32 in [-1, 1] (28x28 zero-padded by 2 on each side) and labels (N,) int64."""
     x, y = _load_raw()[split]
-    img = torch.from_numpy(np.asarray(x, dtype=np.float32)).reshape(-1, 1, 28, 28)
-    img = torch.nn.functional.pad(img * 2.0 - 1.0, (2, 2, 2, 2), value=-1.0)
+    pad = (MNIST_SAMPLE - MNIST_SIZE) // 2
+    img = torch.from_numpy(np.asarray(x, dtype=np.float32)).reshape(-1, 1, MNIST_SIZE, MNIST_SIZE)
+    img = torch.nn.functional.pad(img * 2.0 - 1.0, (pad, pad, pad, pad), value=-1.0)
     return img, torch.from_numpy(np.asarray(y, dtype=np.int64))
 
 
-def to_uint8(images: Tensor, output_size: int = 28) -> np.ndarray:
+def to_uint8(images: Tensor, output_size: int) -> np.ndarray:
     """Samples (B, C, S, S) in [-1, 1] -> delivered pictures, uint8: the centred output_size crop (MNIST: 28 of 32),
     (B, H, W) for grayscale, (B, H, W, 3) for RGB."""
     s = images.shape[-1]

@@ -34,11 +34,11 @@ from tqdm import tqdm
 
 from dualrate.checkpoint import CARD_FILE, DEFAULT_CHECKPOINT, LoadedModel, checkpoint_hash, load_checkpoint, torch_fns, weights_hash
 from dualrate.classifier import CLASSIFIER_DIR, DigitClassifier, batched, load_classifier
-from dualrate.data import load_mnist, to_uint8
+from dualrate.data import MNIST_SAMPLE, MNIST_SIZE, load_mnist, to_uint8
 from dualrate.diffusion import CosineSchedule
 from dualrate.nets import per_image_flops
 from dualrate.provenance import command_line, provenance
-from dualrate.sampler import dual_rate_sample
+from dualrate.sampler import dual_rate_sample, rows_per_image
 
 log = logging.getLogger("dualrate.evaluate")
 
@@ -75,18 +75,19 @@ class Evaluator:
 
 def quantize(images: Tensor) -> Tensor:
     """Round-trip through the served uint8 28x28 image, padded back to 32x32."""
-    return from_pictures(to_uint8(images))
+    return from_pictures(to_uint8(images, MNIST_SIZE))
 
 
 def from_pictures(pictures: np.ndarray) -> Tensor:
     """Served MNIST pictures, uint8 (B, 28, 28) (decoded PNGs) -> the evaluator's input (B, 1, 32, 32) in [-1, 1]."""
     u8 = torch.from_numpy(np.asarray(pictures)).float() / 127.5 - 1.0
-    return torch.nn.functional.pad(u8[:, None], (2, 2, 2, 2), value=-1.0)
+    pad = (MNIST_SAMPLE - MNIST_SIZE) // 2
+    return torch.nn.functional.pad(u8[:, None], (pad, pad, pad, pad), value=-1.0)
 
 
 def save_grid(images: Tensor, path: Path, nrow: int = 10, scale: int = 2) -> None:
     """Save (B, 1, 32, 32) images as one PNG grid of 28x28 tiles."""
-    tiles = to_uint8(images)  # (B, 28, 28)
+    tiles = to_uint8(images, MNIST_SIZE)  # (B, 28, 28)
     rows = math.ceil(len(tiles) / nrow)
     grid = np.zeros((rows * 30, nrow * 30), dtype=np.uint8)
     for i, tile in enumerate(tiles):
@@ -121,7 +122,7 @@ def generate(
     e.g. those of images a server returned). Returns images, labels, seconds, encoder calls per image."""
     encode, denoise = torch_fns(model)
     sched = CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max)
-    labels = torch.arange(n) % 10 if labels is None else labels
+    labels = torch.arange(n) % model.cfg.num_classes if labels is None else labels
     all_seeds = [seed + j for j in range(n)] if seeds is None else seeds
     out, calls = [], 0
     t0 = time.perf_counter()
@@ -129,8 +130,8 @@ def generate(
         lab = labels[i : i + batch]
         imgs, stats = dual_rate_sample(
             encode, denoise, lab, all_seeds[i : i + len(lab)], steps, k or steps, g, sched,
-            model.cfg.null_label, feature_shapes=model.cfg.feature_shapes if k is None else None,
-            refresh_steps=refresh_steps,
+            model.cfg.null_label, sample_shape=model.cfg.sample_shape,
+            feature_shapes=model.cfg.feature_shapes if k is None else None, refresh_steps=refresh_steps,
         )
         out.append(imgs)
         calls = 0 if k is None else stats.encoder_calls
@@ -174,7 +175,7 @@ def run_sweep(model: LoadedModel, ev: Evaluator, n_images: int, configs, seed: i
             fids.append(ev.fid(imgs))
             accs.append(ev.accuracy(imgs, labels))
             secs += dt
-        mult = 2 if g != 1.0 else 1  # guided images run cond + uncond rows
+        mult = rows_per_image(0, g, model.cfg.null_label)  # conditional samples: guided ones run two rows
         flops = mult * (calls * enc_f + steps * den_f)
         row = SweepRow(steps, k, g, float(np.mean(fids)), float(np.mean(accs)), calls, flops / 1e9,
                        n_images * seed_sets / secs, note, model=name,

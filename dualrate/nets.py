@@ -100,8 +100,8 @@ class UViT(nn.Module):
     """The shared topology. `extra` gives per-level channels concatenated into the up path and the 8x8 tokens
     (the light network's projected encoder features); the down path sees only z."""
 
-    def __init__(self, cfg: NetConfig, emb_dim: int, extra: tuple[int, int, int] = (0, 0, 0), image_channels: int = 1,
-                 image_size: int = 32) -> None:
+    def __init__(self, cfg: NetConfig, emb_dim: int, *, image_channels: int, image_size: int,
+                 extra: tuple[int, int, int] = (0, 0, 0)) -> None:
         super().__init__()
         c0, c1, c2 = cfg.channels
         x0, x1, x2 = extra

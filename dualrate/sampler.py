@@ -52,7 +52,7 @@ def _element_keys(half: int, device: str) -> Tensor:
 
 
 def draw_noise(seeds: Sequence[int] | Tensor, draw: Sequence[int] | Tensor,
-               shape: tuple[int, int, int] = (1, 32, 32), device: torch.device | str = "cpu") -> Tensor:
+               shape: tuple[int, int, int], device: torch.device | str = "cpu") -> Tensor:
     """Standard normal noise of `shape` per image, a pure function of (the image's seed, the draw index): draw 0 is
     the starting sample, draw i + 1 the noise of step i. Counter-based (a hash of seed, draw and element index, then
     Box-Muller), so an image's noise does not depend on its batch, needs no generator state, and is drawn for a whole
@@ -81,6 +81,11 @@ def encoder_due(step: int, encoder_interval: int) -> bool:
 def needs_uncond_row(label: int, guidance_scale: float, null_label: int) -> bool:
     """Classifier-free guidance runs an unconditional row beside a conditional image's row when g != 1."""
     return guidance_scale != 1.0 and label != null_label
+
+
+def rows_per_image(label: int, guidance_scale: float, null_label: int) -> int:
+    """Network rows one image takes per call: 2 when guided (conditional + unconditional), else 1."""
+    return 2 if needs_uncond_row(label, guidance_scale, null_label) else 1
 
 
 def guided_v(v_cond: Tensor, v_uncond: Tensor, guidance: Tensor | float) -> Tensor:
@@ -116,8 +121,9 @@ def dual_rate_sample(
     guidance_scale: float,
     sched: CosineSchedule,
     null_label: int,
+    *,
+    sample_shape: tuple[int, int, int],  # (C, S, S): ModelConfig.sample_shape
     feature_shapes: Sequence[tuple[int, int, int]] | None = None,  # set = control: zeroed features, no encoder
-    sample_shape: tuple[int, int, int] = (1, 32, 32),  # (C, S, S): ModelConfig.sample_shape
     refresh_steps: Sequence[int] | None = None,  # set = the encoder runs at these steps instead (must include 0)
     device: str | torch.device = "cpu",  # where z lives: an engine's device keeps the loop free of host copies
 ) -> tuple[Tensor, SampleStats]:
@@ -169,10 +175,12 @@ def sample_in_batches(
     sched: CosineSchedule,
     null_label: int,
     max_rows: int,
-    sample_shape: tuple[int, int, int] = (1, 32, 32),
+    *,
+    sample_shape: tuple[int, int, int],
 ) -> tuple[Tensor, SampleStats]:
     """`dual_rate_sample` over chunks whose network calls hold at most `max_rows` rows (a guided image takes two),
-    for engines with a batch limit. Each image owns its generator, so the images do not depend on the chunking."""
+    for engines with a batch limit. An image's noise is a function of its seed and step, so the images do not depend
+    on the chunking."""
     guided = any(needs_uncond_row(int(y), guidance_scale, null_label) for y in labels)
     per_call = max_rows // 2 if guided else max_rows
     if per_call < 1:

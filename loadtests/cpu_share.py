@@ -1,7 +1,7 @@
 """Where the CPU goes at saturation: the service process against the load generator, and (with py-spy installed)
 where the service's own samples fall.
 
-    python -m loadtests.cpu_share [--seconds 15] [--out docs/service_bench.md]
+    python -m loadtests.cpu_share [--seconds 15] [--out docs/runs/service_bench.md]
 
 One server (16 slots, the card's default request of 1 image). Cases, each `--seconds` long: 32 plain closed-loop
 clients; 16 plain + 4 plain; 16 plain + 4 streaming with previews every 4 steps; the same without previews. For each:
@@ -27,8 +27,8 @@ from pathlib import Path
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
+from loadtests.process import ServerProcess
 from loadtests.service_bench import closed_loop, plain_and_streams
-from service.process import ServerProcess
 
 log = logging.getLogger("loadtests.cpu_share")
 
@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    d = load_checkpoint(a.checkpoint).defaults
+    model = load_checkpoint(a.checkpoint)
+    d, num_classes = model.defaults, model.cfg.num_classes
     body = {"num_images": 1, "steps": d.steps, "encoder_interval": d.encoder_interval, "guidance_scale": d.guidance_scale}
     srv = ServerProcess(a.checkpoint, Path(tempfile.mkdtemp()) / "server.log", max_active_images=16,
                         max_images_per_request=16, queue_size=1024)
@@ -98,7 +99,8 @@ def main(argv: list[str] | None = None) -> None:
             return ips, len(lat)
 
         def mix(streaming: bool, previews: int) -> tuple[float, int]:
-            r = asyncio.run(plain_and_streams(srv.url, 16, 4, streaming, a.seconds, body, previews))
+            r = asyncio.run(plain_and_streams(srv.url, 16, 4, streaming, a.seconds, body, previews,
+                                                  num_classes=num_classes))
             return r["total_images_per_s"], round(r["total_images_per_s"] * a.seconds)
 
         cases["32 plain clients"] = measured(pid, saturation)
@@ -121,7 +123,8 @@ def main(argv: list[str] | None = None) -> None:
             for rnd in range(a.profile_mixes):
                 for streaming in ((False, True) if rnd % 2 == 0 else (True, False)):
                     async def arm(streaming: bool = streaming) -> tuple[dict, dict | None]:
-                        task = asyncio.create_task(plain_and_streams(srv.url, 16, 4, streaming, a.seconds + 2, body, 4))
+                        task = asyncio.create_task(plain_and_streams(srv.url, 16, 4, streaming, a.seconds + 2, body, 4,
+                                                                                num_classes=num_classes))
                         prof = await asyncio.to_thread(profile, pid, a.seconds)
                         return await task, prof
                     res, pr = asyncio.run(arm())

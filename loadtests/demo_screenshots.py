@@ -17,7 +17,7 @@ from selenium.webdriver.support.ui import Select, WebDriverWait
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT
 from loadtests.browser import chromium
-from service.process import ServerProcess
+from loadtests.process import ServerProcess
 
 log = logging.getLogger("demo_screenshots")
 

@@ -20,7 +20,7 @@ import httpx
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
-from service.process import ServerProcess
+from loadtests.process import ServerProcess
 
 log = logging.getLogger("loadtests.fairness")
 BIG = {"num_images": 16, "steps": 256, "encoder_interval": 1, "guidance_scale": 1.5, "timeout_s": 300}

@@ -34,22 +34,23 @@ from PIL import Image
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from dualrate.evaluate import Evaluator, from_pictures, generate
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
+from loadtests.process import ServerProcess
 from loadtests.service_bench import closed_loop
-from service.process import ServerProcess
 
 log = logging.getLogger("loadtests.overload")
 STAGES = (0.5, 1.0, 2.0, 3.0)
 
 
-async def stepped_load(url: str, rate: float, stage_s: float, body: dict, timeout_s: float, seed: int) -> list[dict]:
+async def stepped_load(url: str, rate: float, stage_s: float, body: dict, timeout_s: float, seed: int, *,
+                       num_classes: int) -> list[dict]:
     rng = random.Random(seed)
     out: list[dict] = []
 
     async def one(c: httpx.AsyncClient, stage: int, i: int) -> None:
         t0 = time.perf_counter()
         try:
-            r = await c.post("/generate", json={**body, "class_label": i % 10, "seed": i, "timeout_s": timeout_s})
-            rec = {"stage": stage, "status": r.status_code, "seconds": time.perf_counter() - t0, "label": i % 10, "seed": i}
+            r = await c.post("/generate", json={**body, "class_label": i % num_classes, "seed": i, "timeout_s": timeout_s})
+            rec = {"stage": stage, "status": r.status_code, "seconds": time.perf_counter() - t0, "label": i % num_classes, "seed": i}
             if r.status_code == 200:
                 j = r.json()
                 rec.update(k=j["encoder_interval"], png=j["images"][0]["png_base64"])
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> None:
         try:
             srv.wait_ready()
             results[name] = asyncio.run(stepped_load(srv.url, capacity, a.stage_seconds, {**base, "encoder_interval": k},
-                                                     a.timeout, seed=7))
+                                                     a.timeout, seed=7, num_classes=card.cfg.num_classes))
             if k == "auto":  # the load has stopped (every request answered): how soon is K back to the default?
                 probes = asyncio.run(recovery(srv.url, {**base, "encoder_interval": k}))
         finally:

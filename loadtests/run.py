@@ -25,7 +25,7 @@ import numpy as np
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
-from service.process import ServerProcess, metric
+from loadtests.process import ServerProcess, metric
 
 log = logging.getLogger("loadtests.run")
 HERE = Path(__file__).resolve().parent

@@ -1,6 +1,6 @@
 """Service benchmark: the HTTP service against the bare engine loop, batching gains, continuous vs request-level.
 
-    python -m loadtests.service_bench [--seconds 20] [--out docs/service_bench.md]
+    python -m loadtests.service_bench [--seconds 20] [--out docs/runs/service_bench.md]
 
 1. Saturation: many concurrent clients keep every batch slot busy; images/s of the service against the bare engine
    loop (the reference sampler on the same batch size, no HTTP, no scheduler).
@@ -10,7 +10,7 @@
    request-level batching, from one run.
 
 What streaming clients cost the others is measured by `python -m loadtests.stream_cost` (runs 5-8 in
-docs/service_bench.md used an earlier `--stream-cost` mode of this module, which restarted the clients every round).
+docs/runs/service_bench.md used an earlier `--stream-cost` mode of this module, which restarted the clients every round).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from dualrate.diffusion import CosineSchedule
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
 from dualrate.sampler import dual_rate_sample
 from engines import create_engine
-from service.process import ServerProcess
+from loadtests.process import ServerProcess
 
 log = logging.getLogger("loadtests.service_bench")
 
@@ -81,7 +81,8 @@ async def closed_loop(url: str, clients: int, seconds: float, body: dict, num_cl
     return images / (time.perf_counter() - t0), latencies
 
 
-async def open_loop_mix(url: str, seconds: float, rate: float, short: dict, long: dict, long_frac: float,
+async def open_loop_mix(url: str, seconds: float, rate: float, short: dict, long: dict, long_frac: float, *,
+                        num_classes: int,
                         seed: int = 0) -> dict[str, list[float]]:
     """Poisson arrivals at `rate` req/s, a fraction of them long; -> latencies by kind."""
     rng = random.Random(seed)
@@ -99,7 +100,7 @@ async def open_loop_mix(url: str, seconds: float, rate: float, short: dict, long
         i = 0
         while time.perf_counter() < stop:
             kind = "long" if rng.random() < long_frac else "short"
-            body = {**(long if kind == "long" else short), "class_label": i % 10, "seed": i}
+            body = {**(long if kind == "long" else short), "class_label": i % num_classes, "seed": i}
             tasks.append(asyncio.create_task(one(c, kind, body)))
             i += 1
             await asyncio.sleep(rng.expovariate(rate))
@@ -111,7 +112,7 @@ def tick_breakdown(url: str, run) -> tuple[Any, dict[str, float]]:
     """Run `run()` and split its wall time with the service's own metrics: the share spent inside scheduler ticks,
     inside light-network and encoder calls (the encoder's, for async calls, from submit to features ready), ticks/s
     and images per tick. -> (run's result, figures)."""
-    from service.process import metric
+    from loadtests.process import metric
 
     names = [("tick_s", "dualrate_tick_duration_seconds_sum", ""), ("ticks", "dualrate_tick_duration_seconds_count", ""),
              ("den_s", "dualrate_network_duration_seconds_sum", 'network="denoiser"'),
@@ -208,7 +209,7 @@ def interleaved(a: argparse.Namespace, argv: list[str] | None) -> None:
 async def read_stream(c: httpx.AsyncClient, req: dict) -> bytes:
     """POST /generate/stream and return its whole body, raw. The bytes are read as they come and events counted in
     them afterwards: parsing each event line in Python cost this load generator measurable CPU beside the service on
-    two cores (docs/service_bench.md)."""
+    two cores (docs/runs/service_bench.md)."""
     async with c.stream("POST", "/generate/stream", json=req) as r:
         r.raise_for_status()
         raw = b"".join([chunk async for chunk in r.aiter_raw()])
@@ -218,7 +219,7 @@ async def read_stream(c: httpx.AsyncClient, req: dict) -> bytes:
 
 
 async def plain_and_streams(url: str, plain: int, extra: int, streaming: bool, seconds: float, body: dict,
-                            preview_every: int) -> dict[str, float]:
+                            preview_every: int, *, num_classes: int) -> dict[str, float]:
     """`plain` closed-loop /generate clients beside `extra` more clients, which use /generate/stream with previews
     every `preview_every` steps (streaming) or /generate (the control: the same load shape). -> images/s of each group,
     and the previews received."""
@@ -227,13 +228,13 @@ async def plain_and_streams(url: str, plain: int, extra: int, streaming: bool, s
 
     async def plain_client(c: httpx.AsyncClient, i: int, group: str) -> None:
         while time.perf_counter() < stop:
-            r = await c.post("/generate", json={**body, "class_label": i % 10})
+            r = await c.post("/generate", json={**body, "class_label": i % num_classes})
             r.raise_for_status()
             counts[group] += len(r.json()["images"])
 
     async def stream_client(c: httpx.AsyncClient, i: int) -> None:
         while time.perf_counter() < stop:
-            req = {**body, "class_label": i % 10, "preview_every": preview_every}
+            req = {**body, "class_label": i % num_classes, "preview_every": preview_every}
             counts["previews"] += (await read_stream(c, req)).count(b"event: preview")
             counts["extra"] += req["num_images"]
 
@@ -295,7 +296,8 @@ def main(argv: list[str] | None = None) -> None:
             short = {"num_images": 1, "steps": 8, "encoder_interval": 4, "guidance_scale": d.guidance_scale}
             long = {"num_images": 4, "steps": 64, "encoder_interval": 4, "guidance_scale": d.guidance_scale}
             rate = 0.6 * res["svc_sat" if "svc_sat" in res else "bare_b16"] / (0.8 * 8 / d.steps + 0.2 * 4 * 64 / d.steps)
-            lat[policy] = asyncio.run(open_loop_mix(srv.url, 2 * a.seconds, rate, short, long, 0.2))
+            lat[policy] = asyncio.run(open_loop_mix(srv.url, 2 * a.seconds, rate, short, long, 0.2,
+                                                         num_classes=model.cfg.num_classes))
             log.info("%s mix: short p95 %.2f s, long p95 %.2f s", policy, pct(lat[policy]["short"], 0.95),
                      pct(lat[policy]["long"], 0.95))
         finally:

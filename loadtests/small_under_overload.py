@@ -22,7 +22,7 @@ import httpx
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
-from service.process import ServerProcess, metric
+from loadtests.process import ServerProcess, metric
 
 LARGE = {"class_label": 3, "num_images": 2, "steps": 128, "encoder_interval": 4}
 SMALL = {"class_label": 5, "num_images": 1, "steps": 8, "encoder_interval": 4}

@@ -2,7 +2,7 @@
 streaming clients and beside plain ones, measured side by side in one run against one server.
 
     python -m loadtests.stream_cost [--pairs 12] [--window 10] [--settle 2] [--client-nice 0]
-                                    [--out docs/service_bench.md]
+                                    [--out docs/runs/service_bench.md]
 
 One server at saturation (16 slots; the card's default request of 1 image). 16 plain closed-loop clients run from
 start to end; 4 more clients switch, window by window, between /generate/stream with a preview every 4 steps (the
@@ -36,8 +36,8 @@ import httpx
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
 from loadtests.cpu_share import process_cpu_s
+from loadtests.process import ServerProcess
 from loadtests.service_bench import read_stream
-from service.process import ServerProcess
 
 log = logging.getLogger("loadtests.stream_cost")
 PLAIN, EXTRA, PREVIEW_EVERY = 16, 4, 4
@@ -70,7 +70,7 @@ def arms(pairs: int) -> list[str]:
 
 
 async def alternate(url: str, server_pid: int, body: dict, pairs: int, window: float, settle: float,
-                    warmup: float) -> list[dict]:
+                    warmup: float, *, num_classes: int) -> list[dict]:
     """Run the clients and switch the 4 extra ones window by window; -> one record per window."""
     mode = {"now": "control"}
     # Per answered request: when its images were being computed (from the answer's timings, on this clock), who sent
@@ -81,14 +81,14 @@ async def alternate(url: str, server_pid: int, body: dict, pairs: int, window: f
     async def plain_client(c: httpx.AsyncClient, i: int) -> None:
         while True:
             sent = time.perf_counter()
-            r = await c.post("/generate", json={**body, "class_label": i % 10})
+            r = await c.post("/generate", json={**body, "class_label": i % num_classes})
             r.raise_for_status()
             done.append(computed(sent, r.json(), "plain"))
 
     async def extra_client(c: httpx.AsyncClient, i: int) -> None:
         while True:
             arm = mode["now"]
-            req = {**body, "class_label": i % 10}
+            req = {**body, "class_label": i % num_classes}
             sent = time.perf_counter()
             if arm == "control":
                 r = await c.post("/generate", json=req)
@@ -152,7 +152,8 @@ def main(argv: list[str] | None = None) -> None:
         p.error("need --pairs >= 2 and 0 <= --settle < --window")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
-    d = load_checkpoint(a.checkpoint).defaults
+    model = load_checkpoint(a.checkpoint)
+    d = model.defaults
     body = {"num_images": 1, "steps": d.steps, "encoder_interval": d.encoder_interval, "guidance_scale": d.guidance_scale}
     srv = ServerProcess(a.checkpoint, Path("/tmp/dualrate-stream-cost.log"), max_active_images=a.slots,
                         max_images_per_request=a.slots, queue_size=1024)
@@ -160,7 +161,8 @@ def main(argv: list[str] | None = None) -> None:
         srv.wait_ready()
         if a.client_nice:
             os.nice(a.client_nice)  # after the server started: it keeps the default priority
-        windows = asyncio.run(alternate(srv.url, srv.proc.pid, body, a.pairs, a.window, a.settle, a.warmup))
+        windows = asyncio.run(alternate(srv.url, srv.proc.pid, body, a.pairs, a.window, a.settle, a.warmup,
+                                         num_classes=model.cfg.num_classes))
     finally:
         srv.terminate()
     by_pair = [{w["arm"]: w for w in windows if w["pair"] == i} for i in range(1, a.pairs + 1)]

@@ -98,7 +98,7 @@ def bare(run: Run, ck: Path, res: dict, name: str, ks: tuple[int, ...], precisio
 
 
 def service(run: Run, ck: Path, res: dict, name: str, settings: dict[str, Any], images_per_request: int = 4) -> float:
-    from service.process import ServerProcess
+    from loadtests.process import ServerProcess
 
     model = load_checkpoint(ck)
     srv = ServerProcess(ck, run.out / f"service-{name}.log", backend="torch", device=run.device,

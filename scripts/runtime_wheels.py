@@ -1,5 +1,6 @@
 """Print `name==version` for every package the service needs at run time (pyproject's dependencies and what they
-pull in, as installed in this venv), plus pytest for the GPU tests, minus what a GPU machine brings itself.
+pull in, as installed in this venv), plus pytest and httpx for the GPU tests and checks, minus what a GPU machine
+brings itself.
 scripts/gpu_vendor.sh downloads these wheels."""
 
 from __future__ import annotations
@@ -14,8 +15,8 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parents[1]
 PROVIDED = {"torch", "numpy", "onnx", "onnxruntime", "triton", "sympy", "mpmath", "networkx", "jinja2", "markupsafe",
             "fsspec", "filelock", "setuptools", "protobuf", "ml-dtypes"}
-RESEARCH = {"matplotlib", "scipy"}  # research tools only (dualrate.evaluate / train); nothing on the serving path
-TEST = ["pytest", "pytest-timeout"]
+RESEARCH = {"matplotlib", "scipy", "tqdm"}  # research tools only (dualrate.evaluate / train); not on the serving path
+TEST = ["pytest", "pytest-timeout", "httpx"]  # the GPU tests and gpu_check's load generator (loadtests.process)
 
 
 def canon(name: str) -> str:

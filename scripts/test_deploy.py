@@ -35,7 +35,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from service.process import free_port, metric  # noqa: E402
+from loadtests.process import free_port, metric  # noqa: E402
 
 # The workplace's script that starts a Docker engine and local base images: $LOCAL_DOCKER, else ../shared beside the
 # checkout, else the workplace's shared folder (a clone elsewhere, e.g. CI's fresh clone in a temporary folder).
@@ -104,6 +104,11 @@ class Deploy:
         self.results["torch_in_image"] = torch_v
         log(f"built {TAG} in {self.results['build_seconds']} s: {size / 1e9:.2f} GB, torch {torch_v}")
         assert torch_v.endswith("None") and "+cpu" in torch_v, f"the CPU image must carry the CPU build: {torch_v}"
+        # `pip install .` without extras: serving needs no load generator, plots or progress bars.
+        tooling = self.d("run", "--rm", "--entrypoint", "python", TAG, "-c",
+                         "import importlib.util as u; print(' '.join(m for m in ('httpx', 'matplotlib', 'scipy', 'tqdm',"
+                         " 'pytest') if u.find_spec(m)))").stdout.strip()
+        assert not tooling, f"the CPU image carries tooling it never runs: {tooling}"
 
     def run_container(self) -> None:
         port = free_port()

@@ -10,6 +10,12 @@ if TYPE_CHECKING:
     from service.scheduler import Job, Scheduler
 
 
+def request_cost(num_images: int, steps: int, encoder_interval: int) -> float:
+    """What a request costs, in light-network image-steps per encoder call: num_images x steps / K (K beyond the
+    steps runs the encoder once, as K = steps does). Small requests, the cost cap and auto's cheapest K use it."""
+    return num_images * steps / min(encoder_interval, steps)
+
+
 class Priority(StrEnum):
     INTERACTIVE = "interactive"  # admitted first; may take the slots of batch images at their refresh boundary
     BATCH = "batch"  # every slot the interactive traffic leaves idle; paused (never recomputed) when it needs them

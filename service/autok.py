@@ -5,7 +5,8 @@ raising it only when the latency target is at risk.
   (per seed set and averaged, where the card has its seed sets' FIDs); auto may use the card's default K and the
   larger Ks whose ratio is within DUALRATE_QUALITY_BUDGET.
 - `CostModel`: seconds per light-network row and per encoder row, fitted online from the ticks (tick time = a x light
-  rows + b x encoder rows, recursive least squares with forgetting), and the completed images per second.
+  rows + b x encoder rows, plus a per-call overhead each; ridge least squares over a window of recent ticks), and
+  the image-steps per second (Retry-After).
 - `AutoK.choose`: at submission, the smallest allowed K (the default when nothing is at risk) that the recent
   arrival rate can sustain
   (arrival rate x an image's cost at K <= 0.85) and whose predicted latency meets the target: the wait for a slot

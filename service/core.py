@@ -113,6 +113,7 @@ def build_core(settings: Any, stats: Any, engine_factory: Any = None, progress: 
     from dualrate.config import ModelConfig
     from dualrate.diffusion import CosineSchedule
     from engines import create_engine
+    from service.admission import request_cost
     from service.autok import AutoK, QualityBudget
 
     card = read_card(settings.checkpoint)
@@ -130,7 +131,7 @@ def build_core(settings: Any, stats: Any, engine_factory: Any = None, progress: 
         settings.max_active_images, settings.queue_size, settings.policy, stats,
         overlap_encoder=settings.overlap_encoder, align_encoder=settings.align_encoder,
         output_size=cfg.output_size, autok=autok, reserved_slots=settings.effective_reserved_slots,
-        small_cost=defaults.steps / defaults.encoder_interval, fused=settings.use_fused_tick,
+        small_cost=request_cost(1, defaults.steps, defaults.encoder_interval), fused=settings.use_fused_tick,
         lend_horizon_s=LEND_HORIZON_TARGETS * settings.latency_target_s, priorities=settings.priorities,
         max_paused_images=settings.effective_max_paused_images,
     )

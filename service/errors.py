@@ -1,6 +1,14 @@
-"""The service's domain errors; translated to HTTP in exactly one place (service.app)."""
+"""The service's domain errors; translated to HTTP in exactly one place (service.api.answers). Each carries its HTTP
+status and the `kind` that names it in the error body and in `dualrate_requests_total{outcome}`."""
 
 from __future__ import annotations
+
+import uuid
+
+
+def new_error_id() -> str:
+    """The id an unexpected failure is logged under and answered with (12 hex digits)."""
+    return uuid.uuid4().hex[:12]
 
 
 class ServiceError(Exception):

@@ -4,7 +4,7 @@ A PNG of an 8-bit grayscale or RGB picture is three chunks around one zlib strea
 IHDR (size, bit depth, colour type), IDAT (each row prefixed by its filter type, 0 = none, deflated), IEND. Pillow
 writes the same format with more Python per call (plug-in look-up, tiling) around the same zlib work; for a 28x28
 picture, `python -m timeit` (best of 5) on this project's 2-core machine: 6 us here against 21 us for a mostly black
-digit, 23 against 76 us for noise (docs/service_bench.md has the command). At a preview every 4 steps of every
+digit, 23 against 76 us for noise (docs/runs/service_bench.md has the command). At a preview every 4 steps of every
 streamed request that was event-loop time taken from the tick loop. Decoders (Pillow, browsers) read both alike; tests/service/test_png.py
 checks the round trip through Pillow.
 """

@@ -6,7 +6,7 @@ whose preview the plan asked for (`preview_due`). The streamed jobs get their ev
 PROGRESS_INTERVAL_S (the previews made since the last hand-over, then one `progress`), and each job always at its
 last step (`Handover`). Jobs without a listener cost nothing here. Listeners must not block: the service's listener
 hands the events to the request's event loop. Each hand-over wakes that loop and becomes one write to the client, and
-on two CPU cores that event-loop work is taken from the tick loop (docs/service_bench.md: a progress event every tick
+on two CPU cores that event-loop work is taken from the tick loop (docs/runs/service_bench.md: a progress event every tick
 cost the plain clients beside 4 streams ~4% of their images/s), so a stream gets at most 1 / PROGRESS_INTERVAL_S
 writes per second however often it asks for previews; every preview asked for still arrives, in order.
 """

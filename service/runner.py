@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-import uuid
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -28,6 +27,7 @@ from dualrate.data import to_uint8
 from dualrate.diffusion import CosineSchedule
 from dualrate.sampler import draw_noise, guided_step, preview_x0
 from engines import Engine
+from service.errors import new_error_id
 from service.fused import FusedTick
 from service.stats import NetworkCall, StatsSink
 
@@ -187,7 +187,7 @@ class Runner:
         try:
             return [(idx, self._networks(plan, idx))], {}
         except Exception:
-            error_id = uuid.uuid4().hex[:12]
+            error_id = new_error_id()
             log.exception("engine failure (error id %s) in a call for %d images%s", error_id, len(idx),
                           ": retrying once" if retry else "")
             if retry:

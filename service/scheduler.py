@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import uuid
 from collections import Counter, deque
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -21,11 +20,11 @@ from functools import lru_cache
 import numpy as np
 
 from dualrate.diffusion import CosineSchedule, step_times
-from dualrate.sampler import encoder_due, needs_uncond_row
+from dualrate.sampler import encoder_due, needs_uncond_row, rows_per_image
 from engines import Engine
-from service.admission import Policy, Priority, admission_policy
+from service.admission import Policy, Priority, admission_policy, request_cost
 from service.autok import AutoK, CostModel
-from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, QueueFull, ServiceError
+from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, QueueFull, ServiceError, new_error_id
 from service.progress import Event, Handover, Listener, preview_due
 from service.runner import Runner, TickPlan
 from service.stats import RequestDone, SchedulerSnapshot, StatsSink, TickStats
@@ -175,7 +174,7 @@ class Scheduler:
             if spec.auto:
                 if self.autok is None:
                     raise NotReady("encoder_interval auto is not offered by this server")
-                rows = 2 if needs_uncond_row(spec.label, spec.guidance_scale, self.null_label) else 1
+                rows = rows_per_image(spec.label, spec.guidance_scale, self.null_label)
                 mix = [self.cost.image_cost(spec.steps, a.job.spec.encoder_interval, rows) for a in self.active]
                 k = self.autok.choose(spec.steps, rows, self._queued_images() + spec.num_images, len(self.free_slots),
                                       sum(mix) / len(mix) if mix else 0.0, time.monotonic())
@@ -244,7 +243,7 @@ class Scheduler:
                 self.tick()
             except Exception:  # an invariant broke: fail what is in flight, keep serving
                 log.exception("scheduler tick failed")
-                self._fail_slots(list(self.active), EngineFailure(uuid.uuid4().hex[:12], "internal scheduler error"))
+                self._fail_slots(list(self.active), EngineFailure(new_error_id(), "internal scheduler error"))
 
     def tick(self) -> None:
         t0 = time.perf_counter()
@@ -261,10 +260,10 @@ class Scheduler:
         self._denoiser_rows += out.denoiser_rows
         failed_jobs = {a.job: out.failed[a.slot] for a in batch if a.slot in out.failed}
         with self._cv:
-            for a, due in zip(batch, plan.due, strict=True):
+            for a, due, tau in zip(batch, plan.due, plan.tau, strict=True):
                 if a.job in failed_jobs:
                     continue
-                a.tau = a.times[a.step] if due else a.tau
+                a.tau = tau  # the plan's feature time: the step's own where refreshed
                 a.encoder_calls += due
                 a.step += 1
             self.handover.emit(batch, out.previews, failed_jobs)  # before any job resolves: its events come first
@@ -370,7 +369,7 @@ class Scheduler:
         return 0 < job.spec.steps * self.cost.tick_s <= self.lend_horizon_s
 
     def spec_is_small(self, spec: GenerationSpec) -> bool:
-        return spec.num_images * spec.steps / spec.encoder_interval <= self.small_cost
+        return request_cost(spec.num_images, spec.steps, spec.encoder_interval) <= self.small_cost
 
     def admit_image(self, job: Job) -> None:
         """Give the next image of `job` a free slot (caller holds the lock; called by the admission policy)."""

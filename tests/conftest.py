@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT
-from service.process import ServerProcess
+from loadtests.process import ServerProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -99,7 +99,7 @@ def slot_freed_after_disconnect(url: str, timeout: float = 10.0) -> bool:
 
     import httpx
 
-    from service.process import metric
+    from loadtests.process import metric
 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

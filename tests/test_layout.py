@@ -48,3 +48,25 @@ def test_the_check_sees_a_lazy_import(tmp_path):
     f = tmp_path / "m.py"
     f.write_text("def g():\n    from engines import create_engine\n    import httpx.client\n")
     assert {"engines", "httpx"} <= imports(f)
+
+
+def doc_links(md: Path) -> list[str]:
+    """Relative link targets in a markdown file (no URLs, no anchors), outside code blocks."""
+    import re
+
+    text = re.sub(r"```.*?```", "", md.read_text(), flags=re.S)
+    return [m.split("#")[0] for m in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+:", m) and m[0] != "#"]
+
+
+def test_every_doc_link_resolves_and_the_index_lists_every_page():
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "deploy" / "k8s" / "README.md"]
+    broken = [f"{p.relative_to(ROOT)} -> {link}" for p in pages for link in doc_links(p)
+              if link and not (p.parent / link).exists()]
+    assert not broken, broken
+    indexed = {(ROOT / "docs" / link).resolve() for link in doc_links(ROOT / "docs" / "README.md")}
+    missing = [p.name for p in sorted((ROOT / "docs").glob("*.md")) if p.name != "README.md" and p.resolve() not in indexed]
+    assert not missing, f"docs/README.md does not list {missing}"
+
+
+def test_the_readme_stays_short():
+    assert len((ROOT / "README.md").read_text().splitlines()) <= 150

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import math
-import uuid
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -15,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.deps import Unauthorized
-from service.errors import EngineFailure, InternalError, QueueFull, ServiceError
+from service.errors import EngineFailure, InternalError, QueueFull, ServiceError, new_error_id
 from service.schemas import ErrorBody
 from service.state import AppState
 
@@ -147,7 +146,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception) -> JSONResponse:
-        error_id = uuid.uuid4().hex[:12]
+        error_id = new_error_id()
         log.exception("internal error %s on %s %s", error_id, request.method, request.url.path)
         return error_response(state_of(request), 500, "internal", f"internal error (error id {error_id})",
                               error_id=error_id)

@@ -18,7 +18,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.process import ServerProcess, free_port, metric, wait_until_ok
+from loadtests.process import ServerProcess, free_port, metric, wait_until_ok
 
 pytestmark = pytest.mark.slow
 

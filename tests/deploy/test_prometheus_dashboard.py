@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.process import free_port, wait_until_ok
+from loadtests.process import free_port, wait_until_ok
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "dualrate.json"

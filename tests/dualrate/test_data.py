@@ -38,5 +38,5 @@ def test_mnist_splits_padded_and_scaled():
     assert x.min() == -1.0 and x.max() <= 1.0
     assert (x[:, :, :2] == -1).all() and (x[:, :, :, -2:] == -1).all()  # the padding
     assert set(y.unique().tolist()) == set(range(10))
-    u8 = to_uint8(x[:4])
+    u8 = to_uint8(x[:4], 28)
     assert u8.shape == (4, 28, 28) and u8.dtype == np.uint8

@@ -105,6 +105,7 @@ def test_standalone_option_trains_a_baseline_with_the_same_recipe(tmp_path):
     enc, den = torch_fns(model)
     sched = CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max)
     args = (torch.tensor([3, 7]), [5, 6], 8)
-    a, sa = dual_rate_sample(enc, den, *args, 1, 1.5, sched, model.cfg.null_label)
-    b, sb = dual_rate_sample(enc, den, *args, 4, 1.5, sched, model.cfg.null_label)
+    shape = model.cfg.sample_shape
+    a, sa = dual_rate_sample(enc, den, *args, 1, 1.5, sched, model.cfg.null_label, sample_shape=shape)
+    b, sb = dual_rate_sample(enc, den, *args, 4, 1.5, sched, model.cfg.null_label, sample_shape=shape)
     assert torch.equal(a, b) and sa.encoder_calls != sb.encoder_calls

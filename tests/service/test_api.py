@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.process import metric
+from loadtests.process import metric
 
 
 def decode(png_b64: str) -> np.ndarray:

@@ -72,7 +72,7 @@ def test_demo_page_shows_previews_then_the_final_images(server, browser):
     # The priority picked on the page reaches the engine core.
     import httpx
 
-    from service.process import metric
+    from loadtests.process import metric
 
     name, label = "dualrate_priority_request_duration_seconds_count", 'priority="batch"'
     before = metric(httpx.get(server.url + "/metrics").text, name, label)

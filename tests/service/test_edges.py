@@ -8,7 +8,7 @@ import json
 import httpx
 import pytest
 
-from service.process import metric
+from loadtests.process import metric
 from service.schemas import MAX_SEED
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from service.process import metric
+from loadtests.process import metric
 from tests.conftest import slot_freed_after_disconnect
 from tests.service.test_robustness import _drain_run
 from tests.service.test_stream import stream

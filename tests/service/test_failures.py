@@ -21,7 +21,7 @@ from dualrate.data import to_uint8
 from dualrate.diffusion import CosineSchedule
 from dualrate.sampler import dual_rate_sample
 from engines import Engine, create_engine
-from service.process import free_port
+from loadtests.process import free_port
 from service.scheduler import GenerationSpec, Scheduler
 
 POISON = 9  # rows with this label fail
@@ -70,7 +70,7 @@ def reference(engine, model, spec: GenerationSpec) -> np.ndarray:
     sched = CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max)
     x, _ = dual_rate_sample(engine.encode, engine.denoise, torch.full((spec.num_images,), spec.label),
                             [spec.seed + i for i in range(spec.num_images)], spec.steps, spec.encoder_interval,
-                            spec.guidance_scale, sched, model.cfg.null_label)
+                            spec.guidance_scale, sched, model.cfg.null_label, sample_shape=model.cfg.sample_shape)
     return to_uint8(x, model.cfg.output_size)
 
 

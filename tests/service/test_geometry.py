@@ -17,9 +17,9 @@ from dualrate.checkpoint import load_checkpoint
 from dualrate.data import to_uint8
 from dualrate.diffusion import CosineSchedule
 from dualrate.init import init_checkpoint
-from dualrate.sample import main as sample_cli
 from dualrate.sampler import dual_rate_sample
 from engines import create_engine
+from engines.sample import main as sample_cli
 
 pytestmark = pytest.mark.slow  # real servers
 

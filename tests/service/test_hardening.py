@@ -18,7 +18,7 @@ import pytest
 from pydantic import ValidationError
 
 from dualrate.init import init_checkpoint
-from service.process import metric
+from loadtests.process import metric
 from service.settings import Settings
 from tests.conftest import ROOT
 

@@ -12,7 +12,7 @@ import time
 import httpx
 import pytest
 
-from service.process import metric
+from loadtests.process import metric
 from tests.conftest import slot_freed_after_disconnect
 
 pytestmark = pytest.mark.slow  # real servers / training / the evaluator: `pytest -m "not slow"` skips them
@@ -184,7 +184,7 @@ def test_ctrl_c_on_make_serve_drains(tmp_path, checkpoint_dir):
     make also forwards to its child): accepted requests complete, new ones get 503, the service logs a full drain."""
     from types import SimpleNamespace
 
-    from service.process import ROOT, free_port, wait_until_ok
+    from loadtests.process import ROOT, free_port, wait_until_ok
 
     port = free_port()
     log_path = tmp_path / "make-serve.log"

@@ -59,8 +59,8 @@ def test_scheduler_matches_the_reference_sampler(engine, model, policy, overlap,
         res = job.future.result()
         ref, st = dual_rate_sample(engine.encode, engine.denoise, torch.full((sp.num_images,), sp.label),
                                    [sp.seed + i for i in range(sp.num_images)], sp.steps, sp.encoder_interval,
-                                   sp.guidance_scale, sched, model.cfg.null_label)
-        diff = np.abs(np.stack(res.images).astype(int) - to_uint8(ref).astype(int)).max()
+                                   sp.guidance_scale, sched, model.cfg.null_label, sample_shape=model.cfg.sample_shape)
+        diff = np.abs(np.stack(res.images).astype(int) - to_uint8(ref, model.cfg.output_size).astype(int)).max()
         assert diff <= 1, f"{sp}: max pixel difference {diff}"
         assert res.encoder_calls == st.encoder_calls
     assert {c.network for c in rec.calls} == {"encoder", "denoiser"}
@@ -79,8 +79,8 @@ def test_full_batch_reads_the_feature_cache_as_views_and_matches_the_reference(e
     run_all(s, [job])
     sched = CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max)
     ref, _ = dual_rate_sample(engine.encode, engine.denoise, torch.full((2,), 4), [50, 51], 8, 4, 1.5, sched,
-                              model.cfg.null_label)
-    diff = np.abs(np.stack(job.future.result().images).astype(int) - to_uint8(ref).astype(int)).max()
+                              model.cfg.null_label, sample_shape=model.cfg.sample_shape)
+    diff = np.abs(np.stack(job.future.result().images).astype(int) - to_uint8(ref, model.cfg.output_size).astype(int)).max()
     assert diff <= 1
 
 

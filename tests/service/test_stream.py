@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.process import metric
+from loadtests.process import metric
 from tests.conftest import slot_freed_after_disconnect
 
 pytestmark = pytest.mark.slow  # a real server per module

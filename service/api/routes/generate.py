@@ -17,7 +17,6 @@ import json
 import logging
 import secrets
 import time
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -26,11 +25,11 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from service.admission import Priority
+from service.admission import Priority, request_cost
 from service.api.answers import LimitError, error_event, service_error_response
 from service.api.deps import Authorized, StateDep
 from service.core import CoreHandle, JobHandle
-from service.errors import Cancelled, DeadlineExceeded, InternalError, NotReady, ServiceError
+from service.errors import Cancelled, DeadlineExceeded, InternalError, NotReady, ServiceError, new_error_id
 from service.png import encode_pngs
 from service.progress import Event
 from service.scheduler import GenerationSpec, JobResult
@@ -84,7 +83,7 @@ def prepare(req: GenerateRequest, state: AppState, t0: float) -> tuple[CoreHandl
     # K > steps runs the encoder once, at step 0, exactly as K = steps does: accepted (a JSON schema cannot say
     # "K <= steps", and a schema-valid request must not be refused); the answer reports the K asked for.
     cheapest_k = max([k, *(state.autok.budget.allowed if auto and state.autok else [])])
-    cost = req.num_images * steps / min(cheapest_k, steps)
+    cost = request_cost(req.num_images, steps, cheapest_k)
     if settings.max_request_cost and cost > settings.max_request_cost:
         limit_errors.append(("num_images", f"this request costs {cost:g} (num_images x steps / encoder_interval), over "
                              f"the server's cap of {settings.max_request_cost:g} (DUALRATE_MAX_REQUEST_COST): fewer "
@@ -217,7 +216,7 @@ async def _stream(req: StreamRequest, state: AppState, spec: GenerationSpec, job
         yield last + _event("error", error_event(state, DeadlineExceeded("no result within the deadline"),
                                                  time.monotonic() - t0)).encode()
     except Exception:  # a bug here: the client gets the error event /generate's 500 would have been
-        error_id = uuid.uuid4().hex[:12]
+        error_id = new_error_id()
         log.exception("internal error %s in a stream", error_id)
         abandon(job, fut)
         answered = True

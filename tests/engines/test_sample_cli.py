@@ -1,11 +1,11 @@
-"""`python -m dualrate.sample` through an engine with a batch limit: the work is cut into batches the engine takes."""
+"""`python -m engines.sample` through an engine with a batch limit: the work is cut into batches the engine takes."""
 
 from __future__ import annotations
 
 import numpy as np
 from PIL import Image
 
-from dualrate.sample import main
+from engines.sample import main
 
 
 def test_sample_cli_cuts_work_into_engine_batches(checkpoint_dir, onnx_dir, tmp_path):

@@ -1,6 +1,6 @@
-"""Sample digits from a dual-rate checkpoint and write one 28x28 grayscale PNG per image.
+"""Sample images from a checkpoint with any engine and write one PNG per image (grayscale or RGB, the card's output size).
 
-    python -m dualrate.sample --class-label 3 --num-images 8 --encoder-interval 4 --seed 0 --out samples/
+    python -m engines.sample --class-label 3 --num-images 8 --encoder-interval 4 --seed 0 --out samples/
 
 Flags left out take the model card's defaults. Image i uses seed X + i. Omit --class-label for unconditional samples.
 """
@@ -19,7 +19,7 @@ from dualrate.data import to_uint8
 from dualrate.diffusion import CosineSchedule
 from dualrate.sampler import sample_in_batches
 
-log = logging.getLogger("dualrate.sample")
+log = logging.getLogger("engines.sample")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         encode, denoise = torch_fns(model)
         max_rows = 2 * a.batch_size
     else:
-        from engines import create_engine  # engines builds on dualrate; imported only when asked for
+        from engines import create_engine  # the other backends are loaded only when asked for
 
         engine = create_engine(a.checkpoint, backend=a.backend, max_batch=2 * a.batch_size)
         encode, denoise = engine.encode, engine.denoise
