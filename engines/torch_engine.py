@@ -157,7 +157,7 @@ class TorchEngine(Engine):
 
     def network_calls(self) -> tuple[NetCall, NetCall]:
         """(encode, denoise) on device tensors of any batch, in the engine's precision, nothing else: what the
-        fused tick runner (service.fused) calls inside its captured graphs. encode(z, tau, label) -> features in
+        fused tick runner (service.core.fused) calls inside its captured graphs. encode(z, tau, label) -> features in
         `feature_dtype`; denoise(z, t, tau, label, *features) -> v (float32)."""
 
         def encode(z: Tensor, tau: Tensor, label: Tensor) -> Features:

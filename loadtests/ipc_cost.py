@@ -1,5 +1,5 @@
 """What a message between the HTTP front end and the engine core costs: ZeroMQ (ipc://, DEALER/ROUTER, msgpack, as
-service.engine_core uses) against a multiprocessing Pipe with pickle, round trips of the service's message shapes.
+service.core.engine_core uses) against a multiprocessing Pipe with pickle, round trips of the service's message shapes.
 
     python -m loadtests.ipc_cost [--n 2000] [--out docs/cpu_backends.md]
 

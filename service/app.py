@@ -26,9 +26,9 @@ from service.api import api_router
 from service.api.answers import install_error_handlers
 from service.api.deps import key_ok
 from service.api.routes.pages import mount_static
-from service.autok import AutoK, QualityBudget
-from service.core import LocalCore, build_core
-from service.core_client import SHARED_CORE_ENV, RemoteCore, spawn_core
+from service.core.autok import AutoK, QualityBudget
+from service.core.client import SHARED_CORE_ENV, RemoteCore, spawn_core
+from service.core.handle import LocalCore, build_core
 from service.settings import Settings
 from service.state import AppState, drain
 

@@ -4,6 +4,7 @@ status and the `kind` that names it in the error body and in `dualrate_requests_
 from __future__ import annotations
 
 import uuid
+from enum import StrEnum
 
 
 def new_error_id() -> str:
@@ -11,13 +12,31 @@ def new_error_id() -> str:
     return uuid.uuid4().hex[:12]
 
 
+class Outcome(StrEnum):
+    """How a request ended: the `error` of its error body and the `outcome` label of dualrate_requests_total."""
+
+    OK = "ok"
+    INVALID_REQUEST = "invalid_request"
+    UNAUTHORIZED = "unauthorized"
+    NOT_FOUND = "not_found"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    UNSUPPORTED_MEDIA_TYPE = "unsupported_media_type"
+    QUEUE_FULL = "queue_full"
+    CANCELLED = "cancelled"
+    TIMEOUT = "timeout"
+    UNAVAILABLE = "unavailable"
+    ENGINE_ERROR = "engine_error"
+    INTERNAL = "internal"
+
+
 class ServiceError(Exception):
     status = 500
-    kind = "internal"
+    kind = Outcome.INTERNAL
 
 
 class QueueFull(ServiceError):
-    status, kind = 429, "queue_full"
+    status, kind = 429, Outcome.QUEUE_FULL
 
     def __init__(self, retry_after_s: float) -> None:
         super().__init__(f"the request queue is full; retry after {retry_after_s:.0f} s")
@@ -25,19 +44,19 @@ class QueueFull(ServiceError):
 
 
 class NotReady(ServiceError):
-    status, kind = 503, "unavailable"
+    status, kind = 503, Outcome.UNAVAILABLE
 
 
 class DeadlineExceeded(ServiceError):
-    status, kind = 504, "timeout"
+    status, kind = 504, Outcome.TIMEOUT
 
 
 class Cancelled(ServiceError):
-    status, kind = 499, "cancelled"  # the client went away; nobody reads the answer
+    status, kind = 499, Outcome.CANCELLED  # the client went away; nobody reads the answer
 
 
 class EngineFailure(ServiceError):
-    status, kind = 500, "engine_error"
+    status, kind = 500, Outcome.ENGINE_ERROR
 
     def __init__(self, error_id: str, message: str) -> None:
         super().__init__(message)
@@ -45,7 +64,7 @@ class EngineFailure(ServiceError):
 
 
 class InternalError(ServiceError):
-    status, kind = 500, "internal"
+    status, kind = 500, Outcome.INTERNAL
 
     def __init__(self, error_id: str) -> None:
         super().__init__(f"internal error (error id {error_id})")

@@ -7,7 +7,8 @@ import os
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest, multiprocess
 
 from engines import EngineInfo
-from service.stats import NetworkCall, RequestDone, SchedulerSnapshot, StatsSink, TickStats
+from service.core.stats import NetworkCall, RequestDone, SchedulerSnapshot, StatsSink, TickStats
+from service.errors import Outcome
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
@@ -18,7 +19,7 @@ class PrometheusStats(StatsSink):
     def __init__(self, front: bool = True, core: bool = True) -> None:
         """`front`: the series the HTTP layer counts (requests by outcome, latency, images, K served); `core`: those
         of the scheduler and runner. In one process both share a registry; with the engine core in its own process
-        each side has its own, and the front end's /metrics appends the core's (service.core)."""
+        each side has its own, and the front end's /metrics appends the core's (service.core.handle)."""
         self.registry = r = CollectorRegistry()
         if front:
             self.requests = Counter("dualrate_requests_total", "Requests by outcome", ["outcome"], registry=r)
@@ -29,10 +30,8 @@ class PrometheusStats(StatsSink):
                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
             self.within_target = Counter("dualrate_requests_within_target_total", "Requests answered ok within "
                                          "DUALRATE_LATENCY_TARGET_S (their rate is the goodput)", registry=r)
-            for outcome in ("ok", "invalid_request", "queue_full", "timeout", "cancelled", "engine_error",
-                            "unavailable", "unauthorized", "internal", "not_found", "method_not_allowed",
-                            "payload_too_large", "unsupported_media_type"):
-                self.requests.labels(outcome)
+            for outcome in Outcome:
+                self.requests.labels(outcome.value)
         if core:
             self.queue_wait = Histogram("dualrate_queue_wait_seconds", "Wait for a batch slot",
                                         buckets=LATENCY_BUCKETS, registry=r)
@@ -95,7 +94,7 @@ class PrometheusStats(StatsSink):
         self.tick_duration.observe(stats.seconds)
 
     def request_done(self, done: RequestDone) -> None:
-        if done.outcome == "ok":
+        if done.outcome == Outcome.OK:
             self.queue_wait.observe(done.queue_seconds)
             self.priority_duration.labels(done.priority).observe(done.total_seconds)
 

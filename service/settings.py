@@ -14,7 +14,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, checkpoint_problem
 from engines import Backend, EngineConfig, Precision
-from service.admission import Policy, Priority
+from service.core.admission import Policy, Priority
 
 
 class Toggle(StrEnum):

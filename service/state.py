@@ -8,10 +8,10 @@ from collections.abc import Callable
 
 from dualrate.config import ModelConfig
 from engines import Engine
-from service.autok import AutoK
-from service.core import CoreHandle
+from service.core.autok import AutoK
+from service.core.handle import CoreHandle
+from service.core.scheduler import Scheduler
 from service.metrics import PrometheusStats
-from service.scheduler import Scheduler
 from service.settings import Settings
 
 
@@ -26,10 +26,10 @@ class AppState:
         self.draining = False
         self.engine: Engine | None = None
         self.scheduler: Scheduler | None = None  # in-process core only
-        self.core: CoreHandle | None = None  # the engine core, here or in its own process (service.core)
+        self.core: CoreHandle | None = None  # the engine core, here or in its own process (service.core.handle)
         self.core_dead: str | None = None  # why the engine core process stopped, once it has
         self.on_core_death: Callable[[str], None] | None = None  # set by the server: exit non-zero
-        # With the engine core in its own process the front end counts only its own series (service.core).
+        # With the engine core in its own process the front end counts only its own series (service.core.handle).
         self.metrics = PrometheusStats(core=not settings.use_engine_process)
         self.model_card: dict = {}
         self.defaults: dict = {}

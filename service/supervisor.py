@@ -1,7 +1,7 @@
 """Several HTTP front-end workers over one engine core (DUALRATE_FRONTEND_WORKERS > 1).
 
 The supervisor (`python -m service`) binds the listening socket once, starts the engine core
-(`service.engine_core`), then starts the workers: each is `python -m service` again with the socket inherited
+(`service.core.engine_core`), then starts the workers: each is `python -m service` again with the socket inherited
 (DUALRATE_WORKER_FD) and the core's address (DUALRATE_SHARED_CORE); the kernel spreads connections over them. Each
 worker validates, submits to the core over its own ZeroMQ socket, encodes PNGs and streams events. Their Prometheus
 series are pooled through prometheus_client's multiprocess mode (PROMETHEUS_MULTIPROC_DIR); /metrics on any worker
@@ -29,7 +29,7 @@ import time
 import msgpack
 import zmq
 
-from service.core_client import ROOT, SHARED_CORE_ENV, spawn_core
+from service.core.client import ROOT, SHARED_CORE_ENV, spawn_core
 from service.settings import Settings
 
 log = logging.getLogger("service.supervisor")

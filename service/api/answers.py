@@ -14,15 +14,15 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.deps import Unauthorized
-from service.errors import EngineFailure, InternalError, QueueFull, ServiceError, new_error_id
+from service.errors import EngineFailure, InternalError, Outcome, QueueFull, ServiceError, new_error_id
 from service.schemas import ErrorBody
 from service.state import AppState
 
 log = logging.getLogger("service")
 
 # Statuses that the framework raises (routing, body reading) -> the error kind of the documented error body.
-HTTP_KINDS = {400: "invalid_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed", 413: "payload_too_large",
-              415: "unsupported_media_type"}
+HTTP_KINDS = {400: Outcome.INVALID_REQUEST, 401: Outcome.UNAUTHORIZED, 404: Outcome.NOT_FOUND,
+              405: Outcome.METHOD_NOT_ALLOWED, 413: Outcome.PAYLOAD_TOO_LARGE, 415: Outcome.UNSUPPORTED_MEDIA_TYPE}
 
 
 UNAUTHORIZED_MESSAGE = "missing or wrong API key: send Authorization: Bearer <key>"
@@ -31,7 +31,7 @@ UNAUTHORIZED_MESSAGE = "missing or wrong API key: send Authorization: Bearer <ke
 class LimitError(ServiceError):
     """Fields valid in themselves but beyond this server's limits or this model (422, naming each field)."""
 
-    status, kind = 422, "invalid_request"
+    status, kind = 422, Outcome.INVALID_REQUEST
 
     def __init__(self, fields: list[tuple[str, str]]) -> None:
         super().__init__("; ".join(f"{f} {m}" for f, m in fields))
@@ -48,14 +48,14 @@ def error_response(state: AppState, status: int, kind: str, message: str, second
 
 
 def describe(e: ServiceError) -> tuple[int, ErrorBody, dict[str, str] | None]:
-    """A service error -> (HTTP status, error body, headers)."""
+    """A service error -> (HTTP status, error body, headers). The status and kind are the error class's own."""
     if isinstance(e, LimitError):
-        return 422, ErrorBody(error=e.kind, message=f"invalid field(s): {', '.join(f for f, _ in e.fields)}",
-                              details=[{"field": f, "message": m} for f, m in e.fields]), None
+        return e.status, ErrorBody(error=e.kind, message=f"invalid field(s): {', '.join(f for f, _ in e.fields)}",
+                                   details=[{"field": f, "message": m} for f, m in e.fields]), None
     if isinstance(e, QueueFull):
-        return 429, ErrorBody(error=e.kind, message=str(e)), {"Retry-After": str(math.ceil(e.retry_after_s))}
+        return e.status, ErrorBody(error=e.kind, message=str(e)), {"Retry-After": str(math.ceil(e.retry_after_s))}
     if isinstance(e, EngineFailure | InternalError):
-        return 500, ErrorBody(error=e.kind, message=str(e), error_id=e.error_id), None
+        return e.status, ErrorBody(error=e.kind, message=str(e), error_id=e.error_id), None
     return e.status, ErrorBody(error=e.kind, message=str(e)), None
 
 
@@ -121,7 +121,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         state = state_of(request)
-        kind = HTTP_KINDS.get(exc.status_code, "invalid_request" if exc.status_code < 500 else "internal")
+        kind = HTTP_KINDS.get(exc.status_code, Outcome.INVALID_REQUEST if exc.status_code < 500 else Outcome.INTERNAL)
         message = str(exc.detail)
         if exc.status_code == 400 and message == "There was an error parsing the body":
             message = "the body could not be read as JSON"

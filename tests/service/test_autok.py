@@ -13,9 +13,9 @@ import pytest
 from dualrate.checkpoint import read_card
 from dualrate.diffusion import CosineSchedule
 from engines import create_engine
-from service.autok import AutoK, CostModel, QualityBudget
+from service.core.autok import AutoK, CostModel, QualityBudget
+from service.core.scheduler import GenerationSpec, Scheduler
 from service.errors import QueueFull
-from service.scheduler import GenerationSpec, Scheduler
 
 
 def test_the_quality_budget_comes_from_the_model_card(checkpoint_dir):

@@ -22,7 +22,7 @@ from dualrate.diffusion import CosineSchedule
 from dualrate.sampler import dual_rate_sample
 from engines import Engine, create_engine
 from loadtests.process import free_port
-from service.scheduler import GenerationSpec, Scheduler
+from service.core.scheduler import GenerationSpec, Scheduler
 
 POISON = 9  # rows with this label fail
 
@@ -142,7 +142,7 @@ def test_poisoned_request_over_http(checkpoint_dir, onnx_dir, caplog):
                 return list(await asyncio.gather(*[c.post("/generate", json=b) for b in [*bodies[:3], poisoned,
                                                                                         *bodies[3:]]]))
 
-        with caplog.at_level(logging.ERROR, logger="service.scheduler"):
+        with caplog.at_level(logging.ERROR, logger="service.core.scheduler"):
             rs = asyncio.run(go())
         bad = rs.pop(3)
         assert bad.status_code == 500 and bad.json()["error"] == "engine_error", bad.text

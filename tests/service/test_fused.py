@@ -1,4 +1,4 @@
-"""The fused tick (service.fused): the same images as the unfused runner for a mixed batch (guided and unguided,
+"""The fused tick (service.core.fused): the same images as the unfused runner for a mixed batch (guided and unguided,
 different steps, K and seeds, admissions mid-run, previews), and padding that never touches real slots."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from dualrate.checkpoint import load_checkpoint
 from dualrate.diffusion import CosineSchedule
 from dualrate.init import init_checkpoint
 from engines import create_engine
-from service.scheduler import GenerationSpec, Scheduler
+from service.core.scheduler import GenerationSpec, Scheduler
 
 SPECS = [GenerationSpec(3, 2, 8, 4, 1.5, seed=10), GenerationSpec(10, 1, 5, 2, 1.5, seed=20),
          GenerationSpec(7, 3, 12, 1, 1.0, seed=30), GenerationSpec(0, 1, 9, 9, 2.0, seed=40),
@@ -53,7 +53,7 @@ def test_fused_tick_gives_the_images_of_the_unfused_runner(tiny):
 
 def test_a_failing_fused_program_falls_back_to_the_unfused_path(tiny, monkeypatch, caplog):
     plain, _, _ = run(tiny, fused=False)
-    from service import fused as fused_mod
+    from service.core import fused as fused_mod
 
     def broken(self, p):
         raise RuntimeError("injected")

@@ -11,9 +11,9 @@ import pytest
 
 from dualrate.diffusion import CosineSchedule
 from engines import create_engine
+from service.core.scheduler import GenerationSpec, Priority, Scheduler
+from service.core.stats import NetworkCall, StatsSink
 from service.errors import Cancelled, DeadlineExceeded, NotReady
-from service.scheduler import GenerationSpec, Priority, Scheduler
-from service.stats import NetworkCall, StatsSink
 
 BATCH, INTERACTIVE = Priority.BATCH, Priority.INTERACTIVE
 

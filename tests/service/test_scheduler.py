@@ -10,8 +10,8 @@ from dualrate.data import to_uint8
 from dualrate.diffusion import CosineSchedule
 from dualrate.sampler import dual_rate_sample
 from engines import create_engine
-from service.scheduler import GenerationSpec, Policy, Scheduler
-from service.stats import NetworkCall, StatsSink
+from service.core.scheduler import GenerationSpec, Policy, Scheduler
+from service.core.stats import NetworkCall, StatsSink
 from tests.conftest import encoder_waits_for_light_network
 
 
@@ -167,7 +167,7 @@ def test_a_streamed_job_gets_every_preview_in_few_hand_overs(engine, model, monk
     import itertools
     import types
 
-    from service import progress
+    from service.core import progress
 
     clock = {"t": 0.0}
     monkeypatch.setattr(progress, "time", types.SimpleNamespace(monotonic=lambda: clock["t"]))
@@ -198,7 +198,7 @@ def test_streamed_jobs_get_their_events_on_the_same_ticks(engine, model, monkeyp
     """Every hand-over wakes the event loop: the streams share them (one per interval), whenever each job began."""
     import types
 
-    from service import progress
+    from service.core import progress
 
     clock = {"t": 0.0}
     monkeypatch.setattr(progress, "time", types.SimpleNamespace(monotonic=lambda: clock["t"]))

@@ -5,7 +5,7 @@ Stream events, in order: `queued` (requests ahead), then `preview` (image `index
 current x0 estimate) every `preview_every` steps and `progress` (the least advanced image's completed steps `step`
 of `of`, images done, encoder calls so far), then `done` or `error` (the error body /generate would send, plus its
 `status`). Previews and progress come in batches, at most one per 0.25 s for all streams together
-(service.progress.Handover); the last step's progress comes with `done`, in one write. A request refused before it
+(service.core.progress.Handover); the last step's progress comes with `done`, in one write. A request refused before it
 is queued (invalid, 401, 429, 503) gets the same HTTP error as /generate, not a stream. A client that goes away frees
 its slots at the next tick.
 """
@@ -25,14 +25,14 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from service.admission import Priority, request_cost
 from service.api.answers import LimitError, error_event, service_error_response
 from service.api.deps import Authorized, StateDep
-from service.core import CoreHandle, JobHandle
-from service.errors import Cancelled, DeadlineExceeded, InternalError, NotReady, ServiceError, new_error_id
+from service.core.admission import Priority, request_cost
+from service.core.handle import CoreHandle, JobHandle
+from service.core.progress import Event
+from service.core.scheduler import GenerationSpec, JobResult
+from service.errors import Cancelled, DeadlineExceeded, InternalError, NotReady, Outcome, ServiceError, new_error_id
 from service.png import encode_pngs
-from service.progress import Event
-from service.scheduler import GenerationSpec, JobResult
 from service.schemas import ErrorBody, GenerateRequest, GenerateResponse, ImageOut, StreamRequest, Timings
 from service.state import AppState
 
@@ -116,7 +116,7 @@ async def respond(req: GenerateRequest, spec: GenerationSpec, result: JobResult,
 
 def served(state: AppState, resp: GenerateResponse, seconds: float) -> None:
     """Count an answered request: outcome ok, its images, the K it ran at, whether it met the latency target."""
-    state.metrics.request_answered("ok", seconds, len(resp.images))
+    state.metrics.request_answered(Outcome.OK, seconds, len(resp.images))
     state.metrics.served(resp.encoder_interval, resp.encoder_interval_auto, seconds <= state.settings.latency_target_s)
 
 
@@ -191,7 +191,7 @@ async def _stream(req: StreamRequest, state: AppState, spec: GenerationSpec, job
                 break
             previews = [p for name, p in tick_events if name == "preview"]
             if previews:
-                # The pictures are made here, off the tick loop (service.runner.PreviewRows).
+                # The pictures are made here, off the tick loop (service.core.runner.PreviewRows).
                 for p, png in zip(previews, await pngs([p.pop("image").picture() for p in previews]), strict=True):
                     p["png_base64"] = png
             # A tick's events leave in one write (sse-starlette frames each; bytes pass through as they are).

@@ -7,6 +7,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.deps import StateDep
+from service.errors import Outcome
 from service.schemas import ErrorBody
 
 router = APIRouter()
@@ -15,7 +16,7 @@ router = APIRouter()
 @router.get("/health/live", tags=["health"], responses={503: {"model": ErrorBody}})
 async def live(state: StateDep) -> Response:
     if state.core_dead is not None:  # the engine core process stopped: restart the pair
-        body = ErrorBody(error="unavailable", message=state.core_dead)
+        body = ErrorBody(error=Outcome.UNAVAILABLE, message=state.core_dead)
         return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
     return JSONResponse({"status": "alive"})
 
@@ -24,7 +25,7 @@ async def live(state: StateDep) -> Response:
 async def ready(state: StateDep) -> Response:
     if state.core_dead is not None or not state.ready or state.draining:
         why = state.core_dead or ("draining" if state.draining else state.starting)
-        body = ErrorBody(error="unavailable", message=why)
+        body = ErrorBody(error=Outcome.UNAVAILABLE, message=why)
         return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
     return JSONResponse({"status": "ready"})
 

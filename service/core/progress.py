@@ -19,10 +19,10 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from service.runner import Preview
-    from service.scheduler import ImageSlot, Job
+    from service.core.runner import Preview
+    from service.core.scheduler import ImageSlot, Job
 
-log = logging.getLogger("service.progress")
+log = logging.getLogger("service.core.progress")
 
 Event = tuple[str, dict[str, Any]]  # (event name, payload)
 Listener = Callable[[list[Event]], None]  # a tick's events for one job, in order

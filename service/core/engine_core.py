@@ -1,5 +1,5 @@
-"""The engine core in its own process: `python -m service.engine_core --title engine-core` (started by the front
-end, `service.core_client.spawn_core`; vLLM v1's EngineCoreProc is the model).
+"""The engine core in its own process: `python -m service.core.engine_core --title engine-core` (started by the front
+end, `service.core.client.spawn_core`; vLLM v1's EngineCoreProc is the model).
 
 It owns the device, the engine, the scheduler and the runner, and knows no HTTP. One ZeroMQ ROUTER socket
 (DUALRATE_CORE_ADDRESS, an ipc:// path) carries msgpack messages to and from the front ends:
@@ -32,14 +32,14 @@ import numpy as np
 import zmq
 from prometheus_client import generate_latest
 
-from service.core import build_core, error_from_wire, error_to_wire
+from service.core.handle import build_core, error_from_wire, error_to_wire
+from service.core.progress import Event
+from service.core.scheduler import GenerationSpec, Job, JobResult, Scheduler
 from service.errors import NotReady, ServiceError
 from service.metrics import PrometheusStats
-from service.progress import Event
-from service.scheduler import GenerationSpec, Job, JobResult, Scheduler
 from service.settings import Settings
 
-log = logging.getLogger("service.engine_core")
+log = logging.getLogger("service.core.engine_core")
 OUTBOX = "inproc://outbox"
 
 
@@ -233,7 +233,7 @@ class CoreServer:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m service.engine_core", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m service.core.engine_core", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--title", default="engine-core", help="process name shown by ps (default engine-core)")
     p.add_argument("--address", default=os.environ.get("DUALRATE_CORE_ADDRESS", ""),

@@ -1,7 +1,7 @@
 """Step-level continuous batching of dual-rate diffusion requests: the scheduler, which decides.
 
 One loop, split like vLLM v1's engine core: the scheduler reaps (cancelled, expired) and admits (by the admission
-policy) and emits a frozen `TickPlan`; the `Runner` (service/runner.py) executes it on the device-resident state and
+policy) and emits a frozen `TickPlan`; the `Runner` (service/core/runner.py) executes it on the device-resident state and
 returns a `TickOutcome`; the scheduler updates its bookkeeping from it and resolves the requests' futures. Each tick
 advances every active image by one denoising step; requests with different steps, K, labels and guidance share a
 batch. A failure fails only the request whose rows cause it (the runner isolates them).
@@ -22,14 +22,14 @@ import numpy as np
 from dualrate.diffusion import CosineSchedule, step_times
 from dualrate.sampler import encoder_due, needs_uncond_row, rows_per_image
 from engines import Engine
-from service.admission import Policy, Priority, admission_policy, request_cost
-from service.autok import AutoK, CostModel
-from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, QueueFull, ServiceError, new_error_id
-from service.progress import Event, Handover, Listener, preview_due
-from service.runner import Runner, TickPlan
-from service.stats import RequestDone, SchedulerSnapshot, StatsSink, TickStats
+from service.core.admission import Policy, Priority, admission_policy, request_cost
+from service.core.autok import AutoK, CostModel
+from service.core.progress import Event, Handover, Listener, preview_due
+from service.core.runner import Runner, TickPlan
+from service.core.stats import RequestDone, SchedulerSnapshot, StatsSink, TickStats
+from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, Outcome, QueueFull, ServiceError, new_error_id
 
-log = logging.getLogger("service.scheduler")
+log = logging.getLogger("service.core.scheduler")
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ class GenerationSpec:
     guidance_scale: float
     seed: int
     deadline: float | None = None  # time.monotonic() deadline
-    auto: bool = False  # encoder_interval "auto": the scheduler picks K at submission (service.autok)
+    auto: bool = False  # encoder_interval "auto": the scheduler picks K at submission (service.core.autok)
     priority: Priority = Priority.INTERACTIVE
 
     def __post_init__(self) -> None:
@@ -70,7 +70,7 @@ class Job:
     images: list[np.ndarray | None] = field(default_factory=list)
     encoder_calls: int = 0
     cancelled: bool = False
-    listener: Listener | None = None  # streamed events (service.progress), called on the scheduler thread
+    listener: Listener | None = None  # streamed events (service.core.progress), called on the scheduler thread
     preview_every: int = 0  # a preview every this many steps of each image (0 = none); only with a listener
     queue_position: int = 0  # requests ahead of it when it was queued
     pending: list[Event] = field(default_factory=list)  # its previews not handed over yet
@@ -124,7 +124,7 @@ class Scheduler:
         autok: AutoK | None = None,  # picks K for encoder_interval "auto" requests; None = auto not offered
         reserved_slots: int = 0,  # slots only small requests may take (continuous policy)
         small_cost: float = 0.0,  # a request costing at most this (images x steps / K) is small
-        fused: bool = False,  # each tick as one program (service.fused; torch backend)
+        fused: bool = False,  # each tick as one program (service.core.fused; torch backend)
         lend_horizon_s: float = 6.0,  # reserved slots are lent to large images expected to finish within this
         priorities: bool = True,  # interactive images first, batch images paused at a refresh boundary for them
         max_paused_images: int = 0,  # batch images held paused at most (their samples in host memory)
@@ -146,7 +146,7 @@ class Scheduler:
         self.active: list[ImageSlot] = []
         self.free_slots = list(range(max_active_images))
         self._admitted: list[tuple[int, int]] = []  # (slot, seed) since the last plan
-        self.handover = Handover()  # streamed jobs' events (service.progress)
+        self.handover = Handover()  # streamed jobs' events (service.core.progress)
         self._cv = threading.Condition()
         self._stop = False
         self._accepting = True
@@ -159,7 +159,7 @@ class Scheduler:
     # ---- submission side (event loop thread) -------------------------------------------------------------------
 
     def submit(self, spec: GenerationSpec, listener: Listener | None = None, preview_every: int = 0) -> Job:
-        """Queue a request. `listener` (optional) receives its progress and previews (service.progress)."""
+        """Queue a request. `listener` (optional) receives its progress and previews (service.core.progress)."""
         with self._cv:
             if not self._accepting:
                 raise NotReady("the service is draining and accepts no new requests")
@@ -411,7 +411,7 @@ class Scheduler:
                 queue_seconds=admitted - job.submitted, compute_seconds=now - admitted,
                 encoder_interval=spec.encoder_interval,
             ))
-            outcome = "ok"
+            outcome = Outcome.OK
         else:
             job.future.set_exception(err)
             outcome = err.kind

@@ -25,7 +25,7 @@ class TickStats:
 
 @dataclass(frozen=True)
 class RequestDone:
-    outcome: str  # "ok" | "timeout" | "cancelled" | "engine_error"
+    outcome: str  # a service.errors.Outcome: ok, timeout, cancelled, engine_error, unavailable
     images: int
     queue_seconds: float
     total_seconds: float

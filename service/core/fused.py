@@ -32,7 +32,7 @@ from dualrate.diffusion import CosineSchedule
 from dualrate.sampler import draw_noise, guided_step
 from engines.compiled import Buckets
 
-log = logging.getLogger("service.fused")
+log = logging.getLogger("service.core.fused")
 
 NetCall = Callable[..., object]
 
@@ -158,7 +158,7 @@ class FusedTick:
     # ---- one tick ----------------------------------------------------------------------------------------------
 
     def run(self, plan, idx: list[int]) -> tuple[Tensor, Tensor, Tensor, int, int]:
-        """The tick for rows `idx` of `plan` (a service.runner.TickPlan). -> (z before the step, v_cond, v_uncond)
+        """The tick for rows `idx` of `plan` (a service.core.runner.TickPlan). -> (z before the step, v_cond, v_uncond)
         for those rows (views of the program's outputs, valid until the next tick), encoder rows, light rows."""
         n = len(idx)
         guided = [j for j, i in enumerate(idx) if plan.guided[i]]

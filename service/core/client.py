@@ -28,14 +28,14 @@ import zmq
 import zmq.asyncio
 
 from engines import EngineInfo
-from service.core import error_from_wire, error_to_wire
+from service.core.handle import error_from_wire, error_to_wire
+from service.core.progress import Listener
+from service.core.scheduler import GenerationSpec, JobResult
+from service.core.stats import SchedulerSnapshot
 from service.errors import NotReady, ServiceError
-from service.progress import Listener
-from service.scheduler import GenerationSpec, JobResult
-from service.stats import SchedulerSnapshot
 
-log = logging.getLogger("service.core_client")
-ROOT = Path(__file__).resolve().parents[1]
+log = logging.getLogger("service.core.client")
+ROOT = Path(__file__).resolve().parents[2]  # the repository: the child runs `python -m service.core.engine_core` there
 SHARED_CORE_ENV = "DUALRATE_SHARED_CORE"  # set by service.supervisor for its front-end workers: the core's address
 
 
@@ -49,7 +49,7 @@ def _image(w: list) -> np.ndarray:
 
 
 class _Picture:
-    """A preview's picture, already made by the core (`.picture()` as service.runner.Preview has)."""
+    """A preview's picture, already made by the core (`.picture()` as service.core.runner.Preview has)."""
 
     def __init__(self, img: np.ndarray) -> None:
         self.img = img
@@ -69,12 +69,12 @@ class RemoteJob:
 
 
 def spawn_core(env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, str]:
-    """Start `python -m service.engine_core` with this process's settings. -> (process, address, socket folder)."""
+    """Start `python -m service.core.engine_core` with this process's settings. -> (process, address, socket folder)."""
     folder = tempfile.mkdtemp(prefix="dualrate-core-")
     address = f"ipc://{folder}/core.sock"
     child_env = {**os.environ, **(env or {}), "DUALRATE_CORE_ADDRESS": address}
     child_env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the core keeps its own registry (gauges, info)
-    proc = subprocess.Popen([sys.executable, "-m", "service.engine_core", "--title", "engine-core"], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, "-m", "service.core.engine_core", "--title", "engine-core"], cwd=ROOT,
                             env=child_env)
     log.info("engine core started (pid %d) at %s", proc.pid, address)
     return proc, address, folder

@@ -27,11 +27,11 @@ from dualrate.data import to_uint8
 from dualrate.diffusion import CosineSchedule
 from dualrate.sampler import draw_noise, guided_step, preview_x0
 from engines import Engine
+from service.core.fused import FusedTick
+from service.core.stats import NetworkCall, StatsSink
 from service.errors import new_error_id
-from service.fused import FusedTick
-from service.stats import NetworkCall, StatsSink
 
-log = logging.getLogger("service.runner")
+log = logging.getLogger("service.core.runner")
 
 
 @dataclass(frozen=True)

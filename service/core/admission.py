@@ -1,13 +1,12 @@
 """Admission policies: which queued images join the running batch at a tick. One enum names them; one factory builds
-them. They run under the scheduler's lock and use its queue, active images, free slots and tick count."""
+them. They run under the scheduler's lock and see it through `AdmissionView`, the narrow part they use (its queue,
+active and paused images, free slots, tick count and the calls that admit or resume an image), not the Scheduler."""
 
 from __future__ import annotations
 
+from collections import deque
 from enum import StrEnum
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from service.scheduler import Job, Scheduler
+from typing import Any, Protocol
 
 
 def request_cost(num_images: int, steps: int, encoder_interval: int) -> float:
@@ -26,10 +25,32 @@ class Policy(StrEnum):
     REQUEST = "request"  # request-level: a batch of whole requests runs to completion before the next
 
 
+class AdmissionView(Protocol):
+    """What an admission policy may read and call on the scheduler (service.core.scheduler.Scheduler is one)."""
+
+    queue: deque[Any]  # Jobs waiting, oldest first: .spec (encoder_interval, num_images, priority), .next_image
+    active: list[Any]  # ImageSlots running: .job
+    paused: list[Any]  # PausedImages, oldest request first: .image.job
+    free_slots: list[int]
+    ticks: int
+    reserved_slots: int
+    priorities: bool
+
+    def is_small(self, job: Any) -> bool: ...
+
+    def may_lend(self, job: Any) -> bool: ...
+
+    def interactive_waiting(self) -> int: ...
+
+    def admit_image(self, job: Any) -> None: ...
+
+    def resume_image(self, p: Any) -> None: ...
+
+
 class Admission:
     """Which queued images join at this tick (caller holds the scheduler's lock). Chosen by `admission_policy`."""
 
-    def admit(self, s: Scheduler) -> None:
+    def admit(self, s: AdmissionView) -> None:
         raise NotImplementedError
 
 
@@ -52,7 +73,7 @@ class ContinuousAdmission(Admission):
         self.aligned = aligned
         self.phase: dict[int, int] = {}  # K -> ticks % K at which the active images with interval K refresh
 
-    def admit(self, s: Scheduler) -> None:
+    def admit(self, s: AdmissionView) -> None:
         active_k = {a.job.spec.encoder_interval for a in s.active}
         for k in [k for k in self.phase if k not in active_k]:
             del self.phase[k]
@@ -73,7 +94,7 @@ class ContinuousAdmission(Admission):
         if not s.paused:
             self._jobs(s, active_k, Priority.BATCH)
 
-    def _blocked(self, s: Scheduler, job: Job, active_k: set[int], small_waits: bool) -> bool:
+    def _blocked(self, s: AdmissionView, job: Any, active_k: set[int], small_waits: bool) -> bool:
         """May the next image of `job` not take a free slot at this tick? Reserved slots and the K cohort's phase;
         otherwise records the phase of a new cohort and the K as active."""
         if len(s.free_slots) <= s.reserved_slots and not s.is_small(job) and (small_waits or not s.may_lend(job)):
@@ -87,7 +108,7 @@ class ContinuousAdmission(Admission):
         active_k.add(k)
         return False
 
-    def _jobs(self, s: Scheduler, active_k: set[int], priority: Priority | None) -> None:
+    def _jobs(self, s: AdmissionView, active_k: set[int], priority: Priority | None) -> None:
         """Admit queued requests of `priority` (None: all), round robin, small requests first."""
         admitted = True
         while s.queue and s.free_slots and admitted:
@@ -109,7 +130,7 @@ class ContinuousAdmission(Admission):
 class RequestAdmission(Admission):
     """Request-level (a classic dynamic batcher): whole requests join only when the running batch has finished."""
 
-    def admit(self, s: Scheduler) -> None:
+    def admit(self, s: AdmissionView) -> None:
         if s.active:
             return
         while s.queue and s.queue[0].spec.num_images <= len(s.free_slots):

@@ -1,7 +1,7 @@
 """What the HTTP front end sees of the engine core (scheduler + runner + device), wherever the core runs.
 
-`LocalCore` wraps a `Scheduler` in this process (the CPU default); `service.core_client.RemoteCore` talks to the
-core in its own process (`service.engine_core`) over ZeroMQ + msgpack. Both have the same awaitable interface, so
+`LocalCore` wraps a `Scheduler` in this process (the CPU default); `service.core.client.RemoteCore` talks to the
+core in its own process (`service.core.engine_core`) over ZeroMQ + msgpack. Both have the same awaitable interface, so
 the routes, the drain and /metrics do not know which one they have. Errors cross the process boundary as
 (kind, message, fields) and become the same `ServiceError` classes again (`error_to_wire` / `error_from_wire`).
 """
@@ -12,10 +12,10 @@ from concurrent.futures import Future
 from typing import Any, Protocol
 
 from engines import EngineInfo
+from service.core.progress import Listener
+from service.core.scheduler import GenerationSpec, Scheduler
+from service.core.stats import SchedulerSnapshot
 from service.errors import Cancelled, DeadlineExceeded, EngineFailure, InternalError, NotReady, QueueFull, ServiceError
-from service.progress import Listener
-from service.scheduler import GenerationSpec, Scheduler
-from service.stats import SchedulerSnapshot
 
 
 class JobHandle(Protocol):
@@ -90,7 +90,9 @@ def error_from_wire(w: dict[str, Any]) -> ServiceError:
         return EngineFailure(str(w.get("error_id", "")), msg)
     if kind == InternalError.kind:
         return InternalError(str(w.get("error_id", "core")))
-    cls = {NotReady.kind: NotReady, DeadlineExceeded.kind: DeadlineExceeded, Cancelled.kind: Cancelled}.get(str(kind))
+    plain: dict[str, type[ServiceError]] = {NotReady.kind: NotReady, DeadlineExceeded.kind: DeadlineExceeded,
+                                            Cancelled.kind: Cancelled}
+    cls = plain.get(str(kind))
     return cls(msg) if cls is not None else InternalError("core")
 
 
@@ -113,8 +115,8 @@ def build_core(settings: Any, stats: Any, engine_factory: Any = None, progress: 
     from dualrate.config import ModelConfig
     from dualrate.diffusion import CosineSchedule
     from engines import create_engine
-    from service.admission import request_cost
-    from service.autok import AutoK, QualityBudget
+    from service.core.admission import request_cost
+    from service.core.autok import AutoK, QualityBudget
 
     card = read_card(settings.checkpoint)
     cfg, defaults = ModelConfig.from_dict(card["config"]), card_defaults(card)
