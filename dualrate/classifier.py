@@ -24,7 +24,7 @@ log = logging.getLogger("dualrate.classifier")
 
 
 class DigitClassifier(nn.Module):
-    """(B, 1, 32, 32) in [-1, 1] -> logits (B, 10); `features` gives the 128-d penultimate activations."""
+    """MNIST-geometry images (B, 1, S, S) in [-1, 1] -> logits (B, 10); `features` gives the 128-d penultimate activations."""
 
     feature_dim = 128
 

@@ -71,7 +71,8 @@ MNIST_SAMPLE = 32
 
 
 def load_mnist(split: str = "train") -> tuple[Tensor, Tensor]:
-    """Images (N, 1, 32, 32) float32 in [-1, 1] (28x28 zero-padded by 2 on each side) and labels (N,) int64."""
+    """Images (N, 1, MNIST_SAMPLE, MNIST_SAMPLE) float32 in [-1, 1] (the digits zero-padded, centred) and labels
+    (N,) int64."""
     x, y = _load_raw()[split]
     pad = (MNIST_SAMPLE - MNIST_SIZE) // 2
     img = torch.from_numpy(np.asarray(x, dtype=np.float32)).reshape(-1, 1, MNIST_SIZE, MNIST_SIZE)

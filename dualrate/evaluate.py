@@ -64,7 +64,7 @@ class Evaluator:
 
     @torch.no_grad()
     def fid(self, images: Tensor) -> float:
-        """images (B, 1, 32, 32) in [-1, 1]; re-quantized to uint8 as the service would serve them."""
+        """MNIST-geometry samples (B, 1, S, S) in [-1, 1]; re-quantized to uint8 as the service would serve them."""
         mu, cov = feature_stats(batched(self.net.features, quantize(images)))
         return frechet_distance(mu, cov, self.ref_mu, self.ref_cov)
 
@@ -79,14 +79,15 @@ def quantize(images: Tensor) -> Tensor:
 
 
 def from_pictures(pictures: np.ndarray) -> Tensor:
-    """Served MNIST pictures, uint8 (B, 28, 28) (decoded PNGs) -> the evaluator's input (B, 1, 32, 32) in [-1, 1]."""
+    """Served MNIST pictures, uint8 (B, MNIST_SIZE, MNIST_SIZE) (decoded PNGs) -> the evaluator's input, padded to
+    (B, 1, MNIST_SAMPLE, MNIST_SAMPLE) in [-1, 1]."""
     u8 = torch.from_numpy(np.asarray(pictures)).float() / 127.5 - 1.0
     pad = (MNIST_SAMPLE - MNIST_SIZE) // 2
     return torch.nn.functional.pad(u8[:, None], (pad, pad, pad, pad), value=-1.0)
 
 
 def save_grid(images: Tensor, path: Path, nrow: int = 10, scale: int = 2) -> None:
-    """Save (B, 1, 32, 32) images as one PNG grid of 28x28 tiles."""
+    """Save MNIST-geometry samples as one PNG grid of their served (MNIST_SIZE) tiles."""
     tiles = to_uint8(images, MNIST_SIZE)  # (B, 28, 28)
     rows = math.ceil(len(tiles) / nrow)
     grid = np.zeros((rows * 30, nrow * 30), dtype=np.uint8)

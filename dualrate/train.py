@@ -58,7 +58,7 @@ def dual_rate_loss(
     t = torch.rand(b, generator=gen)
     tau = sample_tau(t, cfg, gen)
     eps = torch.randn(x.shape, generator=gen)
-    z_t = q_sample(x, t, sched, eps)  # (B, 1, 32, 32)
+    z_t = q_sample(x, t, sched, eps)  # (B, C, S, S)
     z_tau = q_forward(z_t, t, tau, sched, torch.randn(x.shape, generator=gen))  # z_tau ~ q(z_tau | z_t)
     feats = encoder(z_tau, tau, label)
     # Feature dropout: zero all of e for a fraction of rows (the paper's largest single gain).

@@ -70,3 +70,40 @@ def test_every_doc_link_resolves_and_the_index_lists_every_page():
 
 def test_the_readme_stays_short():
     assert len((ROOT / "README.md").read_text().splitlines()) <= 150
+
+
+def test_serving_depends_on_no_tooling_and_the_research_extra_has_it():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    names = {d.split(">")[0].split("=")[0].split("[")[0].strip().lower() for d in project["dependencies"]}
+    assert not names & TOOLING, f"runtime dependencies that serving does not use: {sorted(names & TOOLING)}"
+    research = " ".join(project["optional-dependencies"]["research"])
+    assert all(p in research for p in ("matplotlib", "scipy", "tqdm"))
+
+
+def test_no_geometry_defaults_outside_the_presets():
+    # The MNIST shape, crop and label range live in dualrate.config's presets and dualrate.data's MNIST constants;
+    # anywhere else they would be silently wrong for another checkpoint.
+    import re
+
+    pattern = re.compile(r"1, 32, 32|% 10\b|output_size=28")
+    found = [f"{f.relative_to(ROOT)}:{i}" for package in [*ORDER, "loadtests", "scripts"] for f in files(package)
+             for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
+    assert not found, found
+
+
+def test_runtime_modules_do_not_reach_the_research_tools():
+    research = {r.removesuffix(".py").replace("/", ".") for r in RESEARCH}
+    bad = {}
+    for package in ORDER:
+        for f in files(package):
+            rel = str(f.relative_to(ROOT))
+            if rel in RESEARCH:
+                continue
+            tree = ast.parse(f.read_text())
+            mods = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+            mods |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+            if mods & research:
+                bad[rel] = sorted(mods & research)
+    assert not bad, f"serving code imports a research module (needs the research extra): {bad}"
