@@ -36,13 +36,24 @@ class Precision(StrEnum):
     FP16 = "fp16"  # torch autocast; TensorRT: the FP16 graphs, built strongly typed
 
 
+class Backend(StrEnum):
+    AUTO = "auto"
+    ONNXRUNTIME = "onnxruntime"
+    TORCH = "torch"
+    TENSORRT = "tensorrt"
+
+
 @dataclass(frozen=True)
 class EngineInfo:
-    backend: str  # "onnxruntime" | "torch" | "tensorrt"
+    backend: Backend  # the concrete one (AUTO only before an engine is known)
     device: str  # "cpu" | "cuda:0" ...
-    precision: str  # "fp32" | "tf32" | "fp16" | "bf16"
+    precision: Precision
     providers: tuple[str, ...] = ()  # ONNX Runtime execution providers, if any
     max_batch: int = 0  # rows per network call (a guided image takes 2 rows)
+
+    def __post_init__(self) -> None:  # plain strings where it crossed a process boundary
+        object.__setattr__(self, "backend", Backend(self.backend))
+        object.__setattr__(self, "precision", Precision(self.precision))
 
 
 class FeatureHandle(Protocol):

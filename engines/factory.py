@@ -5,22 +5,14 @@ from __future__ import annotations
 import importlib.util
 import logging
 from dataclasses import dataclass, replace
-from enum import StrEnum
 from pathlib import Path
 
 import torch
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT
-from engines.base import BackendUnavailable, Engine, EngineError, Precision
+from engines.base import Backend, BackendUnavailable, Engine, EngineError, Precision
 
 log = logging.getLogger("engines")
-
-
-class Backend(StrEnum):
-    AUTO = "auto"
-    ONNXRUNTIME = "onnxruntime"
-    TORCH = "torch"
-    TENSORRT = "tensorrt"
 
 
 def resolve_backend(name: str | Backend, device: str | None = None,
@@ -73,8 +65,10 @@ def create_engine(checkpoint: Path | str = DEFAULT_CHECKPOINT, config: EngineCon
     cls = _backend_class(kind)
     if cfg.precision not in cls.PRECISIONS:
         raise EngineError(f"the {kind} backend runs precision {', '.join(sorted(cls.PRECISIONS))}, not {cfg.precision}")
-    if cfg.compile and kind is not Backend.TORCH:
-        raise EngineError(f"compile is a torch-backend option; the {kind} backend compiles its own way")
+    refused = unhonoured(cfg, kind, device)
+    if refused:
+        raise EngineError(f"the {kind} backend does not honour {'; '.join(refused)}: leave them at their defaults or "
+                          "pick the torch backend")
     if kind is Backend.TORCH:
         from engines.torch_engine import TorchEngine
 
@@ -96,6 +90,25 @@ def create_engine(checkpoint: Path | str = DEFAULT_CHECKPOINT, config: EngineCon
     art = export_onnx(checkpoint, fp16=True)
     engine_dir = build_engines(art.directory, max_batch=cfg.max_batch, opt_batch=min(16, cfg.max_batch))
     return TensorRTEngine(engine_dir, art.sidecar, cfg.max_batch)
+
+
+def unhonoured(cfg: EngineConfig, kind: Backend, device: str) -> list[str]:
+    """The fields of `cfg` that backend `kind` would ignore, each with why (empty: it honours them all). An engine
+    takes its config whole: a field it cannot honour is refused, never silently dropped."""
+    out = []
+    if kind is not Backend.TORCH:
+        out += [f"{name} ({what})" for name, on, what in (
+            ("compile", cfg.compile, "torch.compile; ONNX Runtime and TensorRT optimise their own graphs"),
+            ("cuda_graphs", cfg.cuda_graphs, "torch's CUDA graph capture"),
+            ("buckets", bool(cfg.buckets), "the torch backend's compiled batch buckets"),
+            ("low_precision", cfg.low_precision != "autocast", "how torch runs bf16/fp16"),
+        ) if on]
+    if kind is Backend.TENSORRT:
+        if cfg.threads:
+            out.append("threads (TensorRT runs on the GPU)")
+        if device not in ("cuda", "cuda:0"):
+            out.append(f"device {device} (the TensorRT engines run on cuda:0: select the GPU with CUDA_VISIBLE_DEVICES)")
+    return out
 
 
 def _backend_class(kind: Backend) -> type[Engine]:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from engines.base import BackendUnavailable, Engine, EngineError, EngineInfo, Features
+from engines.base import Backend, BackendUnavailable, Engine, EngineError, EngineInfo, Features, Precision
 
 log = logging.getLogger("engines.onnxruntime")
 
@@ -75,7 +75,7 @@ class OnnxRuntimeEngine(Engine):
 
     @property
     def info(self) -> EngineInfo:
-        return EngineInfo("onnxruntime", self._device, "fp32", self._providers, self.max_batch)
+        return EngineInfo(Backend.ONNXRUNTIME, self._device, Precision.FP32, self._providers, self.max_batch)
 
     @property
     def device(self) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from engines.base import BackendUnavailable, Engine, EngineError, EngineInfo, Features, Precision
+from engines.base import Backend, BackendUnavailable, Engine, EngineError, EngineInfo, Features, Precision
 
 log = logging.getLogger("engines.tensorrt")
 
@@ -93,7 +93,7 @@ class TensorRTEngine(Engine):
 
     @property
     def info(self) -> EngineInfo:
-        return EngineInfo("tensorrt", "cuda:0", self._precision, (), self.max_batch)
+        return EngineInfo(Backend.TENSORRT, "cuda:0", Precision(self._precision), (), self.max_batch)
 
     @property
     def device(self) -> str:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from dualrate.checkpoint import load_checkpoint
-from engines.base import BackendUnavailable, Engine, EngineInfo, Features, Precision
+from engines.base import Backend, BackendUnavailable, Engine, EngineInfo, Features, Precision
 from engines.compiled import Buckets, compile_module, configure_inductor_cache
 
 log = logging.getLogger("engines.torch")
@@ -137,7 +137,7 @@ class TorchEngine(Engine):
 
     @property
     def info(self) -> EngineInfo:
-        return EngineInfo("torch", self._device, self.precision.value, (), self.max_batch)
+        return EngineInfo(Backend.TORCH, self._device, self.precision, (), self.max_batch)
 
     @property
     def device(self) -> str:

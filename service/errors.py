@@ -69,3 +69,13 @@ class InternalError(ServiceError):
     def __init__(self, error_id: str) -> None:
         super().__init__(f"internal error (error id {error_id})")
         self.error_id = error_id
+
+
+class LimitError(ServiceError):
+    """Fields valid in themselves but beyond this server's limits or this model (422, naming each field)."""
+
+    status, kind = 422, Outcome.INVALID_REQUEST
+
+    def __init__(self, fields: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{f} {m}" for f, m in fields))
+        self.fields = fields

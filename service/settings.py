@@ -12,9 +12,14 @@ from typing import Annotated, Any, Self
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
-from dualrate.checkpoint import DEFAULT_CHECKPOINT, checkpoint_problem
+from dualrate.checkpoint import DEFAULT_CHECKPOINT, SamplingDefaults, checkpoint_problem
 from engines import Backend, EngineConfig, Precision
-from service.core.admission import Policy, Priority
+from service.core.admission import Policy, Priority, request_cost
+from service.core.scheduler import SchedulerConfig
+
+# Reserved slots are lent to large images expected to finish within this many latency targets (6 s by default): the
+# longest a small request then waits for a slot (issue 21's overload: 128-step images on 8 slots took ~4.6 s here).
+LEND_HORIZON_TARGETS = 3.0
 
 
 class Toggle(StrEnum):
@@ -139,6 +144,17 @@ class Settings(BaseSettings):
         if any(not k.get_secret_value().isascii() or not k.get_secret_value() for k in v):
             raise ValueError("keys must be non-empty printable ASCII (they travel in an HTTP header)")
         return v
+
+    def scheduler_config(self, defaults: SamplingDefaults) -> SchedulerConfig:
+        """The scheduler's one typed config. `defaults` (the model card's): a request costing no more than a default
+        one is small."""
+        return SchedulerConfig(
+            max_active_images=self.max_active_images, queue_size=self.queue_size, policy=self.policy,
+            overlap_encoder=self.overlap_encoder, align_encoder=self.align_encoder,
+            reserved_slots=self.effective_reserved_slots,
+            small_cost=request_cost(1, defaults.steps, defaults.encoder_interval), fused=self.use_fused_tick,
+            lend_horizon_s=LEND_HORIZON_TARGETS * self.latency_target_s, priorities=self.priorities,
+            max_paused_images=self.effective_max_paused_images)
 
     def engine_config(self) -> EngineConfig:
         """The engine's one typed config; a guided image takes two rows, so the engine takes 2 x the slots."""

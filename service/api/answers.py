@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.deps import Unauthorized
-from service.errors import EngineFailure, InternalError, Outcome, QueueFull, ServiceError, new_error_id
+from service.errors import EngineFailure, InternalError, LimitError, Outcome, QueueFull, ServiceError, new_error_id
 from service.schemas import ErrorBody
 from service.state import AppState
 
@@ -26,16 +26,6 @@ HTTP_KINDS = {400: Outcome.INVALID_REQUEST, 401: Outcome.UNAUTHORIZED, 404: Outc
 
 
 UNAUTHORIZED_MESSAGE = "missing or wrong API key: send Authorization: Bearer <key>"
-
-
-class LimitError(ServiceError):
-    """Fields valid in themselves but beyond this server's limits or this model (422, naming each field)."""
-
-    status, kind = 422, Outcome.INVALID_REQUEST
-
-    def __init__(self, fields: list[tuple[str, str]]) -> None:
-        super().__init__("; ".join(f"{f} {m}" for f, m in fields))
-        self.fields = fields
 
 
 def error_response(state: AppState, status: int, kind: str, message: str, seconds: float = 0.0, *,

@@ -27,9 +27,9 @@ import numpy as np
 import zmq
 import zmq.asyncio
 
-from engines import EngineInfo
+from engines import Backend, EngineInfo, Precision
 from service.core.handle import error_from_wire, error_to_wire
-from service.core.progress import Listener
+from service.core.progress import Event, Listener
 from service.core.scheduler import GenerationSpec, JobResult
 from service.core.stats import SchedulerSnapshot
 from service.errors import NotReady, ServiceError
@@ -94,7 +94,7 @@ class RemoteCore:
         self.submits: dict[int, asyncio.Future] = {}
         self.queries: dict[int, asyncio.Future] = {}
         self.ids = itertools.count(1)
-        self.engine_info = EngineInfo("unknown", "unknown", "unknown")
+        self.engine_info = EngineInfo(Backend.AUTO, "unknown", Precision.FP32)  # until the core reports its engine
         self.closing = False
         self.dead: str | None = None
         self.on_death: Callable[[str], None] | None = None
@@ -233,7 +233,7 @@ class RemoteCore:
                 for name, payload in msg[2]:
                     if name == "preview":
                         payload["image"] = _Picture(_image(payload["image"]))
-                    events.append((name, payload))
+                    events.append(Event(name, payload))
                 job.listener(events)
         elif op in ("result", "error"):
             job = self.jobs.pop(key, None)

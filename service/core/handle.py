@@ -96,9 +96,6 @@ def error_from_wire(w: dict[str, Any]) -> ServiceError:
     return cls(msg) if cls is not None else InternalError("core")
 
 
-# Reserved slots are lent to large images expected to finish within this many latency targets (6 s by default): the
-# longest a small request then waits for a slot (issue 21's overload: 128-step images on 8 slots took ~4.6 s here).
-LEND_HORIZON_TARGETS = 3.0
 
 
 class Built:
@@ -115,7 +112,6 @@ def build_core(settings: Any, stats: Any, engine_factory: Any = None, progress: 
     from dualrate.config import ModelConfig
     from dualrate.diffusion import CosineSchedule
     from engines import create_engine
-    from service.core.admission import request_cost
     from service.core.autok import AutoK, QualityBudget
 
     card = read_card(settings.checkpoint)
@@ -128,14 +124,7 @@ def build_core(settings: Any, stats: Any, engine_factory: Any = None, progress: 
                       (lambda line: progress(f"compiling the networks: {line}")) if progress is not None else None)
     autok = AutoK(QualityBudget.from_card(card, settings.quality_budget, defaults.encoder_interval),
                   settings.latency_target_s)
-    scheduler = Scheduler(
-        engine, CosineSchedule(cfg.logsnr_min, cfg.logsnr_max), cfg.null_label,
-        settings.max_active_images, settings.queue_size, settings.policy, stats,
-        overlap_encoder=settings.overlap_encoder, align_encoder=settings.align_encoder,
-        output_size=cfg.output_size, autok=autok, reserved_slots=settings.effective_reserved_slots,
-        small_cost=request_cost(1, defaults.steps, defaults.encoder_interval), fused=settings.use_fused_tick,
-        lend_horizon_s=LEND_HORIZON_TARGETS * settings.latency_target_s, priorities=settings.priorities,
-        max_paused_images=settings.effective_max_paused_images,
-    )
+    scheduler = Scheduler(engine, CosineSchedule(cfg.logsnr_min, cfg.logsnr_max), cfg.null_label,
+                          settings.scheduler_config(defaults), stats, output_size=cfg.output_size, autok=autok)
     scheduler.start()
     return Built(engine, scheduler)

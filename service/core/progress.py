@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
     from service.core.runner import Preview
@@ -24,7 +24,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("service.core.progress")
 
-Event = tuple[str, dict[str, Any]]  # (event name, payload)
+class Event(NamedTuple):
+    """One stream event: `progress` (step, of, images_done, num_images, encoder_calls) or `preview` (index, step,
+    image). The payload is what the client receives (a preview's image becomes its PNG on the way)."""
+
+    name: str
+    payload: dict[str, Any]
+
+    @property
+    def final(self) -> bool:
+        """The progress of the job's last step: its answer (done or error) follows."""
+        return self.name == "progress" and self.payload["step"] == self.payload["of"]
+
+
 Listener = Callable[[list[Event]], None]  # a tick's events for one job, in order
 PROGRESS_INTERVAL_S = 0.25  # the most often a stream gets events (its last step's always come)
 
@@ -61,13 +73,13 @@ class Handover:
             self.last = now
         for job, images in jobs.values():
             steps = job.spec.steps
-            job.pending += [("preview", {"index": a.index, "step": a.step, "image": previews[a.slot]})
+            job.pending += [Event("preview", {"index": a.index, "step": a.step, "image": previews[a.slot]})
                             for a in images if a.slot in previews]
             waiting = job.next_image < job.spec.num_images  # images not admitted yet have done no step
             least = 0 if waiting else min((a.step for a in images), default=steps)
             if least < steps and not due:
                 continue
-            progress = ("progress", {
+            progress = Event("progress", {
                 "step": least, "of": steps, "images_done": job.done_images + sum(a.step == steps for a in images),
                 "num_images": job.spec.num_images,
                 "encoder_calls": max([job.encoder_calls, *(a.encoder_calls for a in images)])})

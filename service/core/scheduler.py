@@ -108,27 +108,40 @@ def _times(steps: int) -> list[float]:
     return step_times(steps).float().tolist()  # exact float32 values: torch.tensor(...) gives them back bit for bit
 
 
+@dataclass(frozen=True)
+class SchedulerConfig:
+    """How the scheduler batches, admits and preempts: one value, built from the settings
+    (`service.settings.Settings.scheduler_config`); what the model decides (schedule, null label, crop) comes apart."""
+
+    max_active_images: int  # batch slots
+    queue_size: int  # requests waiting before 429 (per size class when reserved_slots > 0)
+    policy: Policy = Policy.CONTINUOUS
+    overlap_encoder: bool = True  # light network runs the not-due rows while the encoder runs the due ones
+    align_encoder: bool = True  # continuous policy: admit an image where its K-cohort refreshes
+    reserved_slots: int = 0  # slots only small requests may take (continuous policy)
+    small_cost: float = 0.0  # a request costing at most this (request_cost) is small
+    fused: bool = False  # each tick as one program (service.core.fused; torch backend)
+    lend_horizon_s: float = 6.0  # reserved slots are lent to large images expected to finish within this
+    priorities: bool = True  # interactive images first, batch images paused at a refresh boundary for them
+    max_paused_images: int = 0  # batch images held paused at most (their samples in host memory)
+
+
 class Scheduler:
     def __init__(
         self,
         engine: Engine,
         sched: CosineSchedule,
         null_label: int,
-        max_active_images: int,
-        queue_size: int,
-        policy: Policy = Policy.CONTINUOUS,
+        config: SchedulerConfig,
         stats: StatsSink | None = None,
-        overlap_encoder: bool = True,  # light network runs the not-due rows while the encoder runs the due ones
-        align_encoder: bool = True,  # continuous policy: admit an image where its K-cohort refreshes
         output_size: int | None = None,  # the delivered crop (ModelConfig.output_size); None = the whole sample
         autok: AutoK | None = None,  # picks K for encoder_interval "auto" requests; None = auto not offered
-        reserved_slots: int = 0,  # slots only small requests may take (continuous policy)
-        small_cost: float = 0.0,  # a request costing at most this (images x steps / K) is small
-        fused: bool = False,  # each tick as one program (service.core.fused; torch backend)
-        lend_horizon_s: float = 6.0,  # reserved slots are lent to large images expected to finish within this
-        priorities: bool = True,  # interactive images first, batch images paused at a refresh boundary for them
-        max_paused_images: int = 0,  # batch images held paused at most (their samples in host memory)
     ) -> None:
+        c = self.config = config
+        max_active_images, queue_size, policy = c.max_active_images, c.queue_size, c.policy
+        overlap_encoder, align_encoder, fused = c.overlap_encoder, c.align_encoder, c.fused
+        reserved_slots, small_cost, lend_horizon_s = c.reserved_slots, c.small_cost, c.lend_horizon_s
+        priorities, max_paused_images = c.priorities, c.max_paused_images
         self.null_label, self.max_active_images, self.queue_size, self.policy = null_label, max_active_images, queue_size, policy
         self.stats = stats or StatsSink()
         self.admission = admission_policy(policy, align_encoder)

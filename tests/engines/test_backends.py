@@ -174,3 +174,16 @@ def test_onnxruntime_keeps_quiet_about_telemetry_under_a_read_only_home(onnx_dir
                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(__file__))))
     assert out.returncode == 0, out.stderr
     assert ("telemetry" in out.stderr.lower()) == opt_in, out.stderr
+
+
+def test_a_backend_refuses_a_setting_it_would_ignore(checkpoint_dir, onnx_dir):
+    from engines import EngineError
+    from engines.factory import Backend, EngineConfig, unhonoured
+
+    for option in ({"cuda_graphs": True}, {"buckets": (4, 8)}, {"compile": True}, {"low_precision": "weights"}):
+        with pytest.raises(EngineError, match=next(iter(option))):
+            create_engine(checkpoint_dir, backend="onnxruntime", device="cpu", **option)
+    assert unhonoured(EngineConfig(threads=2), Backend.TENSORRT, "cuda:1") == [
+        "threads (TensorRT runs on the GPU)",
+        "device cuda:1 (the TensorRT engines run on cuda:0: select the GPU with CUDA_VISIBLE_DEVICES)"]
+    assert unhonoured(EngineConfig(cuda_graphs=True, buckets=(2,), compile=True), Backend.TORCH, "cpu") == []

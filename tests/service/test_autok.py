@@ -14,7 +14,7 @@ from dualrate.checkpoint import read_card
 from dualrate.diffusion import CosineSchedule
 from engines import create_engine
 from service.core.autok import AutoK, CostModel, QualityBudget
-from service.core.scheduler import GenerationSpec, Scheduler
+from service.core.scheduler import GenerationSpec, Scheduler, SchedulerConfig
 from service.errors import QueueFull
 
 
@@ -98,8 +98,8 @@ def engine(checkpoint_dir, onnx_dir):
 
 
 def scheduler(engine, model, slots=4, queue_size=32, autok=None) -> Scheduler:
-    return Scheduler(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label, slots,
-                     queue_size, output_size=model.cfg.output_size, autok=autok)
+    return Scheduler(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
+                     SchedulerConfig(slots, queue_size), output_size=model.cfg.output_size, autok=autok)
 
 
 def test_a_small_request_gets_a_slot_beside_a_large_one_that_came_first(engine, model):

@@ -22,7 +22,7 @@ from dualrate.diffusion import CosineSchedule
 from dualrate.sampler import dual_rate_sample
 from engines import Engine, create_engine
 from loadtests.process import free_port
-from service.core.scheduler import GenerationSpec, Scheduler
+from service.core.scheduler import GenerationSpec, Scheduler, SchedulerConfig
 
 POISON = 9  # rows with this label fail
 
@@ -75,8 +75,8 @@ def reference(engine, model, spec: GenerationSpec) -> np.ndarray:
 
 
 def run(engine, model, specs: list[GenerationSpec]):
-    s = Scheduler(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label, 16,
-                  queue_size=32, output_size=model.cfg.output_size)
+    s = Scheduler(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
+                  SchedulerConfig(16, queue_size=32), output_size=model.cfg.output_size)
     jobs = [s.submit(sp) for sp in specs]
     for _ in range(1000):
         if all(j.future.done() for j in jobs):

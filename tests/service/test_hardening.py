@@ -242,9 +242,13 @@ def test_schemathesis_finds_nothing_over_the_published_schema(start_server, chea
                        queue_size=1000)
     out = subprocess.run([str(Path(ROOT) / ".venv/bin/schemathesis") if (Path(ROOT) / ".venv/bin/schemathesis").exists()
                           else "schemathesis", "run", f"{srv.url}/openapi.json", "--checks", "all", "-n", "1000",
-                          "--generation-deterministic", "-w", "1"],
+                          "--exclude-checks", "not_a_server_error", "--generation-deterministic", "-w", "1"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     m = re.search(r"(\d+) generated, (\d+) passed", out.stdout)
     assert out.returncode == 0 and m, out.stdout[-5000:]
     assert int(m.group(1)) >= 2000 and m.group(1) == m.group(2), m.group(0)
     assert "Traceback" not in srv.log()
+    # Server errors, checked here instead of by schemathesis: the schema lets a client ask for a 0.1 s deadline, which
+    # a loaded machine may miss (504 timeout, the documented answer); anything else 5xx is a bug.
+    statuses = re.findall(r'HTTP/1\.1" (\d{3})', srv.log())
+    assert statuses and not [s for s in statuses if s.startswith("5") and s != "504"], sorted(set(statuses))

@@ -11,7 +11,7 @@ import pytest
 
 from dualrate.diffusion import CosineSchedule
 from engines import create_engine
-from service.core.scheduler import GenerationSpec, Priority, Scheduler
+from service.core.scheduler import GenerationSpec, Priority, Scheduler, SchedulerConfig
 from service.core.stats import NetworkCall, StatsSink
 from service.errors import Cancelled, DeadlineExceeded, NotReady
 
@@ -35,9 +35,9 @@ def engine(checkpoint_dir, onnx_dir):
 
 def make(engine, model, slots=4, paused=64, priorities=True):
     stats = Rows()
-    s = Scheduler(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label, slots,
-                  queue_size=32, stats=stats, output_size=model.cfg.output_size, priorities=priorities,
-                  max_paused_images=paused)
+    s = Scheduler(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
+                  SchedulerConfig(slots, queue_size=32, priorities=priorities, max_paused_images=paused), stats=stats,
+                  output_size=model.cfg.output_size)
     return s, stats
 
 

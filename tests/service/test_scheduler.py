@@ -10,7 +10,7 @@ from dualrate.data import to_uint8
 from dualrate.diffusion import CosineSchedule
 from dualrate.sampler import dual_rate_sample
 from engines import create_engine
-from service.core.scheduler import GenerationSpec, Policy, Scheduler
+from service.core.scheduler import GenerationSpec, Policy, Scheduler, SchedulerConfig
 from service.core.stats import NetworkCall, StatsSink
 from tests.conftest import encoder_waits_for_light_network
 
@@ -32,9 +32,9 @@ def engine(checkpoint_dir, onnx_dir):
 
 def make(engine, model, policy=Policy.CONTINUOUS, slots=8, overlap=True, align=True):
     rec = Recorder()
-    s = Scheduler(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label, slots,
-                  queue_size=32, policy=policy, stats=rec, overlap_encoder=overlap, align_encoder=align,
-                  output_size=model.cfg.output_size)
+    s = Scheduler(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
+                  SchedulerConfig(slots, queue_size=32, policy=policy, overlap_encoder=overlap, align_encoder=align),
+                  stats=rec, output_size=model.cfg.output_size)
     return s, rec
 
 

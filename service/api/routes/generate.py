@@ -25,13 +25,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
-from service.api.answers import LimitError, error_event, service_error_response
+from service.api.answers import error_event, service_error_response
 from service.api.deps import Authorized, StateDep
 from service.core.admission import Priority, request_cost
 from service.core.handle import CoreHandle, JobHandle
 from service.core.progress import Event
 from service.core.scheduler import GenerationSpec, JobResult
-from service.errors import Cancelled, DeadlineExceeded, InternalError, NotReady, Outcome, ServiceError, new_error_id
+from service.errors import Cancelled, DeadlineExceeded, InternalError, LimitError, NotReady, Outcome, ServiceError, new_error_id
 from service.png import encode_pngs
 from service.schemas import ErrorBody, GenerateRequest, GenerateResponse, ImageOut, StreamRequest, Timings
 from service.state import AppState
@@ -197,7 +197,7 @@ async def _stream(req: StreamRequest, state: AppState, spec: GenerationSpec, job
             # A tick's events leave in one write (sse-starlette frames each; bytes pass through as they are).
             chunk = last + b"".join(_event(name, payload).encode() for name, payload in tick_events)
             last = b""
-            if any(name == "progress" and p["step"] == p["of"] for name, p in tick_events):
+            if any(e.final for e in tick_events):
                 last = chunk  # the job's last tick: its answer follows
             else:
                 yield chunk
