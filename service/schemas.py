@@ -110,7 +110,7 @@ class ModelInfo(BaseModel):
     limits: dict[str, Any]
     defaults: dict[str, Any]
     auto_encoder_interval: dict[str, Any] = Field(default_factory=dict, description="what encoder_interval \"auto\" "
-                                                  "may pick: allowed Ks, their FID / FID(K=1), the budget and the "
+                                                  "may pick: allowed Ks, their FID / FID(K=1) and its spread, the budget and the "
                                                   "latency target")
     image: dict[str, Any] = Field(description="channels, sample_size, output_size (the PNGs' size), png_mode, "
-                                  "num_classes")
+                                  "num_classes, class_names (index = class_label; null where the card has none)")

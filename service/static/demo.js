@@ -28,7 +28,10 @@ function fillForm() {
   const d = model.defaults;
   const cls = $("class_label");
   cls.add(new Option("unconditional", ""));
-  for (let c = 0; c < model.image.num_classes; c++) cls.add(new Option(String(c), String(c)));
+  const names = model.image.class_names;
+  for (let c = 0; c < model.image.num_classes; c++) {
+    cls.add(new Option(names ? c + " (" + names[c] + ")" : String(c), String(c)));
+  }
   cls.value = "7";
   const rows = qualityRows();
   const base = rows.find((r) => r.encoder_interval === 1);

@@ -123,3 +123,31 @@ def test_with_a_key_the_first_generate_waits_for_the_model_and_the_card_figures_
     assert "N = 32" in cost and "you asked for N = 128" in cost, cost
     # No favicon request (it was a 404 on every load).
     assert "favicon" not in keyed_server.log()
+
+
+@pytest.fixture(scope="module")
+def named_server(start_server, tmp_path_factory):
+    """A random tiny checkpoint whose card names its classes, as a Fashion-MNIST model's does."""
+    import json
+
+    from dualrate.data import DATASETS
+    from dualrate.init import init_checkpoint
+
+    ck = init_checkpoint("tiny", tmp_path_factory.mktemp("ck") / "named", seed=5)
+    card = json.loads((ck / "model_card.json").read_text())
+    card["data"] = {"dataset": "fashion-mnist", "class_names": list(DATASETS["fashion-mnist"].class_names)}
+    (ck / "model_card.json").write_text(json.dumps(card))
+    return start_server(checkpoint=ck, max_active_images=4, max_images_per_request=2)
+
+
+def test_class_names_from_the_card_reach_the_model_info_the_schema_and_the_page(named_server, browser):
+    import httpx
+
+    info = httpx.get(named_server.url + "/v1/model").json()
+    assert info["image"]["class_names"][:2] == ["T-shirt/top", "Trouser"]
+    schema = httpx.get(named_server.url + "/openapi.json").json()
+    assert "9 = Ankle boot" in schema["components"]["schemas"]["GenerateRequest"]["properties"]["class_label"]["description"]
+    browser.get(named_server.url + "/")
+    WebDriverWait(browser, 60).until(lambda d: len(Select(d.find_element(By.ID, "class_label")).options) > 1)
+    texts = [o.text for o in Select(browser.find_element(By.ID, "class_label")).options]
+    assert "1 (Trouser)" in texts and "9 (Ankle boot)" in texts, texts

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
+from dualrate.checkpoint import class_names
 from service.api.deps import Authorized, StateDep
 from service.errors import NotReady
 from service.schemas import ModelInfo
@@ -21,7 +22,8 @@ async def model_info(state: StateDep) -> ModelInfo:
               "max_active_images": settings.max_active_images, "queue_size": settings.queue_size,
               "default_preview_every": settings.default_preview_every, "min_preview_every": settings.min_preview_every}
     image = {"channels": cfg.channels, "sample_size": cfg.image_size, "output_size": cfg.output_size,
-             "png_mode": "L" if cfg.channels == 1 else "RGB", "num_classes": cfg.num_classes}
+             "png_mode": "L" if cfg.channels == 1 else "RGB", "num_classes": cfg.num_classes,
+             "class_names": class_names(state.model_card)}
     auto = {}
     if state.autok is not None:
         b = state.autok.budget
