@@ -49,7 +49,7 @@ def test_a_missing_or_unknown_data_set_is_one_clear_error(tmp_path, monkeypatch)
     monkeypatch.setenv("DUALRATE_FASHION_MNIST_DIR", str(tmp_path))
     with pytest.raises(DataSetMissing, match="apt-get install dataset-fashion-mnist"):
         load_dataset("fashion-mnist", "train")
-    with pytest.raises(ValueError, match="unknown data set 'cifar'.*mnist, fashion-mnist"):
+    with pytest.raises(ValueError, match=r"unknown data set 'cifar'.*mnist, fashion-mnist"):
         load_dataset("cifar")
     with pytest.raises(ValueError, match="train and test"):
         load_dataset("fashion-mnist", "valid")
@@ -61,5 +61,5 @@ def test_the_debian_package_has_the_published_sizes():
             raise AssertionError("CI must have Fashion-MNIST: scripts/install_test_tools.sh installs dataset-fashion-mnist")
         pytest.skip("Debian's dataset-fashion-mnist is not installed")
     x, y = load_dataset("fashion-mnist", "train")
-    xt, yt = load_dataset("fashion-mnist", "test")
+    xt, _ = load_dataset("fashion-mnist", "test")
     assert (len(x), len(xt)) == (60_000, 10_000) and set(y.unique().tolist()) == set(range(10))
