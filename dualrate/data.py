@@ -150,7 +150,7 @@ DATASETS: dict[str, DataSet] = {
 
 
 def load_dataset(name: str, split: str = "train") -> tuple[Tensor, Tensor]:
-    """A registered data set's split as images (N, 1, 32, 32) float32 in [-1, 1] (the 28x28 pictures padded, centred)
+    """A registered data set's split as images (N, 1, MNIST_SAMPLE, MNIST_SAMPLE) float32 in [-1, 1] (the 28x28 pictures padded)
     and labels (N,) int64. Unknown names and missing files are one clear error each."""
     if name not in DATASETS:
         raise ValueError(f"unknown data set {name!r}: one of {', '.join(DATASETS)}")

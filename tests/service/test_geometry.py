@@ -71,4 +71,4 @@ def test_reference_cli_and_service_agree(which, backend, checkpoint_dir, tiny_rg
     assert np.abs(served - ref).max() <= 1
     info = httpx.get(f"{srv.url}/v1/model").json()["image"]
     assert info == {"channels": cfg.channels, "sample_size": cfg.image_size, "output_size": cfg.output_size,
-                    "png_mode": "L" if cfg.channels == 1 else "RGB", "num_classes": cfg.num_classes}
+                    "png_mode": "L" if cfg.channels == 1 else "RGB", "num_classes": cfg.num_classes, "class_names": None}
