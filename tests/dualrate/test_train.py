@@ -109,3 +109,27 @@ def test_standalone_option_trains_a_baseline_with_the_same_recipe(tmp_path):
     a, sa = dual_rate_sample(enc, den, *args, 1, 1.5, sched, model.cfg.null_label, sample_shape=shape)
     b, sb = dual_rate_sample(enc, den, *args, 4, 1.5, sched, model.cfg.null_label, sample_shape=shape)
     assert torch.equal(a, b) and sa.encoder_calls != sb.encoder_calls
+
+
+def test_training_on_fashion_mnist_writes_its_class_names_into_the_card(tmp_path, monkeypatch):
+    """`--dataset fashion-mnist` on the tiny preset, from a folder of IDX files the test writes: the card says which
+    data set and names its classes (the service shows them); a preset of another geometry is refused."""
+    import json
+
+    import numpy as np
+
+    from dualrate.data import DATASETS
+    from dualrate.train import cli
+    from tests.dualrate.test_datasets import write_idx
+
+    rng = np.random.default_rng(1)
+    write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (16, 28, 28), dtype=np.uint8), compress=True)
+    write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 16, dtype=np.uint8), compress=True)
+    monkeypatch.setenv("DUALRATE_FASHION_MNIST_DIR", str(tmp_path))
+    cli(["--preset", "tiny", "--dataset", "fashion-mnist", "--steps", "2", "--batch-size", "4", "--out",
+         str(tmp_path / "run"), "--checkpoint", str(tmp_path / "ck")])
+    card = json.loads((tmp_path / "ck" / "model_card.json").read_text())
+    assert card["data"]["class_names"] == list(DATASETS["fashion-mnist"].class_names)
+    assert card["training"]["dataset"] == "fashion-mnist"
+    with pytest.raises(SystemExit, match="draws"):
+        cli(["--preset", "tiny-rgb", "--dataset", "fashion-mnist", "--steps", "1", "--out", str(tmp_path / "rgb")])
