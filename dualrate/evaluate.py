@@ -302,8 +302,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--check", action="store_true",
                    help="only K = 1, 4, 8 and zeroed features at the default steps, side by side with the committed "
                    "sweep (--sweep): writes OUT/check.md and OUT/check.json (e.g. after a change to the sampler's noise). "
-                   "Takes about 10 min on 2 cores at --num-images 800 (logged at the start, from the committed sweep's "
-                   "images/s)")
+                   "Took 363 s on 2 cores at --num-images 800 (2026-11-30; an estimate is logged at the start, from the "
+                   "committed sweep's images/s, which runs faster than a check)")
     p.add_argument("--seed", type=int, default=10_000,
                    help="first seed: the seed sets are the next --num-images seeds each (sweep.json: 10000)")
     p.add_argument("--ks", default="1,4,8,zeroed", help="--check: the rows, K values or 'zeroed'")
@@ -382,14 +382,29 @@ def check(a: argparse.Namespace, argv: list[str] | None) -> None:
     known = [before[c[:3]]["images_per_s"] for c in configs if c[:3] in before]
     if known:
         secs = sum(a.num_images / ips for ips in known) * len(configs) / len(known)
-        log.info("--check: %d rows of %d images, about %.0f min at the committed sweep's images/s (%s); writing to %s",
+        log.info("--check: %d rows of %d images, at least %.0f min (the committed sweep's images/s, %s; a check ran "
+                 "~1.7x that on 2 cores); writing to %s",
                  len(configs), a.num_images, secs / 60, a.sweep, a.out)
     rows = run_sweep(model, Evaluator(), a.num_images, configs, seed=a.seed)
-    lines = ["| N | K | FID now | FID in sweep.json | ratio | accuracy now | accuracy before |", "|---:|---:|---:|---:|---:|---:|---:|"]
+    # The same seeds as a set of the sweep (its first set starts at 10000, each set a.num_images long) are compared
+    # with that set's own FID; other seeds with the mean over the sets.
+    prov_path = a.sweep.with_name(a.sweep.stem + ".provenance.json")
+    per_row = sweep_images_per_row(json.loads(prov_path.read_text())) if prov_path.is_file() else None
+    offset = a.seed - 10_000
+    same_set = per_row == a.num_images and offset >= 0 and offset % a.num_images == 0
+    set_index = offset // a.num_images if same_set else None
+
+    def reference(b: dict) -> float:
+        fids = b.get("fids") or []
+        return fids[set_index] if set_index is not None and set_index < len(fids) else b["fid"]
+
+    ref_name = f"seed set {set_index + 1} of sweep.json" if set_index is not None else "sweep.json (mean over its sets)"
+    lines = [f"| N | K | FID now | FID in {ref_name} | ratio | accuracy now | accuracy in sweep.json (mean) |",
+             "|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         b = before.get((r.steps, r.encoder_interval, r.guidance_scale))
         k = "zeroed" if r.encoder_interval is None else str(r.encoder_interval)
-        lines.append(f"| {r.steps} | {k} | {r.fid:.2f} | {b['fid']:.2f} | {r.fid / b['fid']:.3f} | "
+        lines.append(f"| {r.steps} | {k} | {r.fid:.2f} | {reference(b):.2f} | {r.fid / reference(b):.3f} | "
                      f"{100 * r.accuracy:.1f}% | {100 * b['accuracy']:.1f}% |" if b else f"| {r.steps} | {k} | {r.fid:.2f} | | | |")
     command = command_line("python -m dualrate.evaluate", argv)
     prov = provenance(a.checkpoint, command)
@@ -406,6 +421,12 @@ def check(a: argparse.Namespace, argv: list[str] | None) -> None:
     print(f"written: {a.out / (a.name + '.md')}, {a.out / (a.name + '.json')}")
 
 
+def sweep_images_per_row(prov: dict) -> int | None:
+    """Images per row and seed set of a sweep, from its provenance (recorded since 2026-11-30; else its command)."""
+    m = re.search(r"--num-images (\d+)", prov.get("command", ""))
+    return prov.get("num_images_per_row") or (int(m.group(1)) if m else None)
+
+
 def card_from_sweep(checkpoint: Path, sweep: Path) -> None:
     """The model card's quality from a committed sweep (its dual-rate rows, mean and spread over the seed sets), when
     the sweep's provenance says it sampled these weights: refreshing the card needs no new hour of sampling."""
@@ -418,8 +439,7 @@ def card_from_sweep(checkpoint: Path, sweep: Path) -> None:
     if not same:
         raise SystemExit(f"{sweep} was measured on other weights than {checkpoint}'s ({prov_path}): run the sweep "
                          "again (make evaluate) instead")
-    m = re.search(r"--num-images (\d+)", prov["command"])
-    per_row = prov.get("num_images_per_row") or (int(m.group(1)) if m else None)
+    per_row = sweep_images_per_row(prov)
     rows = [r for r in json.loads(sweep.read_text()) if r.get("model", "dual-rate") == "dual-rate"]
     card_path = checkpoint / CARD_FILE
     card = json.loads(card_path.read_text())

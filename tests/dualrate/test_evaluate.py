@@ -104,6 +104,8 @@ def test_sweep_with_seed_sets_and_baselines_end_to_end(tmp_path, monkeypatch):
     main(["--checkpoint", str(pair), "--check", "--num-images", "20", "--ks", "4", "--sweep", str(sweep)])
     report = (work / "runs" / "evaluate" / "check.md").read_text()
     assert "first seed 10000" in report and "{" not in report.split("\n\n")[1], report
+    # The same seeds as the sweep's first set, the same sampler and evaluator: that set's FID, exactly.
+    assert "seed set 1 of sweep.json" in report and "| 1.000 |" in report, report
     assert sorted(p.name for p in work.rglob("*") if p.is_file()) == ["check.json", "check.md"]
 
     # The card's quality from the committed sweep, without sampling again; refused for other weights.
