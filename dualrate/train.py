@@ -3,7 +3,9 @@
     python -m dualrate.train --out runs/mnist-small --steps 6000
 
 Resumable: rerun the same command and it continues from `OUT/state.pt`. At the end the EMA weights and a model
-card are written to `--checkpoint` (the shipped checkpoint folder).
+card are written to `--checkpoint` (the shipped checkpoint folder). `--snapshot-every S` also writes the EMA weights
+every S steps as ordinary checkpoints, `OUT/snapshots/step-NNNNN` (the training curves of docs/model.md evaluate
+them).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ def model_config(cfg: TrainConfig) -> ModelConfig:
     return standalone_config(mcfg, cfg.standalone) if cfg.standalone else mcfg
 
 
-def main(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> None:
+def main(cfg: TrainConfig, out: Path, checkpoint: Path | None, snapshot_every: int = 0) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "training_options.json").write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     if cfg.threads:
@@ -130,6 +132,9 @@ def main(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> None:
         x_all = x_all.contiguous(memory_format=torch.channels_last)
     n = x_all.shape[0]
 
+    def write_checkpoint(path: Path) -> None:
+        write_checkpoint_of(path, cfg, mcfg, ema_enc, ema_den, step, elapsed, running)
+
     def save_state() -> None:
         tmp = state_path.with_suffix(".tmp")
         torch.save(
@@ -166,19 +171,27 @@ def main(cfg: TrainConfig, out: Path, checkpoint: Path | None) -> None:
         if step % cfg.log_every == 0:
             losses.append((step, running))
             log.info("step %d loss %.4f lr %.2e %.2f s/step", step, running, lr_at(step, cfg), elapsed / step)
+        if snapshot_every and step % snapshot_every == 0 and step < cfg.steps:
+            write_checkpoint(out / "snapshots" / f"step-{step:05d}")
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             save_state()
     bar.close()
 
     if checkpoint is not None:
-        card = model_card(
-            mcfg, checkpoint.name,
-            data=training_data(cfg.dataset, mcfg.null_label),
-            training={**cfg.to_dict(), "seconds": round(elapsed, 1), "final_loss": running,
-                      "machine": f"{os.cpu_count()} CPU cores, " + ("bf16 autocast" if cfg.bf16 else "fp32, channels-last")},
-        )
-        save_checkpoint(checkpoint, ema_enc, ema_den, card)
+        write_checkpoint(checkpoint)
         log.info("wrote EMA checkpoint to %s", checkpoint)
+
+
+def write_checkpoint_of(path: Path, cfg: TrainConfig, mcfg: ModelConfig, ema_enc: torch.nn.Module,
+                        ema_den: torch.nn.Module, step: int, elapsed: float, loss: float | None) -> None:
+    """The EMA weights and their card at `step` (the card's training options say which step they are from)."""
+    card = model_card(
+        mcfg, path.name,
+        data=training_data(cfg.dataset, mcfg.null_label),
+        training={**cfg.to_dict(), "trained_steps": step, "seconds": round(elapsed, 1), "final_loss": loss,
+                  "machine": f"{os.cpu_count()} CPU cores, " + ("bf16 autocast" if cfg.bf16 else "fp32, channels-last")},
+    )
+    save_checkpoint(path, ema_enc, ema_den, card)  # type: ignore[arg-type]
 
 
 def training_data(name: str, null_label: int) -> dict:
@@ -208,6 +221,9 @@ def cli(argv: list[str] | None = None) -> None:
                    "steps, optimizer, EMA, label dropout and schedule: 'large' = the encoder's U-ViT with an output "
                    "head run every step; 'small' = a narrower U-ViT with the pair's FLOPs per step at K = 4")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--snapshot-every", type=int, default=0, metavar="S",
+                   help="also write the EMA weights every S steps to OUT/snapshots/step-NNNNN (0: none)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
     p.add_argument("--dataset", default="mnist", choices=sorted(DATASETS),
                    help="what to train on (fashion-mnist: Debian's dataset-fashion-mnist)")
     p.add_argument("--replace-shipped", action="store_true",
@@ -218,8 +234,9 @@ def cli(argv: list[str] | None = None) -> None:
                 f"{a.out}/checkpoint) and serve it with `make serve CHECKPOINT=...`, or pass --replace-shipped")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = replace(TrainConfig(), preset=a.preset, steps=a.steps, batch_size=a.batch_size, lr=a.lr, bf16=a.bf16, seed=a.seed,
-                  feature_dropout=a.feature_dropout, standalone=a.standalone, dataset=a.dataset)
-    main(cfg, a.out, a.checkpoint)
+                  feature_dropout=a.feature_dropout, standalone=a.standalone, dataset=a.dataset,
+                  threads=a.threads)
+    main(cfg, a.out, a.checkpoint, a.snapshot_every)
 
 
 if __name__ == "__main__":

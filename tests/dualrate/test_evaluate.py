@@ -115,3 +115,62 @@ def test_sweep_with_seed_sets_and_baselines_end_to_end(tmp_path, monkeypatch):
     assert [r["fids"] for r in quality["sweep"]] == [r["fids"] for r in rows if r["model"] == "dual-rate"]
     with pytest.raises(SystemExit, match="other weights"):
         main(["--checkpoint", str(large), "--card-from-sweep", "--sweep", str(sweep)])
+
+
+def test_a_guidance_grid_reports_each_model_at_its_best_in_both_feature_spaces_and_resumes(tmp_path, caplog):
+    """--guidance / --sweep-steps / --sweep-ks on tiny random checkpoints: every steps x K x guidance row (K above N
+    left out) plus the zeroed control per guidance, FID in both classifiers' feature spaces, the best-guidance section
+    and the Pareto plot; a rerun of the same command samples nothing again (rows.jsonl), a rerun with other images
+    per set does."""
+    import json
+    import logging
+
+    from dualrate.evaluate import main
+    from dualrate.init import init_checkpoint
+
+    pair = init_checkpoint("tiny", tmp_path / "pair", seed=1)
+    small = init_checkpoint("tiny", tmp_path / "tiny-standalone-small", seed=3, standalone="small")
+    args = ["--checkpoint", str(pair), "--num-images", "20", "--seed-sets", "2", "--baselines", str(small),
+            "--out", str(tmp_path / "out"), "--guidance", "1,2", "--sweep-steps", "2,4", "--sweep-ks", "1,4"]
+    main(args)
+    rows = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    dual = {(r["steps"], r["encoder_interval"], r["guidance_scale"]) for r in rows if r["model"] == "dual-rate"}
+    assert dual == {(2, 1, 1.0), (4, 1, 1.0), (4, 4, 1.0), (2, 1, 2.0), (4, 1, 2.0), (4, 4, 2.0),
+                    (32, None, 1.0), (32, None, 2.0)}  # the zeroed control at the card's steps
+    base = {(r["steps"], r["guidance_scale"]) for r in rows if r["model"] == "tiny-standalone-small"}
+    assert base == {(2, 1.0), (4, 1.0), (2, 2.0), (4, 2.0)}
+    assert all(r["fid_gap"] is not None and len(r["fids_gap"]) == 2 and r["fid_gap"] != r["fid"] for r in rows)
+    md = (tmp_path / "out" / "sweep.md").read_text()
+    assert "Each model at its best guidance" in md and "In the `cnn` feature space" in md and "In the `gap` feature" in md
+    assert "come out the same way in both feature spaces" in md
+    assert (tmp_path / "out" / "pareto.png").stat().st_size > 10_000
+    lines = (tmp_path / "out" / "rows.jsonl").read_text().splitlines()
+    assert len(lines) == len(rows)
+
+    caplog.set_level(logging.INFO, logger="dualrate.evaluate")
+    main(args)  # the same command again: every row kept, nothing sampled
+    assert (tmp_path / "out" / "rows.jsonl").read_text().splitlines() == lines
+    assert json.loads((tmp_path / "out" / "sweep.json").read_text()) == rows
+    assert sum("kept from" in r.message for r in caplog.records) == len(rows)
+    main([*args[:3], "10", *args[4:]])  # other images per set: measured again, not reused
+    assert len((tmp_path / "out" / "rows.jsonl").read_text().splitlines()) == 2 * len(rows)
+
+
+def test_best_guidance_takes_each_points_lowest_fid_in_the_space_asked():
+    from dualrate.evaluate import SweepRow, best_guidance, comparisons
+
+    def row(model, g, fid, gap, k=4, steps=32, gflops=4.6):
+        return SweepRow(steps, k, g, fid, 0.9, 8, gflops, 1.0, model=model, fid_std=0.2, fid_gap=gap, fid_gap_std=0.1)
+
+    rows = [row("dual-rate", 1.0, 12.0, 3.0), row("dual-rate", 1.5, 10.0, 4.0), row("dual-rate", 2.0, 11.0, 2.5),
+            row("dual-rate", 1.0, 9.0, 2.0, k=1, gflops=17.1),
+            row("x-standalone-small", 1.0, 14.0, 2.4, k=1, gflops=4.9), row("x-standalone-small", 2.0, 13.0, 2.9, k=1, gflops=4.9)]
+    cnn = {(r.model, r.encoder_interval): r.guidance_scale for r in best_guidance(rows, "cnn")}
+    gap = {(r.model, r.encoder_interval): r.guidance_scale for r in best_guidance(rows, "gap")}
+    assert cnn == {("dual-rate", 4): 1.5, ("dual-rate", 1): 1.0, ("x-standalone-small", 1): 2.0}
+    assert gap == {("dual-rate", 4): 2.0, ("dual-rate", 1): 1.0, ("x-standalone-small", 1): 1.0}
+    # The comparisons read the space asked: dual-rate lower beyond the spread in cnn, not in gap.
+    (c,) = comparisons(best_guidance(rows, "cnn"), 32, None, "cnn")
+    (g,) = comparisons(best_guidance(rows, "gap"), 32, None, "gap")
+    assert "+3.00 below it, lower by more than the spread" in c and "at guidance 1.5" in c
+    assert "-0.10 below it, not lower by more than the spread" in g

@@ -126,10 +126,18 @@ def test_training_on_fashion_mnist_writes_its_class_names_into_the_card(tmp_path
     write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (16, 28, 28), dtype=np.uint8), compress=True)
     write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 16, dtype=np.uint8), compress=True)
     monkeypatch.setenv("DUALRATE_FASHION_MNIST_DIR", str(tmp_path))
-    cli(["--preset", "tiny", "--dataset", "fashion-mnist", "--steps", "2", "--batch-size", "4", "--out",
-         str(tmp_path / "run"), "--checkpoint", str(tmp_path / "ck")])
+    cli(["--preset", "tiny", "--dataset", "fashion-mnist", "--steps", "3", "--batch-size", "4", "--out",
+         str(tmp_path / "run"), "--checkpoint", str(tmp_path / "ck"), "--snapshot-every", "2"])
     card = json.loads((tmp_path / "ck" / "model_card.json").read_text())
     assert card["data"]["class_names"] == list(DATASETS["fashion-mnist"].class_names)
-    assert card["training"]["dataset"] == "fashion-mnist"
+    assert card["training"]["dataset"] == "fashion-mnist" and card["training"]["trained_steps"] == 3
+    # --snapshot-every: the EMA weights at step 2 as an ordinary checkpoint (the training curves evaluate them),
+    # differing from the final ones; none at the final step (that is --checkpoint).
+    from dualrate.checkpoint import load_checkpoint
+
+    assert sorted(p.name for p in (tmp_path / "run" / "snapshots").iterdir()) == ["step-00002"]
+    snap, final = load_checkpoint(tmp_path / "run" / "snapshots" / "step-00002"), load_checkpoint(tmp_path / "ck")
+    assert snap.card["training"]["trained_steps"] == 2 and snap.card["data"]["class_names"] == card["data"]["class_names"]
+    assert any(not torch.equal(v, final.encoder.state_dict()[k]) for k, v in snap.encoder.state_dict().items())
     with pytest.raises(SystemExit, match="draws"):
         cli(["--preset", "tiny-rgb", "--dataset", "fashion-mnist", "--steps", "1", "--out", str(tmp_path / "rgb")])
