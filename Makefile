@@ -7,7 +7,7 @@ RUNTIME_STAMP := $(VENV)/.installed-runtime
 # The checkpoint to serve: CHECKPOINT=..., else the environment's DUALRATE_CHECKPOINT, else the shipped model.
 CHECKPOINT ?= $(or $(DUALRATE_CHECKPOINT),checkpoints/mnist-dualrate)
 
-.PHONY: setup runtime serve test test-quick test-deploy lint export bench evaluate baselines clean
+.PHONY: setup runtime serve test test-quick test-deploy lint export bench evaluate baselines fashion evaluate-fashion clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -66,6 +66,26 @@ evaluate: setup
 baselines: setup
 	$(BIN)/python -m dualrate.train --standalone large --out runs/mnist-standalone-large --checkpoint checkpoints/mnist-standalone-large
 	$(BIN)/python -m dualrate.train --standalone small --out runs/mnist-standalone-small --checkpoint checkpoints/mnist-standalone-small
+
+# Fashion-MNIST (issue 25): Debian's data set, its two classifiers (the FID feature spaces), then the pair and both
+# standalone baselines with the one recipe (equal steps, batch, schedule), EMA snapshots every 1500 steps for the
+# training curves. Every step is resumable: rerun `make fashion` after a stop. On 2 cores: ~80 min for the pair alone.
+FASHION_STEPS ?= 4500
+FASHION_TRAIN = $(BIN)/python -m dualrate.train --dataset fashion-mnist --steps $(FASHION_STEPS) --snapshot-every 1500
+fashion: setup
+	bash scripts/install_test_tools.sh data
+	for arch in cnn gap; do d=checkpoints/fashion-mnist-classifier$$( [ $$arch = cnn ] || echo -$$arch ); \
+	  [ -f $$d/classifier.safetensors ] || $(BIN)/python -m dualrate.classifier --dataset fashion-mnist --arch $$arch || exit 1; done
+	$(FASHION_TRAIN) --out runs/fashion-dualrate --checkpoint checkpoints/fashion-dualrate
+	$(FASHION_TRAIN) --standalone small --out runs/fashion-standalone-small --checkpoint checkpoints/fashion-standalone-small
+	$(FASHION_TRAIN) --standalone large --out runs/fashion-standalone-large --checkpoint checkpoints/fashion-standalone-large
+
+# The comparison with every model at its best guidance (docs/fashion/): resumable row by row (docs/fashion/rows.jsonl).
+FASHION_BASELINES := checkpoints/fashion-standalone-large checkpoints/fashion-standalone-small
+evaluate-fashion: setup
+	bash scripts/install_test_tools.sh data
+	$(BIN)/python -m dualrate.evaluate --checkpoint checkpoints/fashion-dualrate --num-images 800 --seed-sets 3 \
+	  --guidance 1.0,1.25,1.5,2.0 --sweep-steps 8,16,32,64 --sweep-ks 1,2,4,8 --baselines $(FASHION_BASELINES) --out docs/fashion
 
 clean:
 	rm -rf artifacts .pytest_cache .ruff_cache

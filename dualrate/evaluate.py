@@ -12,7 +12,8 @@ reported as mean and standard deviation over the sets. Two control rows: K = N (
 light network with zeroed features (no encoder at all). `--baselines`: standalone checkpoints (`python -m
 dualrate.train --standalone ...`), swept over steps 8-64 on the same seeds; the report then says how dual-rate compares
 at matched FID and at matched FLOPs. `--guidance 1.0,1.25,1.5,2.0 --sweep-steps 8,16,32,64 --sweep-ks 1,2,4,8` sweeps
-a grid instead and reports every model at its best guidance per point, in both feature spaces (OUT/pareto.png).
+every guidance instead (the pair over K at its steps and over steps at its K, the baselines over steps) and reports
+every model at its best guidance per point, in both feature spaces (OUT/pareto.png).
 Finished rows are kept in OUT/rows.jsonl: the same command, rerun after a stop, measures only the rows still missing.
 """
 
@@ -190,19 +191,23 @@ def generate(
 
 
 def sweep_configs(default_steps: int, default_g: float, guidance: list[float] | None = None,
-                  steps: list[int] | None = None, ks: list[int] | None = None) -> list[tuple[int, int | None, float, str]]:
+                  steps: list[int] | None = None, ks: list[int] | None = None,
+                  default_k: int = 4) -> list[tuple[int, int | None, float, str]]:
     """Dual-rate rows. By default (the committed MNIST sweep): K = 1..N at the default steps N, the two controls, and
     steps N/2 and 2N at K = 4 (the Pareto plot's second curve; 16 and 64 at the shipped N = 32), all at the card's
-    guidance. Given `guidance`, `steps` or `ks`: the grid of every steps x K x guidance (missing lists: the card's
-    value; K above N left out), with the zeroed-features control at the default steps for each guidance."""
+    guidance. Given `guidance`, `steps` or `ks`, at each guidance: every K of `ks` at the default steps, every steps
+    of `steps` at the default K (K above N left out), and the zeroed-features control at the default steps (missing
+    lists: the card's value)."""
     n = default_steps
     if guidance is None and steps is None and ks is None:
         rows: list[tuple[int, int | None, float, str]] = [(n, k, default_g, "") for k in (1, 2, 4, 8, 16)]
         rows += [(n, n, default_g, "control: K = N, one encoder call"), (n, None, default_g, "control: zeroed features")]
         return [*rows, (n // 2, 4, default_g, ""), (2 * n, 4, default_g, "")]
-    gs, ns, kk = guidance or [default_g], steps or [n], ks or [4]
-    rows = [(st, k, g, "") for g in gs for st in ns for k in kk if k <= st]
-    return rows + [(n, None, g, "control: zeroed features") for g in gs]
+    rows = []
+    for g in guidance or [default_g]:
+        points = dict.fromkeys([(n, k) for k in ks or [default_k]] + [(st, default_k) for st in steps or [n]])
+        rows += [(st, k, g, "") for st, k in points if k <= st] + [(n, None, g, "control: zeroed features")]
+    return rows
 
 
 def baseline_configs(model: LoadedModel, default_steps: int, default_g: float, guidance: list[float] | None = None,
@@ -323,7 +328,8 @@ def plot(rows: list[SweepRow], path: Path, default_steps: int = 32, default_g: f
     ax.set_title(f"{title}: quality vs compute, dual-rate against standalone models ({n_sets} seed sets per point)",
                  fontsize=10)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:  # a grid sweep may have no row at the card's guidance
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -403,10 +409,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="sweep these guidance scales for every model (e.g. 1.0,1.25,1.5,2.0) and report each model at "
                    "its best guidance per point (tables in both feature spaces, OUT/pareto.png); default: the card's")
     p.add_argument("--sweep-steps", type=ints, default=None, metavar="N,N,...",
-                   help="the grid's steps for every model (e.g. 8,16,32,64); default: the card's for the pair, N/4..2N "
-                   "for the baselines")
+                   help="steps to sweep (e.g. 8,16,32,64): the pair at its card's K, the baselines (default: the card's "
+                   "for the pair, N/4..2N for the baselines)")
     p.add_argument("--sweep-ks", type=ints, default=None, metavar="K,K,...",
-                   help="the grid's encoder intervals for the pair (e.g. 1,2,4,8); default 4 once a grid is asked for")
+                   help="the pair's encoder intervals to sweep at its card's steps (e.g. 1,2,4,8; default: the card's K)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
     a = p.parse_args(argv)
     if a.threads:
@@ -440,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
     save_grid(grid, a.out / "samples_grid.png")
     done = RowStore(a.out / "rows.jsonl", a.num_images, a.seed, a.seed_sets, ev.spaces)
     rows = run_sweep(model, ev, a.num_images, sweep_configs(d.steps, d.guidance_scale, a.guidance, a.sweep_steps,
-                                                            a.sweep_ks), a.seed, a.seed_sets, store=done)
+                                                            a.sweep_ks, d.encoder_interval), a.seed, a.seed_sets, store=done)
     baselines: dict[Path, list[SweepRow]] = {}
     for path, base in base_models.items():
         baselines[path] = run_sweep(base, ev, a.num_images, baseline_configs(base, d.steps, d.guidance_scale, a.guidance,

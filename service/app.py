@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None,
     card = read_card(settings.checkpoint)  # all the front end needs of the checkpoint: the engine loads the weights
     cfg = ModelConfig.from_dict(card["config"])
     state = AppState(settings, cfg)
+    state.metrics.set_model(cfg.num_classes, class_names(card))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

@@ -13,6 +13,7 @@ from service.errors import Outcome
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MAX_CLASS_SERIES = 100  # per-class image counts only for models with at most this many classes (series stay few)
 
 
 class PrometheusStats(StatsSink):
@@ -63,6 +64,12 @@ class PrometheusStats(StatsSink):
                                        registry=r)
             self._preemptions_seen = 0
             self.engine = Info("dualrate_engine", "Backend, device and precision of the engine", registry=r)
+            self.class_images = Counter("dualrate_class_images_total", "Images returned, per requested class_label "
+                                        "(class_name from the model card; unconditional: class_label none); models of "
+                                        f"more than {MAX_CLASS_SERIES} classes are not counted per class",
+                                        ["class_label", "class_name"], registry=r)
+            self._class_names: list[str] | None = None
+            self._classes = 0
             for net in ("encoder", "denoiser"):
                 self.calls.labels(net)
                 self.rows.labels(net)
@@ -78,6 +85,10 @@ class PrometheusStats(StatsSink):
             multiprocess.MultiProcessCollector(pooled)
             return generate_latest(pooled)
         return generate_latest(self.registry)
+
+    def set_model(self, num_classes: int, class_names: list[str] | None) -> None:
+        """The served model's classes: `class_images` names them where the card does."""
+        self._classes, self._class_names = num_classes, class_names
 
     def set_engine(self, info: EngineInfo, policy: str) -> None:
         self.engine.info({"backend": info.backend, "device": info.device, "precision": info.precision,
@@ -104,6 +115,14 @@ class PrometheusStats(StatsSink):
         self.request_duration.labels(outcome).observe(seconds)
         if images:
             self.images.inc(images)
+
+    def class_served(self, class_label: int | None, images: int) -> None:
+        if class_label is None:
+            self.class_images.labels("none", "unconditional").inc(images)
+        elif 0 <= class_label < self._classes <= MAX_CLASS_SERIES:
+            names = self._class_names
+            name = names[class_label] if names and class_label < len(names) else str(class_label)
+            self.class_images.labels(str(class_label), name).inc(images)
 
     def served(self, k: int, auto: bool, within_target: bool) -> None:
         self.k_used.labels("auto" if auto else "fixed").observe(k)

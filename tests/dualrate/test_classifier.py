@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from dualrate.classifier import (CLASSIFIER_DIR, DigitClassifier, GapClassifier, classifier_dir, load_classifier,
-                                 train)
+from dualrate.classifier import CLASSIFIER_DIR, DigitClassifier, GapClassifier, classifier_dir, load_classifier, train
 from tests.dualrate.test_datasets import write_idx
 
 pytestmark = pytest.mark.slow  # trains a network
@@ -42,5 +41,5 @@ def test_classifier_folders_and_the_shipped_ones():
             info = json.loads((classifier_dir(dataset, arch) / "classifier.json").read_text())
             assert type(load_classifier(classifier_dir(dataset, arch))) is cls
             assert info["valid_accuracy"] > (0.97 if dataset == "mnist" else 0.85), info
-    with pytest.raises(FileNotFoundError, match="python -m dualrate.classifier"):
+    with pytest.raises(FileNotFoundError, match=r"python -m dualrate\.classifier"):
         load_classifier(classifier_dir("fashion-mnist", "nothing"))

@@ -118,10 +118,10 @@ def test_sweep_with_seed_sets_and_baselines_end_to_end(tmp_path, monkeypatch):
 
 
 def test_a_guidance_grid_reports_each_model_at_its_best_in_both_feature_spaces_and_resumes(tmp_path, caplog):
-    """--guidance / --sweep-steps / --sweep-ks on tiny random checkpoints: every steps x K x guidance row (K above N
-    left out) plus the zeroed control per guidance, FID in both classifiers' feature spaces, the best-guidance section
-    and the Pareto plot; a rerun of the same command samples nothing again (rows.jsonl), a rerun with other images
-    per set does."""
+    """--guidance / --sweep-steps / --sweep-ks on tiny random checkpoints: at each guidance, K over the card's steps
+    and steps over the card's K (K above N left out) plus the zeroed control, FID in both classifiers' feature spaces,
+    the best-guidance section and the Pareto plot; a rerun of the same command samples nothing again (rows.jsonl), a
+    rerun with other images per set does."""
     import json
     import logging
 
@@ -129,16 +129,20 @@ def test_a_guidance_grid_reports_each_model_at_its_best_in_both_feature_spaces_a
     from dualrate.init import init_checkpoint
 
     pair = init_checkpoint("tiny", tmp_path / "pair", seed=1)
+    card = json.loads((pair / "model_card.json").read_text())
+    card["defaults"]["steps"] = 4
+    (pair / "model_card.json").write_text(json.dumps(card))
     small = init_checkpoint("tiny", tmp_path / "tiny-standalone-small", seed=3, standalone="small")
     args = ["--checkpoint", str(pair), "--num-images", "20", "--seed-sets", "2", "--baselines", str(small),
-            "--out", str(tmp_path / "out"), "--guidance", "1,2", "--sweep-steps", "2,4", "--sweep-ks", "1,4"]
+            "--out", str(tmp_path / "out"), "--guidance", "1,2", "--sweep-steps", "2,4,8", "--sweep-ks", "1,4"]
     main(args)
     rows = json.loads((tmp_path / "out" / "sweep.json").read_text())
-    dual = {(r["steps"], r["encoder_interval"], r["guidance_scale"]) for r in rows if r["model"] == "dual-rate"}
-    assert dual == {(2, 1, 1.0), (4, 1, 1.0), (4, 4, 1.0), (2, 1, 2.0), (4, 1, 2.0), (4, 4, 2.0),
-                    (32, None, 1.0), (32, None, 2.0)}  # the zeroed control at the card's steps
+    dual = [(r["steps"], r["encoder_interval"], r["guidance_scale"]) for r in rows if r["model"] == "dual-rate"]
+    # K = 1, 4 at N = 4; N = 8 at K = 4 (N = 2 < K left out, N = 4 once); the zeroed control at the card's steps.
+    assert sorted(dual, key=str) == sorted([(4, 1, g) for g in (1.0, 2.0)] + [(4, 4, g) for g in (1.0, 2.0)]
+                                           + [(8, 4, g) for g in (1.0, 2.0)] + [(4, None, g) for g in (1.0, 2.0)], key=str)
     base = {(r["steps"], r["guidance_scale"]) for r in rows if r["model"] == "tiny-standalone-small"}
-    assert base == {(2, 1.0), (4, 1.0), (2, 2.0), (4, 2.0)}
+    assert base == {(s, g) for s in (2, 4, 8) for g in (1.0, 2.0)}
     assert all(r["fid_gap"] is not None and len(r["fids_gap"]) == 2 and r["fid_gap"] != r["fid"] for r in rows)
     md = (tmp_path / "out" / "sweep.md").read_text()
     assert "Each model at its best guidance" in md and "In the `cnn` feature space" in md and "In the `gap` feature" in md

@@ -112,6 +112,9 @@ def test_metrics_move_as_requests_flow(server):
     assert metric(after, "dualrate_requests_total", 'outcome="invalid_request"') > metric(
         before, "dualrate_requests_total", 'outcome="invalid_request"')
     assert metric(after, "dualrate_images_generated_total") == metric(before, "dualrate_images_generated_total") + 3
+    # Per class: MNIST's card names no classes, so the name is the label's number; unconditional requests apart.
+    cls = 'class_label="2",class_name="2"'
+    assert metric(after, "dualrate_class_images_total", cls) == metric(before, "dualrate_class_images_total", cls) + 3
     for net in ("encoder", "denoiser"):
         lbl = f'network="{net}"'
         assert metric(after, "dualrate_network_calls_total", lbl) > metric(before, "dualrate_network_calls_total", lbl)
@@ -124,6 +127,8 @@ def test_metrics_move_as_requests_flow(server):
                timeout=60).raise_for_status()
     last = httpx.get(f"{server.url}/metrics").text
     assert metric(last, name, batch) == metric(after, name, batch) + 1
+    unc = 'class_label="none",class_name="unconditional"'
+    assert metric(last, "dualrate_class_images_total", unc) == metric(after, "dualrate_class_images_total", unc) + 1
     assert metric(last, "dualrate_priority_queue_depth", batch) == 0 and "dualrate_preemptions_total" in last
 
 

@@ -117,6 +117,7 @@ async def respond(req: GenerateRequest, spec: GenerationSpec, result: JobResult,
 def served(state: AppState, resp: GenerateResponse, seconds: float) -> None:
     """Count an answered request: outcome ok, its images, the K it ran at, whether it met the latency target."""
     state.metrics.request_answered(Outcome.OK, seconds, len(resp.images))
+    state.metrics.class_served(resp.class_label, len(resp.images))
     state.metrics.served(resp.encoder_interval, resp.encoder_interval_auto, seconds <= state.settings.latency_target_s)
 
 
