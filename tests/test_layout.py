@@ -12,7 +12,8 @@ ROOT = Path(__file__).resolve().parents[1]
 ORDER = ["dualrate", "export", "engines", "service"]  # each may import those before it, never those after
 TOOLING = {"loadtests", "scripts", "tests", "httpx", "matplotlib", "scipy", "tqdm", "locust", "selenium", "pytest"}
 # The research tools inside dualrate (training and evaluation), installed with the `research` extra.
-RESEARCH = {"dualrate/train.py", "dualrate/evaluate.py", "dualrate/classifier.py", "dualrate/feature_study.py"}
+RESEARCH = {"dualrate/train.py", "dualrate/evaluate.py", "dualrate/classifier.py", "dualrate/feature_study.py",
+            "dualrate/distill.py"}
 
 
 def imports(path: Path) -> set[str]:
