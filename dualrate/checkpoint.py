@@ -99,6 +99,13 @@ def class_names(card: dict[str, Any]) -> list[str] | None:
     return [str(n) for n in names] if isinstance(names, list) and names else None
 
 
+def distilled_schedule(card: dict[str, Any]) -> tuple[int, int] | None:
+    """(steps, encoder interval) a distilled student was trained for (`distilled` in its card; dualrate.distill), or
+    None for a model that samples at any steps and K."""
+    d = card.get("distilled")
+    return (int(d["steps"]), int(d["encoder_interval"])) if isinstance(d, dict) and "steps" in d else None
+
+
 def read_card(path: Path) -> dict[str, Any]:
     card_path = Path(path) / CARD_FILE
     if not card_path.is_file():

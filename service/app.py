@@ -19,7 +19,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from dualrate.checkpoint import card_defaults, class_names, read_card
+from dualrate.checkpoint import card_defaults, class_names, distilled_schedule, read_card
 from dualrate.config import ModelConfig
 from engines import Engine, EngineConfig, create_engine
 from service.api import api_router
@@ -47,6 +47,7 @@ def create_app(settings: Settings | None = None,
     cfg = ModelConfig.from_dict(card["config"])
     state = AppState(settings, cfg)
     state.metrics.set_model(cfg.num_classes, class_names(card))
+    state.distilled = distilled_schedule(card)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -116,9 +117,12 @@ def create_app(settings: Settings | None = None,
     )
     app.state.dualrate = state
     # The published schema carries this server's live limits, so a schema-valid request is one the server takes.
+    # A distilled student samples at the steps it was distilled for, with the encoder at most as rarely as then.
+    distilled = distilled_schedule(card)
+    steps_max, k_max = distilled or (settings.max_steps, settings.max_steps)
     _limits_in_openapi(app, {"class_label": cfg.num_classes - 1, "num_images": settings.max_images_per_request,
-                             "steps": settings.max_steps, "encoder_interval": settings.max_steps,
-                             "timeout_s": settings.max_timeout_s}, class_names(card))
+                             "steps": steps_max, "encoder_interval": k_max, "timeout_s": settings.max_timeout_s},
+                       class_names(card), {"steps": distilled[0]} if distilled else {})
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, keys=settings.api_key_bytes)
     install_error_handlers(app)
     # Starlette would answer /static with a redirect to http://<Host header>/static/: an absolute URL built from what
@@ -129,12 +133,14 @@ def create_app(settings: Settings | None = None,
     return app
 
 
-def _limits_in_openapi(app: FastAPI, maxima: dict[str, float], names: list[str] | None = None) -> None:
+def _limits_in_openapi(app: FastAPI, maxima: dict[str, float], names: list[str] | None = None,
+                       minima: dict[str, float] | None = None) -> None:
     """FastAPI's OpenAPI model stores minimum/maximum as floats (2**53 - 1 came out as 9007199254740991.0 and 2**62
     as 4.611686018427388e+18); give integer fields integer limits so a schema-driven client sends valid values.
     `maxima`: request fields whose maximum depends on the model or the settings (class_label < num_classes,
     num_images, steps, encoder_interval and timeout_s), written into each numeric variant of the field. `names`: the
-    model's class names, listed in class_label's description."""
+    model's class names, listed in class_label's description. `minima`: fields whose minimum depends on the model
+    (a distilled student's steps)."""
     build = app.openapi
 
     def fix(node: object) -> None:
@@ -159,6 +165,11 @@ def _limits_in_openapi(app: FastAPI, maxima: dict[str, float], names: list[str] 
                         if variant.get("type") in ("integer", "number"):
                             variant["maximum"] = maximum
                             variant.pop("exclusiveMaximum", None)
+                for name, minimum in (minima or {}).items():
+                    for variant in props[name].get("anyOf", [props[name]]):
+                        if variant.get("type") in ("integer", "number"):
+                            variant["minimum"] = minimum
+                            variant.pop("exclusiveMinimum", None)
                 if names:
                     props["class_label"]["description"] = (props["class_label"].get("description", "") + ". This "
                                                            "model's classes: " + ", ".join(

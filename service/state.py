@@ -32,6 +32,7 @@ class AppState:
         # With the engine core in its own process the front end counts only its own series (service.core.handle).
         self.metrics = PrometheusStats(core=not settings.use_engine_process)
         self.model_card: dict = {}
+        self.distilled: tuple[int, int] | None = None  # (steps, K) of a distilled student (dualrate.distill)
         self.defaults: dict = {}
         self.autok: AutoK | None = None  # encoder_interval "auto" (built in the lifespan from the card)
         self.open_streams = 0  # /generate/stream responses still sending

@@ -23,6 +23,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from dualrate.checkpoint import distilled_schedule
+
 
 @dataclass(frozen=True)
 class QualityBudget:
@@ -40,6 +42,9 @@ class QualityBudget:
         rows = [r for r in card.get("quality", {}).get("sweep", [])
                 if r.get("encoder_interval") and r.get("fid") and r.get("steps") == d.get("steps")
                 and r.get("guidance_scale") == d.get("guidance_scale")]
+        distilled = distilled_schedule(card)
+        if distilled is not None:  # a few-step student: never a rarer encoder than it was distilled with
+            rows = [r for r in rows if int(r["encoder_interval"]) <= distilled[1]]
         base = next((r for r in rows if r["encoder_interval"] == 1), None)
         if base is None:  # no published sweep: only the card's default K is known to be acceptable
             return cls({default_k: 1.0}, budget, default_k)

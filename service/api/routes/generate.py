@@ -80,6 +80,14 @@ def prepare(req: GenerateRequest, state: AppState, t0: float) -> tuple[CoreHandl
         limit_errors.append(("encoder_interval", "auto is not offered by this server"))
     if not auto and k > settings.max_steps:
         limit_errors.append(("encoder_interval", f"must be <= {settings.max_steps} (max_steps)"))
+    if state.distilled is not None:  # a few-step student: its own schedule only
+        d_steps, d_k = state.distilled
+        if steps != d_steps:
+            limit_errors.append(("steps", f"must be {d_steps} (or left out): this model was distilled for {d_steps} "
+                                 "steps and samples at no other count"))
+        if not auto and k > d_k:
+            limit_errors.append(("encoder_interval", f"must be <= {d_k}: this model was distilled with the encoder "
+                                 f"every {d_k} steps"))
     # K > steps runs the encoder once, at step 0, exactly as K = steps does: accepted (a JSON schema cannot say
     # "K <= steps", and a schema-valid request must not be refused); the answer reports the K asked for.
     cheapest_k = max([k, *(state.autok.budget.allowed if auto and state.autok else [])])
