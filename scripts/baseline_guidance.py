@@ -10,6 +10,7 @@ Raw output (every set's FID) beside the report.
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import asdict
 from pathlib import Path
 
@@ -33,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
                    "docs/fashion/rows.jsonl: a later sweep with the same images, seeds and sets reuses them")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
     a = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     torch.set_grad_enabled(False)
     if a.threads:
         torch.set_num_threads(a.threads)
