@@ -33,6 +33,12 @@ class PrometheusStats(StatsSink):
                                          "DUALRATE_LATENCY_TARGET_S (their rate is the goodput)", registry=r)
             for outcome in Outcome:
                 self.requests.labels(outcome.value)
+            self.class_images = Counter("dualrate_class_images_total", "Images returned, per requested class_label "
+                                        "(class_name from the model card; unconditional: class_label none); models of "
+                                        f"more than {MAX_CLASS_SERIES} classes are not counted per class",
+                                        ["class_label", "class_name"], registry=r)
+            self._class_names: list[str] | None = None
+            self._classes = 0
         if core:
             self.queue_wait = Histogram("dualrate_queue_wait_seconds", "Wait for a batch slot",
                                         buckets=LATENCY_BUCKETS, registry=r)
@@ -64,12 +70,6 @@ class PrometheusStats(StatsSink):
                                        registry=r)
             self._preemptions_seen = 0
             self.engine = Info("dualrate_engine", "Backend, device and precision of the engine", registry=r)
-            self.class_images = Counter("dualrate_class_images_total", "Images returned, per requested class_label "
-                                        "(class_name from the model card; unconditional: class_label none); models of "
-                                        f"more than {MAX_CLASS_SERIES} classes are not counted per class",
-                                        ["class_label", "class_name"], registry=r)
-            self._class_names: list[str] | None = None
-            self._classes = 0
             for net in ("encoder", "denoiser"):
                 self.calls.labels(net)
                 self.rows.labels(net)
