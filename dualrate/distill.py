@@ -41,14 +41,10 @@ from tqdm import tqdm
 
 from dualrate.checkpoint import LoadedModel, checkpoint_hash, load_checkpoint, model_card, save_checkpoint
 from dualrate.data import load_dataset
-from dualrate.diffusion import CosineSchedule, q_forward, q_sample, step_times, x_from_v
+from dualrate.diffusion import CosineSchedule, _bc, q_forward, q_sample, step_times, x_from_v
 from dualrate.nets import ContextEncoder, LightDenoiser
 
 log = logging.getLogger("dualrate.distill")
-
-
-def _bc(x: Tensor, like: Tensor) -> Tensor:
-    return x.reshape(-1, *([1] * (like.ndim - 1)))
 
 
 @dataclass(frozen=True)
