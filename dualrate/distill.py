@@ -113,11 +113,14 @@ def distill_step(student: tuple[ContextEncoder, LightDenoiser], aux: tuple[Conte
     # Not the last step: z_s from the student's own posterior; the last step regresses on the teacher at z_t.
     s_safe = torch.where(last, times[cfg.steps - 1], s)
     z_s = posterior_sample(z_t, x_s.detach(), t, s_safe, sched, torch.randn(x.shape, generator=gen))
-    aux_loss = F.mse_loss(x_pred(*aux, z_s, s_safe, z_s, s_safe, label, sched), x_s.detach())
+    aux_x = x_pred(*aux, z_s, s_safe, z_s, s_safe, label, sched)
+    aux_loss = F.mse_loss(aux_x, x_s.detach())
     with torch.no_grad():
-        target_next = x_pred(*aux, z_s, s_safe, z_s, s_safe, label, sched) - teacher_x(teacher, z_s, s_safe, label,
-                                                                                      guidance, sched)
-        target_last = teacher_x(teacher, z_t, t, label, guidance, sched)
+        # One guided teacher call for the batch: at z_s for the moment rows, at z_t for the last-step rows.
+        z_teach, t_teach = torch.where(_bc(last, x), z_t, z_s), torch.where(last, t, s_safe)
+        teach = teacher_x(teacher, z_teach, t_teach, label, guidance, sched)
+        target_next = aux_x.detach() - teach
+        target_last = teach
     per_row_mm = (x_s * target_next).flatten(1).mean(1)  # its gradient: the moment mismatch through x~
     per_row_last = (x_s - target_last).pow(2).flatten(1).mean(1)
     student_loss = torch.where(last, per_row_last, per_row_mm).mean()
@@ -133,7 +136,7 @@ def _pair(model: LoadedModel) -> tuple[ContextEncoder, LightDenoiser]:
     return enc, den
 
 
-def main(teacher_path: Path, cfg: DistillConfig, out: Path, checkpoint: Path | None) -> None:
+def main(teacher_path: Path, cfg: DistillConfig, out: Path, checkpoint: Path | None, snapshot_every: int = 0) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "distill_options.json").write_text(json.dumps({"teacher": str(teacher_path), **cfg.to_dict()}, indent=2) + "\n")
     if cfg.threads:
@@ -178,6 +181,21 @@ def main(teacher_path: Path, cfg: DistillConfig, out: Path, checkpoint: Path | N
                     "history": history}, tmp)
         tmp.replace(state_path)
 
+    def write_student(path: Path) -> None:
+        """The student's EMA weights as an ordinary checkpoint, its card naming the teacher and the options."""
+        card = model_card(teacher.cfg, path.name, data=teacher.card.get("data", {}),
+                          training={"distilled": True, **cfg.to_dict(), "guidance": guidance, "trained_steps": step,
+                                    "seconds": round(elapsed, 1), "machine": f"{os.cpu_count()} CPU cores"})
+        card["defaults"] = {"steps": cfg.steps, "encoder_interval": cfg.encoder_interval, "guidance_scale": 1.0}
+        card["distilled"] = {"method": "moment matching distillation (alternating), Salimans et al. 2024",
+                             "teacher": teacher.card.get("name", teacher_path.name),
+                             "teacher_sha256": checkpoint_hash(teacher_path), "steps": cfg.steps,
+                             "encoder_interval": cfg.encoder_interval, "teacher_guidance": guidance,
+                             "train_steps": step, "batch_size": cfg.batch_size}
+        card["method"] = (f"Dual-Rate Diffusion (arXiv 2605.18190), distilled to {cfg.steps} steps with the encoder every "
+                          f"{cfg.encoder_interval} by moment matching from {card['distilled']['teacher']}")
+        save_checkpoint(path, ema[0], ema[1], card)  # type: ignore[arg-type]
+
     bar = tqdm(total=cfg.train_steps, initial=step, desc="distill", unit="step", mininterval=5.0)
     run_m = run_a = None
     while step < cfg.train_steps:
@@ -207,20 +225,11 @@ def main(teacher_path: Path, cfg: DistillConfig, out: Path, checkpoint: Path | N
             log.info("step %d moment mismatch %.6f aux loss %.5f %.2f s/step", step, run_m, run_a, elapsed / step)
         if step % cfg.checkpoint_every == 0 or step == cfg.train_steps:
             save_state()
+        if snapshot_every and step % snapshot_every == 0 and step < cfg.train_steps:
+            write_student(out / "snapshots" / f"step-{step:05d}")
     bar.close()
     if checkpoint is not None:
-        card = model_card(teacher.cfg, checkpoint.name, data=teacher.card.get("data", {}),
-                          training={"distilled": True, **cfg.to_dict(), "guidance": guidance, "trained_steps": step,
-                                    "seconds": round(elapsed, 1), "machine": f"{os.cpu_count()} CPU cores"})
-        card["defaults"] = {"steps": cfg.steps, "encoder_interval": cfg.encoder_interval, "guidance_scale": 1.0}
-        card["distilled"] = {"method": "moment matching distillation (alternating), Salimans et al. 2024",
-                             "teacher": teacher.card.get("name", teacher_path.name),
-                             "teacher_sha256": checkpoint_hash(teacher_path), "steps": cfg.steps,
-                             "encoder_interval": cfg.encoder_interval, "teacher_guidance": guidance,
-                             "train_steps": step, "batch_size": cfg.batch_size}
-        card["method"] = (f"Dual-Rate Diffusion (arXiv 2605.18190), distilled to {cfg.steps} steps with the encoder every "
-                          f"{cfg.encoder_interval} by moment matching from {card['distilled']['teacher']}")
-        save_checkpoint(checkpoint, ema[0], ema[1], card)  # type: ignore[arg-type]
+        write_student(checkpoint)
         log.info("wrote the student's EMA checkpoint to %s", checkpoint)
 
 
@@ -239,12 +248,14 @@ def cli(argv: list[str] | None = None) -> None:
     p.add_argument("--aux-lr", type=float, default=d.aux_lr)
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
+    p.add_argument("--snapshot-every", type=int, default=0, metavar="S",
+                   help="also write the student's EMA weights every S steps to OUT/snapshots/step-NNNNN (0: none)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = DistillConfig(steps=a.steps, encoder_interval=a.encoder_interval, guidance=a.guidance,
                         train_steps=a.train_steps, batch_size=a.batch_size, lr=a.lr, aux_lr=a.aux_lr, seed=a.seed,
                         threads=a.threads)
-    main(a.teacher, cfg, a.out, a.checkpoint)
+    main(a.teacher, cfg, a.out, a.checkpoint, a.snapshot_every)
 
 
 if __name__ == "__main__":

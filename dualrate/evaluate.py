@@ -277,7 +277,7 @@ def markdown_table(rows: list[SweepRow]) -> str:
              + " accuracy | encoder calls | GFLOPs/image | images/s | note |",
              "|---|---:|---:|---:|---:|" + ("---:|" if gap else "") + "---:|---:|---:|---:|---|"]
     for r in rows:
-        standalone = r.model != "dual-rate"
+        standalone = not r.model.startswith("dual-rate")
         k = "-" if standalone else "none (zeroed)" if r.encoder_interval is None else str(r.encoder_interval)
         calls = "-" if standalone else str(r.encoder_calls)
         second = (f" {r.fid_gap:.2f} ± {r.fid_gap_std:.2f} |" if r.fid_gap is not None else " |") if gap else ""

@@ -44,3 +44,63 @@ def test_distillation_moves_the_student_resumes_and_writes_an_ordinary_checkpoin
     assert imgs.shape == (2, *student.cfg.sample_shape) and stats.encoder_calls == 2
     with pytest.raises(SystemExit, match="no multiple"):
         cli(["--teacher", str(teacher), "--steps", "5", "--encoder-interval", "2", "--out", str(tmp_path / "bad")])
+
+
+def test_the_student_is_evaluated_beside_its_teacher_on_the_same_seed_sets(tmp_path):
+    """dualrate.evaluate_distilled on tiny checkpoints: the student at its distilled schedule (guidance 1), the teacher
+    at that schedule (its guidance and 1.0) and at its defaults and K = 1; the teacher found from the student's card;
+    FLOPs counted per row (the student's one network row per image against the guided teacher's two); both feature
+    spaces judged; a rerun samples nothing."""
+    from dualrate.config import MODEL_PRESETS
+    from dualrate.distill import cli
+    from dualrate.evaluate_distilled import main
+    from dualrate.init import init_checkpoint
+    from dualrate.nets import per_image_flops
+
+    teacher = init_checkpoint("tiny", tmp_path / "teacher", seed=4)
+    card = json.loads((teacher / "model_card.json").read_text())
+    card["defaults"].update(steps=8, encoder_interval=4, guidance_scale=1.5)
+    (teacher / "model_card.json").write_text(json.dumps(card))
+    cli(["--teacher", str(teacher), "--steps", "4", "--encoder-interval", "2", "--batch-size", "4", "--train-steps", "1",
+         "--out", str(tmp_path / "run"), "--checkpoint", str(tmp_path / "student")])
+    out = tmp_path / "out"
+    args = ["--student", str(tmp_path / "student"), "--num-images", "20", "--seed-sets", "2", "--out", str(out)]
+    main(args)
+    raw = json.loads((out / "distilled.json").read_text())
+    rows = raw["rows"]
+    settings = {role: (r["steps"], r["encoder_interval"], r["guidance_scale"]) for role, r in rows.items()}
+    assert settings == {"student": (4, 2, 1.0), "teacher_few": (4, 2, 1.5), "teacher_few_g1": (4, 2, 1.0),
+                        "teacher_default": (8, 4, 1.5), "teacher_k1": (8, 1, 1.5)}
+    enc_f, den_f = per_image_flops(MODEL_PRESETS["tiny"])
+    assert rows["student"]["gflops_per_image"] * 1e9 == pytest.approx(2 * enc_f + 4 * den_f)
+    assert rows["teacher_default"]["gflops_per_image"] * 1e9 == pytest.approx(2 * (2 * enc_f + 8 * den_f))
+    assert all(len(r["fids"]) == 2 and len(r["fids_gap"]) == 2 for r in rows.values())
+    assert raw["teacher"] == str(teacher) and len(raw["teacher_sha256"]) == 64
+    md = (out / "distilled.md").read_text()
+    assert md.count("features: student") == 4 and "FLOPs per image:" in md
+    assert (out / "distilled_grid.png").stat().st_size > 1000
+    lines = (out / "rows.jsonl").read_text().splitlines()
+    assert len(lines) == 5
+    main(args)
+    assert (out / "rows.jsonl").read_text().splitlines() == lines
+    with pytest.raises(SystemExit, match="not a distilled student"):
+        main(["--student", str(teacher), "--out", str(tmp_path / "bad")])
+
+
+def test_the_verdicts_judge_each_target_by_the_spread():
+    from dualrate.evaluate import SweepRow
+    from dualrate.evaluate_distilled import verdicts
+
+    def row(fid: float, std: float, gflops: float) -> SweepRow:
+        return SweepRow(8, 2, 1.0, fid, 0.99, 4, gflops, 1.0, fid_std=std, fid_gap=fid / 10, fid_gap_std=std / 10)
+
+    rows = {"student": row(12.0, 1.0, 1.0), "teacher_few": row(30.0, 2.0, 2.0), "teacher_few_g1": row(40, 2, 1.0),
+            "teacher_default": row(10.0, 0.5, 4.0), "teacher_k1": row(9.5, 0.5, 16.0)}
+    lines = verdicts(rows, ["cnn", "gap"])
+    assert "= 0.250x (target <= 0.3x): met" in lines[0]
+    assert "12.00 <= 1.25 x 10.00 + 0.50 = 13.00: met" in lines[1] and "clearly better" in lines[2]
+    rows["student"] = row(13.5, 1.0, 1.3)
+    lines = verdicts(rows, ["cnn"])
+    assert lines[0].endswith("not met.") and lines[1].endswith("not met.")
+    rows["student"] = row(27.5, 1.0, 1.0)  # 27.5 + 1 > 30 - 2: inside the spreads
+    assert "not clearly better" in verdicts(rows, ["cnn"])[2]
