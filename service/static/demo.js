@@ -35,7 +35,10 @@ function fillForm() {
   cls.value = "7";
   const rows = qualityRows();
   const base = rows.find((r) => r.encoder_interval === 1);
-  const ks = rows.length ? rows.map((r) => r.encoder_interval) : [1, 2, 4, 8, 16].filter((k) => k <= d.steps);
+  // A distilled few-step student (its card's "distilled"): its own steps only, K up to the one it was distilled with.
+  const distilled = model.card.distilled;
+  const ks = (rows.length ? rows.map((r) => r.encoder_interval) : [1, 2, 4, 8, 16].filter((k) => k <= d.steps))
+    .filter((k) => !distilled || k <= distilled.encoder_interval);
   const kSel = $("encoder_interval");
   for (const k of ks) {
     const r = rows.find((x) => x.encoder_interval === k);
@@ -51,6 +54,13 @@ function fillForm() {
   $("guidance_scale").value = d.guidance_scale;
   $("steps").value = d.steps;
   $("steps").max = model.limits.max_steps;
+  if (distilled) {
+    $("steps").min = $("steps").max = distilled.steps;
+    $("steps").readOnly = true;
+    $("distilled-note").textContent = "A few-step student distilled from " + distilled.teacher + ": " +
+      distilled.steps + " steps, the encoder every " + distilled.encoder_interval + " steps at most; the teacher's " +
+      "guidance " + distilled.teacher_guidance + " is distilled in (guidance 1 samples as the teacher did).";
+  }
   $("num_images").max = model.limits.max_images_per_request;
   $("num_images").value = Math.min(4, model.limits.max_images_per_request);
   $("preview_every").min = model.limits.min_preview_every;

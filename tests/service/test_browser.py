@@ -162,3 +162,32 @@ def test_class_names_from_the_card_reach_the_model_info_the_schema_and_the_page(
     WebDriverWait(browser, 60).until(lambda d: len(Select(d.find_element(By.ID, "class_label")).options) > 1)
     texts = [o.text for o in Select(browser.find_element(By.ID, "class_label")).options]
     assert "1 (Trouser)" in texts and "9 (Ankle boot)" in texts, texts
+
+
+@pytest.fixture(scope="module")
+def distilled_server(start_server, tmp_path_factory):
+    """A tiny student distilled (one step of dualrate.distill) for 4 steps with the encoder every 2."""
+    from dualrate.distill import cli
+    from dualrate.init import init_checkpoint
+
+    root = tmp_path_factory.mktemp("distilled")
+    teacher = init_checkpoint("tiny", root / "teacher", seed=6)
+    cli(["--teacher", str(teacher), "--steps", "4", "--encoder-interval", "2", "--batch-size", "4", "--train-steps", "1",
+         "--out", str(root / "run"), "--checkpoint", str(root / "student")])
+    return start_server(checkpoint=root / "student", max_active_images=4, max_images_per_request=2)
+
+
+def test_the_page_keeps_a_distilled_student_to_its_schedule(distilled_server, browser):
+    browser.get(distilled_server.url + "/")
+    wait = WebDriverWait(browser, 60)
+    wait.until(lambda d: "distilled from teacher" in d.find_element(By.ID, "distilled-note").text)
+    steps = browser.find_element(By.ID, "steps")
+    assert (steps.get_attribute("value"), steps.get_attribute("min"), steps.get_attribute("max")) == ("4", "4", "4")
+    assert steps.get_attribute("readonly") is not None
+    ks = [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "encoder_interval")).options]
+    assert [k for k in ks if k != "auto"] == ["1", "2"], ks  # K = 4 would be a 422: not offered
+    assert browser.find_element(By.ID, "guidance_scale").get_attribute("value") == "1"
+    browser.find_element(By.ID, "generate").click()
+    images = browser.find_element(By.ID, "images")
+    WebDriverWait(browser, 120).until(lambda d: images.get_attribute("data-done") == "true")
+    assert "4 steps, K = 2" in browser.find_element(By.ID, "summary").text
