@@ -72,13 +72,11 @@ def eps_from_v(z: Tensor, v: Tensor, t: Tensor, sched: CosineSchedule) -> Tensor
     return _bc(s, z) * z + _bc(a, z) * v
 
 
-def ancestral_step(z: Tensor, v: Tensor, t: Tensor, s: Tensor, sched: CosineSchedule, noise: Tensor) -> Tensor:
-    """One DDPM step z_t -> z_s ~ q(z_s | z_t, x_hat) with s < t; at s == 0 it returns x_hat.
-
-    The posterior of the VP chain: mean = alpha_{t|s} sigma_s^2 / sigma_t^2 z_t + alpha_s sigma_{t|s}^2 / sigma_t^2 x,
-    variance = sigma_{t|s}^2 sigma_s^2 / sigma_t^2.
-    """
-    x_hat = x_from_v(z, v, t, sched).clamp(-1.0, 1.0)
+def posterior_sample(z: Tensor, x: Tensor, t: Tensor, s: Tensor, sched: CosineSchedule, noise: Tensor) -> Tensor:
+    """z_s ~ q(z_s | z_t, x) for s < t, the posterior of the VP chain:
+    mean = alpha_{t|s} sigma_s^2 / sigma_t^2 z_t + alpha_s sigma_{t|s}^2 / sigma_t^2 x,
+    variance = sigma_{t|s}^2 sigma_s^2 / sigma_t^2. Differentiable in x (dualrate.distill draws its student's next
+    state with it)."""
     a_t, s_t = sched.alpha_sigma(t)
     a_s, s_s = sched.alpha_sigma(s)
     a_ts = a_t / a_s
@@ -86,9 +84,15 @@ def ancestral_step(z: Tensor, v: Tensor, t: Tensor, s: Tensor, sched: CosineSche
     coef_z = a_ts * s_s**2 / s_t**2
     coef_x = a_s * var_ts / s_t**2
     std = (var_ts * s_s**2 / s_t**2).clamp_min(0.0).sqrt()
+    return _bc(coef_z, z) * z + _bc(coef_x, z) * x + _bc(std, z) * noise
+
+
+def ancestral_step(z: Tensor, v: Tensor, t: Tensor, s: Tensor, sched: CosineSchedule, noise: Tensor) -> Tensor:
+    """One DDPM step z_t -> z_s ~ q(z_s | z_t, x_hat) (posterior_sample, x_hat clamped to [-1, 1]) with s < t; at
+    s == 0 it returns x_hat."""
+    x_hat = x_from_v(z, v, t, sched).clamp(-1.0, 1.0)
     final = _bc((s <= 0).to(z.dtype), z)
-    z_s = _bc(coef_z, z) * z + _bc(coef_x, z) * x_hat + _bc(std, z) * noise
-    return final * x_hat + (1 - final) * z_s
+    return final * x_hat + (1 - final) * posterior_sample(z, x_hat, t, s, sched, noise)
 
 
 def step_times(steps: int) -> Tensor:

@@ -41,7 +41,7 @@ from tqdm import tqdm
 
 from dualrate.checkpoint import LoadedModel, checkpoint_hash, load_checkpoint, model_card, save_checkpoint
 from dualrate.data import load_dataset
-from dualrate.diffusion import CosineSchedule, _bc, q_forward, q_sample, step_times, x_from_v
+from dualrate.diffusion import CosineSchedule, _bc, posterior_sample, q_forward, q_sample, step_times, x_from_v
 from dualrate.nets import ContextEncoder, LightDenoiser
 
 log = logging.getLogger("dualrate.distill")
@@ -83,16 +83,6 @@ def teacher_x(teacher: LoadedModel, z: Tensor, t: Tensor, label: Tensor, guidanc
     x_c, x_u = both.chunk(2)
     g = torch.where(label == teacher.cfg.null_label, 1.0, guidance).to(z.dtype)
     return x_u + _bc(g, z) * (x_c - x_u)
-
-
-def posterior_sample(z: Tensor, x: Tensor, t: Tensor, s: Tensor, sched: CosineSchedule, noise: Tensor) -> Tensor:
-    """z_s ~ q(z_s | z_t, x) for s < t, differentiable in x (the ancestral step without its clamp)."""
-    a_t, s_t = sched.alpha_sigma(t)
-    a_s, s_s = sched.alpha_sigma(s)
-    a_ts = a_t / a_s
-    var_ts = s_t**2 - a_ts**2 * s_s**2
-    mean = _bc(a_ts * s_s**2 / s_t**2, z) * z + _bc(a_s * var_ts / s_t**2, z) * x
-    return mean + _bc((var_ts * s_s**2 / s_t**2).clamp_min(0.0).sqrt(), z) * noise
 
 
 def distill_step(student: tuple[ContextEncoder, LightDenoiser], aux: tuple[ContextEncoder, LightDenoiser],
