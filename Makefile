@@ -7,7 +7,7 @@ RUNTIME_STAMP := $(VENV)/.installed-runtime
 # The checkpoint to serve: CHECKPOINT=..., else the environment's DUALRATE_CHECKPOINT, else the shipped model.
 CHECKPOINT ?= $(or $(DUALRATE_CHECKPOINT),checkpoints/mnist-dualrate)
 
-.PHONY: setup runtime serve test test-quick test-deploy lint export bench evaluate baselines fashion evaluate-fashion clean
+.PHONY: setup runtime serve test test-quick test-deploy lint export bench evaluate baselines fashion evaluate-fashion distill evaluate-distilled clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -86,6 +86,18 @@ evaluate-fashion: setup
 	bash scripts/install_test_tools.sh data
 	$(BIN)/python -m dualrate.evaluate --checkpoint checkpoints/fashion-dualrate --num-images 800 --seed-sets 3 \
 	  --guidance 1.0,1.25,1.5,2.0 --sweep-steps 8,16,32,64 --sweep-ks 1,2,4,8 --baselines $(FASHION_BASELINES) --out docs/fashion
+
+# Few-step student (issue 26): moment matching distillation of the shipped pair to 8 steps with the encoder every 2
+# (~3 s/step on one core, resumable from runs/mnist-8step/state.pt; EMA snapshots every 200 steps), then the student
+# beside its teacher on the evaluator's seed sets (docs/distill/) and both served side by side.
+DISTILL_STEPS ?= 2000
+distill: setup
+	$(BIN)/python -m dualrate.distill --teacher checkpoints/mnist-dualrate --steps 8 --encoder-interval 2 \
+	  --train-steps $(DISTILL_STEPS) --snapshot-every 200 --out runs/mnist-8step --checkpoint checkpoints/mnist-dualrate-8step
+
+evaluate-distilled: setup
+	$(BIN)/python -m dualrate.evaluate_distilled --student checkpoints/mnist-dualrate-8step --out docs/distill
+	$(BIN)/python -m loadtests.distilled_serving --student checkpoints/mnist-dualrate-8step --out docs/runs/distilled_serving.md
 
 clean:
 	rm -rf artifacts .pytest_cache .ruff_cache
