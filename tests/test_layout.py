@@ -13,7 +13,7 @@ ORDER = ["dualrate", "export", "engines", "service"]  # each may import those be
 TOOLING = {"loadtests", "scripts", "tests", "httpx", "matplotlib", "scipy", "tqdm", "locust", "selenium", "pytest"}
 # The research tools inside dualrate (training and evaluation), installed with the `research` extra.
 RESEARCH = {"dualrate/train.py", "dualrate/evaluate.py", "dualrate/classifier.py", "dualrate/feature_study.py",
-            "dualrate/distill.py"}
+            "dualrate/distill.py", "dualrate/evaluate_distilled.py"}
 
 
 def imports(path: Path) -> set[str]:
