@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -63,6 +63,8 @@ def student_rows(student: LoadedModel, teacher: LoadedModel, ev: Evaluator, n_im
         (td.steps, td.encoder_interval, td.guidance_scale, "the teacher's defaults"),
         (td.steps, 1, td.guidance_scale, "the teacher, encoder every step"),
     ], seed, seed_sets, name=t_name, store=store)
+    # A kept row carries the name it was measured under (e.g. a snapshot's, copied to a checkpoint): name it now.
+    s_row, t_rows = replace(s_row, model=s_name), [replace(r, model=t_name) for r in t_rows]
     return dict(zip(["student", "teacher_few", "teacher_few_g1", "teacher_default", "teacher_k1"], [s_row, *t_rows],
                     strict=True))
 
