@@ -106,6 +106,12 @@ def distilled_schedule(card: dict[str, Any]) -> tuple[int, int] | None:
     return (int(d["steps"]), int(d["encoder_interval"])) if isinstance(d, dict) and "steps" in d else None
 
 
+def distilled_teacher(student: Path, card: dict[str, Any]) -> Path | None:
+    """The teacher of a distilled student: the folder its card names, beside the student's (None: not distilled)."""
+    d = card.get("distilled")
+    return Path(student).parent / d["teacher"] if isinstance(d, dict) and "teacher" in d else None
+
+
 def read_card(path: Path) -> dict[str, Any]:
     card_path = Path(path) / CARD_FILE
     if not card_path.is_file():

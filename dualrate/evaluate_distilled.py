@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from dualrate.checkpoint import LoadedModel, checkpoint_hash, distilled_schedule, load_checkpoint
+from dualrate.checkpoint import LoadedModel, checkpoint_hash, distilled_schedule, distilled_teacher, load_checkpoint
 from dualrate.evaluate import Evaluator, RowStore, SweepRow, dataset_of, generate, markdown_table, run_sweep, save_grid
 from dualrate.provenance import command_line, provenance, utc_stamp
 
@@ -39,12 +39,10 @@ FLOPS_TARGET = 0.3  # at <= 0.3 x its FLOPs per image
 
 def teacher_of(student: LoadedModel, teacher: Path | None) -> Path:
     """The teacher's checkpoint: the one given, or the folder of the card's teacher name beside the student's."""
-    if teacher is not None:
-        return teacher
-    distilled = student.card.get("distilled")
-    if not distilled:
+    found = teacher or distilled_teacher(Path(student.path), student.card)
+    if found is None:
         raise SystemExit(f"{student.path} is not a distilled student (its card has no 'distilled' section)")
-    return Path(student.path).parent / distilled["teacher"]
+    return found
 
 
 def student_rows(student: LoadedModel, teacher: LoadedModel, ev: Evaluator, n_images: int, seed: int, seed_sets: int,

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import httpx
 
-from dualrate.checkpoint import checkpoint_hash, load_checkpoint
+from dualrate.checkpoint import checkpoint_hash, distilled_teacher, load_checkpoint
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
 from loadtests.process import ServerProcess
 from loadtests.service_bench import closed_loop
@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     student = load_checkpoint(a.student)
-    teacher_path = a.teacher or Path(a.student).parent / student.card.get("distilled", {}).get("teacher", "")
-    if a.teacher is None and "distilled" not in student.card:
+    teacher_path = a.teacher or distilled_teacher(a.student, student.card)
+    if teacher_path is None:
         p.error(f"{a.student} has no 'distilled' section in its card: pass --teacher")
     arms = {"teacher": teacher_path, "student": Path(a.student)}
     bodies = {name: default_body(path) for name, path in arms.items()}
