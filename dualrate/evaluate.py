@@ -15,6 +15,7 @@ at matched FID and at matched FLOPs. `--guidance 1.0,1.25,1.5,2.0 --sweep-steps 
 every guidance instead (the pair over K at its steps and over steps at its K, the baselines over steps) and reports
 every model at its best guidance per point, in both feature spaces (OUT/pareto.png).
 Finished rows are kept in OUT/rows.jsonl: the same command, rerun after a stop, measures only the rows still missing.
+`--kept-only` measures nothing: it reports the rows finished so far and lists the grid's rows still missing.
 """
 
 from __future__ import annotations
@@ -236,7 +237,10 @@ def seed_set_starts(first: int, n_images: int, sets: int) -> list[int]:
 
 
 def run_sweep(model: LoadedModel, ev: Evaluator, n_images: int, configs, seed: int = 10_000, seed_sets: int = 1,
-              name: str = "dual-rate", store: RowStore | None = None) -> list[SweepRow]:
+              name: str = "dual-rate", store: RowStore | None = None,
+              missing: list[tuple[str, int, int | None, float]] | None = None) -> list[SweepRow]:
+    """The rows of `configs`, each over the seed sets; rows already in `store` are taken from it. Given `missing` (a
+    list), a row not in the store is not measured but appended to it as (model, steps, K, guidance)."""
     enc_f, den_f = per_image_flops(model.cfg)
     for net in (model.encoder, model.denoiser):  # ~20% faster convs on CPU; the same for every row
         net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
@@ -246,6 +250,9 @@ def run_sweep(model: LoadedModel, ev: Evaluator, n_images: int, configs, seed: i
         if store is not None and (kept := store.get(key)) is not None:
             log.info("kept from %s: %s", store.path, kept)
             rows.append(kept)
+            continue
+        if missing is not None:
+            missing.append((name, steps, k, g))
             continue
         per_space: dict[str, list[float]] = {space: [] for space in ev.spaces}
         accs, secs, calls = [], 0.0, 0
@@ -413,6 +420,9 @@ def main(argv: list[str] | None = None) -> None:
                    "for the pair, N/4..2N for the baselines)")
     p.add_argument("--sweep-ks", type=ints, default=None, metavar="K,K,...",
                    help="the pair's encoder intervals to sweep at its card's steps (e.g. 1,2,4,8; default: the card's K)")
+    p.add_argument("--kept-only", action="store_true",
+                   help="measure nothing: report the grid from the rows already in OUT/rows.jsonl and list those still "
+                   "missing (a long sweep's interim report; the samples grid is left as it is)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
     a = p.parse_args(argv)
     if a.threads:
@@ -442,17 +452,24 @@ def main(argv: list[str] | None = None) -> None:
     ev = Evaluator(dataset=dataset)
     d = model.defaults
     a.out.mkdir(parents=True, exist_ok=True)
-    grid, _, _, _ = generate(model, 100, d.steps, d.encoder_interval, d.guidance_scale, seed=0, batch=100)
-    save_grid(grid, a.out / "samples_grid.png")
+    if not a.kept_only:
+        grid, _, _, _ = generate(model, 100, d.steps, d.encoder_interval, d.guidance_scale, seed=0, batch=100)
+        save_grid(grid, a.out / "samples_grid.png")
     done = RowStore(a.out / "rows.jsonl", a.num_images, a.seed, a.seed_sets, ev.spaces)
+    missing: list[tuple[str, int, int | None, float]] | None = [] if a.kept_only else None
     rows = run_sweep(model, ev, a.num_images, sweep_configs(d.steps, d.guidance_scale, a.guidance, a.sweep_steps,
-                                                            a.sweep_ks, d.encoder_interval), a.seed, a.seed_sets, store=done)
+                                                            a.sweep_ks, d.encoder_interval), a.seed, a.seed_sets, store=done,
+                     missing=missing)
     baselines: dict[Path, list[SweepRow]] = {}
     for path, base in base_models.items():
         baselines[path] = run_sweep(base, ev, a.num_images, baseline_configs(base, d.steps, d.guidance_scale, a.guidance,
                                                                              a.sweep_steps),
-                                    a.seed, a.seed_sets, name=base.card.get("name", path.name), store=done)
+                                    a.seed, a.seed_sets, name=base.card.get("name", path.name), store=done,
+                                    missing=missing)
         rows += baselines[path]
+    if not rows:
+        p.error(f"--kept-only: {a.out / 'rows.jsonl'} holds none of this grid's rows at these settings; run the sweep "
+                "without --kept-only first")
     table = markdown_table(rows)
     plot(rows, a.out / "fid_vs_flops.png", d.steps, d.guidance_scale, title=DATASETS[dataset].title)
     command = command_line("python -m dualrate.evaluate", argv)
@@ -472,6 +489,12 @@ def main(argv: list[str] | None = None) -> None:
     if a.guidance and len(a.guidance) > 1:
         cmp += best_guidance_report(rows, d.steps, ev.spaces)
         pareto_plot(rows, a.out / "pareto.png", ev.spaces, DATASETS[dataset].title)
+    if missing:
+        cmp += (f"\n## Not measured yet ({len(missing)} of the grid's {len(missing) + len(rows)} rows)\n\n"
+                "This report was made with `--kept-only` from the rows finished so far; the same command without it "
+                "measures these (model, steps N, K, guidance) and keeps the rest:\n\n"
+                + "\n".join(f"- {m}, N = {st}" + (f", K = {'zeroed' if k is None else k}" if m == "dual-rate" else "")
+                             + f", guidance {g:g}" for m, st, k, g in missing) + "\n")
     (a.out / "sweep.md").write_text("# Sweep: steps, encoder interval, guidance, baselines\n\n" + raw + header + table
                                     + cmp)
     (a.out / "sweep.json").write_text(json.dumps([asdict(r) for r in rows], indent=2) + "\n")

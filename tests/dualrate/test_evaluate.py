@@ -156,6 +156,19 @@ def test_a_guidance_grid_reports_each_model_at_its_best_in_both_feature_spaces_a
     assert (tmp_path / "out" / "rows.jsonl").read_text().splitlines() == lines
     assert json.loads((tmp_path / "out" / "sweep.json").read_text()) == rows
     assert sum("kept from" in r.message for r in caplog.records) == len(rows)
+    # --kept-only on a larger grid: the kept rows reported, the new guidance's rows listed as missing, none sampled.
+    caplog.clear()
+    grid = (tmp_path / "out" / "samples_grid.png").read_bytes()
+    main([*args[:-6], "--guidance", "1,2,3", *args[-4:], "--kept-only"])
+    assert (tmp_path / "out" / "rows.jsonl").read_text().splitlines() == lines
+    assert (tmp_path / "out" / "samples_grid.png").read_bytes() == grid
+    assert len(json.loads((tmp_path / "out" / "sweep.json").read_text())) == len(rows)
+    md = (tmp_path / "out" / "sweep.md").read_text()
+    assert f"## Not measured yet ({len(rows) // 2} of the grid's {len(rows) * 3 // 2} rows)" in md
+    assert "- dual-rate, N = 4, K = zeroed, guidance 3" in md and "- tiny-standalone-small, N = 8, guidance 3" in md
+    assert "guidance 1\n" not in md.split("Not measured yet")[1]
+    with pytest.raises(SystemExit):  # nothing kept at other settings: a clear error, not an empty report
+        main([*args[:3], "7", *args[4:], "--kept-only"])
     main([*args[:3], "10", *args[4:]])  # other images per set: measured again, not reused
     assert len((tmp_path / "out" / "rows.jsonl").read_text().splitlines()) == 2 * len(rows)
 
