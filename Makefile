@@ -70,15 +70,21 @@ baselines: setup
 # Fashion-MNIST (issue 25): Debian's data set, its two classifiers (the FID feature spaces), then the pair and both
 # standalone baselines with the one recipe (equal steps, batch, schedule), EMA snapshots every 1500 steps for the
 # training curves. Every step is resumable: rerun `make fashion` after a stop. On 2 cores: ~80 min for the pair alone.
+# A model whose checkpoint is committed and that has no run in runs/ to resume is left as it is (the docs' figures
+# are its); FORCE=1 retrains it from scratch.
 FASHION_STEPS ?= 4500
 FASHION_TRAIN = $(BIN)/python -m dualrate.train --dataset fashion-mnist --steps $(FASHION_STEPS) --snapshot-every 1500
+# $(call fashion_train,NAME,EXTRA FLAGS)
+fashion_train = if [ -f checkpoints/$(1)/model_card.json ] && [ ! -f runs/$(1)/state.pt ] && [ -z "$(FORCE)" ]; then \
+	  echo "checkpoints/$(1) is already trained (no runs/$(1) to resume): kept; FORCE=1 retrains it"; \
+	else $(FASHION_TRAIN) $(2) --out runs/$(1) --checkpoint checkpoints/$(1); fi
 fashion: setup
 	bash scripts/install_test_tools.sh data
 	for arch in cnn gap; do d=checkpoints/fashion-mnist-classifier$$( [ $$arch = cnn ] || echo -$$arch ); \
 	  [ -f $$d/classifier.safetensors ] || $(BIN)/python -m dualrate.classifier --dataset fashion-mnist --arch $$arch || exit 1; done
-	$(FASHION_TRAIN) --out runs/fashion-dualrate --checkpoint checkpoints/fashion-dualrate
-	$(FASHION_TRAIN) --standalone small --out runs/fashion-standalone-small --checkpoint checkpoints/fashion-standalone-small
-	$(FASHION_TRAIN) --standalone large --out runs/fashion-standalone-large --checkpoint checkpoints/fashion-standalone-large
+	$(call fashion_train,fashion-dualrate,)
+	$(call fashion_train,fashion-standalone-small,--standalone small)
+	$(call fashion_train,fashion-standalone-large,--standalone large)
 
 # The comparison with every model at its best guidance (docs/fashion/): resumable row by row (docs/fashion/rows.jsonl).
 FASHION_BASELINES := checkpoints/fashion-standalone-large checkpoints/fashion-standalone-small
