@@ -420,6 +420,8 @@ def main(argv: list[str] | None = None) -> None:
                    "for the pair, N/4..2N for the baselines)")
     p.add_argument("--sweep-ks", type=ints, default=None, metavar="K,K,...",
                    help="the pair's encoder intervals to sweep at its card's steps (e.g. 1,2,4,8; default: the card's K)")
+    p.add_argument("--steps-k", type=int, default=None, metavar="K",
+                   help="the pair's encoder interval for the --sweep-steps rows (default: the card's K)")
     p.add_argument("--kept-only", action="store_true",
                    help="measure nothing: report the grid from the rows already in OUT/rows.jsonl and list those still "
                    "missing (a long sweep's interim report; the samples grid is left as it is)")
@@ -458,7 +460,8 @@ def main(argv: list[str] | None = None) -> None:
     done = RowStore(a.out / "rows.jsonl", a.num_images, a.seed, a.seed_sets, ev.spaces)
     missing: list[tuple[str, int, int | None, float]] | None = [] if a.kept_only else None
     rows = run_sweep(model, ev, a.num_images, sweep_configs(d.steps, d.guidance_scale, a.guidance, a.sweep_steps,
-                                                            a.sweep_ks, d.encoder_interval), a.seed, a.seed_sets, store=done,
+                                                            a.sweep_ks, a.steps_k or d.encoder_interval), a.seed, a.seed_sets,
+                     store=done,
                      missing=missing)
     baselines: dict[Path, list[SweepRow]] = {}
     for path, base in base_models.items():

@@ -52,6 +52,26 @@ def model(checkpoint_dir):
     return load_checkpoint(checkpoint_dir)
 
 
+@pytest.fixture(scope="session")
+def tiny_student(tmp_path_factory) -> tuple[Path, Path]:
+    """(teacher, student): a tiny random pair whose card asks for 8 steps, K = 4, guidance 1.5, and a student distilled
+    from it (one step of dualrate.distill) for 4 steps with the encoder every 2: its card's defaults 4 / 2 / 1.0.
+    Read only: a test that changes either copies it first."""
+    import json
+
+    from dualrate.distill import cli
+    from dualrate.init import init_checkpoint
+
+    root = tmp_path_factory.mktemp("distilled")
+    teacher = init_checkpoint("tiny", root / "teacher", seed=6)
+    card = json.loads((teacher / "model_card.json").read_text())
+    card["defaults"].update(steps=8, encoder_interval=4, guidance_scale=1.5)
+    (teacher / "model_card.json").write_text(json.dumps(card))
+    cli(["--teacher", str(teacher), "--steps", "4", "--encoder-interval", "2", "--batch-size", "4", "--train-steps", "1",
+         "--out", str(root / "run"), "--checkpoint", str(root / "student")])
+    return teacher, root / "student"
+
+
 @pytest.fixture(scope="module")
 def start_server(checkpoint_dir, onnx_dir, tmp_path_factory):
     """Factory: start a real server with given settings; all are stopped at module end."""

@@ -46,25 +46,18 @@ def test_distillation_moves_the_student_resumes_and_writes_an_ordinary_checkpoin
         cli(["--teacher", str(teacher), "--steps", "5", "--encoder-interval", "2", "--out", str(tmp_path / "bad")])
 
 
-def test_the_student_is_evaluated_beside_its_teacher_on_the_same_seed_sets(tmp_path):
+def test_the_student_is_evaluated_beside_its_teacher_on_the_same_seed_sets(tmp_path, tiny_student):
     """dualrate.evaluate_distilled on tiny checkpoints: the student at its distilled schedule (guidance 1), the teacher
     at that schedule (its guidance and 1.0) and at its defaults and K = 1; the teacher found from the student's card;
     FLOPs counted per row (the student's one network row per image against the guided teacher's two); both feature
     spaces judged; a rerun samples nothing."""
     from dualrate.config import MODEL_PRESETS
-    from dualrate.distill import cli
     from dualrate.evaluate_distilled import main
-    from dualrate.init import init_checkpoint
     from dualrate.nets import per_image_flops
 
-    teacher = init_checkpoint("tiny", tmp_path / "teacher", seed=4)
-    card = json.loads((teacher / "model_card.json").read_text())
-    card["defaults"].update(steps=8, encoder_interval=4, guidance_scale=1.5)
-    (teacher / "model_card.json").write_text(json.dumps(card))
-    cli(["--teacher", str(teacher), "--steps", "4", "--encoder-interval", "2", "--batch-size", "4", "--train-steps", "1",
-         "--out", str(tmp_path / "run"), "--checkpoint", str(tmp_path / "student")])
+    teacher, student = tiny_student
     out = tmp_path / "out"
-    args = ["--student", str(tmp_path / "student"), "--num-images", "20", "--seed-sets", "2", "--out", str(out)]
+    args = ["--student", str(student), "--num-images", "20", "--seed-sets", "2", "--out", str(out)]
     main(args)
     raw = json.loads((out / "distilled.json").read_text())
     rows = raw["rows"]

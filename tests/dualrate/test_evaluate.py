@@ -167,6 +167,9 @@ def test_a_guidance_grid_reports_each_model_at_its_best_in_both_feature_spaces_a
     assert f"## Not measured yet ({len(rows) // 2} of the grid's {len(rows) * 3 // 2} rows)" in md
     assert "- dual-rate, N = 4, K = zeroed, guidance 3" in md and "- tiny-standalone-small, N = 8, guidance 3" in md
     assert "guidance 1\n" not in md.split("Not measured yet")[1]
+    main([*args, "--steps-k", "1", "--kept-only"])  # the steps rows at K = 1 instead of the card's K = 4
+    missing = (tmp_path / "out" / "sweep.md").read_text().split("Not measured yet")[1]
+    assert "- dual-rate, N = 8, K = 1, guidance 1\n" in missing and "- dual-rate, N = 2, K = 1, guidance 2\n" in missing
     with pytest.raises(SystemExit):  # nothing kept at other settings: a clear error, not an empty report
         main([*args[:3], "7", *args[4:], "--kept-only"])
     main([*args[:3], "10", *args[4:]])  # other images per set: measured again, not reused

@@ -9,19 +9,12 @@ import pytest
 pytestmark = pytest.mark.slow  # distils and starts two real servers
 
 
-def test_both_services_are_measured_at_their_own_defaults_and_recorded(tmp_path):
-    from dualrate.distill import cli
-    from dualrate.init import init_checkpoint
+def test_both_services_are_measured_at_their_own_defaults_and_recorded(tmp_path, tiny_student):
     from loadtests.distilled_serving import main
 
-    teacher = init_checkpoint("tiny", tmp_path / "teacher", seed=6)
-    card = json.loads((teacher / "model_card.json").read_text())
-    card["defaults"].update(steps=8, encoder_interval=4, guidance_scale=1.5)
-    (teacher / "model_card.json").write_text(json.dumps(card))
-    cli(["--teacher", str(teacher), "--steps", "4", "--encoder-interval", "2", "--batch-size", "4", "--train-steps", "1",
-         "--out", str(tmp_path / "run"), "--checkpoint", str(tmp_path / "student")])
+    teacher, student = tiny_student
     out = tmp_path / "serving.md"
-    main(["--student", str(tmp_path / "student"), "--rounds", "2", "--seconds", "1.5", "--slots", "2", "--out", str(out)])
+    main(["--student", str(student), "--rounds", "2", "--seconds", "1.5", "--slots", "2", "--out", str(out)])
     raw = json.loads(out.with_suffix(".json").read_text())["runs"][-1]
     assert raw["requests"]["teacher"][0] == {"num_images": 1, "steps": 8, "encoder_interval": 4, "guidance_scale": 1.5}
     assert raw["requests"]["student"][0] == {"num_images": 1, "steps": 4, "encoder_interval": 2, "guidance_scale": 1.0}

@@ -165,16 +165,9 @@ def test_class_names_from_the_card_reach_the_model_info_the_schema_and_the_page(
 
 
 @pytest.fixture(scope="module")
-def distilled_server(start_server, tmp_path_factory):
-    """A tiny student distilled (one step of dualrate.distill) for 4 steps with the encoder every 2."""
-    from dualrate.distill import cli
-    from dualrate.init import init_checkpoint
-
-    root = tmp_path_factory.mktemp("distilled")
-    teacher = init_checkpoint("tiny", root / "teacher", seed=6)
-    cli(["--teacher", str(teacher), "--steps", "4", "--encoder-interval", "2", "--batch-size", "4", "--train-steps", "1",
-         "--out", str(root / "run"), "--checkpoint", str(root / "student")])
-    return start_server(checkpoint=root / "student", max_active_images=4, max_images_per_request=2)
+def distilled_server(start_server, tiny_student):
+    """The tiny student (4 steps, the encoder every 2) served."""
+    return start_server(checkpoint=tiny_student[1], max_active_images=4, max_images_per_request=2)
 
 
 def test_the_page_keeps_a_distilled_student_to_its_schedule(distilled_server, browser):

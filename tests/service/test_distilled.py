@@ -10,15 +10,8 @@ pytestmark = pytest.mark.slow  # distils and starts a real server
 
 
 @pytest.fixture(scope="module")
-def student_server(start_server, tmp_path_factory):
-    from dualrate.distill import cli
-    from dualrate.init import init_checkpoint
-
-    root = tmp_path_factory.mktemp("distilled")
-    teacher = init_checkpoint("tiny", root / "teacher", seed=6)
-    cli(["--teacher", str(teacher), "--steps", "4", "--encoder-interval", "2", "--batch-size", "4", "--train-steps", "1",
-         "--out", str(root / "run"), "--checkpoint", str(root / "student")])
-    return start_server(checkpoint=root / "student", max_active_images=4, max_images_per_request=2)
+def student_server(start_server, tiny_student):
+    return start_server(checkpoint=tiny_student[1], max_active_images=4, max_images_per_request=2)
 
 
 def test_the_student_serves_at_its_distilled_schedule_and_refuses_others(student_server):
