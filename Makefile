@@ -91,7 +91,8 @@ FASHION_BASELINES := checkpoints/fashion-standalone-large checkpoints/fashion-st
 evaluate-fashion: setup
 	bash scripts/install_test_tools.sh data
 	$(BIN)/python -m dualrate.evaluate --checkpoint checkpoints/fashion-dualrate --num-images 800 --seed-sets 3 \
-	  --guidance 1.0,1.25,1.5,2.0 --sweep-steps 8,16,32,64 --sweep-ks 1,2,4,8 --baselines $(FASHION_BASELINES) --out docs/fashion
+	  --guidance 1.0,1.25,1.5,2.0 --sweep-steps 8,16,32,64 --steps-k 4 --sweep-ks 1,2,4,8 --baselines $(FASHION_BASELINES) \
+	  --out docs/fashion
 
 # Few-step student (issue 26): moment matching distillation of the shipped pair to 8 steps with the encoder every 2
 # (~3 s/step on one core, resumable from runs/mnist-8step/state.pt; EMA snapshots every 200 steps), then the student
