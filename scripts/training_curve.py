@@ -13,6 +13,7 @@ Writes the report (appended), its raw JSON beside it (date, machine, commit, eve
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -36,6 +37,23 @@ def checkpoints_of(run: Path, final: Path | None) -> list[tuple[int, Path]]:
     return sorted(out)
 
 
+def setting(point: dict) -> str:
+    r = point["row"]
+    k = "" if "standalone" in r["model"] else f", K = {r['encoder_interval']}"
+    return f"N = {r['steps']}{k}, guidance {r['guidance_scale']:g}"
+
+
+def with_earlier_curves(curves: dict[str, list[dict]], raw: Path) -> dict[str, list[dict]]:
+    """This run's curves and, for every model it did not evaluate, that model's latest curve from the earlier runs in
+    the raw JSON: one picture of every model measured into the same report, e.g. the pair and standalone-large
+    evaluated by two commands hours apart."""
+    earlier: dict[str, list[dict]] = {}
+    if raw.is_file():
+        for run in json.loads(raw.read_text()).get("runs", []):
+            earlier.update(run.get("curves", {}))
+    return {**{k: v for k, v in earlier.items() if k not in curves}, **curves}
+
+
 def plot(curves: dict[str, list[dict]], path: Path, title: str, spaces: list[str]) -> None:
     import matplotlib
 
@@ -47,7 +65,7 @@ def plot(curves: dict[str, list[dict]], path: Path, title: str, spaces: list[str
         key, std = ("fid", "fid_std") if space == "cnn" else ("fid_gap", "fid_gap_std")
         for name, points in curves.items():
             ax.errorbar([p["trained_steps"] for p in points], [p["row"][key] for p in points],
-                        yerr=[p["row"][std] for p in points], fmt="o-", capsize=3, label=name)
+                        yerr=[p["row"][std] for p in points], fmt="o-", capsize=3, label=f"{name} ({setting(points[-1])})")
         ax.set_xlabel("training steps (batch 64)")
         ax.set_ylabel(f"FID ({space} features)")
         ax.set_yscale("log")
@@ -110,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
             lines.append(f"| {name} | {pt['trained_steps']} | {r['steps']} | {k} | {r['guidance_scale']:g} | "
                          f"{r['fid']:.2f} | {gap} | {100 * r['accuracy']:.1f}% |")
     if a.out is not None:
-        plot(curves, a.out.with_suffix(".png"), title, ev.spaces)
+        plot(with_earlier_curves(curves, a.out.with_suffix(".json")), a.out.with_suffix(".png"), title, ev.spaces)
         lines += ["", f"![FID against training steps]({a.out.with_suffix('.png').name})"]
     first = next(iter(hashes))
     publish(lines, a.out, {**provenance(Path(first), command), "checkpoints": hashes, "curves": curves})

@@ -28,3 +28,23 @@ def test_training_curve_evaluates_every_snapshot_and_the_final_checkpoint(tmp_pa
     assert set(raw["checkpoints"]) == {p["checkpoint"] for p in points} and raw["git_commit"]
     assert "| tiny-pair | 2 | 4 | 4 |" in out.read_text()
     assert out.with_suffix(".png").stat().st_size > 5_000
+
+
+def test_the_plot_keeps_the_models_of_earlier_runs_in_the_same_report(tmp_path):
+    """A second command into the same report (standalone-large hours after the pair) plots both: every model this run
+    did not evaluate comes from the raw JSON's latest run that did; a model evaluated again is this run's."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("training_curve", ROOT / "scripts" / "training_curve.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    def pt(steps: int, fid: float) -> dict:
+        return {"trained_steps": steps, "row": {"fid": fid}}
+
+    raw = tmp_path / "curve.json"
+    runs = [{"curves": {"pair": [pt(1, 9.0)]}}, {"curves": {"pair": [pt(1, 8.0)], "small": [pt(1, 7.0)]}}]
+    raw.write_text(json.dumps({"runs": runs}))
+    merged = mod.with_earlier_curves({"large": [pt(2, 5.0)], "small": [pt(2, 6.0)]}, raw)
+    assert merged == {"pair": [pt(1, 8.0)], "large": [pt(2, 5.0)], "small": [pt(2, 6.0)]}
+    assert mod.with_earlier_curves({"large": []}, tmp_path / "none.json") == {"large": []}
