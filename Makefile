@@ -86,13 +86,14 @@ fashion: setup
 	$(call fashion_train,fashion-standalone-small,--standalone small)
 	$(call fashion_train,fashion-standalone-large,--standalone large)
 
-# The comparison with every model at its best guidance (docs/fashion/): resumable row by row (docs/fashion/rows.jsonl).
+# The comparison with every model at its best guidance (docs/fashion/): resumable row by row (docs/fashion/rows.jsonl);
+# EXTRA=--kept-only writes the report from the rows finished so far and lists the missing ones.
 FASHION_BASELINES := checkpoints/fashion-standalone-large checkpoints/fashion-standalone-small
 evaluate-fashion: setup
 	bash scripts/install_test_tools.sh data
 	$(BIN)/python -m dualrate.evaluate --checkpoint checkpoints/fashion-dualrate --num-images 800 --seed-sets 3 \
 	  --guidance 1.0,1.25,1.5,2.0 --sweep-steps 8,16,32,64 --steps-k 4 --sweep-ks 1,2,4,8 --baselines $(FASHION_BASELINES) \
-	  --out docs/fashion
+	  --out docs/fashion $(EXTRA)
 
 # Few-step student (issue 26): moment matching distillation of the shipped pair to 8 steps with the encoder every 2
 # (~3 s/step on one core, resumable from runs/mnist-8step/state.pt; EMA snapshots every 200 steps), then the student
