@@ -363,10 +363,11 @@ def comparisons(rows: list[SweepRow], default_steps: int, default_g: float | Non
                        " no dual-rate row reaches its FID within one std.")
             continue
         d = min(ok, key=lambda d: d.gflops_per_image)
+        ratio = r.gflops_per_image / d.gflops_per_image
+        saving = f"**{ratio:.2f}x** fewer" if ratio >= 1 else f"**{1 / ratio:.2f}x more** (no saving)"
         out.append(f"- {r.model} N = {r.steps} ({fid(r)}, {r.gflops_per_image:.2f} GFLOPs): the "
                    f"cheapest dual-rate row within one std is N = {d.steps}, K = {d.encoder_interval} ({fid(d)}, "
-                   f"{d.gflops_per_image:.2f} GFLOPs): **{r.gflops_per_image / d.gflops_per_image:.2f}x** "
-                   "fewer FLOPs per image.")
+                   f"{d.gflops_per_image:.2f} GFLOPs): {saving} FLOPs per image.")
     for r in (r for r in main if r.model.endswith("standalone-small") and r.steps == default_steps):
         if not dual:
             break

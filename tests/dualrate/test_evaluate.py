@@ -194,6 +194,13 @@ def test_best_guidance_takes_each_points_lowest_fid_in_the_space_asked():
     (g,) = comparisons(best_guidance(rows, "gap"), 32, None, "gap")
     assert "+3.00 below it, lower by more than the spread" in c and "at guidance 1.5" in c
     assert "-0.10 below it, not lower by more than the spread" in g
+    # Matched FID against a large model: a saving where the matching dual-rate row is cheaper, "more" where it is not.
+    large = [row("x-standalone-large", 1.0, 9.1, 2.0, k=1, gflops=8.35), row("dual-rate", 1.5, 9.2, 2.0, k=1, gflops=17.1),
+             row("dual-rate", 1.5, 12.0, 2.0, k=4, gflops=4.6)]
+    (m,) = comparisons(large, 32, None, "cnn")
+    assert "K = 1" in m and "**2.05x more** (no saving) FLOPs" in m, m
+    (m,) = comparisons([*large[:1], row("dual-rate", 1.5, 9.0, 2.0, k=2, gflops=4.175)], 32, None, "cnn")
+    assert "**2.00x** fewer FLOPs" in m, m
 
 
 def test_fashion_mnist_evaluator_tells_real_from_degraded_in_both_feature_spaces():
