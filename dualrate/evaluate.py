@@ -461,9 +461,8 @@ def main(argv: list[str] | None = None) -> None:
     done = RowStore(a.out / "rows.jsonl", a.num_images, a.seed, a.seed_sets, ev.spaces)
     missing: list[tuple[str, int, int | None, float]] | None = [] if a.kept_only else None
     rows = run_sweep(model, ev, a.num_images, sweep_configs(d.steps, d.guidance_scale, a.guidance, a.sweep_steps,
-                                                            a.sweep_ks, a.steps_k or d.encoder_interval), a.seed, a.seed_sets,
-                     store=done,
-                     missing=missing)
+                                                            a.sweep_ks, a.steps_k or d.encoder_interval),
+                     a.seed, a.seed_sets, store=done, missing=missing)
     baselines: dict[Path, list[SweepRow]] = {}
     for path, base in base_models.items():
         baselines[path] = run_sweep(base, ev, a.num_images, baseline_configs(base, d.steps, d.guidance_scale, a.guidance,
@@ -471,7 +470,7 @@ def main(argv: list[str] | None = None) -> None:
                                     a.seed, a.seed_sets, name=base.card.get("name", path.name), store=done,
                                     missing=missing)
         rows += baselines[path]
-    if not rows:
+    if a.kept_only and not rows:
         p.error(f"--kept-only: {a.out / 'rows.jsonl'} holds none of this grid's rows at these settings; run the sweep "
                 "without --kept-only first")
     table = markdown_table(rows)
@@ -479,7 +478,10 @@ def main(argv: list[str] | None = None) -> None:
     command = command_line("python -m dualrate.evaluate", argv)
     claims = comparisons(rows, d.steps, d.guidance_scale)
     names = DATASETS[dataset].class_names
-    header = (f"Measured {date.today().isoformat()} on {platform.machine()} ({torch.get_num_threads()} threads): "
+    when = (f"Reported {date.today().isoformat()} from {a.out / 'rows.jsonl'} (--kept-only: every row was measured by an "
+            "earlier run of this sweep, its images/s on that run's threads)" if a.kept_only else
+            f"Measured {date.today().isoformat()} on {platform.machine()} ({torch.get_num_threads()} threads)")
+    header = (f"{when}: "
               f"{a.seed_sets} disjoint seed sets of {a.num_images} conditional samples per row (labels 0-"
               f"{len(names) - 1} in turn; seeds {a.seed} onward, the same sets for every row), FID against the "
               f"{DATASETS[dataset].title} test split in the 128-d feature space of the project's classifier (`cnn`)"
@@ -497,7 +499,7 @@ def main(argv: list[str] | None = None) -> None:
         cmp += (f"\n## Not measured yet ({len(missing)} of the grid's {len(missing) + len(rows)} rows)\n\n"
                 "This report was made with `--kept-only` from the rows finished so far; the same command without it "
                 "measures these (model, steps N, K, guidance) and keeps the rest:\n\n"
-                + "\n".join(f"- {m}, N = {st}" + (f", K = {'zeroed' if k is None else k}" if m == "dual-rate" else "")
+                + "\n".join(f"- {m}, N = {st}" + (f", K = {'zeroed' if k is None else k}" if m.startswith("dual-rate") else "")
                              + f", guidance {g:g}" for m, st, k, g in missing) + "\n")
     (a.out / "sweep.md").write_text("# Sweep: steps, encoder interval, guidance, baselines\n\n" + raw + header + table
                                     + cmp)

@@ -164,6 +164,7 @@ def test_a_guidance_grid_reports_each_model_at_its_best_in_both_feature_spaces_a
     assert (tmp_path / "out" / "samples_grid.png").read_bytes() == grid
     assert len(json.loads((tmp_path / "out" / "sweep.json").read_text())) == len(rows)
     md = (tmp_path / "out" / "sweep.md").read_text()
+    assert "Reported " in md and "--kept-only: every row was measured by an earlier run" in md and "Measured " not in md
     assert f"## Not measured yet ({len(rows) // 2} of the grid's {len(rows) * 3 // 2} rows)" in md
     assert "- dual-rate, N = 4, K = zeroed, guidance 3" in md and "- tiny-standalone-small, N = 8, guidance 3" in md
     assert "guidance 1\n" not in md.split("Not measured yet")[1]
