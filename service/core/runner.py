@@ -26,7 +26,7 @@ from torch import Tensor
 from dualrate.data import to_uint8
 from dualrate.diffusion import CosineSchedule
 from dualrate.sampler import draw_noise, guided_step, preview_x0
-from engines import Engine
+from engines import Backend, Engine
 from service.core.fused import FusedTick
 from service.core.stats import NetworkCall, StatsSink
 from service.errors import new_error_id
@@ -134,6 +134,15 @@ class Runner:
             encode, denoise = calls()
             self.fused = FusedTick(encode, denoise, buckets, self.z, self.cache, sched, null_label,
                                    graphs=dev.startswith("cuda"))
+
+    def thread_started(self) -> None:
+        """Called once on the thread that runs the ticks. Where the networks are not torch on the CPU, torch does
+        only the tick's own small tensor ops (gathers, guidance, noise of a few thousand elements each): run them on
+        one thread. From a thread other than the main one, torch's intra-op pool made each of them far slower on two
+        cores (a 16-row gather 103 us against 12, cos over 8192 floats 103 us against 6; docs/cpu_backends.md). The
+        torch backend on the CPU keeps its threads: its networks need them."""
+        if not (self.engine.info.backend is Backend.TORCH and self.device == "cpu"):
+            torch.set_num_threads(1)
 
     # ---- one tick ---------------------------------------------------------------------------------------------
 

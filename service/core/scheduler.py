@@ -246,6 +246,7 @@ class Scheduler:
     # ---- the loop (scheduler thread) ---------------------------------------------------------------------------
 
     def _run(self) -> None:
+        self.runner.thread_started()
         while True:
             with self._cv:
                 while not self._stop and not self.queue and not self.active and not self.paused:

@@ -216,3 +216,43 @@ def test_streamed_jobs_get_their_events_on_the_same_ticks(engine, model, monkeyp
     a = set(got["a"][:-1])  # the last one comes at the job's last step
     both = {t for t in got["b"] if t < got["a"][-1]}  # b's hand-overs while a still ran
     assert len(both) >= 3 and both <= a, (got["a"], got["b"])
+
+
+def _threads_seen_by_ticks(s: Scheduler, model) -> list[int]:
+    seen: list[int] = []
+    run = s.runner.run
+
+    def spy(plan):
+        seen.append(torch.get_num_threads())
+        return run(plan)
+
+    s.runner.run = spy
+    s.start()
+    try:
+        s.submit(GenerationSpec(1, 1, 4, 2, 1.5, seed=5)).future.result(timeout=60)
+    finally:
+        s.shutdown(timeout=10)
+    return seen
+
+
+def test_ticks_run_torch_on_one_thread_beside_onnxruntime(engine, model):
+    """The tick's own tensor ops are tiny; torch's intra-op pool, used from the scheduler thread, made them slower."""
+    before = torch.get_num_threads()
+    try:
+        s, _ = make(engine, model)
+        seen = _threads_seen_by_ticks(s, model)
+        assert seen and set(seen) == {1}
+    finally:
+        torch.set_num_threads(before)  # the setting reaches threads started later: restore it for the other tests
+
+
+def test_the_torch_backend_on_the_cpu_keeps_its_threads(checkpoint_dir, model):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        e = create_engine(checkpoint_dir, backend="torch", device="cpu", max_batch=16)
+        s, _ = make(e, model)
+        assert set(_threads_seen_by_ticks(s, model)) == {2}
+        e.close()
+    finally:
+        torch.set_num_threads(before)
