@@ -206,6 +206,84 @@ def interleaved(a: argparse.Namespace, argv: list[str] | None) -> None:
     publish(lines, a.out, raw)
 
 
+async def fixed_requests(c: httpx.AsyncClient, requests: int, clients: int, body: dict, num_classes: int) -> float:
+    """`requests` one-image requests over `clients` concurrent closed-loop clients on an open client; -> images/s
+    from the first request sent to the last answer."""
+    left = requests
+    images = 0
+
+    async def client(i: int) -> None:
+        nonlocal left, images
+        while left > 0:
+            left -= 1
+            r = await c.post("/generate", json={**body, "class_label": i % num_classes})
+            r.raise_for_status()
+            images += len(r.json()["images"])
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*[client(i) for i in range(clients)])
+    return images / (time.perf_counter() - t0)
+
+
+def alternating(a: argparse.Namespace, argv: list[str] | None) -> None:
+    """Saturation in short alternating windows: the bare loop and one warm service (its defaults) take turns over the
+    same number of images (`a.window_batches` batches of `a.slots`), `a.windows` times, with nothing restarted in
+    between. This machine's speed drifts by 10-25% over tens of seconds (docs/cpu_backends.md); windows of a few
+    seconds put both sides of each pair in the same drift, which 20 s rounds with a restart in between did not."""
+    model = load_checkpoint(a.checkpoint)
+    d, cfg = model.defaults, model.cfg
+    body = {"num_images": 1, "steps": d.steps, "encoder_interval": d.encoder_interval, "guidance_scale": d.guidance_scale}
+    engine = create_engine(a.checkpoint, backend="onnxruntime", device="cpu", max_batch=2 * a.slots)
+    sched = CosineSchedule(cfg.logsnr_min, cfg.logsnr_max)
+    labels = torch.arange(a.slots) % cfg.num_classes
+    images = a.window_batches * a.slots
+
+    def bare() -> float:
+        t0 = time.perf_counter()
+        for _ in range(a.window_batches):
+            dual_rate_sample(engine.encode, engine.denoise, labels, list(range(a.slots)), d.steps, d.encoder_interval,
+                             d.guidance_scale, sched, cfg.null_label, sample_shape=cfg.sample_shape)
+        return images / (time.perf_counter() - t0)
+
+    srv = ServerProcess(a.checkpoint, Path("/tmp/dualrate-bench-alternating.log"), max_active_images=a.slots,
+                        max_images_per_request=a.slots, queue_size=1024)
+    pairs: list[dict[str, float]] = []
+
+    async def run() -> None:
+        async with httpx.AsyncClient(base_url=srv.url, timeout=300, limits=httpx.Limits(max_connections=None)) as c:
+            bare()
+            await fixed_requests(c, images, 2 * a.slots, body, cfg.num_classes)  # warm-up of both, not counted
+            for i in range(a.windows):
+                b = bare()  # blocks the event loop: no request is in flight meanwhile
+                svc = await fixed_requests(c, images, 2 * a.slots, body, cfg.num_classes)
+                pairs.append({"window": i + 1, "bare_images_per_s": b, "service_images_per_s": svc, "ratio": svc / b})
+                log.info("window %d: bare %.2f, service %.2f images/s (%.3f)", i + 1, b, svc, svc / b)
+
+    try:
+        srv.wait_ready()
+        asyncio.run(run())
+    finally:
+        srv.terminate()
+        engine.close()
+    ratios = sorted(p["ratio"] for p in pairs)
+    median = statistics.median(ratios)
+    q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
+    command = command_line("python -m loadtests.service_bench", argv)
+    lines = [f"### Saturation in alternating windows, bare loop and service, {utc_stamp()}, {platform.machine()} CPU, "
+             "onnxruntime", "", f"Command: `{command}`", "",
+             f"Requests: 1 image, N = {d.steps}, K = {d.encoder_interval}, guidance {d.guidance_scale}; {a.slots} slots "
+             f"({2 * a.slots} closed-loop clients), bare loop on the same batch; each window {images} images (bare: "
+             f"{a.window_batches} batches; service: {images} requests), the two alternating {a.windows} times, both warm. "
+             f"**Median service / bare: {median:.3f}** (quartiles {q1:.3f}-{q3:.3f}, windows {ratios[0]:.3f}-"
+             f"{ratios[-1]:.3f}).", "",
+             "| window | bare engine images/s | service images/s | service / bare |", "|---:|---:|---:|---:|"]
+    lines += [f"| {p['window']} | {p['bare_images_per_s']:.2f} | {p['service_images_per_s']:.2f} | {p['ratio']:.3f} |"
+              for p in pairs]
+    raw = {**provenance(a.checkpoint, command), "slots": a.slots, "window_images": images, "request": body,
+           "windows": pairs, "median_ratio": median}
+    publish(lines, a.out, raw)
+
+
 async def read_stream(c: httpx.AsyncClient, req: dict) -> bytes:
     """POST /generate/stream and return its whole body, raw. The bytes are read as they come and events counted in
     them afterwards: parsing each event line in Python cost this load generator measurable CPU beside the service on
@@ -262,7 +340,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--arms", nargs="+", metavar="KEY=VALUE[,KEY=VALUE]", default=None,
                    help="with --pairs: the service once per settings set in each round (e.g. engine_process=off "
                         "engine_process=on); default: the service's defaults")
+    p.add_argument("--windows", type=int, default=0,
+                   help="only saturation: bare loop and one warm service alternately in this many short windows "
+                        "of the same images (median ratio; drift of the machine cancels within a pair)")
+    p.add_argument("--window-batches", type=int, default=4, help="with --windows: batches of --slots per window")
     a = p.parse_args(argv)
+    if a.windows:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        logging.getLogger("httpx").setLevel(logging.WARNING)
+        alternating(a, argv)
+        return
     if a.pairs:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
         logging.getLogger("httpx").setLevel(logging.WARNING)
