@@ -36,6 +36,33 @@ def test_fid_of_a_single_repeated_digit_is_bad(ev, held_out):
     assert ev.fid(x[:1].repeat(500, 1, 1, 1)) > 10 * ev.fid(x[:500])
 
 
+def test_a_second_evaluator_reuses_the_test_split_statistics_unless_the_classifier_changed(ev, held_out, tmp_path,
+                                                                                          monkeypatch):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    import dualrate.evaluate as evaluate
+
+    again = Evaluator()
+    assert all(again.refs[a][1] is ev.refs[a][1] and again.refs[a][2] is ev.refs[a][2] for a in ev.spaces)
+    assert again.fid(held_out[0][:500]) == ev.fid(held_out[0][:500])
+    # A retrained `cnn` classifier (here: one weight nudged) is not served the old statistics.
+    real = evaluate.classifier_dir("mnist", "cnn")
+    other = tmp_path / "cnn"
+    shutil.copytree(real, other)
+    weights = load_file(str(other / "classifier.safetensors"))
+    name = next(iter(weights))
+    weights[name] = weights[name] * 1.01
+    save_file(weights, str(other / "classifier.safetensors"))
+    monkeypatch.setattr(evaluate, "classifier_dir", lambda d, arch="cnn": other if arch == "cnn" else real.parent /
+                        f"{d}-classifier-{arch}")
+    retrained = Evaluator()
+    assert retrained.refs["gap"][1] is ev.refs["gap"][1]
+    assert retrained.refs["cnn"][1] is not ev.refs["cnn"][1]
+    assert not (retrained.refs["cnn"][1] == ev.refs["cnn"][1]).all()
+
+
 def _row(model, steps, k, fid, std, gflops):
     from dualrate.evaluate import SweepRow
 
