@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import platform
 import random
 import statistics
@@ -261,6 +262,8 @@ def alternating(a: argparse.Namespace, argv: list[str] | None) -> None:
 
     try:
         srv.wait_ready()
+        if a.client_nice:
+            os.nice(a.client_nice)  # after the server started: it keeps the default priority
         asyncio.run(run())
     finally:
         srv.terminate()
@@ -273,14 +276,15 @@ def alternating(a: argparse.Namespace, argv: list[str] | None) -> None:
              "onnxruntime", "", f"Command: `{command}`", "",
              f"Requests: 1 image, N = {d.steps}, K = {d.encoder_interval}, guidance {d.guidance_scale}; {a.slots} slots "
              f"({2 * a.slots} closed-loop clients), bare loop on the same batch; each window {images} images (bare: "
-             f"{a.window_batches} batches; service: {images} requests), the two alternating {a.windows} times, both warm. "
+             f"{a.window_batches} batches; service: {images} requests), the two alternating {a.windows} times, both warm; "
+             f"load generator (and bare loop) at nice {a.client_nice}. "
              f"**Median service / bare: {median:.3f}** (quartiles {q1:.3f}-{q3:.3f}, windows {ratios[0]:.3f}-"
              f"{ratios[-1]:.3f}).", "",
              "| window | bare engine images/s | service images/s | service / bare |", "|---:|---:|---:|---:|"]
     lines += [f"| {p['window']} | {p['bare_images_per_s']:.2f} | {p['service_images_per_s']:.2f} | {p['ratio']:.3f} |"
               for p in pairs]
     raw = {**provenance(a.checkpoint, command), "slots": a.slots, "window_images": images, "request": body,
-           "windows": pairs, "median_ratio": median}
+           "client_nice": a.client_nice, "windows": pairs, "median_ratio": median}
     publish(lines, a.out, raw)
 
 
@@ -344,6 +348,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="only saturation: bare loop and one warm service alternately in this many short windows "
                         "of the same images (median ratio; drift of the machine cancels within a pair)")
     p.add_argument("--window-batches", type=int, default=4, help="with --windows: batches of --slots per window")
+    p.add_argument("--client-nice", type=int, default=0,
+                   help="with --windows: niceness of this process (the load generator, and the bare loop, which runs "
+                   "alone) after the server has started; 19 makes the load generator take mostly the cores the service "
+                   "leaves idle, a stand-in for clients on other machines (default 0: as the service)")
     a = p.parse_args(argv)
     if a.windows:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
