@@ -22,6 +22,7 @@ import os
 import platform
 import random
 import statistics
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -226,6 +227,44 @@ async def fixed_requests(c: httpx.AsyncClient, requests: int, clients: int, body
     return images / (time.perf_counter() - t0)
 
 
+def core_requests(scheduler: Any, requests: int, clients: int, body: dict, num_classes: int) -> float:
+    """The same closed loop as `fixed_requests`, straight into a scheduler in this process (no HTTP, no JSON, no
+    PNG): each answer submits the next request from the scheduler thread's callback; -> images/s."""
+    from service.core.scheduler import GenerationSpec
+
+    lock, done = threading.Lock(), threading.Event()
+    sent = images = 0
+    failed: list[BaseException] = []
+
+    def submit() -> None:
+        nonlocal sent
+        i, sent = sent, sent + 1
+        spec = GenerationSpec(i % num_classes, 1, body["steps"], body["encoder_interval"], body["guidance_scale"], seed=i)
+        scheduler.submit(spec).future.add_done_callback(answered)
+
+    def answered(f: Any) -> None:  # on the scheduler thread
+        nonlocal images
+        with lock:
+            if f.exception() is not None:
+                failed.append(f.exception())
+                done.set()
+                return
+            images += len(f.result().images)
+            if sent < requests:
+                submit()
+            elif images == requests:
+                done.set()
+
+    t0 = time.perf_counter()
+    with lock:
+        for _ in range(min(clients, requests)):
+            submit()
+    done.wait()
+    if failed:
+        raise RuntimeError(f"a request into the in-process scheduler failed: {failed[0]!r}")
+    return images / (time.perf_counter() - t0)
+
+
 def alternating(a: argparse.Namespace, argv: list[str] | None) -> None:
     """Saturation in short alternating windows: the bare loop and one warm service (its defaults) take turns over the
     same number of images (`a.window_batches` batches of `a.slots`), `a.windows` times, with nothing restarted in
@@ -248,17 +287,35 @@ def alternating(a: argparse.Namespace, argv: list[str] | None) -> None:
 
     srv = ServerProcess(a.checkpoint, Path("/tmp/dualrate-bench-alternating.log"), max_active_images=a.slots,
                         max_images_per_request=a.slots, queue_size=1024)
+    core = None
+    if a.core:  # the service's own engine and scheduler, built as the server builds them, in this process
+        from service.core.handle import build_core
+        from service.settings import Settings
+
+        core = build_core(Settings(checkpoint=a.checkpoint, max_active_images=a.slots, max_images_per_request=a.slots,
+                                   queue_size=1024), None)
     pairs: list[dict[str, float]] = []
 
     async def run() -> None:
         async with httpx.AsyncClient(base_url=srv.url, timeout=300, limits=httpx.Limits(max_connections=None)) as c:
             bare()
-            await fixed_requests(c, images, 2 * a.slots, body, cfg.num_classes)  # warm-up of both, not counted
+            await fixed_requests(c, images, 2 * a.slots, body, cfg.num_classes)  # warm-up of all, not counted
+            if core is not None:
+                core_requests(core.scheduler, images, 2 * a.slots, body, cfg.num_classes)
             for i in range(a.windows):
                 b = bare()  # blocks the event loop: no request is in flight meanwhile
+                row = {"window": i + 1, "bare_images_per_s": b}
+                if core is not None and i % 2:  # the core before the service in odd windows, after it in even ones
+                    row["core_images_per_s"] = core_requests(core.scheduler, images, 2 * a.slots, body, cfg.num_classes)
                 svc = await fixed_requests(c, images, 2 * a.slots, body, cfg.num_classes)
-                pairs.append({"window": i + 1, "bare_images_per_s": b, "service_images_per_s": svc, "ratio": svc / b})
-                log.info("window %d: bare %.2f, service %.2f images/s (%.3f)", i + 1, b, svc, svc / b)
+                if core is not None and not i % 2:
+                    row["core_images_per_s"] = core_requests(core.scheduler, images, 2 * a.slots, body, cfg.num_classes)
+                row.update(service_images_per_s=svc, ratio=svc / b)
+                if core is not None:
+                    row["core_ratio"] = row["core_images_per_s"] / b
+                pairs.append(row)
+                log.info("window %d: bare %.2f, service %.2f images/s (%.3f)%s", i + 1, b, svc, svc / b,
+                         f"; core in-process {row['core_ratio']:.3f}" if core is not None else "")
 
     try:
         srv.wait_ready()
@@ -268,6 +325,9 @@ def alternating(a: argparse.Namespace, argv: list[str] | None) -> None:
     finally:
         srv.terminate()
         engine.close()
+        if core is not None:
+            core.scheduler.shutdown(10)
+            core.engine.close()
     ratios = sorted(p["ratio"] for p in pairs)
     median = statistics.median(ratios)
     q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
@@ -279,12 +339,23 @@ def alternating(a: argparse.Namespace, argv: list[str] | None) -> None:
              f"{a.window_batches} batches; service: {images} requests), the two alternating {a.windows} times, both warm; "
              f"load generator (and bare loop) at nice {a.client_nice}. "
              f"**Median service / bare: {median:.3f}** (quartiles {q1:.3f}-{q3:.3f}, windows {ratios[0]:.3f}-"
-             f"{ratios[-1]:.3f}).", "",
-             "| window | bare engine images/s | service images/s | service / bare |", "|---:|---:|---:|---:|"]
-    lines += [f"| {p['window']} | {p['bare_images_per_s']:.2f} | {p['service_images_per_s']:.2f} | {p['ratio']:.3f} |"
-              for p in pairs]
+             f"{ratios[-1]:.3f}).", ""]
     raw = {**provenance(a.checkpoint, command), "slots": a.slots, "window_images": images, "request": body,
            "client_nice": a.client_nice, "windows": pairs, "median_ratio": median}
+    if core is not None:
+        cr = sorted(p["core_ratio"] for p in pairs)
+        raw["median_core_ratio"] = statistics.median(cr)
+        lines[-2] += (f" The same scheduler and engine driven in this process without HTTP (`--core`: the same "
+                      f"closed loop straight into `Scheduler.submit`, in the same windows): **median core / bare "
+                      f"{raw['median_core_ratio']:.3f}** (quartiles {cr[len(cr) // 4]:.3f}-{cr[(3 * len(cr)) // 4]:.3f}).")
+        lines += ["| window | bare engine images/s | core in-process images/s | service images/s | core / bare | "
+                  "service / bare |", "|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {p['window']} | {p['bare_images_per_s']:.2f} | {p['core_images_per_s']:.2f} | "
+                  f"{p['service_images_per_s']:.2f} | {p['core_ratio']:.3f} | {p['ratio']:.3f} |" for p in pairs]
+    else:
+        lines += ["| window | bare engine images/s | service images/s | service / bare |", "|---:|---:|---:|---:|"]
+        lines += [f"| {p['window']} | {p['bare_images_per_s']:.2f} | {p['service_images_per_s']:.2f} | "
+                  f"{p['ratio']:.3f} |" for p in pairs]
     publish(lines, a.out, raw)
 
 
@@ -348,6 +419,9 @@ def main(argv: list[str] | None = None) -> None:
                    help="only saturation: bare loop and one warm service alternately in this many short windows "
                         "of the same images (median ratio; drift of the machine cancels within a pair)")
     p.add_argument("--window-batches", type=int, default=4, help="with --windows: batches of --slots per window")
+    p.add_argument("--core", action="store_true",
+                   help="with --windows: also the service's scheduler and engine in this process without HTTP, in the "
+                   "same windows (what of the gap is the scheduler, what the HTTP side)")
     p.add_argument("--client-nice", type=int, default=0,
                    help="with --windows: niceness of this process (the load generator, and the bare loop, which runs "
                    "alone) after the server has started; 19 makes the load generator take mostly the cores the service "
