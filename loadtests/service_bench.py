@@ -336,7 +336,7 @@ def alternating(a: argparse.Namespace, argv: list[str] | None) -> None:
              "onnxruntime", "", f"Command: `{command}`", "",
              f"Requests: 1 image, N = {d.steps}, K = {d.encoder_interval}, guidance {d.guidance_scale}; {a.slots} slots "
              f"({2 * a.slots} closed-loop clients), bare loop on the same batch; each window {images} images (bare: "
-             f"{a.window_batches} batches; service: {images} requests), the two alternating {a.windows} times, both warm; "
+             f"{a.window_batches} batches; service: {images} requests), in turn {a.windows} times, all warm; "
              f"load generator (and bare loop) at nice {a.client_nice}. "
              f"**Median service / bare: {median:.3f}** (quartiles {q1:.3f}-{q3:.3f}, windows {ratios[0]:.3f}-"
              f"{ratios[-1]:.3f}).", ""]
