@@ -24,6 +24,7 @@ import random
 import statistics
 import threading
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from dualrate.diffusion import CosineSchedule
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
 from dualrate.sampler import dual_rate_sample
 from engines import create_engine
+from loadtests.lean_http import LeanConnection
 from loadtests.process import ServerProcess
 
 log = logging.getLogger("loadtests.service_bench")
@@ -208,9 +210,32 @@ def interleaved(a: argparse.Namespace, argv: list[str] | None) -> None:
     publish(lines, a.out, raw)
 
 
-async def fixed_requests(c: httpx.AsyncClient, requests: int, clients: int, body: dict, num_classes: int) -> float:
-    """`requests` one-image requests over `clients` concurrent closed-loop clients on an open client; -> images/s
-    from the first request sent to the last answer."""
+Post = Callable[[int, dict], Awaitable[int]]  # (client index, request body) -> images in the 200 answer
+
+
+def httpx_post(c: httpx.AsyncClient) -> Post:
+    async def post(i: int, payload: dict) -> int:
+        r = await c.post("/generate", json=payload)
+        r.raise_for_status()
+        return len(r.json()["images"])
+
+    return post
+
+
+def lean_post(conns: list[LeanConnection]) -> Post:
+    """Client i on its own kept-alive connection conns[i] (loadtests.lean_http)."""
+    async def post(i: int, payload: dict) -> int:
+        status, answer = await conns[i].post_json("/generate", payload)
+        if status != 200:
+            raise RuntimeError(f"/generate answered {status}: {answer}")
+        return len(answer["images"])
+
+    return post
+
+
+async def fixed_requests(post: Post, requests: int, clients: int, body: dict, num_classes: int) -> float:
+    """`requests` one-image requests over `clients` concurrent closed-loop clients; -> images/s from the first
+    request sent to the last answer."""
     left = requests
     images = 0
 
@@ -218,9 +243,7 @@ async def fixed_requests(c: httpx.AsyncClient, requests: int, clients: int, body
         nonlocal left, images
         while left > 0:
             left -= 1
-            r = await c.post("/generate", json={**body, "class_label": i % num_classes})
-            r.raise_for_status()
-            images += len(r.json()["images"])
+            images += await post(i, {**body, "class_label": i % num_classes})
 
     t0 = time.perf_counter()
     await asyncio.gather(*[client(i) for i in range(clients)])
@@ -298,8 +321,10 @@ def alternating(a: argparse.Namespace, argv: list[str] | None) -> None:
 
     async def run() -> None:
         async with httpx.AsyncClient(base_url=srv.url, timeout=300, limits=httpx.Limits(max_connections=None)) as c:
+            conns = [LeanConnection(srv.url) for _ in range(2 * a.slots)]
+            post = lean_post(conns) if a.client == "lean" else httpx_post(c)
             bare()
-            await fixed_requests(c, images, 2 * a.slots, body, cfg.num_classes)  # warm-up of all, not counted
+            await fixed_requests(post, images, 2 * a.slots, body, cfg.num_classes)  # warm-up of all, not counted
             if core is not None:
                 core_requests(core.scheduler, images, 2 * a.slots, body, cfg.num_classes)
             for i in range(a.windows):
@@ -307,7 +332,7 @@ def alternating(a: argparse.Namespace, argv: list[str] | None) -> None:
                 row = {"window": i + 1, "bare_images_per_s": b}
                 if core is not None and i % 2:  # the core before the service in odd windows, after it in even ones
                     row["core_images_per_s"] = core_requests(core.scheduler, images, 2 * a.slots, body, cfg.num_classes)
-                svc = await fixed_requests(c, images, 2 * a.slots, body, cfg.num_classes)
+                svc = await fixed_requests(post, images, 2 * a.slots, body, cfg.num_classes)
                 if core is not None and not i % 2:
                     row["core_images_per_s"] = core_requests(core.scheduler, images, 2 * a.slots, body, cfg.num_classes)
                 row.update(service_images_per_s=svc, ratio=svc / b)
@@ -316,6 +341,8 @@ def alternating(a: argparse.Namespace, argv: list[str] | None) -> None:
                 pairs.append(row)
                 log.info("window %d: bare %.2f, service %.2f images/s (%.3f)%s", i + 1, b, svc, svc / b,
                          f"; core in-process {row['core_ratio']:.3f}" if core is not None else "")
+            for conn in conns:
+                await conn.close()
 
     try:
         srv.wait_ready()
@@ -337,11 +364,11 @@ def alternating(a: argparse.Namespace, argv: list[str] | None) -> None:
              f"Requests: 1 image, N = {d.steps}, K = {d.encoder_interval}, guidance {d.guidance_scale}; {a.slots} slots "
              f"({2 * a.slots} closed-loop clients), bare loop on the same batch; each window {images} images (bare: "
              f"{a.window_batches} batches; service: {images} requests), in turn {a.windows} times, all warm; "
-             f"load generator (and bare loop) at nice {a.client_nice}. "
+             f"load generator ({a.client} client; it and the bare loop at nice {a.client_nice}). "
              f"**Median service / bare: {median:.3f}** (quartiles {q1:.3f}-{q3:.3f}, windows {ratios[0]:.3f}-"
              f"{ratios[-1]:.3f}).", ""]
     raw = {**provenance(a.checkpoint, command), "slots": a.slots, "window_images": images, "request": body,
-           "client_nice": a.client_nice, "windows": pairs, "median_ratio": median}
+           "client_nice": a.client_nice, "client": a.client, "windows": pairs, "median_ratio": median}
     if core is not None:
         cr = sorted(p["core_ratio"] for p in pairs)
         raw["median_core_ratio"] = statistics.median(cr)
@@ -422,6 +449,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--core", action="store_true",
                    help="with --windows: also the service's scheduler and engine in this process without HTTP, in the "
                    "same windows (what of the gap is the scheduler, what the HTTP side)")
+    p.add_argument("--client", choices=("httpx", "lean"), default="httpx",
+                   help="with --windows: the load generator's HTTP client: httpx, or loadtests.lean_http (one "
+                   "kept-alive socket per client, less CPU per request on the cores the service shares)")
     p.add_argument("--client-nice", type=int, default=0,
                    help="with --windows: niceness of this process (the load generator, and the bare loop, which runs "
                    "alone) after the server has started; 19 makes the load generator take mostly the cores the service "
