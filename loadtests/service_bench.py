@@ -243,7 +243,8 @@ async def fixed_requests(post: Post, requests: int, clients: int, body: dict, nu
         nonlocal left, images
         while left > 0:
             left -= 1
-            images += await post(i, {**body, "class_label": i % num_classes})
+            got = await post(i, {**body, "class_label": i % num_classes})
+            images += got  # not `images += await ...`: that reads `images` before the await and loses other updates
 
     t0 = time.perf_counter()
     await asyncio.gather(*[client(i) for i in range(clients)])
