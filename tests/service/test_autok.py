@@ -243,14 +243,18 @@ def test_retry_after_is_within_2x_of_the_real_wait(start_server):
     for i in range(3):  # the completion rate is measured from the ticks: let it see some
         assert httpx.post(f"{srv.url}/generate", json={**body, "seed": i}, timeout=120).status_code == 200
 
+    # 256 steps: long enough that the running request is still running 0.6 s in (96 steps took 0.63 s of compute on
+    # a fast day here, and the queued one had taken the slot by then, so the third was accepted).
+    long = {**body, "steps": 256}
+
     async def run() -> tuple[int, float]:
         async with httpx.AsyncClient(base_url=srv.url, timeout=120) as c:
-            running = asyncio.create_task(c.post("/generate", json=body))
+            running = asyncio.create_task(c.post("/generate", json=long))
             await asyncio.sleep(0.3)
-            queued = asyncio.create_task(c.post("/generate", json=body))
+            queued = asyncio.create_task(c.post("/generate", json=long))
             await asyncio.sleep(0.3)
             loop = asyncio.get_running_loop()
-            r = await c.post("/generate", json=body)
+            r = await c.post("/generate", json=long)
             assert r.status_code == 429, r.text
             t429, retry_after = loop.time(), int(r.headers["Retry-After"])
             while (await c.post("/generate", json={**body, "steps": 1})).status_code == 429:  # poll until room
