@@ -322,7 +322,7 @@ def alternating(a: argparse.Namespace, argv: list[str] | None) -> None:
 
     async def run() -> None:
         async with httpx.AsyncClient(base_url=srv.url, timeout=300, limits=httpx.Limits(max_connections=None)) as c:
-            conns = [LeanConnection(srv.url) for _ in range(2 * a.slots)]
+            conns = [LeanConnection(srv.url) for _ in range(2 * a.slots)] if a.client == "lean" else []
             post = lean_post(conns) if a.client == "lean" else httpx_post(c)
             bare()
             await fixed_requests(post, images, 2 * a.slots, body, cfg.num_classes)  # warm-up of all, not counted

@@ -1,32 +1,19 @@
 """scripts/baseline_guidance.py: a baseline at several guidance scales with its data set's evaluator, its rows kept in
 a sweep's rows.jsonl so that a rerun (or the sweep) measures them once."""
 
-import importlib.util
 import json
 import logging
-from pathlib import Path
 
 import pytest
-import torch
+
+from tests.scripts import load_script
 
 pytestmark = pytest.mark.slow  # samples and evaluates
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-@pytest.fixture
-def script():
-    """The script's main, run in this process (the test split's statistics are then shared with the evaluator tests);
-    it switches autograd off for its process, which is restored here for the tests that follow."""
-    spec = importlib.util.spec_from_file_location("baseline_guidance", ROOT / "scripts" / "baseline_guidance.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    grad = torch.is_grad_enabled()
-    yield module.main
-    torch.set_grad_enabled(grad)
-
-
-def test_rows_are_measured_once_and_shared_through_rows_jsonl(tmp_path, script, capsys, caplog):
+def test_rows_are_measured_once_and_shared_through_rows_jsonl(tmp_path, keeps_autograd, capsys, caplog):
+    """The script's main in this process: the test split's statistics are shared with the evaluator tests."""
+    script = load_script("baseline_guidance").main
     from dualrate.init import init_checkpoint
 
     caplog.set_level(logging.INFO, logger="dualrate.evaluate")

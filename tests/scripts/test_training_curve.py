@@ -2,39 +2,23 @@
 training order, with the report, its raw JSON and the plot."""
 
 import json
-from pathlib import Path
 
 import pytest
-import torch
+
+from tests.scripts import load_script
 
 pytestmark = pytest.mark.slow  # trains and evaluates
 
-ROOT = Path(__file__).resolve().parents[2]
 
-
-def script():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("training_curve", ROOT / "scripts" / "training_curve.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_training_curve_evaluates_every_snapshot_and_the_final_checkpoint(tmp_path):
-    """In this process (the evaluator's statistics shared with the other tests); autograd, which the script turns off
-    for its process, is restored after it."""
+def test_training_curve_evaluates_every_snapshot_and_the_final_checkpoint(tmp_path, keeps_autograd):
+    """In this process: the evaluator's statistics are shared with the other tests."""
     from dualrate.train import cli
 
     cli(["--preset", "tiny", "--steps", "4", "--batch-size", "4", "--snapshot-every", "2", "--out",
          str(tmp_path / "run"), "--checkpoint", str(tmp_path / "ck")])
     out = tmp_path / "curve.md"
-    grad = torch.is_grad_enabled()
-    try:
-        script().main([f"tiny-pair={tmp_path / 'run'}:{tmp_path / 'ck'}", "--num-images", "20", "--steps", "4",
-                       "--out", str(out)])
-    finally:
-        torch.set_grad_enabled(grad)
+    load_script("training_curve").main([f"tiny-pair={tmp_path / 'run'}:{tmp_path / 'ck'}", "--num-images", "20",
+                                        "--steps", "4", "--out", str(out)])
     raw = json.loads(out.with_suffix(".json").read_text())["runs"][0]
     points = raw["curves"]["tiny-pair"]
     assert [p["trained_steps"] for p in points] == [2, 4]
@@ -47,7 +31,7 @@ def test_training_curve_evaluates_every_snapshot_and_the_final_checkpoint(tmp_pa
 def test_the_plot_keeps_the_models_of_earlier_runs_in_the_same_report(tmp_path):
     """A second command into the same report (standalone-large hours after the pair) plots both: every model this run
     did not evaluate comes from the raw JSON's latest run that did; a model evaluated again is this run's."""
-    mod = script()
+    mod = load_script("training_curve")
 
     def pt(steps: int, fid: float) -> dict:
         return {"trained_steps": steps, "row": {"fid": fid}}
