@@ -8,8 +8,9 @@
 4. `docker stop` with a request in flight: the request completes (200) and the container exits 0;
 5. serves your own model: a random tiny-rgb checkpoint (`python -m dualrate.init`) mounted read-only into the
    read-only container, exported into the tmpfs, answered as 16x16 RGB PNGs;
-6. brings up the compose `cpu` profile (service + Prometheus, local images) and waits until Prometheus scrapes the
-   service (`up == 1`);
+6. brings up the compose `cpu` profile (service + Prometheus, local images) with DUALRATE_API_KEYS set in the shell,
+   waits until Prometheus scrapes the service (`up == 1`), and checks the key reached the container (401 without it,
+   200 with it);
 7. stops and removes everything it started (and the Docker engine, if it started it).
 
 Figures go to stdout and, as JSON, to --out (default artifacts/test-deploy.json).
@@ -226,8 +227,11 @@ class Deploy:
 
     def compose(self, src: Path) -> None:
         port, prom_port = free_port(), free_port()
-        env = {**os.environ, "DUALRATE_CPU_IMAGE": TAG, "PROMETHEUS_IMAGE": self.env["LOCAL_PROMETHEUS_IMAGE"],
-               "DUALRATE_HOST_PORT": str(port), "PROMETHEUS_HOST_PORT": str(prom_port)}
+        # A key set in the shell must reach the container (compose passes every DUALRATE_* setting the user sets).
+        key = "deploytest-key"
+        env = {**{k: v for k, v in os.environ.items() if not k.startswith("DUALRATE_")},
+               "DUALRATE_CPU_IMAGE": TAG, "PROMETHEUS_IMAGE": self.env["LOCAL_PROMETHEUS_IMAGE"],
+               "DUALRATE_HOST_PORT": str(port), "PROMETHEUS_HOST_PORT": str(prom_port), "DUALRATE_API_KEYS": key}
         base = ["docker-compose", "-p", PROJECT, "--profile", "cpu"]
         log(f"compose --profile cpu up (service on {port}, Prometheus on {prom_port})")
         try:
@@ -249,6 +253,16 @@ class Deploy:
             wait_for('Prometheus up{job="dualrate"} == 1', scraped, 240, every=2.0)
             self.results["compose_seconds_to_scraped"] = round(time.monotonic() - t0, 1)
             log(f"Prometheus scrapes the service: up == 1 after {self.results['compose_seconds_to_scraped']} s")
+            url = f"http://127.0.0.1:{port}"
+            wait_for("the compose service ready", lambda: httpx.get(f"{url}/health/ready", timeout=3).status_code == 200,
+                     240, every=1.0)
+            body = {"class_label": 1, "steps": 4, "seed": 1}
+            without = httpx.post(f"{url}/generate", json=body, timeout=60)
+            assert without.status_code == 401, f"compose service without the key: {without.status_code} {without.text}"
+            keyed = httpx.post(f"{url}/generate", json=body, headers={"authorization": f"Bearer {key}"}, timeout=120)
+            assert keyed.status_code == 200, keyed.text
+            self.results["compose_key_enforced"] = True
+            log("compose passes DUALRATE_API_KEYS: 401 without the key, 200 with it")
         except Exception:
             print(sh(*base, "logs", "--tail", "60", cwd=src, env=env, check=False).stdout[-6000:], file=sys.stderr)
             raise

@@ -82,9 +82,16 @@ def create_app(settings: Settings | None = None,
             state.core = LocalCore(built.scheduler, built.engine.info, state.metrics.refresh)
             state.metrics.set_engine(built.engine.info, settings.policy.value)
         info = state.core.engine_info
-        log.info("API keys: %s", f"{len(settings.api_keys)} configured: /generate, /generate/stream and /v1/model need "
-                 "one" if settings.api_keys else "none (DUALRATE_API_KEYS unset): the API is open to whoever reaches "
-                 "the port")
+        if settings.api_keys:
+            log.info("API keys: %d configured: /generate, /generate/stream and /v1/model need one",
+                     len(settings.api_keys))
+        elif settings.listens_beyond_loopback:
+            log.warning("API keys: none, and the service listens on %s (not loopback): the API is open to whoever "
+                        "reaches the port; set DUALRATE_API_KEYS (in a container, unless its port is published on "
+                        "127.0.0.1 only)", settings.host)
+        else:
+            log.info("API keys: none (DUALRATE_API_KEYS unset): the API is open to whoever reaches %s",
+                     settings.host)
         state.ready = True
         log.info("ready: backend=%s device=%s precision=%s policy=%s slots=%d queue=%d engine core %s",
                  info.backend, info.device, info.precision, settings.policy, settings.max_active_images,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import json
 from collections.abc import Mapping
 from enum import StrEnum
@@ -120,10 +121,16 @@ class Settings(BaseSettings):
                                  "key (a blank value would silently turn authentication off)")
             if text.startswith("["):
                 try:
-                    return json.loads(text)
+                    keys = json.loads(text)
                 except json.JSONDecodeError as e:
                     raise ValueError("a JSON list of strings or comma-separated keys") from e
-            return [k.strip() for k in text.split(",") if k.strip()]
+            else:
+                keys = [k.strip() for k in text.split(",") if k.strip()]
+            if isinstance(keys, list) and not any(str(k).strip() for k in keys):
+                raise ValueError("set but holds no key (only separators, or an empty list): unset DUALRATE_API_KEYS "
+                                 "to serve without keys, or give at least one key (e.g. a compose line ${A},${B} "
+                                 "with both unset would silently turn authentication off)")
+            return keys
         return v
 
     @field_validator("log_level", mode="before")
@@ -189,6 +196,18 @@ class Settings(BaseSettings):
     @property
     def effective_reserved_slots(self) -> int:
         return self.reserved_slots if self.reserved_slots is not None else self.max_active_images // 8
+
+    @property
+    def listens_beyond_loopback(self) -> bool:
+        """DUALRATE_HOST is not a loopback address (0.0.0.0, ::, a public address or a host name other than
+        localhost): other machines may reach the port."""
+        host = self.host.strip("[]")
+        if host == "localhost":
+            return False
+        try:
+            return not ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            return True
 
     @property
     def api_key_bytes(self) -> list[bytes]:

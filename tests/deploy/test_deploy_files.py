@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,30 @@ def test_compose_file_is_valid():
         assert grace.endswith("s") and int(grace[:-1]) >= 150  # > 120 s request cap + 10 s drain margin
     for name in ("dualrate-cpu", "dualrate-gpu", "prometheus", "grafana"):
         assert svc[name]["image"].startswith("${"), f"{name}: the image name must be a variable"
+
+
+def test_compose_passes_every_setting_the_user_sets(tmp_path):
+    """DUALRATE_API_KEYS=abc in the shell (and a setting in a .env file beside the compose file) must reach every
+    service container: before, compose published 0.0.0.0:8000 with three fixed variables and the key never arrived."""
+    import yaml
+
+    from service.settings import Settings
+
+    (tmp_path / "docker-compose.yml").write_text((ROOT / "docker-compose.yml").read_text())
+    (tmp_path / ".env").write_text("DUALRATE_QUEUE_SIZE=7\nDUALRATE_MAX_ACTIVE_IMAGES=5\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALRATE_")}
+    env.update(DUALRATE_API_KEYS="abc", DUALRATE_BIND_ADDRESS="0.0.0.0")
+    out = subprocess.run([tool("docker-compose"), "--profile", "cpu", "--profile", "gpu", "--profile", "lb", "config"],
+                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    services = yaml.safe_load(out.stdout)["services"]
+    expected = {f"DUALRATE_{n.upper()}" for n in Settings.model_fields} - {"DUALRATE_HOST", "DUALRATE_PORT"}
+    for name in ("dualrate-cpu", "dualrate-gpu", "dualrate-replica"):
+        environment = services[name]["environment"]
+        assert environment["DUALRATE_API_KEYS"] == "abc", name
+        assert str(environment["DUALRATE_QUEUE_SIZE"]) == "7" and str(environment["DUALRATE_MAX_ACTIVE_IMAGES"]) == "5"
+        assert environment["DUALRATE_LATENCY_TARGET_S"] is None  # unset: the image's default, not a blank value
+        assert set(environment) == expected, f"{name}: missing {expected - set(environment)}"
 
 
 def test_dockerfile_needs_no_frontend_and_caps_requests_below_the_stop_grace():

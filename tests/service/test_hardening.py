@@ -172,6 +172,28 @@ def test_a_blank_api_key_setting_is_refused(monkeypatch):
         Settings()
 
 
+@pytest.mark.parametrize("value", [",", " , ", "[]", '[""]', ",,,"])
+def test_an_api_key_setting_that_parses_to_no_key_is_refused(monkeypatch, value):
+    """A compose line `${A},${B}` with both unset gives ",": before, zero keys and an open API."""
+    monkeypatch.setenv("DUALRATE_API_KEYS", value)
+    with pytest.raises(ValidationError, match="holds no key"):
+        Settings()
+
+
+@pytest.mark.parametrize(("host", "beyond"), [("127.0.0.1", False), ("localhost", False), ("::1", False),
+                                              ("127.0.0.2", False), ("0.0.0.0", True), ("::", True),
+                                              ("10.1.2.3", True), ("dualrate.internal", True)])
+def test_listens_beyond_loopback(monkeypatch, host, beyond):
+    monkeypatch.setenv("DUALRATE_HOST", host)
+    assert Settings().listens_beyond_loopback is beyond
+
+
+def test_a_service_on_every_interface_without_keys_warns_at_start(start_server):
+    srv = start_server(host="0.0.0.0", warmup="false")
+    line = next(x for x in srv.log().splitlines() if "API keys" in x)
+    assert "WARNING" in line and "0.0.0.0" in line and "DUALRATE_API_KEYS" in line, line
+
+
 def test_max_steps_below_the_card_default_is_refused(monkeypatch):
     monkeypatch.setenv("DUALRATE_MAX_STEPS", "8")
     with pytest.raises(ValidationError, match="DUALRATE_MAX_STEPS >= 32"):
