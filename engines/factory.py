@@ -1,7 +1,9 @@
-"""Pick a backend by name or `auto`: tensorrt if importable with a GPU, else torch on CUDA, else onnxruntime."""
+"""The backends in one table (`REGISTRY`: class, precisions, options honoured, capabilities), and how one is picked:
+by name, or `auto`: tensorrt if importable with a GPU and fp16, else torch on CUDA, else onnxruntime."""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 from dataclasses import dataclass, replace
@@ -29,7 +31,7 @@ def resolve_backend(name: str | Backend, device: str | None = None,
             backend = Backend.TENSORRT if trt else Backend.TORCH
         else:
             backend = Backend.ONNXRUNTIME
-    if backend is Backend.TENSORRT and not device.startswith("cuda"):
+    if REGISTRY[backend].cuda_only and not device.startswith("cuda"):
         raise BackendUnavailable("the tensorrt backend needs a CUDA device")
     return backend, device
 
@@ -55,36 +57,126 @@ class EngineConfig:
             raise ValueError("max_batch must be >= 1")
 
 
+@dataclass(frozen=True)
+class Option:
+    """An EngineConfig field that only some backends honour: `off` is its value when unused, `what` says what it is."""
+
+    name: str
+    what: str
+
+    def set_in(self, cfg: EngineConfig) -> bool:
+        value = getattr(cfg, self.name)
+        return value != getattr(EngineConfig, self.name) if self.name != "buckets" else bool(value)
+
+
+OPTIONS = {o.name: o for o in (
+    Option("compile", "torch.compile; ONNX Runtime and TensorRT optimise their own graphs"),
+    Option("cuda_graphs", "torch's CUDA graph capture"),
+    Option("buckets", "the torch backend's compiled batch buckets"),
+    Option("low_precision", "how torch runs bf16/fp16"),
+    Option("threads", "CPU threads per network; TensorRT runs on the GPU"),
+)}
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    """One backend, in one row: where its class lives, the precisions it runs, the EngineConfig options it honours
+    (all others must stay at their defaults), and what it can do beyond the common interface."""
+
+    backend: Backend
+    module: str  # imported only when the backend is used
+    cls: str
+    precisions: frozenset[Precision]
+    options: frozenset[str]
+    fused_tick: bool = False  # the engine exposes its raw network calls and buckets (service.core.fused)
+    cuda_graphs: bool = False  # can capture CUDA graphs per bucket
+    compiles: bool = False  # has an optional compile step (torch.compile)
+    cuda_only: bool = False
+    cuda_devices: tuple[str, ...] = ()  # the CUDA device names it accepts (empty: any)
+    title: str = ""  # its name in messages
+
+    def engine_class(self) -> type[Engine]:
+        return getattr(importlib.import_module(self.module), self.cls)
+
+    def unhonoured(self, cfg: EngineConfig, device: str) -> list[str]:
+        """The fields of `cfg` this backend would ignore, each with why (empty: it honours them all)."""
+        out = [f"{o.name} ({o.what})" for o in OPTIONS.values() if o.name not in self.options and o.set_in(cfg)]
+        if self.cuda_devices and device not in self.cuda_devices:
+            out.append(f"device {device} (the {self.title} engines run on {self.cuda_devices[-1]}: select the GPU "
+                       "with CUDA_VISIBLE_DEVICES)")
+        return out
+
+
+REGISTRY: dict[Backend, BackendSpec] = {spec.backend: spec for spec in (
+    BackendSpec(Backend.ONNXRUNTIME, "engines.onnxruntime_engine", "OnnxRuntimeEngine", frozenset({Precision.FP32}),
+                frozenset({"threads"}), title="ONNX Runtime"),
+    BackendSpec(Backend.TORCH, "engines.torch_engine", "TorchEngine", frozenset(Precision),
+                frozenset({"compile", "cuda_graphs", "buckets", "low_precision", "threads"}), fused_tick=True,
+                cuda_graphs=True, compiles=True, title="torch"),
+    BackendSpec(Backend.TENSORRT, "engines.tensorrt_engine", "TensorRTEngine", frozenset({Precision.FP16}),
+                frozenset(), cuda_only=True, cuda_devices=("cuda", "cuda:0"), title="TensorRT"),
+)}
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A backend resolved once, at start: its row and the device; every `auto` switch derives from it."""
+
+    spec: BackendSpec
+    device: str
+
+    @property
+    def backend(self) -> Backend:
+        return self.spec.backend
+
+    @property
+    def on_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+
+def resolve(backend: str | Backend, device: str | None = None, precision: Precision = Precision.FP32) -> Resolved:
+    kind, dev = resolve_backend(backend, device, precision)
+    return Resolved(REGISTRY[kind], dev)
+
+
 def create_engine(checkpoint: Path | str = DEFAULT_CHECKPOINT, config: EngineConfig | None = None, **options) -> Engine:
     """Build a ready engine (ONNX export / TensorRT build happen here if their caches are stale). `options` are
     EngineConfig fields that replace those of `config` (`create_engine(ck, backend="torch", device="cpu")`)."""
     cfg = replace(config or EngineConfig(), **options)
-    kind, device = resolve_backend(cfg.backend, None if cfg.device == "auto" else cfg.device, cfg.precision)
+    res = resolve(cfg.backend, None if cfg.device == "auto" else cfg.device, cfg.precision)
+    kind, device, spec = res.backend, res.device, res.spec
     checkpoint = Path(checkpoint)
     log.info("engine: backend=%s device=%s precision=%s checkpoint=%s", kind, device, cfg.precision, checkpoint)
-    cls = _backend_class(kind)
-    if cfg.precision not in cls.PRECISIONS:
-        raise EngineError(f"the {kind} backend runs precision {', '.join(sorted(cls.PRECISIONS))}, not {cfg.precision}")
-    refused = unhonoured(cfg, kind, device)
+    if cfg.precision not in spec.precisions:
+        raise EngineError(f"the {kind} backend runs precision {', '.join(sorted(spec.precisions))}, not {cfg.precision}")
+    refused = spec.unhonoured(cfg, device)
     if refused:
         raise EngineError(f"the {kind} backend does not honour {'; '.join(refused)}: leave them at their defaults or "
                           "pick the torch backend")
-    if kind is Backend.TORCH:
-        from engines.torch_engine import TorchEngine
+    return _BUILDERS[kind](checkpoint, cfg, device)
 
-        if cfg.threads and device == "cpu":
-            torch.set_num_threads(cfg.threads)
-        return TorchEngine(checkpoint, device, cfg.max_batch, cuda_graphs=cfg.cuda_graphs, precision=cfg.precision,
-                           compile=cfg.compile, graph_buckets=cfg.buckets or None, low_precision=cfg.low_precision)
+
+def _build_torch(checkpoint: Path, cfg: EngineConfig, device: str) -> Engine:
+    from engines.torch_engine import TorchEngine
+
+    if cfg.threads and device == "cpu":
+        torch.set_num_threads(cfg.threads)
+    return TorchEngine(checkpoint, device, cfg.max_batch, cuda_graphs=cfg.cuda_graphs, precision=cfg.precision,
+                       compile=cfg.compile, graph_buckets=cfg.buckets or None, low_precision=cfg.low_precision)
+
+
+def _build_onnxruntime(checkpoint: Path, cfg: EngineConfig, device: str) -> Engine:
+    from engines.onnxruntime_engine import OnnxRuntimeEngine
     from export import export_onnx
 
-    if kind is Backend.ONNXRUNTIME:
-        from engines.onnxruntime_engine import OnnxRuntimeEngine
+    art = export_onnx(checkpoint)
+    return OnnxRuntimeEngine(art.directory, device, cfg.max_batch, intra_op_threads=cfg.threads)
 
-        art = export_onnx(checkpoint)
-        return OnnxRuntimeEngine(art.directory, device, cfg.max_batch, intra_op_threads=cfg.threads)
+
+def _build_tensorrt(checkpoint: Path, cfg: EngineConfig, device: str) -> Engine:
     from engines.build import build_engines
     from engines.tensorrt_engine import TensorRTEngine, _import_trt
+    from export import export_onnx
 
     _import_trt()
     art = export_onnx(checkpoint, fp16=True)
@@ -92,34 +184,10 @@ def create_engine(checkpoint: Path | str = DEFAULT_CHECKPOINT, config: EngineCon
     return TensorRTEngine(engine_dir, art.sidecar, cfg.max_batch)
 
 
+_BUILDERS = {Backend.TORCH: _build_torch, Backend.ONNXRUNTIME: _build_onnxruntime, Backend.TENSORRT: _build_tensorrt}
+
+
 def unhonoured(cfg: EngineConfig, kind: Backend, device: str) -> list[str]:
     """The fields of `cfg` that backend `kind` would ignore, each with why (empty: it honours them all). An engine
     takes its config whole: a field it cannot honour is refused, never silently dropped."""
-    out = []
-    if kind is not Backend.TORCH:
-        out += [f"{name} ({what})" for name, on, what in (
-            ("compile", cfg.compile, "torch.compile; ONNX Runtime and TensorRT optimise their own graphs"),
-            ("cuda_graphs", cfg.cuda_graphs, "torch's CUDA graph capture"),
-            ("buckets", bool(cfg.buckets), "the torch backend's compiled batch buckets"),
-            ("low_precision", cfg.low_precision != "autocast", "how torch runs bf16/fp16"),
-        ) if on]
-    if kind is Backend.TENSORRT:
-        if cfg.threads:
-            out.append("threads (TensorRT runs on the GPU)")
-        if device not in ("cuda", "cuda:0"):
-            out.append(f"device {device} (the TensorRT engines run on cuda:0: select the GPU with CUDA_VISIBLE_DEVICES)")
-    return out
-
-
-def _backend_class(kind: Backend) -> type[Engine]:
-    if kind is Backend.TORCH:
-        from engines.torch_engine import TorchEngine
-
-        return TorchEngine
-    if kind is Backend.ONNXRUNTIME:
-        from engines.onnxruntime_engine import OnnxRuntimeEngine
-
-        return OnnxRuntimeEngine
-    from engines.tensorrt_engine import TensorRTEngine  # imports without TensorRT; building needs it
-
-    return TensorRTEngine
+    return REGISTRY[kind].unhonoured(cfg, device)

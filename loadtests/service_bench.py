@@ -251,10 +251,10 @@ async def fixed_requests(post: Post, requests: int, clients: int, body: dict, nu
     return images / (time.perf_counter() - t0)
 
 
-def core_requests(scheduler: Any, requests: int, clients: int, body: dict, num_classes: int) -> float:
+def core_requests(scheduler: Any, requests: int, clients: int, body: dict, num_classes: int) -> float:  # an EngineLoop
     """The same closed loop as `fixed_requests`, straight into a scheduler in this process (no HTTP, no JSON, no
     PNG): each answer submits the next request from the scheduler thread's callback; -> images/s."""
-    from service.core.scheduler import GenerationSpec
+    from service.core.loop import GenerationSpec
 
     lock, done = threading.Lock(), threading.Event()
     sent = images = 0
@@ -313,11 +313,12 @@ def alternating(a: argparse.Namespace, argv: list[str] | None) -> None:
                         max_images_per_request=a.slots, queue_size=1024)
     core = None
     if a.core:  # the service's own engine and scheduler, built as the server builds them, in this process
-        from service.core.handle import build_core
+        from service.core import CoreStats, build_core
         from service.settings import Settings
 
-        core = build_core(Settings(checkpoint=a.checkpoint, max_active_images=a.slots, max_images_per_request=a.slots,
-                                   queue_size=1024), None)
+        settings = Settings(checkpoint=a.checkpoint, max_active_images=a.slots, max_images_per_request=a.slots,
+                            queue_size=1024)
+        core = build_core(settings.core_config(settings.model_card()), CoreStats())
     pairs: list[dict[str, float]] = []
 
     async def run() -> None:
@@ -327,15 +328,15 @@ def alternating(a: argparse.Namespace, argv: list[str] | None) -> None:
             bare()
             await fixed_requests(post, images, 2 * a.slots, body, cfg.num_classes)  # warm-up of all, not counted
             if core is not None:
-                core_requests(core.scheduler, images, 2 * a.slots, body, cfg.num_classes)
+                core_requests(core.loop, images, 2 * a.slots, body, cfg.num_classes)
             for i in range(a.windows):
                 b = bare()  # blocks the event loop: no request is in flight meanwhile
                 row = {"window": i + 1, "bare_images_per_s": b}
                 if core is not None and i % 2:  # the core before the service in odd windows, after it in even ones
-                    row["core_images_per_s"] = core_requests(core.scheduler, images, 2 * a.slots, body, cfg.num_classes)
+                    row["core_images_per_s"] = core_requests(core.loop, images, 2 * a.slots, body, cfg.num_classes)
                 svc = await fixed_requests(post, images, 2 * a.slots, body, cfg.num_classes)
                 if core is not None and not i % 2:
-                    row["core_images_per_s"] = core_requests(core.scheduler, images, 2 * a.slots, body, cfg.num_classes)
+                    row["core_images_per_s"] = core_requests(core.loop, images, 2 * a.slots, body, cfg.num_classes)
                 row.update(service_images_per_s=svc, ratio=svc / b)
                 if core is not None:
                     row["core_ratio"] = row["core_images_per_s"] / b
@@ -354,7 +355,7 @@ def alternating(a: argparse.Namespace, argv: list[str] | None) -> None:
         srv.terminate()
         engine.close()
         if core is not None:
-            core.scheduler.shutdown(10)
+            core.loop.shutdown(10)
             core.engine.close()
     ratios = sorted(p["ratio"] for p in pairs)
     median = statistics.median(ratios)

@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from service.app import AppState, create_app, drain
-from service.errors import NotReady
+from service.core import NotReady
 from service.http_limits import bounded_protocol
 from service.settings import Settings, describe_settings_error, unknown_variables
 from service.supervisor import WORKER_FD_ENV, bind

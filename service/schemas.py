@@ -1,4 +1,6 @@
-"""Request and response schemas of the fixed API contract (DESIGN.md section 6), with limits and examples."""
+"""Request and response schemas of the fixed API contract (docs/api.md), with limits and examples. The limits that
+depend on the server or the model are `service.core.RequestLimits`' (published into the OpenAPI document by
+service.app); the fixed ones are `service.core.request`'s constants."""
 
 from __future__ import annotations
 
@@ -6,10 +8,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MAX_SEED = 2**53 - 1  # exact in a JSON number / JavaScript double, so schema-driven clients send it unchanged
-MIN_TIMEOUT_S = 0.1  # a shorter deadline cannot be met by any request: a client error (422), not a 504
-MAX_ENCODER_INTERVAL = 4096  # the largest max_steps setting; requests are further held to K <= steps
-
+from service.core import MAX_ENCODER_INTERVAL, MAX_GUIDANCE, MAX_PREVIEW_EVERY, MAX_SEED, MIN_TIMEOUT_S, Priority
 
 INTEGER_FIELDS = frozenset({"class_label", "num_images", "steps", "encoder_interval", "seed", "preview_every"})
 
@@ -28,14 +27,15 @@ class GenerateRequest(BaseModel):
     steps: int | None = Field(None, ge=1, strict=True,
                               description="denoising steps N (default: model card; capped by max_steps)")
     encoder_interval: Annotated[int, Field(ge=1, le=MAX_ENCODER_INTERVAL, strict=True)] | Literal["auto"] | None = Field(
-        None, description="K: heavy encoder every K-th step (1 = every step); K <= steps. \"auto\": the service picks "
+        None, description="K: heavy encoder every K-th step (1 = every step; K beyond steps runs it once, as K = steps "
+        "does). \"auto\": the service picks "
         "K within the model card's quality budget, raising it only when the latency target is at risk (see "
         "/v1/model's auto_encoder_interval)")
-    guidance_scale: float | None = Field(None, ge=0, le=100, allow_inf_nan=False, strict=True,
+    guidance_scale: float | None = Field(None, ge=0, le=MAX_GUIDANCE, allow_inf_nan=False, strict=True,
                                          description="classifier-free guidance, 0-100 (default: model card)")
     seed: int | None = Field(None, ge=0, le=MAX_SEED, strict=True,
                              description="0 to 2^53 - 1; image i uses seed + i; absent = random, reported back")
-    priority: Literal["interactive", "batch"] | None = Field(
+    priority: Priority | None = Field(
         None, description="interactive: admitted first, and may take a batch image's slot at that image's next "
         "encoder refresh (the batch image pauses and later resumes exactly); batch: every slot interactive traffic "
         "leaves idle. Default: the server's DUALRATE_DEFAULT_PRIORITY")
@@ -62,15 +62,15 @@ class StreamRequest(GenerateRequest):
                                          "preview_every": 4}]},
     )
 
-    preview_every: int | None = Field(None, ge=0, le=4096, strict=True,
+    preview_every: int | None = Field(None, ge=0, le=MAX_PREVIEW_EVERY, strict=True,
                                       description="a preview (PNG of the current x0 estimate) every this many steps "
                                       "per image; 0 = none; absent = the server's default; values below the server's "
                                       "minimum are raised to it")
 
 
 class ImageOut(BaseModel):
-    png_base64: str = Field(description="PNG, base64: the model's delivered size and mode (the shipped MNIST model: "
-                            "28x28 grayscale; see /v1/model's image)")
+    png_base64: str = Field(description="PNG, base64: the model's delivered size and mode (see /v1/model's image: "
+                            "output_size and png_mode, L or RGB)")
     seed: int
 
 

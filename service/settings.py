@@ -7,16 +7,17 @@ import ipaddress
 import json
 from collections.abc import Mapping
 from enum import StrEnum
+from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any, Self
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
-from dualrate.checkpoint import DEFAULT_CHECKPOINT, SamplingDefaults, checkpoint_problem
-from engines import Backend, EngineConfig, Precision
-from service.core.admission import Policy, Priority, request_cost
-from service.core.scheduler import SchedulerConfig
+from dualrate.checkpoint import DEFAULT_CHECKPOINT, card_defaults, checkpoint_problem, distilled_schedule, read_card
+from dualrate.config import ModelConfig
+from engines import Backend, BackendUnavailable, EngineConfig, Precision, Resolved, resolve
+from service.core import MAX_STEPS, CoreConfig, Policy, Priority, QualityBudget, RequestLimits, RunnerConfig, SchedulerConfig, request_cost
 
 # Reserved slots are lent to large images expected to finish within this many latency targets (6 s by default): the
 # longest a small request then waits for a slot (issue 21's overload: 128-step images on 8 slots took ~4.6 s here).
@@ -43,7 +44,7 @@ class Settings(BaseSettings):
     queue_size: int = Field(64, ge=1, le=100_000, description="requests waiting for a slot before 429 (small "
                             "requests have as many places again of their own while reserved_slots > 0)")
     max_images_per_request: int = Field(16, ge=1)
-    max_steps: int = Field(256, ge=1, le=4096)
+    max_steps: int = Field(256, ge=1, le=MAX_STEPS)
     default_timeout_s: float = Field(120.0, gt=0)
     max_timeout_s: float = Field(600.0, gt=0)
     max_body_bytes: int = Field(65_536, ge=256, description="larger request bodies are refused with 413 unread")
@@ -152,42 +153,57 @@ class Settings(BaseSettings):
             raise ValueError("keys must be non-empty printable ASCII (they travel in an HTTP header)")
         return v
 
-    def scheduler_config(self, defaults: SamplingDefaults) -> SchedulerConfig:
-        """The scheduler's one typed config. `defaults` (the model card's): a request costing no more than a default
-        one is small."""
-        return SchedulerConfig(
-            max_active_images=self.max_active_images, queue_size=self.queue_size, policy=self.policy,
-            overlap_encoder=self.overlap_encoder, align_encoder=self.align_encoder,
-            reserved_slots=self.effective_reserved_slots,
-            small_cost=request_cost(1, defaults.steps, defaults.encoder_interval), fused=self.use_fused_tick,
-            lend_horizon_s=LEND_HORIZON_TARGETS * self.latency_target_s, priorities=self.priorities,
-            max_paused_images=self.effective_max_paused_images)
+    @cached_property
+    def resolved(self) -> Resolved:
+        """The backend and device, resolved once (auto -> a concrete backend): every `auto` switch derives from it."""
+        return resolve(self.backend, None if self.device == "auto" else self.device, self.precision)
 
-    def engine_config(self) -> EngineConfig:
-        """The engine's one typed config; a guided image takes two rows, so the engine takes 2 x the slots."""
-        return EngineConfig(backend=self.backend, device=self.device, max_batch=2 * self.max_active_images,
-                            precision=self.precision, threads=self.threads, cuda_graphs=self.cuda_graphs,
-                            compile=self._on(self.compile), buckets=tuple(self.buckets),
-                            low_precision=self.low_precision)
+    def _on(self, toggle: Toggle, capable: bool) -> bool:
+        """A switch: on, off, or auto = on where the resolved backend can and runs on CUDA."""
+        return toggle is Toggle.ON or (toggle is Toggle.AUTO and capable and self.resolved.on_cuda)
 
     @property
-    def torch_on_cuda(self) -> bool:
-        """The engine will be the torch backend on a CUDA device (what `auto` toggles turn on for)."""
-        import torch
-
-        cuda = self.device.startswith("cuda") or (self.device == "auto" and torch.cuda.is_available())
-        return cuda and self.backend in (Backend.TORCH, Backend.AUTO)
-
-    def _on(self, toggle: Toggle) -> bool:
-        return toggle is Toggle.ON or (toggle is Toggle.AUTO and self.torch_on_cuda)
-
-    @property
-    def use_engine_process(self) -> bool:
-        return self._on(self.engine_process) or (self.frontend_workers > 1 and self.engine_process is not Toggle.OFF)
+    def use_compile(self) -> bool:
+        return self._on(self.compile, self.resolved.spec.compiles)
 
     @property
     def use_fused_tick(self) -> bool:
-        return self._on(self.fused_tick)
+        return self._on(self.fused_tick, self.resolved.spec.fused_tick)
+
+    @property
+    def use_engine_process(self) -> bool:
+        return self._on(self.engine_process, True) or (self.frontend_workers > 1 and self.engine_process is not Toggle.OFF)
+
+    def model_card(self) -> dict[str, Any]:
+        return read_card(self.checkpoint)
+
+    def request_limits(self, card: dict[str, Any]) -> RequestLimits:
+        """Every limit a request is held to, for this server and the model of `card`."""
+        cfg, defaults = ModelConfig.from_dict(card["config"]), card_defaults(card)
+        budget = QualityBudget.from_card(card, self.quality_budget, defaults.encoder_interval)
+        return RequestLimits(num_classes=cfg.num_classes, max_images_per_request=self.max_images_per_request,
+                             max_steps=self.max_steps, max_timeout_s=self.max_timeout_s,
+                             max_request_cost=self.max_request_cost, distilled=distilled_schedule(card),
+                             auto_ks=tuple(budget.allowed))
+
+    def core_config(self, card: dict[str, Any]) -> CoreConfig:
+        """The engine core's one typed configuration, resolved from these settings and the model card (a request
+        costing no more than the card's default one is small)."""
+        defaults = card_defaults(card)
+        res = self.resolved
+        engine = EngineConfig(backend=res.backend, device=res.device, max_batch=2 * self.max_active_images,
+                              precision=self.precision, threads=self.threads, cuda_graphs=self.cuda_graphs,
+                              compile=self.use_compile, buckets=tuple(self.buckets), low_precision=self.low_precision)
+        scheduler = SchedulerConfig(
+            max_active_images=self.max_active_images, queue_size=self.queue_size, policy=self.policy,
+            align_encoder=self.align_encoder, reserved_slots=self.effective_reserved_slots,
+            small_cost=request_cost(1, defaults.steps, defaults.encoder_interval),
+            lend_horizon_s=LEND_HORIZON_TARGETS * self.latency_target_s, priorities=self.priorities,
+            max_paused_images=self.effective_max_paused_images)
+        return CoreConfig(checkpoint=str(self.checkpoint), engine=engine, scheduler=scheduler,
+                          runner=RunnerConfig(overlap_encoder=self.overlap_encoder, fused=self.use_fused_tick),
+                          limits=self.request_limits(card), quality_budget=self.quality_budget,
+                          latency_target_s=self.latency_target_s, warmup=self.warmup, log_level=self.log_level)
 
     @property
     def effective_max_paused_images(self) -> int:
@@ -222,11 +238,11 @@ class Settings(BaseSettings):
         problem = checkpoint_problem(self.checkpoint)
         if problem is not None:
             raise ValueError(problem)
-        defaults = json.loads((self.checkpoint / "model_card.json").read_text()).get("defaults", {})
-        if int(defaults.get("steps", 1)) > self.max_steps:
+        steps = card_defaults(read_card(self.checkpoint)).steps
+        if steps > self.max_steps:
             raise ValueError(f"DUALRATE_MAX_STEPS ({self.max_steps}) is below the model card's default steps "
-                             f"({defaults['steps']}): every request that leaves steps out would be refused; set "
-                             f"DUALRATE_MAX_STEPS >= {defaults['steps']}")
+                             f"({steps}): every request that leaves steps out would be refused; set "
+                             f"DUALRATE_MAX_STEPS >= {steps}")
         if self.max_images_per_request > self.max_active_images:
             raise ValueError(f"DUALRATE_MAX_IMAGES_PER_REQUEST ({self.max_images_per_request}) must be <= "
                              f"DUALRATE_MAX_ACTIVE_IMAGES ({self.max_active_images}): a request must fit the batch")
@@ -236,20 +252,25 @@ class Settings(BaseSettings):
         if self.default_timeout_s > self.max_timeout_s:
             raise ValueError(f"DUALRATE_DEFAULT_TIMEOUT_S ({self.default_timeout_s:g}) must be <= "
                              f"DUALRATE_MAX_TIMEOUT_S ({self.max_timeout_s:g})")
-        if self.backend is Backend.TENSORRT and self.device == "cpu":
-            raise ValueError("DUALRATE_BACKEND=tensorrt needs DUALRATE_DEVICE=cuda or auto")
         if self.precision is Precision.TF32 and self.device == "cpu":
             raise ValueError("DUALRATE_PRECISION=tf32 needs a CUDA device (set DUALRATE_DEVICE=cuda or another precision)")
-        if Toggle.ON in (self.compile, self.fused_tick) and self.backend not in (Backend.TORCH, Backend.AUTO):
-            raise ValueError(f"DUALRATE_COMPILE and DUALRATE_FUSED_TICK are torch-backend options, not "
-                             f"DUALRATE_BACKEND={self.backend}'s")
+        try:
+            spec = self.resolved.spec
+        except BackendUnavailable as e:
+            raise ValueError(f"DUALRATE_BACKEND={self.backend}: {e} (set DUALRATE_DEVICE=cuda or auto)") from None
+        if self.precision not in spec.precisions:
+            raise ValueError(f"DUALRATE_BACKEND={spec.backend} runs DUALRATE_PRECISION="
+                             f"{' or '.join(sorted(spec.precisions))} only, not {self.precision}")
+        for name, toggle, capable in (("COMPILE", self.compile, spec.compiles),
+                                      ("FUSED_TICK", self.fused_tick, spec.fused_tick)):
+            if toggle is Toggle.ON and not capable:
+                raise ValueError(f"DUALRATE_{name}=on is a torch-backend option, not DUALRATE_BACKEND={spec.backend}'s"
+                                 + (" (auto resolved to it)" if self.backend is Backend.AUTO else ""))
         if self.frontend_workers > 1 and self.engine_process is Toggle.OFF:
             raise ValueError("DUALRATE_FRONTEND_WORKERS > 1 needs the engine core in its own process "
                              "(DUALRATE_ENGINE_PROCESS on or auto)")
         if any(b < 1 for b in self.buckets):
             raise ValueError("DUALRATE_BUCKETS must be positive row counts")
-        if self.backend is Backend.ONNXRUNTIME and self.precision is not Precision.FP32:
-            raise ValueError(f"DUALRATE_BACKEND=onnxruntime runs DUALRATE_PRECISION=fp32 only, not {self.precision}")
         return self
 
 

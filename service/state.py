@@ -5,38 +5,37 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from typing import Any
 
+from dualrate.checkpoint import card_defaults
 from dualrate.config import ModelConfig
-from engines import Engine
-from service.core.autok import AutoK
-from service.core.handle import CoreHandle
-from service.core.scheduler import Scheduler
+from service.core import CoreHandle, QualityBudget, RequestLimits
 from service.metrics import PrometheusStats
 from service.settings import Settings
 
+log = logging.getLogger("service")
+
 
 class AppState:
-    """Everything the routes need; built in the lifespan."""
+    """Everything the routes need; built with the app, the core attached in the lifespan."""
 
-    def __init__(self, settings: Settings, cfg: ModelConfig) -> None:
+    def __init__(self, settings: Settings, cfg: ModelConfig, card: dict[str, Any], limits: RequestLimits,
+                 budget: QualityBudget) -> None:
         self.settings = settings
         self.cfg = cfg  # geometry and labels, from the model card (known before the weights load)
+        self.model_card = card
+        self.sampling = card_defaults(card)  # the model card's steps, encoder_interval and guidance_scale
+        self.defaults = dict(vars(self.sampling))  # as /v1/model publishes them
+        self.limits = limits  # every limit a request is held to (service.core.RequestLimits)
+        self.budget = budget  # what encoder_interval "auto" may pick (the model card's sweep and the quality budget)
         self.ready = False
         self.starting = "starting"  # what the start-up is doing (GET /health/ready while not ready)
         self.draining = False
-        self.engine: Engine | None = None
-        self.scheduler: Scheduler | None = None  # in-process core only
         self.core: CoreHandle | None = None  # the engine core, here or in its own process (service.core.handle)
         self.core_dead: str | None = None  # why the engine core process stopped, once it has
         self.on_core_death: Callable[[str], None] | None = None  # set by the server: exit non-zero
-        # With the engine core in its own process the front end counts only its own series (service.core.handle).
-        self.metrics = PrometheusStats(core=not settings.use_engine_process)
-        self.model_card: dict = {}
-        self.distilled: tuple[int, int] | None = None  # (steps, K) of a distilled student (dualrate.distill)
-        self.defaults: dict = {}
-        self.autok: AutoK | None = None  # encoder_interval "auto" (built in the lifespan from the card)
+        self.metrics = PrometheusStats(settings.policy.value)
         self.open_streams = 0  # /generate/stream responses still sending
-
 
     def core_died(self, why: str) -> None:
         """The engine core process stopped: not live, not ready; the server exits non-zero (on_core_death)."""
@@ -45,9 +44,6 @@ class AppState:
         log.error("%s", why)
         if self.on_core_death is not None:
             self.on_core_death(why)
-
-
-log = logging.getLogger("service")
 
 
 async def drain(state: AppState, poll_s: float = 0.05) -> None:

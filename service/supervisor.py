@@ -25,14 +25,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from pathlib import Path
 
-import msgpack
-import zmq
-
-from service.core.client import ROOT, SHARED_CORE_ENV, spawn_core
+from service.core import SHARED_CORE_ENV, spawn_core, tell_core_to_stop
 from service.settings import Settings
 
 log = logging.getLogger("service.supervisor")
+ROOT = Path(__file__).resolve().parents[1]  # the repository: the workers run `python -m service` there
 WORKER_FD_ENV = "DUALRATE_WORKER_FD"
 
 
@@ -46,20 +45,10 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def tell_core_to_stop(address: str) -> None:
-    ctx = zmq.Context()
-    s = ctx.socket(zmq.DEALER)
-    s.setsockopt(zmq.LINGER, 2000)
-    s.connect(address)
-    s.send(msgpack.packb(["shutdown"], use_bin_type=True))
-    s.close()
-    ctx.term()
-
-
 def run(settings: Settings, sock: socket.socket) -> int:
     """`sock`: the listening socket, already bound by `python -m service`."""
     metrics_dir = tempfile.mkdtemp(prefix="dualrate-metrics-")
-    core, address, folder = spawn_core()
+    core, address, folder = spawn_core(settings.core_config(settings.model_card()))
     env = {**os.environ, WORKER_FD_ENV: str(sock.fileno()), SHARED_CORE_ENV: address,
            "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
     workers = [subprocess.Popen([sys.executable, "-m", "service"], cwd=ROOT, env=env, pass_fds=(sock.fileno(),))

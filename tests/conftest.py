@@ -46,6 +46,16 @@ def onnx_dir(checkpoint_dir):
 
 
 @pytest.fixture(scope="session")
+def engine(checkpoint_dir, onnx_dir):
+    """One real ONNX Runtime engine of the shipped checkpoint for the whole session (32 rows: 16 guided slots)."""
+    from engines import create_engine
+
+    e = create_engine(checkpoint_dir, backend="onnxruntime", device="cpu", max_batch=32)
+    yield e
+    e.close()
+
+
+@pytest.fixture(scope="session")
 def model(checkpoint_dir):
     from dualrate.checkpoint import load_checkpoint
 

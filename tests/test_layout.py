@@ -51,6 +51,65 @@ def test_the_check_sees_a_lazy_import(tmp_path):
     assert {"engines", "httpx"} <= imports(f)
 
 
+def service_imports(path: Path) -> list[tuple[str, str | None]]:
+    """(module, name) for every import of a `service` module in `path`: `from service.core import X` gives
+    ("service.core", "X"), `import service.core.loop` gives ("service.core.loop", None)."""
+    found: list[tuple[str, str | None]] = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found += [(a.name, None) for a in node.names if a.name.split(".")[0] == "service"]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module and node.module.split(".")[0] == "service":
+            found += [(node.module, a.name) for a in node.names]
+    return found
+
+
+def core_exports() -> set[str]:
+    tree = ast.parse((ROOT / "service" / "core" / "__init__.py").read_text())
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return {ast.literal_eval(e) for e in node.value.elts}  # type: ignore[attr-defined]
+    raise AssertionError("service/core/__init__.py has no __all__")
+
+
+def front_end_violations(path: Path, exports: set[str]) -> list[str]:
+    """A front-end module may import the core only as `service.core` and only what it exports."""
+    bad = []
+    for module, name in service_imports(path):
+        if module.startswith("service.core."):
+            bad.append(f"{module} (a core submodule)")
+        elif module == "service.core" and name is not None and name not in exports:
+            bad.append(f"service.core.{name} (not exported by service.core)")
+    return bad
+
+
+def core_violations(path: Path) -> list[str]:
+    """A core module imports nothing of the service outside `service.core`."""
+    return [m for m, _ in service_imports(path) if m != "service.core" and not m.startswith("service.core.")]
+
+
+def test_the_front_end_sees_only_what_the_core_exports():
+    exports = core_exports()
+    front = [f for f in files("service") if "core" not in f.relative_to(ROOT / "service").parts]
+    bad = {str(f.relative_to(ROOT)): v for f in front if (v := front_end_violations(f, exports))}
+    assert not bad, f"front-end modules reach into the engine core: {bad}"
+
+
+def test_the_core_imports_nothing_of_the_front_end():
+    bad = {str(f.relative_to(ROOT)): v for f in files("service/core") if (v := core_violations(f))}
+    assert not bad, f"engine-core modules import the front end: {bad}"
+
+
+def test_the_seam_checks_fail_on_a_violation(tmp_path):
+    front, core = tmp_path / "front.py", tmp_path / "core.py"
+    front.write_text("from service.core.scheduler import Scheduler\nfrom service.core import protocol\n"
+                     "from service.core import Priority\n")
+    core.write_text("def f():\n    from service.settings import Settings\n    import service.metrics\n"
+                    "from service.core.request import Job\n")
+    assert front_end_violations(front, core_exports()) == ["service.core.scheduler (a core submodule)",
+                                                          "service.core.protocol (not exported by service.core)"]
+    assert core_violations(core) == ["service.settings", "service.metrics"]
+
+
 def doc_links(md: Path) -> list[str]:
     """Relative link targets in a markdown file (no URLs, no anchors), outside code blocks."""
     import re

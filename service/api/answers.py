@@ -14,7 +14,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.deps import Unauthorized
-from service.errors import EngineFailure, InternalError, LimitError, Outcome, QueueFull, ServiceError, new_error_id
+from service.core import EngineFailure, InternalError, LimitError, Outcome, QueueFull, ServiceError, new_error_id
 from service.schemas import ErrorBody
 from service.state import AppState
 

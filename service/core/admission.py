@@ -1,6 +1,6 @@
 """Admission policies: which queued images join the running batch at a tick. One enum names them; one factory builds
-them. They run under the scheduler's lock and see it through `AdmissionView`, the narrow part they use (its queue,
-active and paused images, free slots, tick count and the calls that admit or resume an image), not the Scheduler."""
+them. The scheduler calls them while it plans a tick; they see it through `AdmissionView`, the narrow part they use
+(its queue, active and paused images, free slots, tick count and the calls that admit or resume an image)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,7 @@ from collections import deque
 from enum import StrEnum
 from typing import Any, Protocol
 
-
-def request_cost(num_images: int, steps: int, encoder_interval: int) -> float:
-    """What a request costs, in light-network image-steps per encoder call: num_images x steps / K (K beyond the
-    steps runs the encoder once, as K = steps does). Small requests, the cost cap and auto's cheapest K use it."""
-    return num_images * steps / min(encoder_interval, steps)
-
-
-class Priority(StrEnum):
-    INTERACTIVE = "interactive"  # admitted first; may take the slots of batch images at their refresh boundary
-    BATCH = "batch"  # every slot the interactive traffic leaves idle; paused (never recomputed) when it needs them
+from service.core.request import Priority
 
 
 class Policy(StrEnum):
@@ -33,8 +24,12 @@ class AdmissionView(Protocol):
     paused: list[Any]  # PausedImages, oldest request first: .image.job
     free_slots: list[int]
     ticks: int
-    reserved_slots: int
-    priorities: bool
+
+    @property
+    def reserved_slots(self) -> int: ...
+
+    @property
+    def priorities(self) -> bool: ...
 
     def is_small(self, job: Any) -> bool: ...
 
@@ -48,7 +43,7 @@ class AdmissionView(Protocol):
 
 
 class Admission:
-    """Which queued images join at this tick (caller holds the scheduler's lock). Chosen by `admission_policy`."""
+    """Which queued images join at this tick. Chosen by `admission_policy`."""
 
     def admit(self, s: AdmissionView) -> None:
         raise NotImplementedError
@@ -88,6 +83,8 @@ class ContinuousAdmission(Admission):
         for p in list(s.paused):
             if not s.free_slots:
                 return
+            if p.z is None:  # paused at this very tick: its sample is read back by this tick's run
+                continue
             if self._blocked(s, p.image.job, active_k, small_waits=False):
                 continue
             s.resume_image(p)

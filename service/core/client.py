@@ -1,10 +1,10 @@
 """The front end's side of the engine core in its own process: spawn it, talk to it, notice when it dies.
 
-`RemoteCore` has the interface of `service.core.CoreHandle`. Its socket (a ZeroMQ DEALER, asyncio flavour) lives on
-the event loop: sends happen there, and one reader task resolves submissions, status queries, stream events and
-results as they arrive. A watcher task polls the child process; if the core exits while the front end is not
-shutting down, every open request is answered 503, /health/live and /health/ready turn 503, and `on_death` is
-called (the server then exits non-zero, so Docker or Kubernetes restart the pair).
+`RemoteCore` has the interface of `service.core.CoreHandle` and speaks `service.core.protocol`. Its socket (a ZeroMQ
+DEALER, asyncio flavour) lives on the event loop: sends happen there, and one reader task resolves submissions,
+status queries, stream events and results as they arrive. A watcher task polls the child process; if the core exits
+while the front end is not shutting down, every open request is answered 503, /health/live and /health/ready turn
+503, and `on_death` is called (the server then exits non-zero, so Docker or Kubernetes restart the pair).
 """
 
 from __future__ import annotations
@@ -18,21 +18,17 @@ import sys
 import tempfile
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
-import msgpack
 import numpy as np
 import zmq
 import zmq.asyncio
 
 from engines import Backend, EngineInfo, Precision
-from service.core.handle import error_from_wire, error_to_wire
+from service.core import protocol as p
+from service.core.errors import NotReady, ServiceError
 from service.core.progress import Event, Listener
-from service.core.scheduler import GenerationSpec, JobResult
-from service.core.stats import SchedulerSnapshot
-from service.errors import NotReady, ServiceError
+from service.core.request import GenerationSpec
 
 log = logging.getLogger("service.core.client")
 ROOT = Path(__file__).resolve().parents[2]  # the repository: the child runs `python -m service.core.engine_core` there
@@ -41,11 +37,6 @@ SHARED_CORE_ENV = "DUALRATE_SHARED_CORE"  # set by service.supervisor for its fr
 
 class CoreDied(NotReady):
     """The engine core process exited: the request cannot be served (503); the service restarts."""
-
-
-def _image(w: list) -> np.ndarray:
-    data, shape = w
-    return np.frombuffer(data, dtype=np.uint8).reshape(shape)
 
 
 class _Picture:
@@ -65,19 +56,30 @@ class RemoteJob:
         self.queue_position = 0
 
     def cancel(self) -> None:
-        self.core._send(["cancel", self.jid])
+        self.core._send(p.Cancel(self.jid))
 
 
-def spawn_core(env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, str]:
-    """Start `python -m service.core.engine_core` with this process's settings. -> (process, address, socket folder)."""
+def spawn_core(config: p.CoreConfig, env: dict[str, str] | None = None) -> tuple[subprocess.Popen, str, str]:
+    """Start `python -m service.core.engine_core` with `config`. -> (process, address, socket folder)."""
     folder = tempfile.mkdtemp(prefix="dualrate-core-")
     address = f"ipc://{folder}/core.sock"
-    child_env = {**os.environ, **(env or {}), "DUALRATE_CORE_ADDRESS": address}
-    child_env.pop("PROMETHEUS_MULTIPROC_DIR", None)  # the core keeps its own registry (gauges, info)
+    child_env = {**os.environ, **(env or {}), "DUALRATE_CORE_ADDRESS": address, p.CORE_CONFIG_ENV: config.to_json()}
+    child_env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     proc = subprocess.Popen([sys.executable, "-m", "service.core.engine_core", "--title", "engine-core"], cwd=ROOT,
                             env=child_env)
     log.info("engine core started (pid %d) at %s", proc.pid, address)
     return proc, address, folder
+
+
+def tell_core_to_stop(address: str) -> None:
+    """Send `Shutdown` to the core at `address` from a plain (not asyncio) socket: the supervisor's last word."""
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 2000)
+    sock.connect(address)
+    sock.send(p.encode(p.Shutdown()))
+    sock.close()
+    ctx.term()
 
 
 class RemoteCore:
@@ -92,7 +94,7 @@ class RemoteCore:
         self.sock.connect(address)
         self.jobs: dict[int, RemoteJob] = {}
         self.submits: dict[int, asyncio.Future] = {}
-        self.queries: dict[int, asyncio.Future] = {}
+        self.queries: dict[int, asyncio.Future[p.CoreStatus]] = {}
         self.ids = itertools.count(1)
         self.engine_info = EngineInfo(Backend.AUTO, "unknown", Precision.FP32)  # until the core reports its engine
         self.closing = False
@@ -105,9 +107,9 @@ class RemoteCore:
         if self.proc is not None:
             self._tasks.append(asyncio.create_task(self._watch()))
 
-    def _send(self, msg: list) -> None:
+    def _send(self, msg: p.ToCore) -> None:
         if self.dead is None:
-            self.sock.send(msgpack.packb(msg, use_bin_type=True))  # asyncio socket: never blocks (DEALER queues)
+            self.sock.send(p.encode(msg))  # asyncio socket: never blocks (DEALER queues)
 
     # ---- the interface -------------------------------------------------------------------------------------------
 
@@ -119,7 +121,7 @@ class RemoteCore:
         accepted: asyncio.Future = asyncio.get_running_loop().create_future()
         self.submits[jid] = accepted
         self.jobs[jid] = job
-        self._send(["submit", jid, asdict(spec), preview_every, listener is not None])
+        self._send(p.Submit(jid, spec, preview_every, listener is not None))
         try:
             job.queue_position = await accepted
         except BaseException:
@@ -129,39 +131,29 @@ class RemoteCore:
             self.submits.pop(jid, None)
         return job
 
-    async def status(self, with_metrics: bool = False, timeout: float = 5.0) -> dict[str, Any]:
+    async def status(self, timeout: float = 5.0) -> p.CoreStatus:
         if self.dead is not None:
             raise CoreDied(self.dead)
         rid = next(self.ids)
-        fut: asyncio.Future = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[p.CoreStatus] = asyncio.get_running_loop().create_future()
         self.queries[rid] = fut
-        self._send(["status", rid, with_metrics])
+        self._send(p.Status(rid))
         try:
             async with asyncio.timeout(timeout):
                 return await fut
         finally:
             self.queries.pop(rid, None)
 
-    async def snapshot(self) -> SchedulerSnapshot:
-        st = await self.status()
-        return SchedulerSnapshot(*st.get("snapshot", [0, 0, 0, 0, 0, 0]))
-
     async def idle(self) -> bool:
         if self.dead is not None:
             return not self.jobs
-        return bool((await self.status())["idle"]) and not self.jobs
+        return (await self.status()).idle and not self.jobs
 
     def stop_admission(self) -> None:
-        self._send(["stop_admission"])
+        self._send(p.StopAdmission())
 
     def abort(self, err: ServiceError) -> None:
-        self._send(["abort", error_to_wire(err)])
-
-    async def metrics_text(self) -> bytes:
-        try:
-            return bytes((await self.status(with_metrics=True)).get("metrics", b""))
-        except (TimeoutError, ServiceError):
-            return b""
+        self._send(p.Abort(p.WireError.of(err)))
 
     async def wait_ready(self, progress: Callable[[str], None], poll_s: float = 0.2) -> None:
         """Until the core says ready; `progress` gets its start-up stage. Raises RuntimeError if it fails."""
@@ -173,14 +165,12 @@ class RemoteCore:
             except TimeoutError:
                 await asyncio.sleep(poll_s)
                 continue
-            if st.get("failed"):
-                raise RuntimeError(st["failed"])
-            if st["ready"]:
-                e = st["engine"]
-                self.engine_info = EngineInfo(e["backend"], e["device"], e["precision"], tuple(e["providers"]),
-                                              e["max_batch"])
+            if st.failed:
+                raise RuntimeError(st.failed)
+            if st.ready and st.engine is not None:
+                self.engine_info = st.engine
                 return
-            progress(st["starting"])
+            progress(st.starting)
             await asyncio.sleep(poll_s)
 
     async def close(self, timeout: float = 30.0) -> int | None:
@@ -189,7 +179,7 @@ class RemoteCore:
         self.closing = True
         code = None
         if self.proc is not None:
-            self._send(["shutdown"])
+            self._send(p.Shutdown())
             try:
                 code = await asyncio.wait_for(asyncio.to_thread(self.proc.wait), timeout)
             except TimeoutError:
@@ -201,8 +191,8 @@ class RemoteCore:
         self.sock.close()
         self.ctx.term()
         if self.folder:
-            for p in Path(self.folder).glob("*"):
-                p.unlink(missing_ok=True)
+            for f in Path(self.folder).glob("*"):
+                f.unlink(missing_ok=True)
             Path(self.folder).rmdir()
         return code
 
@@ -212,41 +202,42 @@ class RemoteCore:
         while True:
             raw = await self.sock.recv()
             try:
-                self._dispatch(msgpack.unpackb(raw, raw=False))
+                self._dispatch(p.decode_to_front(raw))
             except Exception:
                 log.exception("a message from the engine core failed")
 
-    def _dispatch(self, msg: list) -> None:
-        op, key = msg[0], msg[1]
-        if op == "status":
-            fut = self.queries.get(key)
-            if fut is not None and not fut.done():
-                fut.set_result(msg[2])
-        elif op in ("accepted", "refused"):
-            fut = self.submits.get(key)
-            if fut is not None and not fut.done():
-                fut.set_result(msg[2]) if op == "accepted" else fut.set_exception(error_from_wire(msg[2]))
-        elif op == "events":
-            job = self.jobs.get(key)
-            if job is not None and job.listener is not None:
-                events = []
-                for name, payload in msg[2]:
-                    if name == "preview":
-                        payload["image"] = _Picture(_image(payload["image"]))
-                    events.append(Event(name, payload))
-                job.listener(events)
-        elif op in ("result", "error"):
-            job = self.jobs.pop(key, None)
-            if job is None or job.future.done():
-                return
-            if op == "error":
-                job.future.set_exception(error_from_wire(msg[2]))
-            else:
-                r = msg[2]
-                job.future.set_result(JobResult(
-                    images=[_image(w) for w in r["images"]], seeds=r["seeds"], encoder_calls=r["encoder_calls"],
-                    denoiser_calls=r["denoiser_calls"], queue_seconds=r["queue_seconds"],
-                    compute_seconds=r["compute_seconds"], encoder_interval=r["encoder_interval"]))
+    def _dispatch(self, msg: p.ToFront) -> None:
+        match msg:
+            case p.StatusReply(rid=rid, status=status):
+                fut = self.queries.get(rid)
+                if fut is not None and not fut.done():
+                    fut.set_result(status)
+            case p.Accepted(jid=jid, queue_position=position):
+                accepted = self.submits.get(jid)
+                if accepted is not None and not accepted.done():
+                    accepted.set_result(position)
+            case p.Refused(jid=jid, error=error):
+                accepted = self.submits.get(jid)
+                if accepted is not None and not accepted.done():
+                    accepted.set_exception(error.error())
+            case p.Events(jid=jid, events=wire):
+                job = self.jobs.get(jid)
+                if job is not None and job.listener is not None:
+                    events = []
+                    for w in wire:
+                        payload = dict(w.payload)
+                        if w.image is not None:
+                            payload["image"] = _Picture(w.image.array())
+                        events.append(Event(w.name, payload))
+                    job.listener(events)
+            case p.Result(jid=jid, result=result):
+                job = self.jobs.pop(jid, None)
+                if job is not None and not job.future.done():
+                    job.future.set_result(result.result())
+            case p.Failed(jid=jid, error=error):
+                job = self.jobs.pop(jid, None)
+                if job is not None and not job.future.done():
+                    job.future.set_exception(error.error())
 
     async def _watch(self, poll_s: float = 0.1) -> None:
         assert self.proc is not None

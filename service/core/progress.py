@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 if TYPE_CHECKING:
+    from service.core.request import ImageSlot, Job
     from service.core.runner import Preview
-    from service.core.scheduler import ImageSlot, Job
 
 log = logging.getLogger("service.core.progress")
 
@@ -57,10 +57,11 @@ class Handover:
     def __init__(self) -> None:
         self.last = float("-inf")  # the last time the streams got their events
 
-    def emit(self, batch: Sequence[ImageSlot], previews: dict[int, Preview], failed: dict[Job, str]) -> None:
-        """After a tick (steps already advanced): queue each streamed job's due previews; when the interval has
-        passed (or at a job's last step) hand the job its previews so far and a `progress` event. A preview's
-        "image" is a `Preview`: the receiver makes the picture (`.picture()`), off the tick loop."""
+    def emit(self, batch: Sequence[ImageSlot], previews: dict[int, Preview], failed: Collection[Job]) -> None:
+        """After a tick (steps and finished images already counted by the scheduler's update): queue each streamed
+        job's due previews; when the interval has passed (or at a job's last step) hand the job its previews so far
+        and a `progress` event. A preview's "image" is a `Preview`: the receiver makes the picture (`.picture()`),
+        off the tick loop."""
         jobs: dict[int, tuple[Job, list[ImageSlot]]] = {}
         for a in batch:
             if a.job.listener is not None and a.job not in failed:
@@ -80,7 +81,7 @@ class Handover:
             if least < steps and not due:
                 continue
             progress = Event("progress", {
-                "step": least, "of": steps, "images_done": job.done_images + sum(a.step == steps for a in images),
+                "step": least, "of": steps, "images_done": job.done_images,
                 "num_images": job.spec.num_images,
                 "encoder_calls": max([job.encoder_calls, *(a.encoder_calls for a in images)])})
             events, job.pending = [*job.pending, progress], []

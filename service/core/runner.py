@@ -26,10 +26,10 @@ from torch import Tensor
 from dualrate.data import to_uint8
 from dualrate.diffusion import CosineSchedule
 from dualrate.sampler import draw_noise, guided_step, preview_x0
-from engines import Backend, Engine
+from engines import REGISTRY, Backend, Engine
+from service.core.errors import new_error_id
 from service.core.fused import FusedTick
 from service.core.stats import NetworkCall, StatsSink
-from service.errors import new_error_id
 
 log = logging.getLogger("service.core.runner")
 
@@ -52,6 +52,7 @@ class TickPlan:
     admitted: tuple[tuple[int, int], ...] = ()  # (slot, seed) of images joining now: z is set to noise draw 0 first
     preview: tuple[bool, ...] = ()  # return this image's current x0 estimate (a streamed preview); () = none
     resumed: tuple[tuple[int, np.ndarray], ...] = ()  # (slot, z) of paused images coming back: z is restored first
+    paused: tuple[int, ...] = ()  # slots whose image pauses now: their z is read back before anything else
 
 
 @dataclass(eq=False)
@@ -93,6 +94,7 @@ class TickOutcome:
     finished: dict[int, np.ndarray] = field(default_factory=dict)  # slot -> delivered picture (uint8)
     failed: dict[int, str] = field(default_factory=dict)  # slot -> error id (logged with the traceback)
     previews: dict[int, Preview] = field(default_factory=dict)  # slot -> x0 estimate before this step, made on use
+    paused: dict[int, np.ndarray] = field(default_factory=dict)  # slot -> z of an image paused by this plan (host)
     encoder_rows: int = 0
     denoiser_rows: int = 0
 
@@ -107,13 +109,22 @@ class _Ready:
         return self.feats
 
 
+@dataclass(frozen=True)
+class RunnerConfig:
+    """The runner's switches (from the settings, resolved against the backend's capabilities)."""
+
+    overlap_encoder: bool = True  # the light network runs the not-due rows while the encoder runs the due ones
+    fused: bool = False  # each tick as one program (service.core.fused): backends with the fused_tick capability
+
+
 class Runner:
     def __init__(self, engine: Engine, sched: CosineSchedule, null_label: int, max_active_images: int,
-                 overlap_encoder: bool = True, output_size: int | None = None, stats: StatsSink | None = None,
-                 fused: bool = False) -> None:
+                 config: RunnerConfig | None = None, output_size: int | None = None,
+                 stats: StatsSink | None = None) -> None:
         assert engine.max_batch >= 2 * max_active_images, "a guided image takes two rows"
+        config = config or RunnerConfig()
         self.engine, self.sched, self.null_label, self.slots = engine, sched, null_label, max_active_images
-        self.overlap_encoder = overlap_encoder
+        self.overlap_encoder = config.overlap_encoder
         self.sample_shape = engine.sample_shape
         self.output_size = output_size or self.sample_shape[-1]
         self.stats = stats or StatsSink()
@@ -127,13 +138,13 @@ class Runner:
         self.cache = [torch.zeros(2 * max_active_images + 1, *s, device=dev, dtype=engine.feature_dtype)
                       for s in engine.feature_shapes]
         self.fused: FusedTick | None = None
-        if fused:
-            calls, buckets = getattr(engine, "network_calls", None), getattr(engine, "buckets", None)
-            if calls is None or buckets is None:
-                raise ValueError(f"the fused tick needs the torch backend, not {engine.info.backend}")
-            encode, denoise = calls()
-            self.fused = FusedTick(encode, denoise, buckets, self.z, self.cache, sched, null_label,
-                                   graphs=dev.startswith("cuda"))
+        if config.fused:
+            if not REGISTRY[Backend(engine.info.backend)].fused_tick:
+                raise ValueError(f"the fused tick needs a backend with the fused_tick capability (torch), not "
+                                 f"{engine.info.backend}")
+            encode, denoise = engine.network_calls()  # type: ignore[attr-defined]
+            self.fused = FusedTick(encode, denoise, engine.buckets, self.z, self.cache, sched,  # type: ignore[attr-defined]
+                                   null_label, graphs=dev.startswith("cuda"))
 
     def thread_started(self) -> None:
         """Called once on the thread that runs the ticks. Where the networks are not torch on the CPU, torch does
@@ -151,12 +162,12 @@ class Runner:
         return self.z[slot].cpu().numpy().copy()
 
     def run(self, plan: TickPlan) -> TickOutcome:
+        out = TickOutcome(paused={slot: self.sample(slot) for slot in plan.paused})  # before the slots are reused
         if plan.admitted:
             slots, seeds = zip(*plan.admitted, strict=True)
             self.z[list(slots)] = draw_noise(seeds, [0] * len(seeds), self.sample_shape, self.device)
         for slot, z in plan.resumed:
             self.z[slot] = torch.from_numpy(z).to(self.device)
-        out = TickOutcome()
         if not plan.slots:
             return out
         everything = list(range(len(plan.slots)))

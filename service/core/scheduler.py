@@ -1,106 +1,30 @@
-"""Step-level continuous batching of dual-rate diffusion requests: the scheduler, which decides.
+"""Step-level continuous batching of dual-rate diffusion requests: the scheduler, which decides and nothing else.
 
-One loop, split like vLLM v1's engine core: the scheduler reaps (cancelled, expired) and admits (by the admission
-policy) and emits a frozen `TickPlan`; the `Runner` (service/core/runner.py) executes it on the device-resident state and
-returns a `TickOutcome`; the scheduler updates its bookkeeping from it and resolves the requests' futures. Each tick
-advances every active image by one denoising step; requests with different steps, K, labels and guidance share a
-batch. A failure fails only the request whose rows cause it (the runner isolates them).
+vLLM v1's split is the model: `schedule()` reaps (cancelled, expired), pauses batch images for waiting interactive
+ones, admits (by the admission policy) and emits a frozen `TickPlan`; the runner (service/core/runner.py) executes it
+and returns a `TickOutcome`; `update(scheduled, outcome)` advances the bookkeeping and says which jobs ended. The
+scheduler is single-threaded and owns no thread, lock, future or runner: the engine loop (service/core/loop.py) calls
+it under its lock, runs the plans, resolves the futures and hands streamed events over. Each tick advances every
+active image by one denoising step; requests with different steps, K, labels and guidance share a batch. A failure
+fails only the request whose rows cause it (the runner isolates them).
 """
 
 from __future__ import annotations
 
-import logging
-import threading
 import time
 from collections import Counter, deque
-from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
-import numpy as np
-
-from dualrate.diffusion import CosineSchedule, step_times
+from dualrate.diffusion import step_times
 from dualrate.sampler import encoder_due, needs_uncond_row, rows_per_image
-from engines import Engine
-from service.core.admission import Policy, Priority, admission_policy, request_cost
+from service.core.admission import Policy, admission_policy
 from service.core.autok import AutoK, CostModel
-from service.core.progress import Event, Handover, Listener, preview_due
-from service.core.runner import Runner, TickPlan
-from service.core.stats import RequestDone, SchedulerSnapshot, StatsSink, TickStats
-from service.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, Outcome, QueueFull, ServiceError, new_error_id
-
-log = logging.getLogger("service.core.scheduler")
-
-
-@dataclass(frozen=True)
-class GenerationSpec:
-    label: int  # 0-9, or the null label for unconditional
-    num_images: int
-    steps: int
-    encoder_interval: int
-    guidance_scale: float
-    seed: int
-    deadline: float | None = None  # time.monotonic() deadline
-    auto: bool = False  # encoder_interval "auto": the scheduler picks K at submission (service.core.autok)
-    priority: Priority = Priority.INTERACTIVE
-
-    def __post_init__(self) -> None:
-        object.__setattr__(self, "priority", Priority(self.priority))  # a plain string over the wire
-
-
-@dataclass
-class JobResult:
-    images: list[np.ndarray]  # uint8 each: (H, W) grayscale or (H, W, 3) RGB, the model's delivered size
-    seeds: list[int]
-    encoder_calls: int  # per image
-    denoiser_calls: int
-    queue_seconds: float
-    compute_seconds: float
-    encoder_interval: int = 0  # the K the images ran at (an "auto" request's is the scheduler's pick)
-
-
-@dataclass(eq=False)
-class Job:
-    spec: GenerationSpec
-    future: Future = field(default_factory=Future)  # resolved with a JobResult or a ServiceError
-    submitted: float = field(default_factory=time.monotonic)
-    first_admitted: float | None = None
-    next_image: int = 0  # images admitted so far
-    done_images: int = 0
-    images: list[np.ndarray | None] = field(default_factory=list)
-    encoder_calls: int = 0
-    cancelled: bool = False
-    listener: Listener | None = None  # streamed events (service.core.progress), called on the scheduler thread
-    preview_every: int = 0  # a preview every this many steps of each image (0 = none); only with a listener
-    queue_position: int = 0  # requests ahead of it when it was queued
-    pending: list[Event] = field(default_factory=list)  # its previews not handed over yet
-
-    def cancel(self) -> None:
-        """Called from any thread (client disconnect); the slot is freed at the next tick."""
-        self.cancelled = True
-
-
-@dataclass(eq=False)
-class ImageSlot:
-    job: Job
-    index: int  # image index within its job
-    slot: int  # the runner's state row (sample, feature cache rows, noise generator)
-    guided: bool
-    times: list[float]  # t_0 = 1 > t_1 > ... > t_N = 0 as float32 values
-    step: int = 0
-    tau: float = 1.0
-    encoder_calls: int = 0
-
-
-@dataclass(eq=False)
-class PausedImage:
-    """A batch image taken out of its slot at an encoder-refresh boundary: its whole state is its sample z (host
-    memory) and its step; the features it held were about to be recomputed, so nothing is lost and resuming is
-    exact (the noise is a function of seed and step)."""
-
-    image: ImageSlot  # as it stood (slot no longer its own)
-    z: np.ndarray
-    paused_at: float
+from service.core.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, QueueFull, ServiceError
+from service.core.progress import Listener, preview_due
+from service.core.request import GenerationSpec, ImageSlot, Job, JobResult, PausedImage, Priority, request_cost
+from service.core.runner import TickOutcome, TickPlan
+from service.core.stats import SchedulerSnapshot
 
 
 @lru_cache(maxsize=64)
@@ -110,101 +34,119 @@ def _times(steps: int) -> list[float]:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    """How the scheduler batches, admits and preempts: one value, built from the settings
-    (`service.settings.Settings.scheduler_config`); what the model decides (schedule, null label, crop) comes apart."""
+    """How the scheduler batches, admits and preempts: one value, built from the settings; what the model decides
+    (null label) comes apart."""
 
     max_active_images: int  # batch slots
     queue_size: int  # requests waiting before 429 (per size class when reserved_slots > 0)
     policy: Policy = Policy.CONTINUOUS
-    overlap_encoder: bool = True  # light network runs the not-due rows while the encoder runs the due ones
     align_encoder: bool = True  # continuous policy: admit an image where its K-cohort refreshes
     reserved_slots: int = 0  # slots only small requests may take (continuous policy)
     small_cost: float = 0.0  # a request costing at most this (request_cost) is small
-    fused: bool = False  # each tick as one program (service.core.fused; torch backend)
     lend_horizon_s: float = 6.0  # reserved slots are lent to large images expected to finish within this
     priorities: bool = True  # interactive images first, batch images paused at a refresh boundary for them
     max_paused_images: int = 0  # batch images held paused at most (their samples in host memory)
 
 
+@dataclass(frozen=True)
+class Ended:
+    """A job that ended at this tick: its result, or the error it fails with."""
+
+    job: Job
+    result: JobResult | None = None
+    error: ServiceError | None = None
+
+
+@dataclass
+class Scheduled:
+    """What `schedule()` decided: the plan for the runner, the images it advances (in the plan's order), and the jobs
+    that ended before it (reaped: cancelled, expired, aborted)."""
+
+    plan: TickPlan
+    batch: list[ImageSlot]
+    ended: list[Ended] = field(default_factory=list)
+
+
 class Scheduler:
-    def __init__(
-        self,
-        engine: Engine,
-        sched: CosineSchedule,
-        null_label: int,
-        config: SchedulerConfig,
-        stats: StatsSink | None = None,
-        output_size: int | None = None,  # the delivered crop (ModelConfig.output_size); None = the whole sample
-        autok: AutoK | None = None,  # picks K for encoder_interval "auto" requests; None = auto not offered
-    ) -> None:
-        c = self.config = config
-        max_active_images, queue_size, policy = c.max_active_images, c.queue_size, c.policy
-        overlap_encoder, align_encoder, fused = c.overlap_encoder, c.align_encoder, c.fused
-        reserved_slots, small_cost, lend_horizon_s = c.reserved_slots, c.small_cost, c.lend_horizon_s
-        priorities, max_paused_images = c.priorities, c.max_paused_images
-        self.null_label, self.max_active_images, self.queue_size, self.policy = null_label, max_active_images, queue_size, policy
-        self.stats = stats or StatsSink()
-        self.admission = admission_policy(policy, align_encoder)
+    def __init__(self, config: SchedulerConfig, null_label: int, autok: AutoK | None = None,
+                 cost: CostModel | None = None) -> None:
+        """`autok`: picks K for encoder_interval "auto" requests (None: auto not offered). `cost`: the measured
+        per-row costs and throughput (the engine loop feeds it each tick); auto-K's own when it has one."""
+        self.config = config
+        self.null_label = null_label
         self.autok = autok
-        self.reserved_slots, self.small_cost, self.lend_horizon_s = reserved_slots, small_cost, lend_horizon_s
-        self.cost = autok.cost if autok is not None else CostModel()  # per-row costs and throughput, from ticks
-        self.cost.slots = max_active_images
-        self.runner = Runner(engine, sched, null_label, max_active_images, overlap_encoder, output_size, self.stats,
-                             fused=fused)
-        self.priorities, self.max_paused_images = priorities, max_paused_images
-        self.paused: list[PausedImage] = []  # oldest request first (resume order)
-        self._resumed: list[tuple[int, np.ndarray]] = []  # (slot, z) since the last plan
-        self.preemptions = 0
+        self.cost = cost or (autok.cost if autok is not None else CostModel(slots=config.max_active_images))
+        self.admission = admission_policy(config.policy, config.align_encoder)
         self.queue: deque[Job] = deque()
         self.active: list[ImageSlot] = []
-        self.free_slots = list(range(max_active_images))
-        self._admitted: list[tuple[int, int]] = []  # (slot, seed) since the last plan
-        self.handover = Handover()  # streamed jobs' events (service.core.progress)
-        self._cv = threading.Condition()
-        self._stop = False
-        self._accepting = True
-        self._abort: ServiceError | None = None  # set by abort(): every job fails with it at the next tick
-        self._thread: threading.Thread | None = None
-        self._encoder_rows = 0
-        self._denoiser_rows = 0
+        self.paused: list[PausedImage] = []  # oldest request first (resume order)
+        self.free_slots = list(range(config.max_active_images))
         self.ticks = 0
+        self.preemptions = 0
+        self.accepting = True
+        self.abort_error: ServiceError | None = None  # set by abort(): every job fails with it at the next tick
+        self.encoder_rows = 0
+        self.denoiser_rows = 0
+        self._admitted: list[tuple[int, int]] = []  # (slot, seed) since the last plan
+        self._resumed: list[tuple[int, object]] = []  # (slot, z) since the last plan
+        self._pausing: list[int] = []  # slots whose image paused since the last plan
 
-    # ---- submission side (event loop thread) -------------------------------------------------------------------
+    # The admission policy's view (service.core.admission.AdmissionView) reads these.
+    @property
+    def reserved_slots(self) -> int:
+        return self.config.reserved_slots
 
-    def submit(self, spec: GenerationSpec, listener: Listener | None = None, preview_every: int = 0) -> Job:
-        """Queue a request. `listener` (optional) receives its progress and previews (service.core.progress)."""
-        with self._cv:
-            if not self._accepting:
-                raise NotReady("the service is draining and accepts no new requests")
-            # Small requests have queue places of their own beside the large ones' (as many), so a flood of large
-            # requests cannot turn every small one away; with reserved slots off, one queue for all.
-            small = self.spec_is_small(spec)
-            waiting = sum(self.is_small(j) == small for j in self.queue) if self.reserved_slots else len(self.queue)
-            if waiting >= self.queue_size:
-                raise QueueFull(retry_after_s=self.predicted_wait())
-            if self.autok is not None:
-                self.autok.arrived(spec.num_images, time.monotonic())  # every request loads the service
-            if spec.auto:
-                if self.autok is None:
-                    raise NotReady("encoder_interval auto is not offered by this server")
-                rows = rows_per_image(spec.label, spec.guidance_scale, self.null_label)
-                mix = [self.cost.image_cost(spec.steps, a.job.spec.encoder_interval, rows) for a in self.active]
-                k = self.autok.choose(spec.steps, rows, self._queued_images() + spec.num_images, len(self.free_slots),
-                                      sum(mix) / len(mix) if mix else 0.0, time.monotonic())
-                spec = replace(spec, encoder_interval=k)
-            job = Job(spec, images=[None] * spec.num_images, listener=listener,
-                      preview_every=preview_every if listener is not None else 0, queue_position=len(self.queue))
-            self.queue.append(job)
-            self._cv.notify()
+    @property
+    def priorities(self) -> bool:
+        return self.config.priorities
+
+    # ---- requests ------------------------------------------------------------------------------------------------
+
+    def submit(self, spec: GenerationSpec, listener: Listener | None = None, preview_every: int = 0,
+               now: float | None = None) -> Job:
+        """Queue a request (QueueFull / NotReady when it cannot be). `listener` (optional) receives its progress and
+        previews (service.core.progress)."""
+        now = time.monotonic() if now is None else now
+        if not self.accepting:
+            raise NotReady("the service is draining and accepts no new requests")
+        # Small requests have queue places of their own beside the large ones' (as many), so a flood of large
+        # requests cannot turn every small one away; with reserved slots off, one queue for all.
+        small = self.spec_is_small(spec)
+        waiting = sum(self.is_small(j) == small for j in self.queue) if self.reserved_slots else len(self.queue)
+        if waiting >= self.config.queue_size:
+            raise QueueFull(retry_after_s=self.predicted_wait())
+        if self.autok is not None:
+            self.autok.arrived(spec.num_images, now)  # every request loads the service
+        if spec.auto:
+            if self.autok is None:
+                raise NotReady("encoder_interval auto is not offered by this server")
+            rows = rows_per_image(spec.label, spec.guidance_scale, self.null_label)
+            mix = [self.cost.image_cost(spec.steps, a.job.spec.encoder_interval, rows) for a in self.active]
+            k = self.autok.choose(spec.steps, rows, self._queued_images() + spec.num_images, len(self.free_slots),
+                                  sum(mix) / len(mix) if mix else 0.0, now)
+            spec = replace(spec, encoder_interval=k)
+        job = Job(spec, images=[None] * spec.num_images, listener=listener,
+                  preview_every=preview_every if listener is not None else 0, queue_position=len(self.queue))
+        self.queue.append(job)
         return job
 
+    def stop_admission(self) -> None:
+        self.accepting = False
+
+    def abort(self, err: ServiceError) -> None:
+        """Fail every queued and running job with `err` at the next tick (a forced or timed-out drain)."""
+        self.accepting = False
+        self.abort_error = err
+
+    def has_work(self) -> bool:
+        return bool(self.queue or self.active or self.paused)
+
     def snapshot(self) -> SchedulerSnapshot:
-        with self._cv:
-            by_priority = Counter(j.spec.priority.value for j in self.queue)
-            return SchedulerSnapshot(len(self.queue), self._queued_images(), len(self.active), len(self.free_slots),
-                                     self._encoder_rows, self._denoiser_rows,
-                                     {p.value: by_priority.get(p.value, 0) for p in Priority}, len(self.paused),
-                                     self.preemptions)
+        by_priority = Counter(j.spec.priority.value for j in self.queue)
+        return SchedulerSnapshot(len(self.queue), self._queued_images(), len(self.active), len(self.free_slots),
+                                 self.encoder_rows, self.denoiser_rows,
+                                 {p.value: by_priority.get(p.value, 0) for p in Priority}, len(self.paused),
+                                 self.preemptions)
 
     def predicted_wait(self) -> float:
         """Seconds until the queue has taken in what waits now: its image-steps over the service's image-steps per
@@ -214,89 +156,64 @@ class Scheduler:
         return max(1.0, work / rate if rate > 0 else len(self.queue) * 0.5)
 
     def _queued_images(self) -> int:
-        """Images waiting for a slot: of queued requests, not yet admitted, and paused (caller holds the lock)."""
+        """Images waiting for a slot: of queued requests, not yet admitted, and paused."""
         return sum(j.spec.num_images - j.next_image for j in self.queue) + len(self.paused)
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
-        self._thread.start()
+    # ---- one tick ------------------------------------------------------------------------------------------------
 
-    def stop_admission(self) -> None:
-        with self._cv:
-            self._accepting = False
+    def schedule(self, now: float | None = None) -> Scheduled:
+        """Reap, pause, admit; -> the tick's plan (empty when nothing runs) and the jobs reaped."""
+        now = time.monotonic() if now is None else now
+        ended = self._reap(now)
+        self._preempt(now)
+        self.admission.admit(self)
+        batch = sorted(self.active, key=lambda a: a.slot)  # slot order: a full batch reads the cache as views
+        return Scheduled(self._plan(batch), batch, ended)
 
-    def abort(self, err: ServiceError) -> None:
-        """Fail every queued and running job with `err` at the next tick (a forced or timed-out drain)."""
-        with self._cv:
-            self._accepting = False
-            self._abort = err
-            self._cv.notify()
-
-    def idle(self) -> bool:
-        with self._cv:
-            return not self.queue and not self.active and not self.paused
-
-    def shutdown(self, timeout: float | None = None) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    # ---- the loop (scheduler thread) ---------------------------------------------------------------------------
-
-    def _run(self) -> None:
-        self.runner.thread_started()
-        while True:
-            with self._cv:
-                while not self._stop and not self.queue and not self.active and not self.paused:
-                    self._cv.wait()
-                if self._stop and not self.queue and not self.active and not self.paused:
-                    return
-            try:
-                self.tick()
-            except Exception:  # an invariant broke: fail what is in flight, keep serving
-                log.exception("scheduler tick failed")
-                self._fail_slots(list(self.active), EngineFailure(new_error_id(), "internal scheduler error"))
-
-    def tick(self) -> None:
-        t0 = time.perf_counter()
-        with self._cv:
-            self._reap()
-            self._preempt()
-            self.admission.admit(self)
-            batch = sorted(self.active, key=lambda a: a.slot)  # slot order: a full batch reads the cache as views
-            plan = self._plan(batch)
-        t_run = time.perf_counter()
-        out = self.runner.run(plan)
-        self.cost.observe_tick(out.denoiser_rows, out.encoder_rows, time.perf_counter() - t_run, len(plan.slots))
-        self._encoder_rows += out.encoder_rows
-        self._denoiser_rows += out.denoiser_rows
-        failed_jobs = {a.job: out.failed[a.slot] for a in batch if a.slot in out.failed}
-        with self._cv:
-            for a, due, tau in zip(batch, plan.due, plan.tau, strict=True):
-                if a.job in failed_jobs:
-                    continue
-                a.tau = tau  # the plan's feature time: the step's own where refreshed
-                a.encoder_calls += due
-                a.step += 1
-            self.handover.emit(batch, out.previews, failed_jobs)  # before any job resolves: its events come first
-            finished = [a for a in batch if a.slot in out.finished and a.job not in failed_jobs]
-            self._release(finished)
-            for a in finished:
-                job = a.job
-                job.images[a.index] = out.finished[a.slot]
-                job.encoder_calls = max(job.encoder_calls, a.encoder_calls)
-                job.done_images += 1
-                if job.done_images == job.spec.num_images:
-                    self._finish_job(job, None)
-        for job, error_id in failed_jobs.items():
+    def update(self, scheduled: Scheduled, outcome: TickOutcome, now: float | None = None) -> list[Ended]:
+        """Advance the images of `scheduled` by what the runner did. -> the jobs that ended (done, or failed)."""
+        now = time.monotonic() if now is None else now
+        batch, plan = scheduled.batch, scheduled.plan
+        for p in self.paused:
+            if p.z is None and p.image.slot in outcome.paused:
+                p.z = outcome.paused[p.image.slot]
+        self.encoder_rows += outcome.encoder_rows
+        self.denoiser_rows += outcome.denoiser_rows
+        failed = {a.job: outcome.failed[a.slot] for a in batch if a.slot in outcome.failed}
+        for a, due, tau in zip(batch, plan.due, plan.tau, strict=True):
+            if a.job in failed:
+                continue
+            a.tau = tau  # the plan's feature time: the step's own where refreshed
+            a.encoder_calls += due
+            a.step += 1
+        finished = [a for a in batch if a.slot in outcome.finished and a.job not in failed]
+        self._release(finished)
+        ended: list[Ended] = []
+        for a in finished:
+            job = a.job
+            job.images[a.index] = outcome.finished[a.slot]
+            job.encoder_calls = max(job.encoder_calls, a.encoder_calls)
+            job.done_images += 1
+            if job.done_images == job.spec.num_images:
+                ended.append(self._done(job, now))
+        for job, error_id in failed.items():
             # Its other images stop too: nobody would read them.
-            self._fail_slots([a for a in self.active if a.job is job],
-                             EngineFailure(error_id, f"engine failure (error id {error_id})"))
+            ended += self.fail([a for a in self.active if a.job is job],
+                               EngineFailure(error_id, f"engine failure (error id {error_id})"))
         if batch:
             self.ticks += 1
-            self.stats.tick(TickStats(len(batch), out.encoder_rows, out.denoiser_rows, time.perf_counter() - t0))
+        return ended
+
+    def fail(self, slots: list[ImageSlot], err: ServiceError) -> list[Ended]:
+        """Fail the jobs of `slots` (and free every slot and queue place they hold) with `err`."""
+        self._release(slots)
+        ended = []
+        for job in {id(a.job): a.job for a in slots}.values():
+            self.paused = [p for p in self.paused if p.image.job is not job]
+            if job in self.queue:
+                self.queue.remove(job)  # its remaining images would be computed for nobody
+            ended.append(Ended(job, error=err))
+        return ended
 
     def _plan(self, batch: list[ImageSlot]) -> TickPlan:
         due = tuple(encoder_due(a.step, a.job.spec.encoder_interval) for a in batch)
@@ -307,26 +224,28 @@ class Scheduler:
             t=tuple(a.times[a.step] for a in batch), s=tuple(a.times[a.step + 1] for a in batch),
             tau=tuple(a.times[a.step] if d else a.tau for a, d in zip(batch, due, strict=True)), due=due,
             last=tuple(a.step + 1 == a.job.spec.steps for a in batch),
-            admitted=tuple(self._admitted), preview=preview_due(batch), resumed=tuple(self._resumed))
-        self._admitted, self._resumed = [], []
+            admitted=tuple(self._admitted), preview=preview_due(batch),
+            resumed=tuple(self._resumed),  # type: ignore[arg-type]
+            paused=tuple(self._pausing))
+        self._admitted, self._resumed, self._pausing = [], [], []
         return plan
 
-    def _reap(self) -> None:
-        """Free the slots of cancelled or expired jobs (caller holds the lock)."""
-        now = time.monotonic()
+    def _reap(self, now: float) -> list[Ended]:
+        """Free the slots of cancelled or expired jobs."""
 
         def dead(job: Job) -> ServiceError | None:
-            if self._abort is not None:
-                return self._abort
+            if self.abort_error is not None:
+                return self.abort_error
             if job.cancelled:
                 return Cancelled("client disconnected")
             if job.spec.deadline is not None and now > job.spec.deadline:
                 return DeadlineExceeded("the request's deadline passed before its images were done")
             return None
 
+        ended = []
         for job, why in [(j, e) for j in self.queue if (e := dead(j)) is not None]:
             self.queue.remove(job)
-            self._finish_job(job, why)
+            ended.append(Ended(job, error=why))
         failed = {a.job: err for a in self.active if (err := dead(a.job)) is not None}
         gone = {p.image.job: err for p in self.paused if (err := dead(p.image.job)) is not None}
         if gone:
@@ -337,37 +256,40 @@ class Scheduler:
             for job, err in failed.items():
                 if job in self.queue:
                     self.queue.remove(job)
-                self._finish_job(job, err)
+                ended.append(Ended(job, error=err))
+        return ended
 
     def interactive_waiting(self) -> int:
-        """Images of queued interactive requests not yet admitted (caller holds the lock); 0 with priorities off."""
+        """Images of queued interactive requests not yet admitted; 0 with priorities off."""
         if not self.priorities:
             return 0
         return sum(j.spec.num_images - j.next_image for j in self.queue if j.spec.priority is Priority.INTERACTIVE)
 
-    def _preempt(self) -> None:
+    def _preempt(self, now: float) -> None:
         """While interactive images wait with no free slot for them, pause as many batch images as they need, each
-        at its next encoder-refresh boundary (caller holds the lock). An image pauses only at a tick where it is due
-        a refresh: its features are stale from that tick on, so its sample and step are its whole state. Images
-        further from their boundary pause at later ticks if the need is still there then. The youngest requests'
-        images pause first (the oldest resume first). At most `max_paused_images` are held."""
-        if not self.priorities or self.policy is not Policy.CONTINUOUS:
+        at its next encoder-refresh boundary. An image pauses only at a tick where it is due a refresh: its features
+        are stale from that tick on, so its sample and step are its whole state (the runner reads the sample back
+        before this tick reuses the slot: `TickPlan.paused`). Images further from their boundary pause at later ticks
+        if the need is still there then. The youngest requests' images pause first (the oldest resume first). At
+        most `max_paused_images` are held."""
+        if not self.priorities or self.config.policy is not Policy.CONTINUOUS:
             return
-        need = min(self.interactive_waiting() - len(self.free_slots), self.max_paused_images - len(self.paused))
+        need = min(self.interactive_waiting() - len(self.free_slots), self.config.max_paused_images - len(self.paused))
         if need <= 0:
             return
         due = [a for a in self.active if a.job.spec.priority is Priority.BATCH and a.step > 0
                and encoder_due(a.step, a.job.spec.encoder_interval) and not a.job.cancelled]
         due.sort(key=lambda a: (a.job.submitted, a.index), reverse=True)
         for a in due[:need]:
-            self.paused.append(PausedImage(a, self.runner.sample(a.slot), time.monotonic()))
+            self.paused.append(PausedImage(a, now))
+            self._pausing.append(a.slot)
             self._release([a])
             self.preemptions += 1
         self.paused.sort(key=lambda p: (p.image.job.submitted, p.image.index))
 
     def resume_image(self, p: PausedImage) -> None:
-        """Give a paused image a free slot again, at the step it paused (caller holds the lock; called by the
-        admission policy). Its sample goes back first; that tick refreshes its features."""
+        """Give a paused image a free slot again, at the step it paused (called by the admission policy). Its sample
+        goes back first; that tick refreshes its features."""
         self.paused.remove(p)
         p.image.slot = self.free_slots.pop(0)
         self._resumed.append((p.image.slot, p.z))
@@ -380,13 +302,13 @@ class Scheduler:
     def may_lend(self, job: Job) -> bool:
         """May a large request's image take a reserved slot while no small request waits? Only if it is expected to
         finish within lend_horizon_s (its steps at the measured seconds per tick; unknown before the first ticks)."""
-        return 0 < job.spec.steps * self.cost.tick_s <= self.lend_horizon_s
+        return 0 < job.spec.steps * self.cost.tick_s <= self.config.lend_horizon_s
 
     def spec_is_small(self, spec: GenerationSpec) -> bool:
-        return request_cost(spec.num_images, spec.steps, spec.encoder_interval) <= self.small_cost
+        return request_cost(spec.num_images, spec.steps, spec.encoder_interval) <= self.config.small_cost
 
     def admit_image(self, job: Job) -> None:
-        """Give the next image of `job` a free slot (caller holds the lock; called by the admission policy)."""
+        """Give the next image of `job` a free slot (called by the admission policy)."""
         spec = job.spec
         i = job.next_image
         job.next_image += 1
@@ -403,32 +325,10 @@ class Scheduler:
         self.free_slots.extend(a.slot for a in slots)
         self.free_slots.sort()
 
-    def _fail_slots(self, slots: list[ImageSlot], err: ServiceError) -> None:
-        with self._cv:
-            self._release(slots)
-            for job in {id(a.job): a.job for a in slots}.values():
-                self.paused = [p for p in self.paused if p.image.job is not job]
-                if job in self.queue:
-                    self.queue.remove(job)  # its remaining images would be computed for nobody
-                self._finish_job(job, err)
-
-    def _finish_job(self, job: Job, err: ServiceError | None) -> None:
-        now = time.monotonic()
+    def _done(self, job: Job, now: float) -> Ended:
         admitted = job.first_admitted or now
-        if job.future.done():
-            return
-        if err is None:
-            spec = job.spec
-            job.future.set_result(JobResult(
-                images=[im for im in job.images if im is not None], seeds=[spec.seed + i for i in range(spec.num_images)],
-                encoder_calls=job.encoder_calls, denoiser_calls=spec.steps,
-                queue_seconds=admitted - job.submitted, compute_seconds=now - admitted,
-                encoder_interval=spec.encoder_interval,
-            ))
-            outcome = Outcome.OK
-        else:
-            job.future.set_exception(err)
-            outcome = err.kind
-        self.stats.request_done(RequestDone(outcome, job.spec.num_images, admitted - job.submitted, now - job.submitted,
-                                            job.spec.priority.value))
-
+        spec = job.spec
+        return Ended(job, JobResult(
+            images=[im for im in job.images if im is not None], seeds=[spec.seed + i for i in range(spec.num_images)],
+            encoder_calls=job.encoder_calls, denoiser_calls=spec.steps, queue_seconds=admitted - job.submitted,
+            compute_seconds=now - admitted, encoder_interval=spec.encoder_interval))

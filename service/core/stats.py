@@ -1,11 +1,22 @@
-"""Plain stats the scheduler emits; `service.metrics` turns them into Prometheus metrics.
+"""Plain stats the engine core emits and accumulates; the front end's `service.metrics` turns them into Prometheus
+series.
 
-Nothing here imports prometheus_client: the scheduler talks to a `StatsSink`, whose default does nothing.
+Nothing here imports prometheus_client: the scheduler, loop and runner talk to a `StatsSink` (the default drops
+everything); `CoreStats` is the sink that counts, and its `metrics()` is a plain value (`CoreMetrics`) that travels in
+the core's status, across the process boundary where the core runs in its own process, the same way where it runs in
+the front end's.
 """
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
+CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
+ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+NETWORKS = ("encoder", "denoiser")
+PRIORITIES = ("interactive", "batch")
 
 
 @dataclass(frozen=True)
@@ -64,3 +75,77 @@ class StatsSink:
     def tick(self, stats: TickStats) -> None: ...
 
     def request_done(self, done: RequestDone) -> None: ...
+
+
+@dataclass
+class Histogram:
+    """Counts per upper bound (the last one +Inf), and the sum: what a Prometheus histogram holds."""
+
+    bounds: tuple[float, ...]
+    counts: list[int] = field(default_factory=list)  # per bound, not cumulative; one more for +Inf
+    total: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.counts:
+            self.counts = [0] * (len(self.bounds) + 1)
+
+    def observe(self, value: float) -> None:
+        i = next((i for i, b in enumerate(self.bounds) if value <= b), len(self.bounds))
+        self.counts[i] += 1
+        self.total += value
+
+    def copy(self) -> Histogram:
+        return Histogram(self.bounds, list(self.counts), self.total)
+
+
+@dataclass
+class CoreMetrics:
+    """The engine core's counters and histograms, as of one moment (a copy)."""
+
+    calls: dict[str, int]  # per network
+    rows: dict[str, int]  # per network
+    batch_rows: dict[str, Histogram]  # rows per network call
+    call_seconds: dict[str, Histogram]  # wall time per network call (not observed inside a fused tick)
+    tick_seconds: Histogram
+    queue_wait_seconds: Histogram  # of requests answered ok
+    priority_seconds: dict[str, Histogram]  # submission to last image, requests answered ok, per priority
+
+
+class CoreStats(StatsSink):
+    """The sink that counts (thread-safe: the runner reports from the tick thread, the status reads from another)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._m = CoreMetrics(
+            calls=dict.fromkeys(NETWORKS, 0), rows=dict.fromkeys(NETWORKS, 0),
+            batch_rows={n: Histogram(ROW_BUCKETS) for n in NETWORKS},
+            call_seconds={n: Histogram(CALL_BUCKETS) for n in NETWORKS}, tick_seconds=Histogram(CALL_BUCKETS),
+            queue_wait_seconds=Histogram(LATENCY_BUCKETS),
+            priority_seconds={p: Histogram(LATENCY_BUCKETS) for p in PRIORITIES})
+
+    def network_call(self, call: NetworkCall) -> None:
+        m = self._m
+        with self._lock:
+            m.calls[call.network] += 1
+            m.rows[call.network] += call.rows
+            m.batch_rows[call.network].observe(call.rows)
+            if call.seconds is not None:
+                m.call_seconds[call.network].observe(call.seconds)
+
+    def tick(self, stats: TickStats) -> None:
+        with self._lock:
+            self._m.tick_seconds.observe(stats.seconds)
+
+    def request_done(self, done: RequestDone) -> None:
+        if done.outcome != "ok":
+            return
+        with self._lock:
+            self._m.queue_wait_seconds.observe(done.queue_seconds)
+            self._m.priority_seconds.setdefault(done.priority, Histogram(LATENCY_BUCKETS)).observe(done.total_seconds)
+
+    def metrics(self) -> CoreMetrics:
+        m = self._m
+        with self._lock:
+            return CoreMetrics(dict(m.calls), dict(m.rows), {k: h.copy() for k, h in m.batch_rows.items()},
+                               {k: h.copy() for k, h in m.call_seconds.items()}, m.tick_seconds.copy(),
+                               m.queue_wait_seconds.copy(), {k: h.copy() for k, h in m.priority_seconds.items()})

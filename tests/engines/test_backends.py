@@ -184,6 +184,6 @@ def test_a_backend_refuses_a_setting_it_would_ignore(checkpoint_dir, onnx_dir):
         with pytest.raises(EngineError, match=next(iter(option))):
             create_engine(checkpoint_dir, backend="onnxruntime", device="cpu", **option)
     assert unhonoured(EngineConfig(threads=2), Backend.TENSORRT, "cuda:1") == [
-        "threads (TensorRT runs on the GPU)",
+        "threads (CPU threads per network; TensorRT runs on the GPU)",
         "device cuda:1 (the TensorRT engines run on cuda:0: select the GPU with CUDA_VISIBLE_DEVICES)"]
     assert unhonoured(EngineConfig(cuda_graphs=True, buckets=(2,), compile=True), Backend.TORCH, "cpu") == []

@@ -27,11 +27,22 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.api.answers import error_event, service_error_response
 from service.api.deps import Authorized, StateDep
-from service.core.admission import Priority, request_cost
-from service.core.handle import CoreHandle, JobHandle
-from service.core.progress import Event
-from service.core.scheduler import GenerationSpec, JobResult
-from service.errors import Cancelled, DeadlineExceeded, InternalError, LimitError, NotReady, Outcome, ServiceError, new_error_id
+from service.core import (
+    Cancelled,
+    CoreHandle,
+    DeadlineExceeded,
+    Event,
+    GenerationSpec,
+    InternalError,
+    JobHandle,
+    JobResult,
+    LimitError,
+    NotReady,
+    Outcome,
+    Priority,
+    ServiceError,
+    new_error_id,
+)
 from service.png import encode_pngs
 from service.schemas import ErrorBody, GenerateRequest, GenerateResponse, ImageOut, StreamRequest, Timings
 from service.state import AppState
@@ -66,41 +77,15 @@ def prepare(req: GenerateRequest, state: AppState, t0: float) -> tuple[CoreHandl
         raise NotReady(state.core_dead)
     if not state.ready or state.draining or state.core is None:
         raise NotReady("the service is draining" if state.draining else "the service is starting")
-    limit_errors = []
-    if req.class_label is not None and req.class_label >= cfg.num_classes:
-        limit_errors.append(("class_label", f"must be < {cfg.num_classes} (this model's classes) or null"))
-    if req.num_images > settings.max_images_per_request:
-        limit_errors.append(("num_images", f"must be <= {settings.max_images_per_request}"))
-    steps = req.steps or state.defaults["steps"]
-    if steps > settings.max_steps:
-        limit_errors.append(("steps", f"must be <= {settings.max_steps}"))
+    steps = req.steps or state.sampling.steps
     auto = req.encoder_interval == "auto"
-    k = (state.defaults["encoder_interval"] if req.encoder_interval is None or auto else int(req.encoder_interval))
-    if auto and state.autok is None:
-        limit_errors.append(("encoder_interval", "auto is not offered by this server"))
-    if not auto and k > settings.max_steps:
-        limit_errors.append(("encoder_interval", f"must be <= {settings.max_steps} (max_steps)"))
-    if state.distilled is not None:  # a few-step student: its own schedule only
-        d_steps, d_k = state.distilled
-        if steps != d_steps:
-            limit_errors.append(("steps", f"must be {d_steps} (or left out): this model was distilled for {d_steps} "
-                                 "steps and samples at no other count"))
-        if not auto and k > d_k:
-            limit_errors.append(("encoder_interval", f"must be <= {d_k}: this model was distilled with the encoder "
-                                 f"every {d_k} steps"))
+    k = (state.sampling.encoder_interval if req.encoder_interval is None or auto else int(req.encoder_interval))
     # K > steps runs the encoder once, at step 0, exactly as K = steps does: accepted (a JSON schema cannot say
     # "K <= steps", and a schema-valid request must not be refused); the answer reports the K asked for.
-    cheapest_k = max([k, *(state.autok.budget.allowed if auto and state.autok else [])])
-    cost = request_cost(req.num_images, steps, cheapest_k)
-    if settings.max_request_cost and cost > settings.max_request_cost:
-        limit_errors.append(("num_images", f"this request costs {cost:g} (num_images x steps / encoder_interval), over "
-                             f"the server's cap of {settings.max_request_cost:g} (DUALRATE_MAX_REQUEST_COST): fewer "
-                             "images or steps, or a larger encoder_interval"))
-    if req.timeout_s is not None and req.timeout_s > settings.max_timeout_s:
-        limit_errors.append(("timeout_s", f"must be <= {settings.max_timeout_s:g} (DUALRATE_MAX_TIMEOUT_S)"))
-    if limit_errors:
-        raise LimitError(limit_errors)
-    g = state.defaults["guidance_scale"] if req.guidance_scale is None else req.guidance_scale
+    problems = state.limits.problems(req.class_label, req.num_images, steps, k, auto, req.timeout_s)
+    if problems:
+        raise LimitError(problems)
+    g = state.sampling.guidance_scale if req.guidance_scale is None else req.guidance_scale
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     timeout = req.timeout_s or settings.default_timeout_s
     label = cfg.null_label if req.class_label is None else req.class_label

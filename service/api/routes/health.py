@@ -7,7 +7,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.api.deps import StateDep
-from service.errors import Outcome
+from service.core import Outcome, ServiceError
 from service.schemas import ErrorBody
 
 router = APIRouter()
@@ -32,5 +32,11 @@ async def ready(state: StateDep) -> Response:
 
 @router.get("/metrics", tags=["ops"], response_class=Response)
 async def metrics(state: StateDep) -> Response:
-    core = await state.core.metrics_text() if state.core is not None and state.core_dead is None else b""
-    return Response(state.metrics.exposition() + core, media_type=CONTENT_TYPE_LATEST)
+    status = None
+    if state.core is not None and state.core_dead is None:
+        try:
+            status = await state.core.status()
+        except (TimeoutError, ServiceError):
+            status = None  # the core's series are left out of this scrape; the front end's are there
+    state.metrics.core_status(status)
+    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

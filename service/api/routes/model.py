@@ -6,7 +6,7 @@ from fastapi import APIRouter
 
 from dualrate.checkpoint import class_names
 from service.api.deps import Authorized, StateDep
-from service.errors import NotReady
+from service.core import NotReady
 from service.schemas import ModelInfo
 
 router = APIRouter()
@@ -24,12 +24,10 @@ async def model_info(state: StateDep) -> ModelInfo:
     image = {"channels": cfg.channels, "sample_size": cfg.image_size, "output_size": cfg.output_size,
              "png_mode": "L" if cfg.channels == 1 else "RGB", "num_classes": cfg.num_classes,
              "class_names": class_names(state.model_card)}
-    auto = {}
-    if state.autok is not None:
-        b = state.autok.budget
-        auto = {"allowed": b.allowed, "fid_ratio": {str(k): round(r, 4) for k, r in sorted(b.fid_ratio.items())},
-                "fid_ratio_spread": {str(k): round(s, 4) for k, s in sorted(b.fid_ratio_std.items())},
-                "quality_budget": b.budget, "latency_target_s": state.autok.target_s}
+    b = state.budget
+    auto = {"allowed": b.allowed, "fid_ratio": {str(k): round(r, 4) for k, r in sorted(b.fid_ratio.items())},
+            "fid_ratio_spread": {str(k): round(s, 4) for k, s in sorted(b.fid_ratio_std.items())},
+            "quality_budget": b.budget, "latency_target_s": settings.latency_target_s}
     return ModelInfo(name=state.model_card.get("name", settings.checkpoint.name), card=state.model_card,
                      backend=info.backend, device=info.device, precision=info.precision,
                      providers=list(info.providers), policy=settings.policy.value, limits=limits,

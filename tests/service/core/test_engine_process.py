@@ -15,8 +15,8 @@ import pytest
 
 from loadtests.process import metric
 from tests.conftest import slot_freed_after_disconnect
-from tests.service.test_robustness import _drain_run
-from tests.service.test_stream import stream
+from tests.service.api.test_robustness import _drain_run
+from tests.service.api.test_stream import stream
 
 pytestmark = pytest.mark.slow  # real servers
 

@@ -11,7 +11,8 @@ from dualrate.checkpoint import load_checkpoint
 from dualrate.diffusion import CosineSchedule
 from dualrate.init import init_checkpoint
 from engines import create_engine
-from service.core.scheduler import GenerationSpec, Scheduler, SchedulerConfig
+from service.core import GenerationSpec, RunnerConfig, SchedulerConfig
+from service.core.loop import EngineLoop
 
 SPECS = [GenerationSpec(3, 2, 8, 4, 1.5, seed=10), GenerationSpec(10, 1, 5, 2, 1.5, seed=20),
          GenerationSpec(7, 3, 12, 1, 1.0, seed=30), GenerationSpec(0, 1, 9, 9, 2.0, seed=40),
@@ -26,8 +27,8 @@ def tiny(tmp_path_factory):
 def run(ck, fused: bool, device: str = "cpu", **engine_opts):
     model = load_checkpoint(ck)
     e = create_engine(ck, backend="torch", device=device, max_batch=16, **engine_opts)
-    s = Scheduler(e, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
-                  SchedulerConfig(8, 32, fused=fused), output_size=model.cfg.output_size)
+    s = EngineLoop(e, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
+                   SchedulerConfig(8, 32), output_size=model.cfg.output_size, runner=RunnerConfig(fused=fused))
     previews: list[list] = [[] for _ in SPECS]
     jobs = [s.submit(sp, listener=previews[i].extend, preview_every=2) for i, sp in enumerate(SPECS)]
     for _ in range(1000):

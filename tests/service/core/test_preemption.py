@@ -10,10 +10,9 @@ import numpy as np
 import pytest
 
 from dualrate.diffusion import CosineSchedule
-from engines import create_engine
-from service.core.scheduler import GenerationSpec, Priority, Scheduler, SchedulerConfig
+from service.core import Cancelled, DeadlineExceeded, GenerationSpec, NotReady, Priority, SchedulerConfig
+from service.core.loop import EngineLoop
 from service.core.stats import NetworkCall, StatsSink
-from service.errors import Cancelled, DeadlineExceeded, NotReady
 
 BATCH, INTERACTIVE = Priority.BATCH, Priority.INTERACTIVE
 
@@ -26,17 +25,10 @@ class Rows(StatsSink):
         self.rows[call.network] += call.rows
 
 
-@pytest.fixture(scope="module")
-def engine(checkpoint_dir, onnx_dir):
-    e = create_engine(checkpoint_dir, backend="onnxruntime", device="cpu", max_batch=16)
-    yield e
-    e.close()
-
-
 def make(engine, model, slots=4, paused=64, priorities=True):
     stats = Rows()
-    s = Scheduler(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
-                  SchedulerConfig(slots, queue_size=32, priorities=priorities, max_paused_images=paused), stats=stats,
+    s = EngineLoop(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
+                   SchedulerConfig(slots, queue_size=32, priorities=priorities, max_paused_images=paused), stats=stats,
                   output_size=model.cfg.output_size)
     return s, stats
 
@@ -69,11 +61,11 @@ def test_a_batch_request_preempted_twice_gives_the_same_images_and_work_as_alone
         s.tick()
     first = s.submit(spec(2, 4, 2, 7, INTERACTIVE))  # no free slot: two batch images must pause
     ticks_until(s, first.future.done)
-    ticks_until(s, lambda: not s.paused)  # all four batch images running again
-    assert s.preemptions == 2
+    ticks_until(s, lambda: not s.scheduler.paused)  # all four batch images running again
+    assert s.scheduler.preemptions == 2
     second = s.submit(spec(3, 6, 3, 9, INTERACTIVE))
     ticks_until(s, lambda: batch.future.done() and second.future.done())
-    assert s.preemptions == 5  # two images paused for the first, three for the second
+    assert s.scheduler.preemptions == 5  # two images paused for the first, three for the second
     got = batch.future.result()
     assert all(np.array_equal(a, b) for a, b in zip(got.images, ref.images, strict=True))  # 0/255
     assert (got.encoder_calls, got.denoiser_calls) == (ref.encoder_calls, ref.denoiser_calls)
@@ -88,11 +80,11 @@ def test_batch_images_pause_only_at_their_refresh_boundary(engine, model):
     s.submit(spec(4, 16, 4, 1, BATCH))
     s.tick()  # the batch images are now at step 1: mid-interval until step 4
     s.submit(spec(1, 8, 4, 2, INTERACTIVE))
-    waited = ticks_until(s, lambda: s.paused)
+    waited = ticks_until(s, lambda: s.scheduler.paused)
     assert waited == 4  # three ticks run steps 1-3 with every image in place; the fourth pauses one at step 4
-    assert [p.image.step % 4 for p in s.paused] == [0]
-    assert len(s.paused) == 1  # one interactive image needs one slot
-    assert [a.job.spec.priority for a in s.active].count(INTERACTIVE) == 1  # it took the slot at once
+    assert [p.image.step % 4 for p in s.scheduler.paused] == [0]
+    assert len(s.scheduler.paused) == 1  # one interactive image needs one slot
+    assert [a.job.spec.priority for a in s.scheduler.active].count(INTERACTIVE) == 1  # it took the slot at once
 
 
 def test_paused_images_resume_oldest_first_at_their_step(engine, model):
@@ -103,14 +95,14 @@ def test_paused_images_resume_oldest_first_at_their_step(engine, model):
     s.tick()
     short = s.submit(spec(1, 4, 2, 3, INTERACTIVE))
     long = s.submit(spec(1, 10, 2, 4, INTERACTIVE))
-    ticks_until(s, lambda: len(s.paused) == 2)
-    steps = {p.image.job: p.image.step for p in s.paused}
-    assert [p.image.job for p in s.paused] == [old, young]
+    ticks_until(s, lambda: len(s.scheduler.paused) == 2)
+    steps = {p.image.job: p.image.step for p in s.scheduler.paused}
+    assert [p.image.job for p in s.scheduler.paused] == [old, young]
     ticks_until(s, short.future.done)
     s.tick()  # one slot free: the older request comes back, at the step where it paused, and refreshes there
-    (back,) = [a for a in s.active if a.job.spec.priority is BATCH]
+    (back,) = [a for a in s.scheduler.active if a.job.spec.priority is BATCH]
     assert back.job is old and back.step == steps[old] + 1 and back.encoder_calls == steps[old] // 2 + 1
-    assert [p.image.job for p in s.paused] == [young]
+    assert [p.image.job for p in s.scheduler.paused] == [young]
     ticks_until(s, long.future.done)
     ticks_until(s, lambda: old.future.done() and young.future.done())
 
@@ -121,18 +113,18 @@ def test_preemption_prefers_the_youngest_batch_request_and_priorities_off_never_
     s.tick()
     s.tick()
     young = s.submit(spec(1, 12, 2, 2, BATCH))  # joins at the cohort's phase
-    ticks_until(s, lambda: len(s.active) == 2)
+    ticks_until(s, lambda: len(s.scheduler.active) == 2)
     s.submit(spec(1, 4, 2, 3, INTERACTIVE))
-    ticks_until(s, lambda: s.paused)
-    assert [p.image.job for p in s.paused] == [young]
-    assert {a.job for a in s.active} >= {old}
+    ticks_until(s, lambda: s.scheduler.paused)
+    assert [p.image.job for p in s.scheduler.paused] == [young]
+    assert {a.job for a in s.scheduler.active} >= {old}
 
     off, _ = make(engine, model, slots=2, priorities=False)
     jobs = [off.submit(spec(1, 12, 2, 1, BATCH)), off.submit(spec(1, 12, 2, 2, BATCH))]
     off.tick()
     jobs.append(off.submit(spec(1, 4, 2, 3, INTERACTIVE)))
     ticks_until(off, lambda: all(j.future.done() for j in jobs))
-    assert off.preemptions == 0
+    assert off.scheduler.preemptions == 0
 
 
 def test_cancel_and_deadline_while_paused(engine, model):
@@ -141,11 +133,11 @@ def test_cancel_and_deadline_while_paused(engine, model):
     expiring = s.submit(spec(1, 12, 2, 2, BATCH, deadline=time.monotonic() + 3600))
     s.tick()
     inter = s.submit(spec(2, 20, 2, 3, INTERACTIVE))
-    ticks_until(s, lambda: len(s.paused) == 2)
+    ticks_until(s, lambda: len(s.scheduler.paused) == 2)
     cancelled.cancel()
     object.__setattr__(expiring.spec, "deadline", time.monotonic() - 1)  # its deadline passes while it is paused
     s.tick()
-    assert not s.paused
+    assert not s.scheduler.paused
     with pytest.raises(Cancelled):
         cancelled.future.result(0)
     with pytest.raises(DeadlineExceeded):
@@ -159,7 +151,7 @@ def test_a_drain_waits_for_paused_images_and_an_abort_fails_them(engine, model):
     batch = s.submit(spec(2, 8, 2, 1, BATCH))
     s.tick()
     inter = s.submit(spec(2, 6, 2, 3, INTERACTIVE))
-    ticks_until(s, lambda: s.paused)
+    ticks_until(s, lambda: s.scheduler.paused)
     s.stop_admission()
     assert not s.idle()  # paused work keeps a drain waiting
     with pytest.raises(NotReady):
@@ -171,10 +163,10 @@ def test_a_drain_waits_for_paused_images_and_an_abort_fails_them(engine, model):
     batch2 = s2.submit(spec(2, 8, 2, 1, BATCH))
     s2.tick()
     s2.submit(spec(2, 6, 2, 3, INTERACTIVE))
-    ticks_until(s2, lambda: s2.paused)
+    ticks_until(s2, lambda: s2.scheduler.paused)
     s2.abort(NotReady("forced"))
     s2.tick()
-    assert s2.idle() and not s2.paused
+    assert s2.idle() and not s2.scheduler.paused
     with pytest.raises(NotReady):
         batch2.future.result(0)
 
@@ -186,7 +178,7 @@ def test_paused_state_is_bounded(engine, model):
     s.submit(spec(3, 8, 2, 2, INTERACTIVE))
     for _ in range(6):
         s.tick()
-        assert len(s.paused) <= 1
-    assert s.preemptions == 1  # the bound held; the other interactive images waited for slots to free
-    assert s.paused[0].z.nbytes == int(np.prod(engine.sample_shape)) * 4  # one sample, in host memory
+        assert len(s.scheduler.paused) <= 1
+    assert s.scheduler.preemptions == 1  # the bound held; the other interactive images waited for slots to free
+    assert s.scheduler.paused[0].z.nbytes == int(np.prod(engine.sample_shape)) * 4  # one sample, in host memory
     ticks_until(s, batch.future.done)

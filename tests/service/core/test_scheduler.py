@@ -10,7 +10,8 @@ from dualrate.data import to_uint8
 from dualrate.diffusion import CosineSchedule
 from dualrate.sampler import dual_rate_sample
 from engines import create_engine
-from service.core.scheduler import GenerationSpec, Policy, Scheduler, SchedulerConfig
+from service.core import GenerationSpec, Policy, RunnerConfig, SchedulerConfig
+from service.core.loop import EngineLoop
 from service.core.stats import NetworkCall, StatsSink
 from tests.conftest import encoder_waits_for_light_network
 
@@ -23,22 +24,15 @@ class Recorder(StatsSink):
         self.calls.append(call)
 
 
-@pytest.fixture(scope="module")
-def engine(checkpoint_dir, onnx_dir):
-    e = create_engine(checkpoint_dir, backend="onnxruntime", device="cpu", max_batch=16)
-    yield e
-    e.close()
-
-
 def make(engine, model, policy=Policy.CONTINUOUS, slots=8, overlap=True, align=True):
     rec = Recorder()
-    s = Scheduler(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
-                  SchedulerConfig(slots, queue_size=32, policy=policy, overlap_encoder=overlap, align_encoder=align),
-                  stats=rec, output_size=model.cfg.output_size)
+    s = EngineLoop(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
+                   SchedulerConfig(slots, queue_size=32, policy=policy, align_encoder=align),
+                   runner=RunnerConfig(overlap_encoder=overlap), stats=rec, output_size=model.cfg.output_size)
     return s, rec
 
 
-def run_all(s: Scheduler, jobs) -> None:
+def run_all(s: EngineLoop, jobs) -> None:
     for _ in range(10_000):
         if all(j.future.done() for j in jobs):
             return
@@ -72,8 +66,8 @@ def test_full_batch_reads_the_feature_cache_as_views_and_matches_the_reference(e
     sp = GenerationSpec(4, 2, 8, 4, 1.5, seed=50)
     job = s.submit(sp)
     s.tick()
-    batch = sorted(s.active, key=lambda x: x.slot)
-    plan = s._plan(batch)
+    batch = sorted(s.scheduler.active, key=lambda x: x.slot)
+    plan = s.scheduler._plan(batch)
     cache_rows = s.runner._rows(plan, [0, 1], [0, 1], {0: 0, 1: 1})[1][4]
     assert cache_rows.tolist() == [0, 1, 2, 3] and s.runner._cache_index(cache_rows) == slice(0, 4)
     run_all(s, [job])
@@ -97,9 +91,9 @@ def test_aligned_admission_shares_encoder_calls(engine, model, align):
     den = [c for c in rec.calls if c.network == "denoiser"]
     assert a.future.result().encoder_calls == 3 and b.future.result().encoder_calls == 2
     if align:
-        assert s.ticks == 12 and [c.rows for c in enc] == [1, 2, 2] and len(den) == 12
+        assert s.scheduler.ticks == 12 and [c.rows for c in enc] == [1, 2, 2] and len(den) == 12
     else:
-        assert s.ticks == 12 and len(enc) == 5 and len(den) > 12
+        assert s.scheduler.ticks == 12 and len(enc) == 5 and len(den) > 12
 
 
 def test_continuous_batching_lets_short_requests_overtake_long_ones(engine, model):
@@ -158,7 +152,7 @@ def test_no_state_is_kept_per_encoder_interval_after_its_last_image(engine, mode
     for k in range(2, 12):
         run_all(s, [s.submit(GenerationSpec(1, 1, k, k, 1.0, seed=k))])
     s.tick()  # an idle tick: admission sees no image with any K
-    assert s.admission.phase == {}
+    assert s.scheduler.admission.phase == {}
 
 
 def test_a_streamed_job_gets_every_preview_in_few_hand_overs(engine, model, monkeypatch):
@@ -218,7 +212,7 @@ def test_streamed_jobs_get_their_events_on_the_same_ticks(engine, model, monkeyp
     assert len(both) >= 3 and both <= a, (got["a"], got["b"])
 
 
-def _threads_seen_by_ticks(s: Scheduler, model) -> list[int]:
+def _threads_seen_by_ticks(s: EngineLoop, model) -> list[int]:
     seen: list[int] = []
     run = s.runner.run
 

@@ -22,7 +22,8 @@ from dualrate.diffusion import CosineSchedule
 from dualrate.sampler import dual_rate_sample
 from engines import Engine, create_engine
 from loadtests.process import free_port
-from service.core.scheduler import GenerationSpec, Scheduler, SchedulerConfig
+from service.core import GenerationSpec, SchedulerConfig
+from service.core.loop import EngineLoop
 
 POISON = 9  # rows with this label fail
 
@@ -59,13 +60,6 @@ class FailingEngine(Engine):
         return self.inner.info
 
 
-@pytest.fixture(scope="module")
-def engine(checkpoint_dir, onnx_dir):
-    e = create_engine(checkpoint_dir, backend="onnxruntime", device="cpu", max_batch=32)
-    yield e
-    e.close()
-
-
 def reference(engine, model, spec: GenerationSpec) -> np.ndarray:
     sched = CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max)
     x, _ = dual_rate_sample(engine.encode, engine.denoise, torch.full((spec.num_images,), spec.label),
@@ -75,8 +69,8 @@ def reference(engine, model, spec: GenerationSpec) -> np.ndarray:
 
 
 def run(engine, model, specs: list[GenerationSpec]):
-    s = Scheduler(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
-                  SchedulerConfig(16, queue_size=32), output_size=model.cfg.output_size)
+    s = EngineLoop(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
+                   SchedulerConfig(16, queue_size=32), output_size=model.cfg.output_size)
     jobs = [s.submit(sp) for sp in specs]
     for _ in range(1000):
         if all(j.future.done() for j in jobs):

@@ -12,10 +12,9 @@ import pytest
 
 from dualrate.checkpoint import read_card
 from dualrate.diffusion import CosineSchedule
-from engines import create_engine
+from service.core import GenerationSpec, QueueFull, SchedulerConfig
 from service.core.autok import AutoK, CostModel, QualityBudget
-from service.core.scheduler import GenerationSpec, Scheduler, SchedulerConfig
-from service.errors import QueueFull
+from service.core.loop import EngineLoop
 
 
 def test_the_quality_budget_comes_from_the_model_card(checkpoint_dir):
@@ -90,16 +89,9 @@ def test_controller_on_a_simulated_clock_raises_caps_at_the_budget_and_lowers():
     assert ks == sorted(ks)  # more load never lowers K
 
 
-@pytest.fixture(scope="module")
-def engine(checkpoint_dir, onnx_dir):
-    e = create_engine(checkpoint_dir, backend="onnxruntime", device="cpu", max_batch=8)
-    yield e
-    e.close()
-
-
-def scheduler(engine, model, slots=4, queue_size=32, autok=None) -> Scheduler:
-    return Scheduler(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
-                     SchedulerConfig(slots, queue_size), output_size=model.cfg.output_size, autok=autok)
+def scheduler(engine, model, slots=4, queue_size=32, autok=None, **config) -> EngineLoop:
+    return EngineLoop(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
+                      SchedulerConfig(slots, queue_size, **config), output_size=model.cfg.output_size, autok=autok)
 
 
 def test_a_small_request_gets_a_slot_beside_a_large_one_that_came_first(engine, model):
@@ -108,7 +100,7 @@ def test_a_small_request_gets_a_slot_beside_a_large_one_that_came_first(engine, 
     small = s.submit(GenerationSpec(2, 1, 16, 4, 1.0, seed=2))
     s.tick()
     # Round robin: one image per waiting request in turn; first-come-first-served would give the big one all 4.
-    assert sorted(a.job is small for a in s.active) == [False, False, False, True]
+    assert sorted(a.job is small for a in s.scheduler.active) == [False, False, False, True]
     for _ in range(16):
         s.tick()
     assert small.future.done() and not big.future.done()
@@ -119,8 +111,8 @@ def test_retry_after_is_the_predicted_wait(engine, model):
     for i in range(2):
         s.submit(GenerationSpec(1, 2, 8, 4, 1.0, seed=i))
     # Measured throughput: 4 image-steps per second of tick time; 2 x 2 queued images of 8 steps take 8 s.
-    s.cost.observe_tick(8, 0, 0.5, 2)
-    s.cost.observe_tick(8, 0, 0.5, 2)
+    s.scheduler.cost.observe_tick(8, 0, 0.5, 2)
+    s.scheduler.cost.observe_tick(8, 0, 0.5, 2)
     with pytest.raises(QueueFull) as e:
         s.submit(GenerationSpec(1, 1, 8, 4, 1.0, seed=9))
     assert e.value.retry_after_s == pytest.approx(8.0)
@@ -129,17 +121,16 @@ def test_retry_after_is_the_predicted_wait(engine, model):
 def test_throughput_for_retry_after_is_smoothed_over_a_window(engine, model):
     s = scheduler(engine, model)
     for _ in range(100):  # steady: 4 image-steps per 0.1 s tick
-        s.cost.observe_tick(8, 0, 0.1, 4)
-    s.cost.observe_tick(8, 0, 0.1, 4)
-    assert s.cost.steps_per_s == pytest.approx(40.0)
+        s.scheduler.cost.observe_tick(8, 0, 0.1, 4)
+    s.scheduler.cost.observe_tick(8, 0, 0.1, 4)
+    assert s.scheduler.cost.steps_per_s == pytest.approx(40.0)
     for _ in range(400):  # 20 s later at half the speed: the old ticks have left the window
-        s.cost.observe_tick(8, 0, 0.1, 2)
-    assert s.cost.steps_per_s == pytest.approx(20.0, rel=0.02)
+        s.scheduler.cost.observe_tick(8, 0, 0.1, 2)
+    assert s.scheduler.cost.steps_per_s == pytest.approx(20.0, rel=0.02)
 
 
 def test_small_requests_have_queue_places_of_their_own(engine, model):
-    s = scheduler(engine, model, slots=4, queue_size=8)
-    s.reserved_slots, s.small_cost = 1, 8.0
+    s = scheduler(engine, model, slots=4, queue_size=8, reserved_slots=1, small_cost=8.0)
     for i in range(8):  # large: 2 x 128 / 4 = 64
         s.submit(GenerationSpec(1, 2, 128, 4, 1.0, seed=i))
     with pytest.raises(QueueFull):
@@ -151,30 +142,28 @@ def test_small_requests_have_queue_places_of_their_own(engine, model):
 
 
 def test_reserved_slots_are_lent_while_no_small_request_waits(engine, model):
-    s = scheduler(engine, model, slots=4, queue_size=16)
-    s.reserved_slots, s.small_cost = 1, 8.0
-    s.cost.tick_s, s.lend_horizon_s = 0.1, 3.0  # 24-step images take 2.4 s: short enough to lend to
+    s = scheduler(engine, model, slots=4, queue_size=16, reserved_slots=1, small_cost=8.0, lend_horizon_s=3.0)
+    s.scheduler.cost.tick_s = 0.1  # 24-step images take 2.4 s: short enough to lend to
     bigs = [s.submit(GenerationSpec(1, 2, 24, 4, 1.0, seed=i)) for i in range(4)]  # cost 2 x 24 / 4 = 12 > 8
     s.tick()
-    assert len(s.active) == 4  # nobody small waits: the reserved slot works too
+    assert len(s.scheduler.active) == 4  # nobody small waits: the reserved slot works too
     small = s.submit(GenerationSpec(2, 1, 8, 4, 1.0, seed=50))
     for _ in range(25):
         s.tick()
-        if any(a.job is small for a in s.active):
+        if any(a.job is small for a in s.scheduler.active):
             break
     # The first slot that frees goes to the small request, before the large requests queued before it.
-    assert any(a.job is small for a in s.active)
+    assert any(a.job is small for a in s.scheduler.active)
     assert not all(b.future.done() for b in bigs)
 
 
 def test_reserved_slots_are_not_lent_to_images_longer_than_the_horizon(engine, model):
-    s = scheduler(engine, model, slots=4, queue_size=16)
-    s.reserved_slots, s.small_cost = 1, 8.0
-    s.cost.tick_s, s.lend_horizon_s = 0.1, 3.0  # 64-step images would hold the slot 6.4 s
+    s = scheduler(engine, model, slots=4, queue_size=16, reserved_slots=1, small_cost=8.0, lend_horizon_s=3.0)
+    s.scheduler.cost.tick_s = 0.1  # 64-step images would hold the slot 6.4 s
     for i in range(4):
         s.submit(GenerationSpec(1, 2, 64, 4, 1.0, seed=i))
     s.tick()
-    assert len(s.active) == 3 and s.free_slots  # the reserved slot waits for a small request
+    assert len(s.scheduler.active) == 3 and s.scheduler.free_slots  # the reserved slot waits for a small request
 
 
 @pytest.mark.slow

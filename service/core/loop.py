@@ -1,0 +1,145 @@
+"""The engine loop: the one owner of the tick thread, the lock, the runner and the futures.
+
+It drives the pure `Scheduler` (service/core/scheduler.py) and the `Runner` (service/core/runner.py): under the lock,
+`schedule()`; outside it, `runner.run(plan)`; under the lock again, `update(...)`; then, outside the lock, the
+streamed jobs' events (service.core.progress.Handover) and the futures of the jobs that ended, in that order (a
+stream's last events come before its answer). Submissions come from other threads (the event loop, the engine-core
+process's IO thread) and take the lock. The in-process core (`service.core.handle.LocalCore`) and the `engine-core`
+process (`service.core.engine_core`) both run one of these.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+from dualrate.diffusion import CosineSchedule
+from engines import Engine
+from service.core.autok import AutoK, CostModel
+from service.core.errors import EngineFailure, LimitError, Outcome, ServiceError, new_error_id
+from service.core.progress import Handover, Listener
+from service.core.request import GenerationSpec, Job, RequestLimits
+from service.core.runner import Runner, RunnerConfig
+from service.core.scheduler import Ended, Scheduler, SchedulerConfig
+from service.core.stats import RequestDone, SchedulerSnapshot, StatsSink, TickStats
+
+log = logging.getLogger("service.core.loop")
+
+
+class EngineLoop:
+    def __init__(self, engine: Engine, sched: CosineSchedule, null_label: int, config: SchedulerConfig,
+                 stats: StatsSink | None = None, output_size: int | None = None, autok: AutoK | None = None,
+                 runner: RunnerConfig | None = None, limits: RequestLimits | None = None) -> None:
+        """`output_size`: the delivered crop (None = the whole sample); `autok`: encoder_interval "auto" (None = not
+        offered); `runner`: the runner's switches (overlap, fused tick); `limits`: every submission is checked against
+        them again (it may come from any front end over the process boundary)."""
+        self.limits, self.null_label = limits, null_label
+        self.stats = stats or StatsSink()
+        cost = autok.cost if autok is not None else CostModel(slots=config.max_active_images)
+        self.scheduler = Scheduler(config, null_label, autok, cost)
+        self.runner = Runner(engine, sched, null_label, config.max_active_images, runner or RunnerConfig(),
+                             output_size, self.stats)
+        self.handover = Handover()
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # ---- from any thread -----------------------------------------------------------------------------------------
+
+    def submit(self, spec: GenerationSpec, listener: Listener | None = None, preview_every: int = 0) -> Job:
+        """Queue a request; raises LimitError / QueueFull / NotReady at once when it cannot be queued."""
+        if self.limits is not None:
+            label = None if spec.label == self.null_label else spec.label
+            problems = self.limits.problems(label, spec.num_images, spec.steps, spec.encoder_interval, spec.auto, None)
+            if problems:
+                raise LimitError(problems)
+        with self._cv:
+            job = self.scheduler.submit(spec, listener, preview_every)
+            self._cv.notify()
+        return job
+
+    def snapshot(self) -> SchedulerSnapshot:
+        with self._cv:
+            return self.scheduler.snapshot()
+
+    def idle(self) -> bool:
+        with self._cv:
+            return not self.scheduler.has_work()
+
+    def stop_admission(self) -> None:
+        with self._cv:
+            self.scheduler.stop_admission()
+
+    def abort(self, err: ServiceError) -> None:
+        """Fail every queued and running job with `err` at the next tick (a forced or timed-out drain)."""
+        with self._cv:
+            self.scheduler.abort(err)
+            self._cv.notify()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
+        self._thread.start()
+
+    def shutdown(self, timeout: float | None = None) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # ---- the tick thread -----------------------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self.runner.thread_started()
+        while True:
+            with self._cv:
+                while not self._stop and not self.scheduler.has_work():
+                    self._cv.wait()
+                if self._stop and not self.scheduler.has_work():
+                    return
+            self.tick()
+
+    def tick(self) -> None:
+        """One tick: schedule, run, update, hand events over, resolve. An invariant that breaks fails what is in
+        flight and the loop keeps serving."""
+        t0 = time.perf_counter()
+        try:
+            with self._cv:
+                scheduled = self.scheduler.schedule()
+            self._resolve(scheduled.ended)  # reaped jobs answer now, not after the tick
+            t_run = time.perf_counter()
+            out = self.runner.run(scheduled.plan)
+            ran = time.perf_counter() - t_run
+            with self._cv:
+                self.scheduler.cost.observe_tick(out.denoiser_rows, out.encoder_rows, ran, len(scheduled.plan.slots))
+                ended = self.scheduler.update(scheduled, out)
+        except Exception:
+            log.exception("scheduler tick failed")
+            with self._cv:
+                ended = self.scheduler.fail(list(self.scheduler.active),
+                                            EngineFailure(new_error_id(), "internal scheduler error"))
+            self._resolve(ended)
+            return
+        failed = {a.job for a in scheduled.batch if a.slot in out.failed}
+        self.handover.emit(scheduled.batch, out.previews, failed)  # before any job resolves: its events come first
+        self._resolve(ended)
+        if scheduled.batch:
+            self.stats.tick(TickStats(len(scheduled.batch), out.encoder_rows, out.denoiser_rows,
+                                      time.perf_counter() - t0))
+
+    def _resolve(self, ended: list[Ended]) -> None:
+        now = time.monotonic()
+        for e in ended:
+            job = e.job
+            if job.future.done():
+                continue
+            admitted = job.first_admitted or now
+            if e.error is None:
+                job.future.set_result(e.result)
+                outcome: str = Outcome.OK
+            else:
+                job.future.set_exception(e.error)
+                outcome = e.error.kind
+            self.stats.request_done(RequestDone(outcome, job.spec.num_images, admitted - job.submitted,
+                                                now - job.submitted, job.spec.priority.value))

@@ -1,0 +1,107 @@
+"""ASGI middleware in front of the app (beside `service.http_limits`, which bounds the HTTP layer below it): the
+body limit, the JSON checks the parser cannot name, the API key before the body, and `nosniff` on every answer."""
+
+from __future__ import annotations
+
+import json
+
+from fastapi import FastAPI
+from fastapi.routing import APIRoute
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.deps import authorize, key_ok
+
+
+def protected_paths(app: FastAPI) -> frozenset[str]:
+    """The paths of the routes that depend on the API key (`Depends(authorize)` on the route or its router)."""
+    return frozenset(r.path for r in app.routes if isinstance(r, APIRoute)
+                     and any(d.call is authorize for d in r.dependant.dependencies))
+
+
+class BodyLimit:
+    """Refuses request bodies over `max_bytes` (413) without reading past the limit: by Content-Length when the client
+    sends one, else by counting the chunks. A JSON body is read whole on the app's first `receive` and checked for
+    what the JSON parser would only call "an error parsing the body": not UTF-8 (RFC 8259 JSON is UTF-8; Python's
+    parser would also take UTF-16 and UTF-32), nested too deeply for the parser, or a number of more digits than
+    Python converts; each gets a 400 that names it. (Syntax errors go on to the app's 422, with their position.) The
+    errors are raised from `receive`, so the app's error handler (the one place errors become answers) answers and
+    counts them. Starlette's own limiter answers in plain text instead. Every answer carries X-Content-Type-Options:
+    nosniff."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int, keys: list[bytes] | None = None,
+                 protected: frozenset[str] = frozenset()) -> None:
+        """`protected`: the paths whose routes declare the API key (`service.api.deps.Authorized`), read off the
+        routes by `protected_paths`: which routes need a key is said once, where each route is declared."""
+        self.app, self.max_bytes, self.keys, self.protected = app, max_bytes, keys or [], protected
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = Headers(scope=scope)
+        declared = headers.get("content-length")
+        is_json = headers.get("content-type", "").split(";")[0].strip().lower().endswith("json")
+        seen = 0
+        whole: list[Message] = []
+
+        async def read() -> Message:
+            nonlocal seen
+            if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+                raise StarletteHTTPException(413)
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise StarletteHTTPException(413)
+            return message
+
+        # The API key before the body: a request without a valid key learns nothing about its body (401, not 422).
+        protected = scope["path"] in self.protected
+        key_checked = not protected or key_ok(self.keys, headers.get("authorization", ""))
+
+        async def limited() -> Message:
+            if not key_checked:  # an HTTPException: FastAPI turns other errors while reading the body into 400
+                raise StarletteHTTPException(401, headers={"WWW-Authenticate": "Bearer"})
+            if not is_json or whole:
+                return await read()
+            parts, message = [], await read()
+            while message["type"] == "http.request":
+                parts.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+                message = await read()
+            if message["type"] != "http.request":
+                return message  # the client went away mid-body
+            body = b"".join(parts)
+            _check_json(body)
+            whole.append(message)
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send_nosniff(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"x-content-type-options", b"nosniff")]}
+            await send(message)
+
+        await self.app(scope, limited, send_nosniff)
+
+
+def _check_json(body: bytes) -> None:
+    """400 for a JSON body the parser cannot take for a reason other than its syntax (see BodyLimit)."""
+    if not body:
+        return
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise StarletteHTTPException(400, f"the body is not UTF-8 (byte {e.start}): JSON bodies must be UTF-8 encoded"
+                                     ) from None
+    try:
+        json.loads(text)
+    except json.JSONDecodeError:
+        return  # the app answers 422 with the position
+    except RecursionError:
+        raise StarletteHTTPException(400, "the JSON body is nested too deeply to parse (keep it under ~900 levels)"
+                                     ) from None
+    except ValueError as e:
+        raise StarletteHTTPException(400, f"a number in the JSON body is too large to read: {e}") from None
