@@ -27,7 +27,7 @@ COPY service service
 # torch first, as the CPU build (local version +cpu) from TORCH_INDEX_URL; `pip install .` then finds torch==2.13.0
 # satisfied and installs the rest from the default index.
 RUN if [ -z "$TORCH_INDEX_URL" ]; then \
-        echo "set --build-arg TORCH_INDEX_URL to PyTorch's CPU wheel index (see README, Deployment)" >&2; exit 1; \
+        echo "set --build-arg TORCH_INDEX_URL to PyTorch's CPU wheel index (see docs/deployment.md)" >&2; exit 1; \
     fi \
     && pip install --extra-index-url "$TORCH_INDEX_URL" "torch==2.13.0+cpu" \
     && pip install . \
@@ -92,7 +92,7 @@ COPY service service
 # One consistent set (deploy/gpu-constraints.txt): torch 2.13.0+cu128, onnxruntime-gpu for CUDA 12 / cuDNN 9,
 # TensorRT 10 for CUDA 12; onnxruntime-gpu replaces the CPU onnxruntime that pyproject.toml names.
 RUN if [ -z "$GPU_TORCH_INDEX_URL" ]; then \
-        echo "set --build-arg GPU_TORCH_INDEX_URL to PyTorch's CUDA 12.8 wheel index (see README, Deployment)" >&2; \
+        echo "set --build-arg GPU_TORCH_INDEX_URL to PyTorch's CUDA 12.8 wheel index (see docs/deployment.md)" >&2; \
         exit 1; \
     fi \
     && pip install --extra-index-url "$GPU_TORCH_INDEX_URL" -c deploy/gpu-constraints.txt "torch==2.13.0+cu128" \

@@ -60,7 +60,7 @@ bench: setup export
 # The sweep behind docs/sweep.md and docs/fid_vs_flops.png: every row on 3 disjoint seed sets, with the baselines.
 BASELINES := checkpoints/mnist-standalone-large checkpoints/mnist-standalone-small
 evaluate: setup
-	$(BIN)/python -m dualrate.evaluate --num-images 800 --seed-sets 3 --baselines $(BASELINES) --out docs
+	$(BIN)/python -m dualrate.eval --num-images 800 --seed-sets 3 --baselines $(BASELINES) --out docs
 
 # Retrain the standalone baselines (the pair's recipe, one flag; ~25 + ~12 min on 2 cores; resumable).
 baselines: setup
@@ -91,7 +91,7 @@ fashion: setup
 FASHION_BASELINES := checkpoints/fashion-standalone-large checkpoints/fashion-standalone-small
 evaluate-fashion: setup
 	bash scripts/install_test_tools.sh data
-	$(BIN)/python -m dualrate.evaluate --checkpoint checkpoints/fashion-dualrate --num-images 800 --seed-sets 3 \
+	$(BIN)/python -m dualrate.eval --checkpoint checkpoints/fashion-dualrate --num-images 800 --seed-sets 3 \
 	  --guidance 1.0,1.25,1.5,2.0 --sweep-steps 8,16,32,64 --steps-k 4 --sweep-ks 1,2,4,8 --baselines $(FASHION_BASELINES) \
 	  --out docs/fashion $(EXTRA)
 

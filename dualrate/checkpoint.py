@@ -47,6 +47,10 @@ def checkpoint_problem(path: Path | str) -> str | None:
     path = Path(path)
     missing = [n for n in (CARD_FILE, ENCODER_FILE, DENOISER_FILE) if not (path / n).is_file()]
     if not missing:
+        try:
+            ModelConfig.from_dict(json.loads((path / CARD_FILE).read_text())["config"])
+        except (ValueError, KeyError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+            return f"checkpoint {path}: {CARD_FILE}: {e if not isinstance(e, KeyError) else f'no {e} field'}"
         return None
     what = "does not exist" if not path.exists() else f"has no {', '.join(missing)}"
     return (f"checkpoint {path} {what}: set DUALRATE_CHECKPOINT (or make's CHECKPOINT) to a checkpoint folder, e.g. "

@@ -13,6 +13,10 @@ A claim about FID counts where both feature spaces agree beyond their spread (do
 
 from __future__ import annotations
 
+from dualrate.research import require_research_extra
+
+require_research_extra("dualrate.classifier")  # before the imports that need it: one line, not a traceback
+
 import argparse
 import json
 import logging

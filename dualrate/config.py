@@ -22,13 +22,13 @@ MODEL_KINDS = ("dualrate", "standalone")
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """The dual-rate pair, the images they draw, and the diffusion process they were trained for. The defaults are
-    the shipped MNIST model's, so a model card written before the geometry fields existed still loads as MNIST."""
+    """The dual-rate pair, the images they draw, and the diffusion process they were trained for. The geometry has
+    no defaults: every model card states it (a card without it would otherwise be silently served as MNIST)."""
 
-    image_size: int = 32  # S: samples are (channels, S, S); S divisible by 4. MNIST: 28x28 padded to 32x32
-    channels: int = 1  # 1 = grayscale, 3 = RGB
-    output_size: int = 28  # the delivered picture: the centred output_size x output_size crop of a sample
-    num_classes: int = 10  # label index num_classes is the null label (unconditional / CFG)
+    image_size: int  # S: samples are (channels, S, S); S divisible by 4. MNIST: 28x28 padded to 32x32
+    channels: int  # 1 = grayscale, 3 = RGB
+    output_size: int  # the delivered picture: the centred output_size x output_size crop of a sample
+    num_classes: int  # label index num_classes is the null label (unconditional / CFG)
     encoder: NetConfig = field(default_factory=NetConfig)
     denoiser: NetConfig = field(default_factory=lambda: NetConfig(channels=(4, 8, 16), transformer_blocks=1, heads=2, emb_dim=32))
     logsnr_min: float = -15.0
@@ -78,6 +78,11 @@ class ModelConfig:
     @staticmethod
     def from_dict(d: dict[str, Any]) -> ModelConfig:
         d = dict(d)
+        missing = [k for k in GEOMETRY if k not in d]
+        if missing:
+            raise ValueError(f"the model card's config lacks {', '.join(missing)}: a card states its geometry "
+                             f"({', '.join(GEOMETRY)}); add them (the shipped MNIST cards: "
+                             + ", ".join(f"{k} {v}" for k, v in MNIST_GEOMETRY.items()) + ")")
 
         def net(raw: dict[str, Any]) -> NetConfig:
             kw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
@@ -88,17 +93,21 @@ class ModelConfig:
         return ModelConfig(encoder=enc, denoiser=den, **{k: v for k, v in d.items() if k in known})
 
 
+GEOMETRY = ("image_size", "channels", "output_size", "num_classes")
+MNIST_GEOMETRY: dict[str, Any] = {"image_size": 32, "channels": 1, "output_size": 28, "num_classes": 10}
+
 MODEL_PRESETS: dict[str, ModelConfig] = {
     # The shipped model: light denoiser at a few percent of the encoder's FLOPs.
-    "mnist-small": ModelConfig(),
+    "mnist-small": ModelConfig(**MNIST_GEOMETRY),
     # For unit tests: tiny and fast.
     "tiny": ModelConfig(
+        **MNIST_GEOMETRY,
         encoder=NetConfig(channels=(8, 16, 24), transformer_blocks=1, heads=2, emb_dim=32),
         denoiser=NetConfig(channels=(4, 8, 16), transformer_blocks=1, heads=2, emb_dim=16),
     ),
     # For tests of the geometry: RGB, 16x16, delivered whole.
     "tiny-rgb": ModelConfig(
-        image_size=16, channels=3, output_size=16,
+        image_size=16, channels=3, output_size=16, num_classes=10,
         encoder=NetConfig(channels=(8, 16, 24), transformer_blocks=1, heads=2, emb_dim=32),
         denoiser=NetConfig(channels=(4, 8, 16), transformer_blocks=1, heads=2, emb_dim=16),
     ),

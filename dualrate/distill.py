@@ -25,6 +25,10 @@ so unconditional requests work too. Resumable from OUT/state.pt; the card record
 
 from __future__ import annotations
 
+from dualrate.research import require_research_extra
+
+require_research_extra("dualrate.distill")  # before the imports that need it: one line, not a traceback
+
 import argparse
 import copy
 import json

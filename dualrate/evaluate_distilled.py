@@ -19,6 +19,10 @@ the student's samples above the undistilled teacher's at the same seeds.
 
 from __future__ import annotations
 
+from dualrate.research import require_research_extra
+
+require_research_extra("dualrate.evaluate_distilled")  # before the imports that need it: one line, not a traceback
+
 import argparse
 import json
 import logging

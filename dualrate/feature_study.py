@@ -9,6 +9,10 @@ For each t: fresh features (tau = t), stale features from tau = t + gap for the 
 
 from __future__ import annotations
 
+from dualrate.research import require_research_extra
+
+require_research_extra("dualrate.feature_study")  # before the imports that need it: one line, not a traceback
+
 import argparse
 import json
 from pathlib import Path

@@ -10,6 +10,10 @@ them).
 
 from __future__ import annotations
 
+from dualrate.research import require_research_extra
+
+require_research_extra("dualrate.train")  # before the imports that need it: one line, not a traceback
+
 import argparse
 import copy
 import json

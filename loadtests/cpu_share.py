@@ -27,8 +27,8 @@ from pathlib import Path
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
+from loadtests.clients import closed_loop, plain_and_streams
 from loadtests.process import ServerProcess
-from loadtests.service_bench import closed_loop, plain_and_streams
 
 log = logging.getLogger("loadtests.cpu_share")
 

@@ -22,8 +22,8 @@ import httpx
 
 from dualrate.checkpoint import checkpoint_hash, distilled_teacher, load_checkpoint
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
+from loadtests.clients import closed_loop
 from loadtests.process import ServerProcess
-from loadtests.service_bench import closed_loop
 
 log = logging.getLogger("loadtests.distilled_serving")
 

@@ -17,7 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import msgpack
+import msgspec
 import numpy as np
 import zmq
 
@@ -41,10 +41,10 @@ def zmq_echo(address: str) -> None:
     s.bind(address)
     while True:
         ident, raw = s.recv_multipart()
-        msg = msgpack.unpackb(raw, raw=False)
+        msg = msgspec.msgpack.decode(raw)
         if msg[0] == "stop":
             return
-        s.send_multipart([ident, msgpack.packb(["ack", msg[1]], use_bin_type=True)])
+        s.send_multipart([ident, msgspec.msgpack.encode(["ack", msg[1]])])
 
 
 def pipe_echo(conn) -> None:
@@ -66,11 +66,11 @@ def time_zmq(msg: list, n: int) -> list[float]:
     out = []
     for i in range(n + 100):
         t0 = time.perf_counter()
-        s.send(msgpack.packb(msg, use_bin_type=True))
-        msgpack.unpackb(s.recv(), raw=False)
+        s.send(msgspec.msgpack.encode(msg))
+        msgspec.msgpack.decode(s.recv())
         if i >= 100:
             out.append(time.perf_counter() - t0)
-    s.send(msgpack.packb(["stop", 0], use_bin_type=True))
+    s.send(msgspec.msgpack.encode(["stop", 0]))
     p.join()
     return out
 

@@ -32,10 +32,10 @@ import torch
 from PIL import Image
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
-from dualrate.evaluate import Evaluator, from_pictures, generate
+from dualrate.eval import Evaluator, from_pictures, generate
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
+from loadtests.clients import closed_loop
 from loadtests.process import ServerProcess
-from loadtests.service_bench import closed_loop
 
 log = logging.getLogger("loadtests.overload")
 STAGES = (0.5, 1.0, 2.0, 3.0)

@@ -27,8 +27,8 @@ import httpx
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
+from loadtests.clients import closed_loop, pct
 from loadtests.process import ServerProcess, metric
-from loadtests.service_bench import closed_loop, pct
 
 log = logging.getLogger("loadtests.priorities")
 

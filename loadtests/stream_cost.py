@@ -35,9 +35,9 @@ import httpx
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
+from loadtests.clients import read_stream
 from loadtests.cpu_share import process_cpu_s
 from loadtests.process import ServerProcess
-from loadtests.service_bench import read_stream
 
 log = logging.getLogger("loadtests.stream_cost")
 PLAIN, EXTRA, PREVIEW_EVERY = 16, 4, 4

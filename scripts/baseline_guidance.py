@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, checkpoint_hash, load_checkpoint
-from dualrate.evaluate import Evaluator, RowStore, dataset_of, markdown_table, run_sweep
+from dualrate.eval import Evaluator, RowStore, dataset_of, markdown_table, run_sweep
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
 
 
@@ -30,7 +30,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=10_000, help="first seed (docs/sweep.md: 10000)")
     p.add_argument("--out", type=Path, default=None, help="append the report to this markdown file")
     p.add_argument("--rows", type=Path, default=None,
-                   help="a sweep's rows.jsonl (dualrate.evaluate) to take finished rows from and add these to, e.g. "
+                   help="a sweep's rows.jsonl (dualrate.eval) to take finished rows from and add these to, e.g. "
                    "docs/fashion/rows.jsonl: a later sweep with the same images, seeds and sets reuses them")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
     a = p.parse_args(argv)

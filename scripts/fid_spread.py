@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, checkpoint_hash, load_checkpoint
-from dualrate.evaluate import Evaluator, generate
+from dualrate.eval import Evaluator, generate
 
 
 def main() -> None:

@@ -61,7 +61,7 @@ class Run:
 
 
 def _loadgen(args: tuple[str, int, float, dict, int, int]) -> tuple[float, list[float]]:
-    from loadtests.service_bench import closed_loop
+    from loadtests.clients import closed_loop
 
     url, clients, seconds, body, num_classes, offset = args
     return asyncio.run(closed_loop(url, clients, seconds, body, num_classes, offset))

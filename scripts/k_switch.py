@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
-from dualrate.evaluate import Evaluator, generate
+from dualrate.eval import Evaluator, generate
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
 
 

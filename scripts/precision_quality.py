@@ -1,5 +1,5 @@
 """Quality of the compiled bf16 networks against fp32, with the project's evaluator (FID in the digit classifier's
-feature space, class accuracy) on the same disjoint seed sets as `dualrate.evaluate`, at the card's defaults.
+feature space, class accuracy) on the same disjoint seed sets as `dualrate.eval`, at the card's defaults.
 
     python scripts/precision_quality.py [--num-images 800] [--seed-sets 3] [--out docs/precision.md]
 
@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from dualrate.diffusion import CosineSchedule
-from dualrate.evaluate import Evaluator, quantize, seed_set_starts
+from dualrate.eval import Evaluator, quantize, seed_set_starts
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
 from dualrate.sampler import dual_rate_sample
 from engines import create_engine

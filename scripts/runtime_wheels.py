@@ -15,7 +15,7 @@ from packaging.requirements import Requirement
 ROOT = Path(__file__).resolve().parents[1]
 PROVIDED = {"torch", "numpy", "onnx", "onnxruntime", "triton", "sympy", "mpmath", "networkx", "jinja2", "markupsafe",
             "fsspec", "filelock", "setuptools", "protobuf", "ml-dtypes"}
-RESEARCH = {"matplotlib", "scipy", "tqdm"}  # research tools only (dualrate.evaluate / train); not on the serving path
+RESEARCH = {"matplotlib", "scipy", "tqdm"}  # research tools only (dualrate.eval / train); not on the serving path
 TEST = ["pytest", "pytest-timeout", "httpx"]  # the GPU tests and gpu_check's load generator (loadtests.process)
 
 

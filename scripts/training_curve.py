@@ -21,7 +21,7 @@ import torch
 
 from dualrate.checkpoint import checkpoint_hash, checkpoint_problem, load_checkpoint
 from dualrate.data import DATASETS
-from dualrate.evaluate import Evaluator, dataset_of, run_sweep
+from dualrate.eval import Evaluator, dataset_of, run_sweep
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
 
 

@@ -81,7 +81,7 @@ def test_the_student_is_evaluated_beside_its_teacher_on_the_same_seed_sets(tmp_p
 
 
 def test_the_verdicts_judge_each_target_by_the_spread():
-    from dualrate.evaluate import SweepRow
+    from dualrate.eval import SweepRow
     from dualrate.evaluate_distilled import verdicts
 
     def row(fid: float, std: float, gflops: float) -> SweepRow:

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from dualrate.data import load_mnist
-from dualrate.evaluate import Evaluator
+from dualrate.eval import Evaluator
 
 pytestmark = pytest.mark.slow  # real servers / training / the evaluator: `pytest -m "not slow"` skips them
 
@@ -42,7 +42,7 @@ def test_a_second_evaluator_reuses_the_test_split_statistics_unless_the_classifi
 
     from safetensors.torch import load_file, save_file
 
-    import dualrate.evaluate as evaluate
+    import dualrate.eval.fid as evaluate
 
     again = Evaluator()
     assert all(again.refs[a][1] is ev.refs[a][1] and again.refs[a][2] is ev.refs[a][2] for a in ev.spaces)
@@ -64,13 +64,13 @@ def test_a_second_evaluator_reuses_the_test_split_statistics_unless_the_classifi
 
 
 def _row(model, steps, k, fid, std, gflops):
-    from dualrate.evaluate import SweepRow
+    from dualrate.eval import SweepRow
 
     return SweepRow(steps, k, 1.5, fid, 0.99, 0, gflops, 1.0, model=model, fid_std=std, fids=[fid - std, fid + std])
 
 
 def test_comparisons_find_the_cheapest_matching_row_and_judge_by_the_spread():
-    from dualrate.evaluate import comparisons
+    from dualrate.eval import comparisons
 
     dual = [_row("dual-rate", 32, 1, 10.2, 0.4, 17.1), _row("dual-rate", 32, 4, 10.4, 0.3, 4.6),
             _row("dual-rate", 32, 8, 11.5, 0.3, 2.5)]
@@ -91,7 +91,7 @@ def test_sweep_with_seed_sets_and_baselines_end_to_end(tmp_path, monkeypatch):
 
     import numpy as np
 
-    from dualrate.evaluate import main, seed_set_starts
+    from dualrate.eval import main, seed_set_starts
     from dualrate.init import init_checkpoint
     from dualrate.nets import per_image_flops
 
@@ -152,7 +152,7 @@ def test_a_guidance_grid_reports_each_model_at_its_best_in_both_feature_spaces_a
     import json
     import logging
 
-    from dualrate.evaluate import main
+    from dualrate.eval import main
     from dualrate.init import init_checkpoint
 
     pair = init_checkpoint("tiny", tmp_path / "pair", seed=1)
@@ -178,7 +178,7 @@ def test_a_guidance_grid_reports_each_model_at_its_best_in_both_feature_spaces_a
     lines = (tmp_path / "out" / "rows.jsonl").read_text().splitlines()
     assert len(lines) == len(rows)
 
-    caplog.set_level(logging.INFO, logger="dualrate.evaluate")
+    caplog.set_level(logging.INFO, logger="dualrate.eval")
     main(args)  # the same command again: every row kept, nothing sampled
     assert (tmp_path / "out" / "rows.jsonl").read_text().splitlines() == lines
     assert json.loads((tmp_path / "out" / "sweep.json").read_text()) == rows
@@ -205,7 +205,7 @@ def test_a_guidance_grid_reports_each_model_at_its_best_in_both_feature_spaces_a
 
 
 def test_best_guidance_takes_each_points_lowest_fid_in_the_space_asked():
-    from dualrate.evaluate import SweepRow, best_guidance, comparisons
+    from dualrate.eval import SweepRow, best_guidance, comparisons
 
     def row(model, g, fid, gap, k=4, steps=32, gflops=4.6):
         return SweepRow(steps, k, g, fid, 0.9, 8, gflops, 1.0, model=model, fid_std=0.2, fid_gap=gap, fid_gap_std=0.1)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dualrate.config import MODEL_PRESETS, ModelConfig
+from dualrate.config import MNIST_GEOMETRY, MODEL_PRESETS, ModelConfig
 from dualrate.nets import ContextEncoder, LightDenoiser, per_image_flops
 
 TINY = MODEL_PRESETS["tiny"]
@@ -82,4 +82,4 @@ def test_standalone_small_matches_the_pairs_flops_per_step_at_k4():
 
 def test_unknown_model_kind_is_refused():
     with pytest.raises(ValueError, match="kind must be one of"):
-        ModelConfig(kind="single")
+        ModelConfig(**MNIST_GEOMETRY, kind="single")

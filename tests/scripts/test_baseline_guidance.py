@@ -16,7 +16,7 @@ def test_rows_are_measured_once_and_shared_through_rows_jsonl(tmp_path, keeps_au
     script = load_script("baseline_guidance").main
     from dualrate.init import init_checkpoint
 
-    caplog.set_level(logging.INFO, logger="dualrate.evaluate")
+    caplog.set_level(logging.INFO, logger="dualrate.eval")
     small = init_checkpoint("tiny", tmp_path / "tiny-standalone-small", seed=3, standalone="small")
     rows = tmp_path / "rows.jsonl"
     argv = [str(small), "--guidance", "1.0,2.0", "--num-images", "20", "--seed-sets", "2", "--rows", str(rows)]

@@ -101,3 +101,18 @@ def test_the_limits_come_from_the_settings_and_the_card(monkeypatch, tiny_studen
         ("steps", "must be 4 (or left out): this model was distilled for 4 steps and samples at no other count"),
         ("encoder_interval", "must be <= 2: this model was distilled with the encoder every 2 steps")]
     assert limits.problems(1, 1, 4, 2, False, None) == []
+
+
+def test_a_card_without_its_geometry_is_one_line_at_start_not_silently_mnist(monkeypatch, tmp_path, checkpoint_dir):
+    import json
+    import shutil
+
+    folder = tmp_path / "old-card"
+    shutil.copytree(checkpoint_dir, folder)
+    card = json.loads((folder / "model_card.json").read_text())
+    del card["config"]["channels"], card["config"]["output_size"]
+    (folder / "model_card.json").write_text(json.dumps(card))
+    monkeypatch.setenv("DUALRATE_CHECKPOINT", str(folder))
+    with pytest.raises(ValidationError, match=r"config lacks channels, output_size: a card states its geometry .* "
+                                              r"image_size 32, channels 1, output_size 28, num_classes 10"):
+        Settings()

@@ -80,8 +80,8 @@ def prepare(req: GenerateRequest, state: AppState, t0: float) -> tuple[CoreHandl
     steps = req.steps or state.sampling.steps
     auto = req.encoder_interval == "auto"
     k = (state.sampling.encoder_interval if req.encoder_interval is None or auto else int(req.encoder_interval))
-    # K > steps runs the encoder once, at step 0, exactly as K = steps does: accepted (a JSON schema cannot say
-    # "K <= steps", and a schema-valid request must not be refused); the answer reports the K asked for.
+    # K > steps runs the encoder once, at step 0, exactly as K = steps does: accepted (a JSON schema cannot tie K to
+    # steps, and a schema-valid request must not be refused); the answer reports the K asked for.
     problems = state.limits.problems(req.class_label, req.num_images, steps, k, auto, req.timeout_s)
     if problems:
         raise LimitError(problems)
