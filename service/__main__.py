@@ -7,7 +7,10 @@ Signals (SIGTERM or SIGINT, alone or sent to the whole process group):
 - repeats within DUALRATE_SIGNAL_GRACE_S (default 5 s) of the first are logged and ignored: `make serve` forwards
   Ctrl-C to Python, which also gets it from the terminal, so one Ctrl-C arrives twice.
 - a repeat after that grace period, or a drain longer than DUALRATE_DRAIN_TIMEOUT_S (default max_timeout_s + 10),
-  cancels what is still queued or running (those requests get 503) and exits with status 1.
+  cancels what is still queued or running (those requests get 503) and exits with status 1. The drain's clock is
+  its own: nothing else's timeout stands in for it. If the engine core does not answer the cancellation within
+  DUALRATE_CORE_HEARTBEAT_TIMEOUT_S (a frozen core), it is killed and every open request gets 503: every path of
+  the drain ends in an exit.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ class DrainingServer(uvicorn.Server):
         self.drain_timeout_s = settings.effective_drain_timeout_s
         self.drain_started: float | None = None
         self.forced = False
+        self.kill_grace_s = settings.core_heartbeat_timeout_s
+        self._forced_event: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
     async def serve(self, sockets=None) -> None:  # type: ignore[no-untyped-def]
@@ -75,6 +80,8 @@ class DrainingServer(uvicorn.Server):
 
     def _force(self, why: str) -> None:
         self.forced = True
+        if self._forced_event is not None:
+            self._forced_event.set()
         if self.state.core is not None:
             self.state.core.abort(NotReady(f"{why} before this request finished"))
 
@@ -85,17 +92,46 @@ class DrainingServer(uvicorn.Server):
         self._loop.call_later(1.0, setattr, self, "should_exit", True)
 
     async def _drain_then_exit(self) -> None:
-        try:
-            await asyncio.wait_for(drain(self.state), timeout=self.drain_timeout_s)
-            log.info("drained; shutting down")
-        except TimeoutError:
-            log.warning("drain still busy after %.0f s (DUALRATE_DRAIN_TIMEOUT_S): cancelling what is left",
-                        self.drain_timeout_s)
-            self._force("the drain timed out")
+        """The drain on its own clock, then the exit, whatever happens on the way (the exit flag is set in `finally`)."""
+        self._forced_event = asyncio.Event()
         if self.forced:
-            await drain(self.state)  # the aborted jobs are answered (503) at the scheduler's next tick
-            await asyncio.sleep(0.2)  # let those answers go out before the sockets close
-        self.should_exit = True
+            self._forced_event.set()
+        drained = asyncio.create_task(drain(self.state))
+        forced = asyncio.create_task(self._forced_event.wait())
+        try:
+            done, _ = await asyncio.wait({drained, forced}, timeout=self.drain_timeout_s,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if drained in done and drained.exception() is None and not self.forced:
+                log.info("drained; shutting down")
+                return
+            if not self.forced:
+                why = ("the drain failed" if drained in done else
+                       f"drain still busy after {self.drain_timeout_s:.0f} s (DUALRATE_DRAIN_TIMEOUT_S)")
+                log.warning("%s: cancelling what is left", why)
+                self._force("the drain timed out")
+            await self._after_force()
+        except Exception:
+            log.exception("the drain failed: exiting")
+            self.forced = True
+        finally:
+            for t in (drained, forced):
+                t.cancel()
+            self.should_exit = True
+
+    async def _after_force(self) -> None:
+        """The aborted requests are answered 503 at the core's next tick; a core that does not get there within the
+        heartbeat timeout is frozen: kill it, answer them here."""
+        try:
+            async with asyncio.timeout(self.kill_grace_s):
+                await drain(self.state)
+        except TimeoutError:
+            why = (f"the engine core did not answer the cancelled drain within {self.kill_grace_s:.0f} s "
+                   "(DUALRATE_CORE_HEARTBEAT_TIMEOUT_S)")
+            log.error("%s: stopping it and answering what is left 503", why)
+            if self.state.core is not None:
+                self.state.core.kill(why)
+            self.state.core_killed = True
+        await asyncio.sleep(0.2)  # let those answers go out before the sockets close
 
 
 class QuietHealthProbes(logging.Filter):

@@ -51,7 +51,9 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         built = None
         shared = os.environ.get(SHARED_CORE_ENV)  # a front-end worker of several: the supervisor's core
         if shared or settings.use_engine_process:
-            remote = RemoteCore(None, shared) if shared else RemoteCore(*spawn_core(core_config))
+            beat = settings.core_heartbeat_timeout_s
+            remote = (RemoteCore(None, shared, heartbeat_timeout_s=beat) if shared
+                      else RemoteCore(*spawn_core(core_config), heartbeat_timeout_s=beat))
             remote.on_death = state.core_died
             remote.start()
             state.core = remote
@@ -59,7 +61,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         else:
             stats = CoreStats()
             built = await asyncio.to_thread(build_core, core_config, stats, engine_factory, starting)
-            state.core = LocalCore(built.loop, built.engine.info, stats)
+            state.core = LocalCore(built.loop, built.engine.info, stats, settings.core_heartbeat_timeout_s)
         info = state.core.engine_info
         if settings.api_keys:
             log.info("API keys: %d configured: /generate, /generate/stream and /v1/model need one",
@@ -81,7 +83,10 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
             yield
         finally:
             state.ready = False
-            if remote is not None and remote.dead is None:
+            if state.core_killed:  # a forced drain found the core frozen: nothing of it is waited for again
+                if remote is not None:
+                    await remote.close(timeout=5)
+            elif remote is not None and remote.dead is None:
                 await drain(state)
                 code = await remote.close()
                 log.info("engine core exited with %s", code)

@@ -60,6 +60,11 @@ class Settings(BaseSettings):
                                  "beyond this get 503 at once (uvicorn's limit_concurrency; per front-end worker)")
     drain_timeout_s: float | None = Field(None, gt=0, description="longest drain after SIGTERM before the requests "
                                           "still running are cancelled (503); default max_timeout_s + 10")
+    core_heartbeat_timeout_s: float = Field(5.0, gt=0, le=600, description="an engine core that answers no heartbeat "
+                                            "(or has work and completes no tick) for this long is reported frozen: "
+                                            "/health/live and /health/ready answer 503, new requests 503, waiting ones "
+                                            "503 at their deadline; a forced drain waits this long for the core's "
+                                            "answers before killing it")
     signal_grace_s: float = Field(5.0, ge=0, description="repeated SIGTERM/SIGINT within this many seconds of the "
                                   "first are ignored (make and process groups deliver one Ctrl-C twice); a later one "
                                   "cancels what is still running and exits at once")

@@ -33,6 +33,7 @@ class AppState:
         self.draining = False
         self.core: CoreHandle | None = None  # the engine core, here or in its own process (service.core.handle)
         self.core_dead: str | None = None  # why the engine core process stopped, once it has
+        self.core_killed = False  # a forced drain found the core frozen and stopped it (service.__main__)
         self.on_core_death: Callable[[str], None] | None = None  # set by the server: exit non-zero
         self.metrics = PrometheusStats(settings.policy.value)
         self.open_streams = 0  # /generate/stream responses still sending

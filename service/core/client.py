@@ -13,9 +13,11 @@ import asyncio
 import itertools
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -86,8 +88,12 @@ class RemoteCore:
     """`proc` given: this front end started the core and owns it (watches it, shuts it down after the drain).
     None: a front-end worker of several (service.supervisor owns the core and signals its death: `died`)."""
 
-    def __init__(self, proc: subprocess.Popen | None, address: str, folder: str | None = None) -> None:
+    def __init__(self, proc: subprocess.Popen | None, address: str, folder: str | None = None,
+                 heartbeat_timeout_s: float = 5.0) -> None:
         self.proc, self.address, self.folder = proc, address, folder
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self.last_heard = time.monotonic()  # the core's last message of any kind
+        self.stalled_s = 0.0  # the core's own report: work and no tick for this long
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
@@ -103,9 +109,57 @@ class RemoteCore:
         self._tasks: list[asyncio.Task] = []
 
     def start(self) -> None:
-        self._tasks = [asyncio.create_task(self._reader())]
+        self._tasks = [asyncio.create_task(self._reader()), asyncio.create_task(self._heartbeat())]
         if self.proc is not None:
             self._tasks.append(asyncio.create_task(self._watch()))
+
+    @property
+    def frozen(self) -> str | None:
+        """Why the core counts as frozen: no answer to the heartbeat, or work and no tick, for the heartbeat timeout."""
+        if self.dead is not None:
+            return None  # dead, not frozen: `dead` says why
+        silent = time.monotonic() - self.last_heard
+        if silent > self.heartbeat_timeout_s:
+            return (f"the engine core has not answered for {silent:.0f} s (DUALRATE_CORE_HEARTBEAT_TIMEOUT_S "
+                    f"{self.heartbeat_timeout_s:g})")
+        if self.stalled_s > self.heartbeat_timeout_s:
+            return f"the engine core has completed no tick for {self.stalled_s:.0f} s (DUALRATE_CORE_HEARTBEAT_TIMEOUT_S)"
+        return None
+
+    async def responsive(self, timeout: float) -> bool:
+        if self.dead is not None:
+            return False
+        try:
+            st = await self.status(timeout=timeout)
+        except (TimeoutError, ServiceError):
+            return False
+        return st.stalled_s <= self.heartbeat_timeout_s
+
+    def kill(self, why: str) -> None:
+        """SIGKILL the core (if this front end owns it) and answer every open request 503 now."""
+        if self.proc is not None and self.proc.poll() is None:
+            log.error("%s: killing the engine core (pid %d)", why, self.proc.pid)
+            self.closing = True  # its exit is ours, not a crash to report
+            self.proc.kill()
+        self.died(why, notify=False)
+
+    async def _heartbeat(self) -> None:
+        """A status query every quarter of the heartbeat timeout; any message from the core counts as a beat. A
+        change between responsive and frozen is logged once each way."""
+        was: str | None = None
+        while self.dead is None:
+            try:
+                st = await self.status(timeout=self.heartbeat_timeout_s)
+                self.stalled_s = st.stalled_s
+            except (TimeoutError, ServiceError):
+                pass
+            now = self.frozen
+            if now and not was:
+                log.error("%s: /health/live and /health/ready answer 503", now)
+            elif was and not now:
+                log.warning("the engine core answers again")
+            was = now
+            await asyncio.sleep(self.heartbeat_timeout_s / 4)
 
     def _send(self, msg: p.ToCore) -> None:
         if self.dead is None:
@@ -124,8 +178,10 @@ class RemoteCore:
         self._send(p.Submit(jid, spec, preview_every, listener is not None))
         try:
             job.queue_position = await accepted
-        except BaseException:
+        except BaseException as e:
             self.jobs.pop(jid, None)
+            if isinstance(e, asyncio.CancelledError | TimeoutError):
+                self._send(p.Cancel(jid))  # given up before the core took it: it must not run for nobody
             raise
         finally:
             self.submits.pop(jid, None)
@@ -145,9 +201,13 @@ class RemoteCore:
             self.queries.pop(rid, None)
 
     async def idle(self) -> bool:
+        """No open request here and none queued or running in the core. A core that does not answer is not idle."""
         if self.dead is not None:
             return not self.jobs
-        return (await self.status()).idle and not self.jobs
+        try:
+            return (await self.status(timeout=1.0)).idle and not self.jobs
+        except TimeoutError:
+            return False
 
     def stop_admission(self) -> None:
         self._send(p.StopAdmission())
@@ -190,17 +250,20 @@ class RemoteCore:
             t.cancel()
         self.sock.close()
         self.ctx.term()
-        if self.folder:
-            for f in Path(self.folder).glob("*"):
-                f.unlink(missing_ok=True)
-            Path(self.folder).rmdir()
+        self._remove_folder()
         return code
+
+    def _remove_folder(self) -> None:
+        """The ipc socket's folder (ours when we started the core): removed on every way out, a crash included."""
+        if self.folder:
+            shutil.rmtree(self.folder, ignore_errors=True)
 
     # ---- background tasks ------------------------------------------------------------------------------------
 
     async def _reader(self) -> None:
         while True:
             raw = await self.sock.recv()
+            self.last_heard = time.monotonic()
             try:
                 self._dispatch(p.decode_to_front(raw))
             except Exception:
@@ -246,8 +309,9 @@ class RemoteCore:
         if not self.closing:
             self.died(f"the engine core stopped (exit code {self.proc.returncode}); the service is restarting")
 
-    def died(self, why: str) -> None:
-        """The core is gone: every open request gets 503 now; then `on_death`. On the event loop."""
+    def died(self, why: str, notify: bool = True) -> None:
+        """The core is gone: every open request gets 503 now; then `on_death` (unless `notify` is off: the front end
+        killed it itself). On the event loop."""
         if self.dead is not None:
             return
         self.dead = why
@@ -260,5 +324,7 @@ class RemoteCore:
             if not job.future.done():
                 job.future.set_exception(err)
         self.jobs.clear()
-        if self.on_death is not None:
+        if self.proc is not None:
+            self._remove_folder()
+        if notify and self.on_death is not None:
             self.on_death(self.dead)

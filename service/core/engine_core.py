@@ -169,7 +169,7 @@ class CoreServer:
         if loop is None:
             return p.CoreStatus(ready=False, starting=self.starting, failed=self.failed)
         return p.CoreStatus(ready=True, engine=self.engine_info, idle=loop.idle(), snapshot=loop.snapshot(),
-                            metrics=self.stats.metrics())
+                            metrics=self.stats.metrics(), stalled_s=loop.stalled_for())
 
     # ---- the process -----------------------------------------------------------------------------------------
 

@@ -8,17 +8,18 @@ same awaitable interface (`CoreHandle`), so the routes, the drain and /metrics d
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Protocol
 
 from engines import Engine, EngineConfig, EngineInfo
-from service.core.errors import ServiceError
+from service.core.errors import NotReady, ServiceError
 from service.core.loop import EngineLoop
 from service.core.progress import Listener
 from service.core.protocol import CoreConfig, CoreStatus
-from service.core.request import GenerationSpec
+from service.core.request import GenerationSpec, Job
 from service.core.stats import CoreStats
 
 EngineFactory = Callable[[Path, EngineConfig], Engine]
@@ -33,6 +34,19 @@ class JobHandle(Protocol):
 
 class CoreHandle(Protocol):
     engine_info: EngineInfo
+
+    @property
+    def frozen(self) -> str | None:
+        """Why the core counts as frozen (no heartbeat, or work and no tick, for the heartbeat timeout); None if not."""
+        ...
+
+    async def responsive(self, timeout: float) -> bool:
+        """Does the core answer (and tick) now? Asked at a request's deadline: 503 if not, 504 if it does."""
+        ...
+
+    def kill(self, why: str) -> None:
+        """The core did not answer a forced drain: stop it for good and answer every open request 503."""
+        ...
 
     async def submit(self, spec: GenerationSpec, listener: Listener | None = None, preview_every: int = 0) -> JobHandle:
         """Queue a request; raises QueueFull / NotReady at once when it cannot be queued."""
@@ -52,15 +66,36 @@ class CoreHandle(Protocol):
 class LocalCore:
     """The engine loop in this process."""
 
-    def __init__(self, loop: EngineLoop, engine_info: EngineInfo, stats: CoreStats) -> None:
+    def __init__(self, loop: EngineLoop, engine_info: EngineInfo, stats: CoreStats,
+                 heartbeat_timeout_s: float = 5.0) -> None:
         self.loop, self.engine_info, self.stats = loop, engine_info, stats
+        self.heartbeat_timeout_s = heartbeat_timeout_s
+        self._jobs: weakref.WeakSet[Job] = weakref.WeakSet()  # open jobs, for kill()
+
+    @property
+    def frozen(self) -> str | None:
+        stalled = self.loop.stalled_for()
+        if stalled > self.heartbeat_timeout_s:
+            return f"the engine core has completed no tick for {stalled:.0f} s (DUALRATE_CORE_HEARTBEAT_TIMEOUT_S)"
+        return None
+
+    async def responsive(self, timeout: float) -> bool:
+        return self.frozen is None
+
+    def kill(self, why: str) -> None:
+        err = NotReady(why)
+        for job in list(self._jobs):
+            if not job.future.done():
+                job.future.set_exception(err)
 
     async def submit(self, spec: GenerationSpec, listener: Listener | None = None, preview_every: int = 0) -> JobHandle:
-        return self.loop.submit(spec, listener, preview_every)
+        job = self.loop.submit(spec, listener, preview_every)
+        self._jobs.add(job)
+        return job
 
     async def status(self) -> CoreStatus:
         return CoreStatus(ready=True, engine=self.engine_info, idle=self.loop.idle(), snapshot=self.loop.snapshot(),
-                          metrics=self.stats.metrics())
+                          metrics=self.stats.metrics(), stalled_s=self.loop.stalled_for())
 
     async def idle(self) -> bool:
         return self.loop.idle()

@@ -44,6 +44,7 @@ class EngineLoop:
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
+        self._progress = time.monotonic()  # the last tick's end, or when the loop last woke with work
 
     # ---- from any thread -----------------------------------------------------------------------------------------
 
@@ -77,6 +78,14 @@ class EngineLoop:
             self.scheduler.abort(err)
             self._cv.notify()
 
+    def stalled_for(self) -> float:
+        """Seconds the loop has had work and completed no tick (0 while it is idle or stopped): a frozen device call
+        or a stuck tick shows here while every other thread still answers. Read without the lock (the tick thread may
+        hold it, stuck)."""
+        if self._thread is None or not self._thread.is_alive() or not self.scheduler.has_work():
+            return 0.0
+        return max(0.0, time.monotonic() - self._progress)
+
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
         self._thread.start()
@@ -98,7 +107,9 @@ class EngineLoop:
                     self._cv.wait()
                 if self._stop and not self.scheduler.has_work():
                     return
+                self._progress = time.monotonic()
             self.tick()
+            self._progress = time.monotonic()
 
     def tick(self) -> None:
         """One tick: schedule, run, update, hand events over, resolve. An invariant that breaks fails what is in

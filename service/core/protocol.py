@@ -139,6 +139,7 @@ class CoreStatus(msgspec.Struct, frozen=True):
     idle: bool = True
     snapshot: SchedulerSnapshot | None = None
     metrics: CoreMetrics | None = None
+    stalled_s: float = 0.0  # seconds the engine loop has had work and completed no tick (0 when it is idle)
 
 
 # ---- front end -> core -------------------------------------------------------------------------------------------

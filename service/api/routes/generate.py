@@ -37,6 +37,7 @@ from service.core import (
     JobHandle,
     JobResult,
     LimitError,
+    Listener,
     NotReady,
     Outcome,
     Priority,
@@ -59,7 +60,7 @@ STREAM_DOC: dict[int | str, dict[str, Any]] = {
           "description": "Server-Sent Events: queued, progress, preview, then done (the /generate body) or error (its "
           "error body plus status)"}}
 INLINE_PNG_BYTES = 16_384  # pictures (of an answer or a tick's previews) up to this size are encoded on the event loop
-WAIT_MARGIN_S = 30.0  # beyond the deadline: the scheduler enforces it; this only guards a scheduler that stopped
+LATE_S = 0.5  # at a deadline: how long the core may take to answer it itself, and to answer a probe after that
 
 
 async def pngs(images: list[np.ndarray]) -> list[str]:
@@ -75,6 +76,8 @@ def prepare(req: GenerateRequest, state: AppState, t0: float) -> tuple[CoreHandl
     settings, cfg = state.settings, state.cfg
     if state.core_dead is not None:
         raise NotReady(state.core_dead)
+    if state.core is not None and (frozen := state.core.frozen) is not None:
+        raise NotReady(frozen)
     if not state.ready or state.draining or state.core is None:
         raise NotReady("the service is draining" if state.draining else "the service is starting")
     steps = req.steps or state.sampling.steps
@@ -114,6 +117,26 @@ def served(state: AppState, resp: GenerateResponse, seconds: float) -> None:
     state.metrics.served(resp.encoder_interval, resp.encoder_interval_auto, seconds <= state.settings.latency_target_s)
 
 
+async def submit_within(core: CoreHandle, spec: GenerationSpec, deadline: float, listener: Listener | None = None,
+                        preview_every: int = 0) -> JobHandle:
+    """Submit; a core that does not take the request by its deadline (monotonic) answers it 503 (504 if it does
+    answer by then: it was busy, not frozen)."""
+    try:
+        async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+            return await core.submit(spec, listener, preview_every)
+    except TimeoutError:
+        raise await late(core) from None
+
+
+async def late(core: CoreHandle) -> ServiceError:
+    """The error of a request whose deadline passed without its answer: 503 where the core does not answer a probe
+    now (frozen), else 504."""
+    why = core.frozen
+    if why is None and not await core.responsive(LATE_S):
+        why = f"the engine core did not answer within {LATE_S:g} s of the request's deadline"
+    return NotReady(why) if why is not None else DeadlineExceeded("no result within the deadline")
+
+
 def abandon(job: JobHandle, fut: asyncio.Future) -> None:
     """Nobody waits for `job` any more: free its slots at the next tick. The scheduler still resolves it
     (Cancelled); retrieve that outcome, so asyncio does not log "exception never retrieved"."""
@@ -126,19 +149,20 @@ async def generate(req: GenerateRequest, request: Request, state: StateDep) -> R
     t0 = time.monotonic()
     try:
         core, spec, timeout = prepare(req, state, t0)
-        job = await core.submit(spec)
+        job = await submit_within(core, spec, t0 + timeout)
         fut = asyncio.wrap_future(job.future)
         # Wait for the result or the client going away, whichever comes first, without polling: a poll per request
-        # every 0.1 s was measurable GIL time beside the scheduler thread at 100+ open requests.
+        # every 0.1 s was measurable GIL time beside the scheduler thread at 100+ open requests. At the deadline the
+        # core answers 504 itself at its next tick; one that does not, within LATE_S, is asked whether it is frozen.
         gone = asyncio.create_task(_disconnected(request))
         try:
-            done, _ = await asyncio.wait({fut, gone}, timeout=timeout + WAIT_MARGIN_S,
+            done, _ = await asyncio.wait({fut, gone}, timeout=max(0.0, t0 + timeout - time.monotonic()) + LATE_S,
                                          return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
         if fut not in done:
             abandon(job, fut)
-            raise Cancelled("client disconnected") if gone in done else DeadlineExceeded("no result within the deadline")
+            raise Cancelled("client disconnected") if gone in done else await late(core)
         resp = await respond(req, spec, fut.result(), t0)
     except ServiceError as e:
         return service_error_response(state, e, time.monotonic() - t0)
@@ -160,20 +184,20 @@ async def generate_stream(req: StreamRequest, state: StateDep) -> Response:
 
     try:
         core, spec, timeout = prepare(req, state, t0)
-        job = await core.submit(spec, listener, every)
+        job = await submit_within(core, spec, t0 + timeout, listener, every)
     except ServiceError as e:
         return service_error_response(state, e, time.monotonic() - t0)
-    return EventSourceResponse(_stream(req, state, spec, job, events, timeout, t0), ping=15)
+    return EventSourceResponse(_stream(req, state, core, spec, job, events, timeout, t0), ping=15)
 
 
-async def _stream(req: StreamRequest, state: AppState, spec: GenerationSpec, job: JobHandle,
+async def _stream(req: StreamRequest, state: AppState, core: CoreHandle, spec: GenerationSpec, job: JobHandle,
                   events: asyncio.Queue, timeout: float, t0: float) -> AsyncIterator[ServerSentEvent | bytes]:
     state.open_streams += 1  # the drain waits for this stream's last event
     fut = asyncio.wrap_future(job.future)
     # The scheduler sends a job's events before it resolves the job, and both reach this loop in order, so the end
     # marker comes after the job's last event.
     fut.add_done_callback(lambda _: events.put_nowait(None))
-    give_up = asyncio.get_running_loop().time() + timeout + WAIT_MARGIN_S
+    give_up = asyncio.get_running_loop().time() + (t0 + timeout - time.monotonic()) + LATE_S
     answered = False
     last = b""  # the last step's events leave with `done` (or `error`), in one write
     try:
@@ -207,8 +231,7 @@ async def _stream(req: StreamRequest, state: AppState, spec: GenerationSpec, job
     except TimeoutError:
         abandon(job, fut)
         answered = True
-        yield last + _event("error", error_event(state, DeadlineExceeded("no result within the deadline"),
-                                                 time.monotonic() - t0)).encode()
+        yield last + _event("error", error_event(state, await late(core), time.monotonic() - t0)).encode()
     except Exception:  # a bug here: the client gets the error event /generate's 500 would have been
         error_id = new_error_id()
         log.exception("internal error %s in a stream", error_id)

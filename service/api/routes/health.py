@@ -9,31 +9,42 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from service.api.deps import StateDep
 from service.core import Outcome, ServiceError
 from service.schemas import ErrorBody
+from service.state import AppState
 
 router = APIRouter()
 
 
+def _core_problem(state: AppState) -> str | None:
+    """Why the engine core cannot serve: it stopped, or it is frozen (no heartbeat, or work and no tick)."""
+    if state.core_dead is not None:
+        return state.core_dead
+    return state.core.frozen if state.core is not None else None
+
+
+def _unavailable(why: str) -> JSONResponse:
+    body = ErrorBody(error=Outcome.UNAVAILABLE, message=why)
+    return JSONResponse(body.model_dump(exclude_none=True), status_code=503, headers={"Retry-After": "5"})
+
+
 @router.get("/health/live", tags=["health"], responses={503: {"model": ErrorBody}})
 async def live(state: StateDep) -> Response:
-    if state.core_dead is not None:  # the engine core process stopped: restart the pair
-        body = ErrorBody(error=Outcome.UNAVAILABLE, message=state.core_dead)
-        return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
-    return JSONResponse({"status": "alive"})
+    """503 when the engine core stopped or froze: an orchestrator restarts the pod."""
+    why = _core_problem(state)
+    return _unavailable(why) if why is not None else JSONResponse({"status": "alive"})
 
 
 @router.get("/health/ready", tags=["health"], responses={503: {"model": ErrorBody}})
 async def ready(state: StateDep) -> Response:
-    if state.core_dead is not None or not state.ready or state.draining:
-        why = state.core_dead or ("draining" if state.draining else state.starting)
-        body = ErrorBody(error=Outcome.UNAVAILABLE, message=why)
-        return JSONResponse(body.model_dump(exclude_none=True), status_code=503)
-    return JSONResponse({"status": "ready"})
+    why = _core_problem(state)
+    if why is None and (not state.ready or state.draining):
+        why = "draining" if state.draining else state.starting
+    return _unavailable(why) if why is not None else JSONResponse({"status": "ready"})
 
 
 @router.get("/metrics", tags=["ops"], response_class=Response)
 async def metrics(state: StateDep) -> Response:
     status = None
-    if state.core is not None and state.core_dead is None:
+    if state.core is not None and _core_problem(state) is None:
         try:
             status = await state.core.status()
         except (TimeoutError, ServiceError):

@@ -9,6 +9,7 @@ import base64
 import hashlib
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -149,6 +150,15 @@ def test_a_killed_core_gives_503_and_the_front_end_exits_non_zero(start_server):
     assert seconds < 5
     code = srv.proc.wait(15)
     assert code not in (0, None), srv.log()
+    folder = socket_folder(srv.log())
+    assert not folder.exists(), f"the core's socket folder {folder} was left after its crash"
+
+
+def socket_folder(log: str) -> Path:
+    """The engine core's ipc folder, from the front end's log line "engine core started (pid N) at ipc://..."."""
+    match = re.search(r"engine core started \(pid \d+\) at ipc://(\S+)/core\.sock", log)
+    assert match, log
+    return Path(match.group(1))
 
 
 def children(pid: int) -> list[int]:
