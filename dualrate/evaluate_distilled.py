@@ -3,7 +3,7 @@
     python -m dualrate.evaluate_distilled --student checkpoints/mnist-dualrate-8step --out docs/distill
 
 Rows, every one on the same `--seed-sets` disjoint sets of `--num-images` conditional samples, FID in both feature
-spaces of the data set's classifiers and class accuracy (as `python -m dualrate.evaluate`):
+spaces of the data set's classifiers and class accuracy (as `python -m dualrate.eval`):
 
 - the student at its distilled schedule (its card's steps and K, guidance 1.0: the guidance was distilled in);
 - the teacher undistilled at the student's schedule, at the teacher's guidance (the naive few-step baseline) and
@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from dualrate.checkpoint import LoadedModel, checkpoint_hash, distilled_schedule, distilled_teacher, load_checkpoint
-from dualrate.evaluate import Evaluator, RowStore, SweepRow, dataset_of, generate, markdown_table, run_sweep, save_grid
+from dualrate.eval import Evaluator, RowStore, SweepRow, dataset_of, generate, markdown_table, run_sweep, save_grid
 from dualrate.provenance import command_line, provenance, utc_stamp
 
 log = logging.getLogger("dualrate.evaluate_distilled")

@@ -16,7 +16,7 @@ from prometheus_client import disable_created_metrics
 
 from dualrate.checkpoint import card_defaults, class_names
 from dualrate.config import ModelConfig
-from service.api import api_router
+from service.api import ROUTERS, api_router
 from service.api.answers import install_error_handlers
 from service.api.routes.pages import mount_static
 from service.core import SHARED_CORE_ENV, CoreStats, EngineFactory, LocalCore, QualityBudget, RemoteCore, build_core, spawn_core
@@ -117,7 +117,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     app.include_router(api_router)
     mount_static(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, keys=settings.api_key_bytes,
-                       protected=protected_paths(app))
+                       protected=protected_paths(ROUTERS))
     return app
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 
-from fastapi import FastAPI
+from fastapi import APIRouter
 from fastapi.routing import APIRoute
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -14,10 +14,15 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.deps import authorize, key_ok
 
 
-def protected_paths(app: FastAPI) -> frozenset[str]:
-    """The paths of the routes that depend on the API key (`Depends(authorize)` on the route or its router)."""
-    return frozenset(r.path for r in app.routes if isinstance(r, APIRoute)
-                     and any(d.call is authorize for d in r.dependant.dependencies))
+def protected_paths(routers: list[APIRouter]) -> frozenset[str]:
+    """The paths of the routes that depend on the API key (`Depends(authorize)` on the route or on its router)."""
+    out = set()
+    for router in routers:
+        whole = any(d.dependency is authorize for d in router.dependencies)
+        for r in router.routes:
+            if isinstance(r, APIRoute) and (whole or any(d.call is authorize for d in r.dependant.dependencies)):
+                out.add(r.path)
+    return frozenset(out)
 
 
 class BodyLimit:

@@ -14,6 +14,7 @@ require_research_extra("dualrate.eval")  # before the imports that need it: one 
 
 
 from dualrate.eval.card import card_from_sweep, sweep_images_per_row
+from dualrate.eval.cli import main
 from dualrate.eval.fid import Evaluator, dataset_of, feature_stats, frechet_distance, from_pictures, quantize, reference_stats, save_grid
 from dualrate.eval.report import best_guidance_report, comparisons, markdown_table, pareto_plot, plot
 from dualrate.eval.sweep import RowStore, SweepRow, baseline_configs, best_guidance, generate, run_sweep, seed_set_starts, sweep_configs
@@ -32,6 +33,7 @@ __all__ = [
     "frechet_distance",
     "from_pictures",
     "generate",
+    "main",
     "markdown_table",
     "pareto_plot",
     "plot",

@@ -5,6 +5,7 @@ from fastapi import APIRouter
 
 from service.api.routes import generate, health, model, pages
 
+ROUTERS = [m.router for m in (health, model, generate, pages)]  # included without prefixes
 api_router = APIRouter()
-for _module in (health, model, generate, pages):
-    api_router.include_router(_module.router)
+for _router in ROUTERS:
+    api_router.include_router(_router)

@@ -121,9 +121,11 @@ def install_error_handlers(app: FastAPI) -> None:
             message = f"no such path: {request.url.path} (see /docs)"
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
-        elif exc.status_code == 413:
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 413:
             message = f"the request body is larger than {state.settings.max_body_bytes} bytes (DUALRATE_MAX_BODY_BYTES)"
-        return error_response(state, exc.status_code, kind, message, headers=getattr(exc, "headers", None))
+            headers["Connection"] = "close"  # the rest of the body is not read: the connection ends with this answer
+        return error_response(state, exc.status_code, kind, message, headers=headers or None)
 
     @app.exception_handler(Unauthorized)
     async def _unauth(request: Request, exc: Exception) -> JSONResponse:

@@ -171,7 +171,7 @@ async def generate(req: GenerateRequest, request: Request, state: StateDep) -> R
 
 
 @router.post("/generate/stream", response_class=EventSourceResponse, responses={**ERRORS, **STREAM_DOC})
-async def generate_stream(req: StreamRequest, state: StateDep) -> Response:
+async def generate_stream(req: StreamRequest, request: Request, state: StateDep) -> Response:
     t0 = time.monotonic()
     settings = state.settings
     every = settings.default_preview_every if req.preview_every is None else req.preview_every
@@ -187,7 +187,11 @@ async def generate_stream(req: StreamRequest, state: StateDep) -> Response:
         job = await submit_within(core, spec, t0 + timeout, listener, every)
     except ServiceError as e:
         return service_error_response(state, e, time.monotonic() - t0)
-    return EventSourceResponse(_stream(req, state, core, spec, job, events, timeout, t0), ping=15)
+    response = EventSourceResponse(_stream(req, state, core, spec, job, events, timeout, t0), ping=15)
+    # sse-starlette always says keep-alive; an HTTP/1.0 client or one that asked to close gets one Connection header.
+    if request.scope.get("http_version") == "1.0" or "close" in request.headers.get("connection", "").lower():
+        response.headers["connection"] = "close"
+    return response
 
 
 async def _stream(req: StreamRequest, state: AppState, core: CoreHandle, spec: GenerationSpec, job: JobHandle,
