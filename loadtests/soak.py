@@ -55,17 +55,20 @@ def slope(samples: list[dict], key: str, after_s: float) -> float:
     return float(np.polyfit(t / 60, y, 1)[0])
 
 
-async def load(url: str, stop: float, clients: int, streams: int, body: dict, counts: dict[str, int]) -> None:
+async def load(url: str, stop: float, clients: int, streams: int, body: dict, counts: dict[str, int],
+               num_classes: int) -> None:
     async def plain(c: httpx.AsyncClient, i: int) -> None:
         while time.monotonic() < stop:
-            r = await c.post("/generate", json={**body, "class_label": i % 10, "seed": counts["plain"]})
+            r = await c.post("/generate", json={**body, "class_label": i % num_classes, "seed": counts["plain"]})
             counts["plain" if r.status_code == 200 else "errors"] += 1
 
     async def stream(c: httpx.AsyncClient, i: int) -> None:
         while time.monotonic() < stop:
-            async with c.stream("POST", "/generate/stream", json={**body, "class_label": i % 10,
+            async with c.stream("POST", "/generate/stream", json={**body, "class_label": i % num_classes,
                                                                    "preview_every": 4}) as r:
-                done = any(line == "event: done" async for line in r.aiter_lines())
+                done = False
+                async for line in r.aiter_lines():
+                    done = done or line == "event: done"
             counts["streams" if done else "errors"] += 1
 
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=None)) as c:
@@ -119,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         stop = t0 + 60 * a.minutes
 
         async def run() -> None:
-            task = asyncio.create_task(load(srv.url, stop, a.clients, a.streams, body, counts))
+            classes = httpx.get(f"{srv.url}/v1/model", timeout=30).json()["image"]["num_classes"]
+            task = asyncio.create_task(load(srv.url, stop, a.clients, a.streams, body, counts, classes))
             while True:
                 t = time.monotonic() - t0
                 samples.append({"t": round(t, 1), "front_mb": round(rss_mb(front), 1), "core_mb": round(rss_mb(core), 1),

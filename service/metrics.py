@@ -14,7 +14,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from service.core import LATENCY_BUCKETS, CoreStatus, Outcome
+from service.core import LATENCY_BUCKETS, CoreStatus, Outcome, Priority
 
 MAX_CLASS_SERIES = 100  # per-class image counts only for models with at most this many classes (series stay few)
 
@@ -48,8 +48,8 @@ class CoreCollector(Collector):
                                   value=snap.preemptions_total)
         per_priority = GaugeMetricFamily("dualrate_priority_queue_depth", "Requests waiting for a slot, per priority",
                                          labels=["priority"])
-        for priority in ("interactive", "batch"):
-            per_priority.add_metric([priority], snap.queue_by_priority.get(priority, 0))
+        for priority in Priority:
+            per_priority.add_metric([priority.value], snap.queue_by_priority.get(priority.value, 0))
         yield per_priority
         calls = CounterMetricFamily("dualrate_network_calls", "Network calls", labels=["network"])
         rows = CounterMetricFamily("dualrate_network_rows", "Rows run per network", labels=["network"])

@@ -12,11 +12,13 @@ from __future__ import annotations
 import threading
 from dataclasses import dataclass, field
 
+from service.core.request import Priority
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 40, 80, 160)
 CALL_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5)
 ROW_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 NETWORKS = ("encoder", "denoiser")
-PRIORITIES = ("interactive", "batch")
+PRIORITIES = tuple(p.value for p in Priority)
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,7 @@ class RequestDone:
     images: int
     queue_seconds: float
     total_seconds: float
-    priority: str = "interactive"
+    priority: str = Priority.INTERACTIVE.value
 
 
 @dataclass(frozen=True)

@@ -120,11 +120,13 @@ def test_connections_beyond_the_cap_get_503(start_server):
     for s in held:
         s.sendall(b"GET /health/live HTTP/1.1\r\nHost: x\r\n")  # open, head unfinished
     time.sleep(0.3)
-    assert httpx.get(f"{srv.url}/health/live").status_code == 503
+    beyond = httpx.get(f"{srv.url}/v1/model")
+    assert beyond.status_code == 503 and beyond.json()["error"] == "unavailable"
+    assert httpx.get(f"{srv.url}/health/live").status_code == 200  # probes have places of their own (test_wire)
     for s in held:
         s.close()
     time.sleep(0.3)
-    assert httpx.get(f"{srv.url}/health/live").status_code == 200
+    assert httpx.get(f"{srv.url}/v1/model").status_code == 200
 
 
 # ---- 4, 6, 7, 8: contract, body errors, keys, small hardening ------------------------------------------------------
