@@ -14,7 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
-from dualrate.checkpoint import DEFAULT_CHECKPOINT, checkpoint_problem
+from dualrate.checkpoint import DEFAULT_CHECKPOINT, checkpoint_problem, read_card
+from export.card import dualrate_problems
 from export.onnx_export import ExportParityError, export_onnx
 
 
@@ -30,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     problem = checkpoint_problem(a.checkpoint)
     if problem is not None:
         print(f"error: {problem}", file=sys.stderr)
+        return 2
+    unhonoured = dualrate_problems(read_card(a.checkpoint))
+    for line in unhonoured:
+        print(f"error: {a.checkpoint / 'model_card.json'}: {line}", file=sys.stderr)
+    if unhonoured:
         return 2
     try:
         art = export_onnx(a.checkpoint, a.out, fp16=a.fp16, force=a.force)

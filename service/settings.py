@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, Settin
 from dualrate.checkpoint import DEFAULT_CHECKPOINT, card_defaults, checkpoint_problem, distilled_schedule, read_card
 from dualrate.config import ModelConfig
 from engines import Backend, BackendUnavailable, EngineConfig, Precision, Resolved, resolve
+from export.card import dualrate_problems
 from service.core import MAX_STEPS, CoreConfig, Policy, Priority, QualityBudget, RequestLimits, RunnerConfig, SchedulerConfig, request_cost
 
 # Reserved slots are lent to large images expected to finish within this many latency targets (6 s by default): the
@@ -243,6 +244,9 @@ class Settings(BaseSettings):
         problem = checkpoint_problem(self.checkpoint)
         if problem is not None:
             raise ValueError(problem)
+        unhonoured = dualrate_problems(read_card(self.checkpoint))
+        if unhonoured:  # a card whose schedule the sampler does not follow would be served wrongly without a word
+            raise ValueError(f"{self.checkpoint / 'model_card.json'}: {'; '.join(unhonoured)}")
         steps = card_defaults(read_card(self.checkpoint)).steps
         if steps > self.max_steps:
             raise ValueError(f"DUALRATE_MAX_STEPS ({self.max_steps}) is below the model card's default steps "

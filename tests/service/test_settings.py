@@ -116,3 +116,18 @@ def test_a_card_without_its_geometry_is_one_line_at_start_not_silently_mnist(mon
     with pytest.raises(ValidationError, match=r"config lacks channels, output_size: a card states its geometry .* "
                                               r"image_size 32, channels 1, output_size 28, num_classes 10"):
         Settings()
+
+
+def test_a_card_whose_schedule_the_sampler_does_not_follow_stops_the_start(monkeypatch, tmp_path, checkpoint_dir):
+    """Before: a card saying "prediction": "epsilon" was exported and served as v-prediction, without a word."""
+    import json
+    import shutil
+
+    folder = tmp_path / "eps-card"
+    shutil.copytree(checkpoint_dir, folder)
+    card = json.loads((folder / "model_card.json").read_text())
+    card["schedule"]["prediction"] = "epsilon"
+    (folder / "model_card.json").write_text(json.dumps(card))
+    monkeypatch.setenv("DUALRATE_CHECKPOINT", str(folder))
+    with pytest.raises(ValidationError, match=r"schedule\.prediction: 'epsilon' is not what this project's networks"):
+        Settings()
