@@ -72,6 +72,22 @@ def eps_from_v(z: Tensor, v: Tensor, t: Tensor, sched: CosineSchedule) -> Tensor
     return _bc(s, z) * z + _bc(a, z) * v
 
 
+PREDICTIONS = ("v", "eps", "x0")  # what a denoiser predicts (a model card's diffusion.prediction)
+
+
+def x_from_prediction(z: Tensor, pred: Tensor, t: Tensor, sched: CosineSchedule, prediction: str = "v") -> Tensor:
+    """x_hat from a network's prediction at time t: v (x = alpha z - sigma v), eps (x = (z - sigma eps) / alpha) or
+    x0 (the prediction itself). Not clamped."""
+    if prediction == "v":
+        return x_from_v(z, pred, t, sched)
+    if prediction == "eps":
+        a, s = sched.alpha_sigma(t)
+        return (z - _bc(s, z) * pred) / _bc(a, z)
+    if prediction == "x0":
+        return pred
+    raise ValueError(f"prediction {prediction!r} is not one of {', '.join(PREDICTIONS)}")
+
+
 def posterior_sample(z: Tensor, x: Tensor, t: Tensor, s: Tensor, sched: CosineSchedule, noise: Tensor) -> Tensor:
     """z_s ~ q(z_s | z_t, x) for s < t, the posterior of the VP chain:
     mean = alpha_{t|s} sigma_s^2 / sigma_t^2 z_t + alpha_s sigma_{t|s}^2 / sigma_t^2 x,
@@ -87,10 +103,11 @@ def posterior_sample(z: Tensor, x: Tensor, t: Tensor, s: Tensor, sched: CosineSc
     return _bc(coef_z, z) * z + _bc(coef_x, z) * x + _bc(std, z) * noise
 
 
-def ancestral_step(z: Tensor, v: Tensor, t: Tensor, s: Tensor, sched: CosineSchedule, noise: Tensor) -> Tensor:
+def ancestral_step(z: Tensor, v: Tensor, t: Tensor, s: Tensor, sched: CosineSchedule, noise: Tensor,
+                   prediction: str = "v") -> Tensor:
     """One DDPM step z_t -> z_s ~ q(z_s | z_t, x_hat) (posterior_sample, x_hat clamped to [-1, 1]) with s < t; at
-    s == 0 it returns x_hat."""
-    x_hat = x_from_v(z, v, t, sched).clamp(-1.0, 1.0)
+    s == 0 it returns x_hat. `v` is the network's prediction of kind `prediction` (v, eps or x0)."""
+    x_hat = x_from_prediction(z, v, t, sched, prediction).clamp(-1.0, 1.0)
     final = _bc((s <= 0).to(z.dtype), z)
     return final * x_hat + (1 - final) * posterior_sample(z, x_hat, t, s, sched, noise)
 

@@ -16,7 +16,7 @@ from functools import lru_cache
 import torch
 from torch import Tensor
 
-from dualrate.diffusion import CosineSchedule, ancestral_step, step_times, x_from_v
+from dualrate.diffusion import CosineSchedule, ancestral_step, step_times, x_from_prediction
 
 Features = tuple[Tensor, ...]
 EncodeFn = Callable[[Tensor, Tensor, Tensor], Features]  # (z, tau, label) -> features
@@ -96,18 +96,18 @@ def guided_v(v_cond: Tensor, v_uncond: Tensor, guidance: Tensor | float) -> Tens
 
 
 def guided_step(z: Tensor, v_cond: Tensor, v_uncond: Tensor, guidance: Tensor | float, t: Tensor, s: Tensor,
-                sched: CosineSchedule, noise: Tensor) -> Tensor:
-    """The one step function of every sampler here (reference, CLI, service): combine the guided v per image
-    (`guided_v`), then take the ancestral step from t to s with the image's own noise. z, v_*, noise: (B, C, S, S);
-    t, s: (B,); guidance: scalar or (B,)."""
-    return ancestral_step(z, guided_v(v_cond, v_uncond, guidance), t, s, sched, noise)
+                sched: CosineSchedule, noise: Tensor, prediction: str = "v") -> Tensor:
+    """The one step function of every sampler here (reference, CLI, service): combine the guided prediction per image
+    (`guided_v`; linear, so the same for v, eps and x0), then take the ancestral step from t to s on its x_hat with
+    the image's own noise. z, v_*, noise: (B, C, H, W); t, s: (B,); guidance: scalar or (B,)."""
+    return ancestral_step(z, guided_v(v_cond, v_uncond, guidance), t, s, sched, noise, prediction)
 
 
 def preview_x0(z: Tensor, v_cond: Tensor, v_uncond: Tensor, guidance: Tensor | float, t: Tensor,
-               sched: CosineSchedule) -> Tensor:
-    """The current estimate of the final image, x0_hat = alpha_t z_t - sigma_t v (guided v), clamped to [-1, 1]:
-    what a progress preview shows. Same arguments as `guided_step`, before the step."""
-    return x_from_v(z, guided_v(v_cond, v_uncond, guidance), t, sched).clamp(-1.0, 1.0)
+               sched: CosineSchedule, prediction: str = "v") -> Tensor:
+    """The current estimate of the final image, x0_hat (of the guided prediction), clamped to [-1, 1]: what a
+    progress preview shows. Same arguments as `guided_step`, before the step."""
+    return x_from_prediction(z, guided_v(v_cond, v_uncond, guidance), t, sched, prediction).clamp(-1.0, 1.0)
 
 
 @torch.no_grad()
@@ -126,6 +126,7 @@ def dual_rate_sample(
     feature_shapes: Sequence[tuple[int, int, int]] | None = None,  # set = control: zeroed features, no encoder
     refresh_steps: Sequence[int] | None = None,  # set = the encoder runs at these steps instead (must include 0)
     device: str | torch.device = "cpu",  # where z lives: an engine's device keeps the loop free of host copies
+    prediction: str = "v",  # what `denoise` predicts: v, eps or x0 (dualrate.diffusion.x_from_prediction)
 ) -> tuple[Tensor, SampleStats]:
     """Ancestral dual-rate sampling. Returns samples (B, C, S, S) in [-1, 1] and per-image call counts.
     `refresh_steps` replaces the fixed interval by any schedule (e.g. K = 4, then K = 8 from step 16: 0, 4, 8, 12,
@@ -159,7 +160,7 @@ def dual_rate_sample(
         # Unconditional images in a guided batch get the same v from both rows, so guidance leaves them as they are.
         v_cond, v_uncond = v.chunk(2) if guided else (v, v)
         noise = draw_noise(seed_t, torch.full_like(seed_t, i + 1), sample_shape, device)
-        z = guided_step(z, v_cond, v_uncond, guidance_scale, t, s, sched, noise)
+        z = guided_step(z, v_cond, v_uncond, guidance_scale, t, s, sched, noise, prediction)
     return z, SampleStats(encoder_calls=enc_calls, denoiser_calls=steps)
 
 
