@@ -109,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="append the report to this markdown file (raw JSON and "
                    "the plot beside it)")
     a = p.parse_args(argv)
+    command = command_line("python -m loadtests.soak", argv)
+    prov = provenance(a.checkpoint, command)  # at the start: the commit whose code the service runs
     log_path = Path("/tmp/dualrate-soak.log")
     srv = ServerProcess(a.checkpoint, log_path, engine_process="on", max_active_images=a.slots,
                         max_images_per_request=1, queue_size=256)
@@ -144,8 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {proc: {"at_warmup_end_mb": after[0][f"{proc}_mb"], "at_end_mb": samples[-1][f"{proc}_mb"],
                      "slope_mb_per_min_after_warmup": round(slope(samples, f"{proc}_mb", warm), 3)}
               for proc in ("front", "core")}
-    command = command_line("python -m loadtests.soak", argv)
-    raw = {**provenance(a.checkpoint, command), "minutes": a.minutes, "warmup_minutes": a.warmup_minutes,
+    raw = {**prov, "minutes": a.minutes, "warmup_minutes": a.warmup_minutes,
            "clients": a.clients, "streams": a.streams, "slots": a.slots, "body": body, "samples": samples,
            "result": result, "answered": counts}
     lines = [f"## Soak {utc_stamp()}: {a.minutes:g} min, {a.clients} plain + {a.streams} streaming clients, "

@@ -38,7 +38,7 @@ class TickStats:
 
 @dataclass(frozen=True)
 class RequestDone:
-    outcome: str  # a service.errors.Outcome: ok, timeout, cancelled, engine_error, unavailable
+    outcome: str  # a service.core.errors.Outcome: ok, timeout, cancelled, engine_error, unavailable
     images: int
     queue_seconds: float
     total_seconds: float
