@@ -142,11 +142,15 @@ class AutoK:
 
     def arrived(self, images: int, now: float) -> None:
         self._arrivals.append((now, images))
+        self._forget(now)  # every request arrives here, auto or not: the window stays bounded (it grew for ever)
+
+    def _forget(self, now: float) -> None:
+        while self._arrivals and self._arrivals[0][0] < now - self.window_s:
+            self._arrivals.popleft()
 
     def arrival_rate(self, now: float) -> float:
         """Images submitted per second over the last `window_s`."""
-        while self._arrivals and self._arrivals[0][0] < now - self.window_s:
-            self._arrivals.popleft()
+        self._forget(now)
         if not self._arrivals:
             return 0.0
         # Over the window, or over the time since the first arrival in it plus a second (a cold start's burst).

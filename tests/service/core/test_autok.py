@@ -253,3 +253,13 @@ def test_retry_after_is_within_2x_of_the_real_wait(start_server):
 
     retry_after, waited = asyncio.run(run())
     assert waited / 2 <= retry_after <= 2 * waited + 1, (retry_after, waited)  # + 1: Retry-After is whole seconds
+
+
+def test_arrivals_are_forgotten_outside_the_window_even_when_no_request_asks_for_auto():
+    """The soak (docs/runs/soak.md) saw the engine core grow ~0.15 MB a minute: every request's arrival was kept for
+    ever unless an "auto" request read the rate (tracemalloc: AutoK.arrived, 65 B per request)."""
+    auto = AutoK(QualityBudget({1: 1.0, 4: 1.07}, 1.15, default_k=4), target_s=2.0)
+    for i in range(100_000):  # 100 arrivals per second for 1000 s, none of them "auto"
+        auto.arrived(1, i / 100)
+    assert len(auto._arrivals) <= 5 * 100 + 1
+    assert auto.arrival_rate(1000.0) == pytest.approx(100.0, rel=0.02)
