@@ -93,6 +93,7 @@ class RemoteCore:
         self.proc, self.address, self.folder = proc, address, folder
         self.heartbeat_timeout_s = heartbeat_timeout_s
         self.last_heard = time.monotonic()  # the core's last message of any kind
+        self.heard = False  # whether the core has answered at all: a core still importing is starting, not frozen
         self.stalled_s = 0.0  # the core's own report: work and no tick for this long
         self.ctx = zmq.asyncio.Context()
         self.sock = self.ctx.socket(zmq.DEALER)
@@ -116,8 +117,8 @@ class RemoteCore:
     @property
     def frozen(self) -> str | None:
         """Why the core counts as frozen: no answer to the heartbeat, or work and no tick, for the heartbeat timeout."""
-        if self.dead is not None:
-            return None  # dead, not frozen: `dead` says why
+        if self.dead is not None or not self.heard:
+            return None  # dead, not frozen (`dead` says why); or not started yet (readiness says so)
         silent = time.monotonic() - self.last_heard
         if silent > self.heartbeat_timeout_s:
             return (f"the engine core has not answered for {silent:.0f} s (DUALRATE_CORE_HEARTBEAT_TIMEOUT_S "
@@ -263,7 +264,7 @@ class RemoteCore:
     async def _reader(self) -> None:
         while True:
             raw = await self.sock.recv()
-            self.last_heard = time.monotonic()
+            self.last_heard, self.heard = time.monotonic(), True
             try:
                 self._dispatch(p.decode_to_front(raw))
             except Exception:
