@@ -111,6 +111,8 @@ class PrometheusStats:
         self._class_names: list[str] | None = None
         self._classes = 0
         self.core = CoreCollector(policy)
+        self._core_registry = CollectorRegistry()
+        self._core_registry.register(self.core)
 
     def core_status(self, status: CoreStatus | None) -> None:
         """The engine core's latest status: its series in the next exposition (None: none, e.g. the core is gone)."""
@@ -124,9 +126,7 @@ class PrometheusStats:
             multiprocess.MultiProcessCollector(front)
         else:
             front = self.registry
-        core = CollectorRegistry()
-        core.register(self.core)
-        return generate_latest(front) + generate_latest(core)
+        return generate_latest(front) + generate_latest(self._core_registry)
 
     def set_model(self, num_classes: int, class_names: list[str] | None) -> None:
         """The served model's classes: `class_images` names them where the card does."""

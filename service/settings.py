@@ -244,10 +244,11 @@ class Settings(BaseSettings):
         problem = checkpoint_problem(self.checkpoint)
         if problem is not None:
             raise ValueError(problem)
-        unhonoured = dualrate_problems(read_card(self.checkpoint))
+        card = read_card(self.checkpoint)
+        unhonoured = dualrate_problems(card)
         if unhonoured:  # a card whose schedule the sampler does not follow would be served wrongly without a word
             raise ValueError(f"{self.checkpoint / 'model_card.json'}: {'; '.join(unhonoured)}")
-        steps = card_defaults(read_card(self.checkpoint)).steps
+        steps = card_defaults(card).steps
         if steps > self.max_steps:
             raise ValueError(f"DUALRATE_MAX_STEPS ({self.max_steps}) is below the model card's default steps "
                              f"({steps}): every request that leaves steps out would be refused; set "

@@ -16,7 +16,7 @@ import time
 
 from dualrate.diffusion import CosineSchedule
 from engines import Engine
-from service.core.autok import AutoK, CostModel
+from service.core.autok import AutoK
 from service.core.errors import EngineFailure, LimitError, Outcome, ServiceError, new_error_id
 from service.core.progress import Handover, Listener
 from service.core.request import GenerationSpec, Job, RequestLimits
@@ -36,8 +36,7 @@ class EngineLoop:
         them again (it may come from any front end over the process boundary)."""
         self.limits, self.null_label = limits, null_label
         self.stats = stats or StatsSink()
-        cost = autok.cost if autok is not None else CostModel(slots=config.max_active_images)
-        self.scheduler = Scheduler(config, null_label, autok, cost)
+        self.scheduler = Scheduler(config, null_label, autok)
         self.runner = Runner(engine, sched, null_label, config.max_active_images, runner or RunnerConfig(),
                              output_size, self.stats)
         self.handover = Handover()
