@@ -159,11 +159,11 @@ def load_dataset(name: str, split: str = "train") -> tuple[Tensor, Tensor]:
     return x, torch.from_numpy(labels.astype(np.int64))
 
 
-def to_uint8(images: Tensor, output_size: int) -> np.ndarray:
-    """Samples (B, C, S, S) in [-1, 1] -> delivered pictures, uint8: the centred output_size crop (MNIST: 28 of 32),
-    (B, H, W) for grayscale, (B, H, W, 3) for RGB."""
-    s = images.shape[-1]
-    lo = (s - output_size) // 2
-    x = images[:, :, lo : lo + output_size, lo : lo + output_size].float().clamp(-1, 1)
+def to_uint8(images: Tensor, output_size: int | tuple[int, int]) -> np.ndarray:
+    """Samples (B, C, H, W) in [-1, 1] -> delivered pictures, uint8: the centred crop of `output_size` (one side for
+    a square, or (height, width); MNIST: 28 of 32), (B, h, w) for grayscale, (B, h, w, 3) for RGB."""
+    oh, ow = (output_size, output_size) if isinstance(output_size, int) else output_size
+    top, left = (images.shape[-2] - oh) // 2, (images.shape[-1] - ow) // 2
+    x = images[:, :, top : top + oh, left : left + ow].float().clamp(-1, 1)
     x = ((x + 1.0) * 127.5).round().to(torch.uint8).cpu()
     return (x[:, 0] if x.shape[1] == 1 else x.permute(0, 2, 3, 1)).numpy()

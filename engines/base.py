@@ -18,6 +18,8 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor
 
+from export.card import ModelCard
+
 Features = tuple[Tensor, ...]
 
 
@@ -76,8 +78,9 @@ class CudaFeatures:
 class Engine(ABC):
     """Base class of the backends. Subclasses implement `encode`, `denoise`, `info`; the rest has defaults."""
 
-    feature_shapes: list[tuple[int, int, int]]
-    sample_shape: tuple[int, int, int]  # (C, S, S) of z and v, from the export contract / model config
+    spec: ModelCard  # the model's serving contract: geometry, classes, diffusion, the networks' I/O names
+    feature_shapes: list[tuple[int, ...]]  # per feature tensor, without the batch axis
+    sample_shape: tuple[int, int, int]  # (C, H, W) of z and the prediction, from the model card
     max_batch: int
     feature_dtype: torch.dtype = torch.float32  # what `encode` returns (a feature cache is kept in it)
     PRECISIONS: ClassVar[frozenset[Precision]] = frozenset({Precision.FP32})  # what the backend honours
@@ -89,11 +92,11 @@ class Engine(ABC):
 
     @abstractmethod
     def encode(self, z: Tensor, tau: Tensor, label: Tensor) -> Features:
-        """z (B, C, S, S) float, tau (B,) float, label (B,) int64 -> features [(B, C_l, H_l, W_l)]."""
+        """z (B, C, H, W) float, tau (B,) float time, label (B,) int64 -> the features, in the card's order."""
 
     @abstractmethod
     def denoise(self, z: Tensor, t: Tensor, tau: Tensor, label: Tensor, features: Features) -> Tensor:
-        """-> v (B, C, S, S)."""
+        """-> the prediction (B, C, H, W): v, eps or x0 as the card's `diffusion.prediction` says."""
 
     @property
     @abstractmethod
@@ -150,13 +153,31 @@ class Engine(ABC):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    @staticmethod
-    def contract_feeds(specs: list[dict], tensors: tuple[Tensor, ...]) -> dict[str, Tensor]:
-        """Name a network's inputs as the export contract (onnx.json) lists them, in its order: encoder (z, tau,
-        label), light network (z, t, tau, label, features...). Backends that run exported graphs feed by these names."""
-        if len(specs) != len(tensors):
-            raise EngineError(f"the export contract lists {len(specs)} inputs, the call gave {len(tensors)}: re-export")
-        return {s["name"]: t for s, t in zip(specs, tensors, strict=True)}
+    def encoder_feeds(self, z: Tensor, tau: Tensor, label: Tensor) -> dict[str, Tensor]:
+        """The encoder's inputs named as the model card names them (times as its `time_input` says; no label for an
+        unconditional model). Backends that run graphs feed by these names."""
+        io, spec = self.spec.encoder, self.spec
+        feeds = {io.z: z.float(), io.time: spec.time_feed(tau.float())}
+        if io.label is not None:
+            feeds[io.label] = label.long()
+        return feeds
+
+    def denoiser_feeds(self, z: Tensor, t: Tensor, tau: Tensor, label: Tensor, features: Features) -> dict[str, Tensor]:
+        io, spec = self.spec.denoiser, self.spec
+        if len(features) != len(io.features):
+            raise EngineError(f"{len(features)} feature tensors for the denoiser's {len(io.features)} ({io.features})")
+        feeds = {io.z: z.float(), io.time: spec.time_feed(t.float()), io.encoder_time: spec.time_feed(tau.float())}
+        if io.label is not None:
+            feeds[io.label] = label.long()
+        feeds.update({name: f.float() for name, f in zip(io.features, features, strict=True)})
+        return feeds
+
+    def probe_feature_shapes(self) -> list[tuple[int, ...]]:
+        """The encoder's feature shapes (without the batch axis), from one call at batch 1."""
+        z = torch.zeros(1, *self.sample_shape, device=self.device)
+        t = torch.full((1,), 0.5, device=self.device)
+        y = torch.full((1,), self.spec.null_label, dtype=torch.long, device=self.device)
+        return [tuple(f.shape[1:]) for f in self.encode(z, t, y)]
 
     def check_batch(self, n: int) -> None:
         if not 1 <= n <= self.max_batch:

@@ -13,26 +13,34 @@ import torch
 
 from dualrate.checkpoint import DEFAULT_CHECKPOINT
 from engines.base import Backend, BackendUnavailable, Engine, EngineError, Precision
+from export.card import ModelCard, read_spec
 
 log = logging.getLogger("engines")
 
 
-def resolve_backend(name: str | Backend, device: str | None = None,
-                    precision: Precision = Precision.FP32) -> tuple[Backend, str]:
+def resolve_backend(name: str | Backend, device: str | None = None, precision: Precision = Precision.FP32,
+                    fmt: str = "dualrate") -> tuple[Backend, str]:
     """-> (concrete backend, device). `device=None` means the best available. `auto` on a GPU takes TensorRT where it
-    is importable and the precision is one it runs (fp16), else torch."""
+    is importable, the precision is one it runs (fp16) and it runs the model's format, else torch; on the CPU ONNX
+    Runtime, or torch for a torch-export model. `fmt`: the model card's format."""
     backend = Backend(name)
     has_cuda = torch.cuda.is_available()
     if device is None or device == "auto":
         device = "cuda:0" if has_cuda else "cpu"
     if backend is Backend.AUTO:
         if device.startswith("cuda") and has_cuda:
-            trt = importlib.util.find_spec("tensorrt") is not None and precision is Precision.FP16
-            backend = Backend.TENSORRT if trt else Backend.TORCH
+            trt = (importlib.util.find_spec("tensorrt") is not None and precision is Precision.FP16
+                   and fmt in REGISTRY[Backend.TENSORRT].formats)
+            backend = Backend.TENSORRT if trt else Backend.TORCH if fmt in REGISTRY[Backend.TORCH].formats \
+                else Backend.ONNXRUNTIME
         else:
-            backend = Backend.ONNXRUNTIME
+            backend = Backend.ONNXRUNTIME if fmt in REGISTRY[Backend.ONNXRUNTIME].formats else Backend.TORCH
     if REGISTRY[backend].cuda_only and not device.startswith("cuda"):
         raise BackendUnavailable("the tensorrt backend needs a CUDA device")
+    if fmt not in REGISTRY[backend].formats:
+        runs = [str(b) for b, spec in REGISTRY.items() if fmt in spec.formats]
+        raise BackendUnavailable(f"the {backend} backend does not run format {fmt!r} models: pick {' or '.join(runs)} "
+                                 "(DUALRATE_BACKEND) or leave it auto")
     return backend, device
 
 
@@ -88,6 +96,7 @@ class BackendSpec:
     cls: str
     precisions: frozenset[Precision]
     options: frozenset[str]
+    formats: frozenset[str]  # the model card formats it serves (export/card.py)
     fused_tick: bool = False  # the engine exposes its raw network calls and buckets (service.core.fused)
     cuda_graphs: bool = False  # can capture CUDA graphs per bucket
     compiles: bool = False  # has an optional compile step (torch.compile)
@@ -109,12 +118,13 @@ class BackendSpec:
 
 REGISTRY: dict[Backend, BackendSpec] = {spec.backend: spec for spec in (
     BackendSpec(Backend.ONNXRUNTIME, "engines.onnxruntime_engine", "OnnxRuntimeEngine", frozenset({Precision.FP32}),
-                frozenset({"threads"}), title="ONNX Runtime"),
+                frozenset({"threads"}), frozenset({"onnx", "dualrate"}), title="ONNX Runtime"),
     BackendSpec(Backend.TORCH, "engines.torch_engine", "TorchEngine", frozenset(Precision),
-                frozenset({"compile", "cuda_graphs", "buckets", "low_precision", "threads"}), fused_tick=True,
+                frozenset({"compile", "cuda_graphs", "buckets", "low_precision", "threads"}),
+                frozenset({"torch-export", "dualrate"}), fused_tick=True,
                 cuda_graphs=True, compiles=True, title="torch"),
     BackendSpec(Backend.TENSORRT, "engines.tensorrt_engine", "TensorRTEngine", frozenset({Precision.FP16}),
-                frozenset(), cuda_only=True, cuda_devices=("cuda", "cuda:0"), title="TensorRT"),
+                frozenset(), frozenset({"dualrate"}), cuda_only=True, cuda_devices=("cuda", "cuda:0"), title="TensorRT"),
 )}
 
 
@@ -134,8 +144,9 @@ class Resolved:
         return self.device.startswith("cuda")
 
 
-def resolve(backend: str | Backend, device: str | None = None, precision: Precision = Precision.FP32) -> Resolved:
-    kind, dev = resolve_backend(backend, device, precision)
+def resolve(backend: str | Backend, device: str | None = None, precision: Precision = Precision.FP32,
+            fmt: str = "dualrate") -> Resolved:
+    kind, dev = resolve_backend(backend, device, precision, fmt)
     return Resolved(REGISTRY[kind], dev)
 
 
@@ -143,37 +154,40 @@ def create_engine(checkpoint: Path | str = DEFAULT_CHECKPOINT, config: EngineCon
     """Build a ready engine (ONNX export / TensorRT build happen here if their caches are stale). `options` are
     EngineConfig fields that replace those of `config` (`create_engine(ck, backend="torch", device="cpu")`)."""
     cfg = replace(config or EngineConfig(), **options)
-    res = resolve(cfg.backend, None if cfg.device == "auto" else cfg.device, cfg.precision)
-    kind, device, spec = res.backend, res.device, res.spec
     checkpoint = Path(checkpoint)
-    log.info("engine: backend=%s device=%s precision=%s checkpoint=%s", kind, device, cfg.precision, checkpoint)
+    model = read_spec(checkpoint)
+    res = resolve(cfg.backend, None if cfg.device == "auto" else cfg.device, cfg.precision, model.format)
+    kind, device, spec = res.backend, res.device, res.spec
+    log.info("engine: backend=%s device=%s precision=%s model=%s (format %s)", kind, device, cfg.precision, checkpoint,
+             model.format)
     if cfg.precision not in spec.precisions:
         raise EngineError(f"the {kind} backend runs precision {', '.join(sorted(spec.precisions))}, not {cfg.precision}")
     refused = spec.unhonoured(cfg, device)
     if refused:
         raise EngineError(f"the {kind} backend does not honour {'; '.join(refused)}: leave them at their defaults or "
                           "pick the torch backend")
-    return _BUILDERS[kind](checkpoint, cfg, device)
+    return _BUILDERS[kind](checkpoint, model, cfg, device)
 
 
-def _build_torch(checkpoint: Path, cfg: EngineConfig, device: str) -> Engine:
+def _build_torch(checkpoint: Path, model: ModelCard, cfg: EngineConfig, device: str) -> Engine:
     from engines.torch_engine import TorchEngine
 
     if cfg.threads and device == "cpu":
         torch.set_num_threads(cfg.threads)
-    return TorchEngine(checkpoint, device, cfg.max_batch, cuda_graphs=cfg.cuda_graphs, precision=cfg.precision,
+    return TorchEngine(checkpoint, model, device, cfg.max_batch, cuda_graphs=cfg.cuda_graphs, precision=cfg.precision,
                        compile=cfg.compile, graph_buckets=cfg.buckets or None, low_precision=cfg.low_precision)
 
 
-def _build_onnxruntime(checkpoint: Path, cfg: EngineConfig, device: str) -> Engine:
+def _build_onnxruntime(checkpoint: Path, model: ModelCard, cfg: EngineConfig, device: str) -> Engine:
+    """An "onnx" model runs its own graphs in place; this project's checkpoints are exported first (cached)."""
     from engines.onnxruntime_engine import OnnxRuntimeEngine
     from export import export_onnx
 
-    art = export_onnx(checkpoint)
-    return OnnxRuntimeEngine(art.directory, device, cfg.max_batch, intra_op_threads=cfg.threads)
+    graphs = checkpoint if model.format == "onnx" else export_onnx(checkpoint).directory
+    return OnnxRuntimeEngine(graphs, model, device, cfg.max_batch, intra_op_threads=cfg.threads)
 
 
-def _build_tensorrt(checkpoint: Path, cfg: EngineConfig, device: str) -> Engine:
+def _build_tensorrt(checkpoint: Path, model: ModelCard, cfg: EngineConfig, device: str) -> Engine:
     from engines.build import build_engines
     from engines.tensorrt_engine import TensorRTEngine, _import_trt
     from export import export_onnx
@@ -181,7 +195,7 @@ def _build_tensorrt(checkpoint: Path, cfg: EngineConfig, device: str) -> Engine:
     _import_trt()
     art = export_onnx(checkpoint, fp16=True)
     engine_dir = build_engines(art.directory, max_batch=cfg.max_batch, opt_batch=min(16, cfg.max_batch))
-    return TensorRTEngine(engine_dir, art.sidecar, cfg.max_batch)
+    return TensorRTEngine(engine_dir, art.sidecar, model, cfg.max_batch)
 
 
 _BUILDERS = {Backend.TORCH: _build_torch, Backend.ONNXRUNTIME: _build_onnxruntime, Backend.TENSORRT: _build_tensorrt}

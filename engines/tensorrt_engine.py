@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from engines.base import Backend, BackendUnavailable, Engine, EngineError, EngineInfo, Features, Precision
+from export.card import ModelCard
 
 log = logging.getLogger("engines.tensorrt")
 
@@ -76,15 +77,15 @@ class _TrtNetwork:
 class TensorRTEngine(Engine):
     PRECISIONS = frozenset({Precision.FP16})  # the engines are built from the FP16 graphs, strongly typed
 
-    def __init__(self, engine_dir: Path, sidecar: dict, max_batch: int = 64) -> None:
-        """`sidecar`: the export's onnx.json (the contract: tensor names and shapes)."""
+    def __init__(self, engine_dir: Path, sidecar: dict, spec: ModelCard, max_batch: int = 64) -> None:
+        """`sidecar`: the export's onnx.json (shapes); `spec`: the model card (tensor names, time input)."""
         super().__init__()
         trt = _import_trt()
         self._trt_logger = trt.Logger(trt.Logger.WARNING)
         runtime = trt.Runtime(self._trt_logger)
         self._enc = _TrtNetwork(trt, runtime, Path(engine_dir) / "encoder.engine")
         self._den = _TrtNetwork(trt, runtime, Path(engine_dir) / "denoiser.engine")
-        self.sidecar = sidecar
+        self.sidecar, self.spec = sidecar, spec
         self.feature_shapes = [tuple(o["shape"]) for o in sidecar["encoder"]["outputs"]]
         self.sample_shape = tuple(sidecar["denoiser"]["outputs"][0]["shape"])
         self.max_batch = max_batch
@@ -105,11 +106,10 @@ class TensorRTEngine(Engine):
     def encode(self, z: Tensor, tau: Tensor, label: Tensor) -> Features:
         """On the current stream (the encoder stream inside `encode_async`)."""
         self.check_batch(z.shape[0])
-        feeds = self.contract_feeds(self.sidecar["encoder"]["inputs"], (z.cuda(), tau.cuda(), label.cuda().long()))
+        feeds = self.encoder_feeds(z.cuda(), tau.cuda(), label.cuda())
         return tuple(o.float() for o in self._enc(feeds, torch.cuda.current_stream().cuda_stream))
 
     def denoise(self, z: Tensor, t: Tensor, tau: Tensor, label: Tensor, features: Features) -> Tensor:
         self.check_batch(z.shape[0])
-        feeds = self.contract_feeds(self.sidecar["denoiser"]["inputs"],
-                                    (z.cuda(), t.cuda(), tau.cuda(), label.cuda().long(), *features))
+        feeds = self.denoiser_feeds(z.cuda(), t.cuda(), tau.cuda(), label.cuda(), features)
         return self._den(feeds, torch.cuda.current_stream().cuda_stream)[0].float()

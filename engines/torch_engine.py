@@ -25,8 +25,9 @@ import torch
 from torch import Tensor
 
 from dualrate.checkpoint import load_checkpoint
-from engines.base import Backend, BackendUnavailable, Engine, EngineInfo, Features, Precision
+from engines.base import Backend, BackendUnavailable, Engine, EngineError, EngineInfo, Features, Precision
 from engines.compiled import Buckets, compile_module, configure_inductor_cache
+from export.card import ModelCard
 
 log = logging.getLogger("engines.torch")
 
@@ -84,21 +85,78 @@ class _GraphRunner:
         return out[:b].clone()
 
 
+class ExportedNetwork(torch.nn.Module):
+    """A `torch.export` program (`.pt2`) called in the contract's order: encoder (z, tau, label), denoiser (z, t, tau,
+    label, *features). Its inputs are matched by name (the card's names are the program's input names, i.e. its
+    forward's parameter names); times are fed as the card's `time_input` says; an unconditional model gets no label.
+    Returns the encoder's outputs as a tuple in the card's order, the denoiser's prediction as one tensor."""
+
+    def __init__(self, path: Path, spec: ModelCard, role: str) -> None:
+        super().__init__()
+        try:
+            program = torch.export.load(str(path))
+        except Exception as e:  # torch raises several types for a file that is not a program
+            raise EngineError(f"torch.export.load could not read {path}: {e}") from e
+        if role == "encoder":
+            io = spec.encoder
+            roles = [io.z, io.time, io.label]
+            self.times: tuple[int, ...] = (1,)
+        else:
+            d = spec.denoiser
+            roles = [d.z, d.time, d.encoder_time, d.label, *d.features]
+            self.times = (1, 2)
+        names = list(program.graph_signature.user_inputs)
+        position = {name: i for i, name in enumerate(roles) if name is not None}
+        unknown = [n for n in names if n not in position]
+        if unknown or len(names) != len(position):
+            raise EngineError(f"{path.name}: the program takes inputs {names}, the card names {sorted(position)}: "
+                              "for format torch-export the card's names are the program's input names (its forward's "
+                              "parameter names); python -m export.check says more")
+        self.order = [position[n] for n in names]
+        self.role, self.spec = role, spec
+        self.net = program.module()
+
+    def train(self, mode: bool = True) -> ExportedNetwork:
+        """An exported program has no train/eval switch (torch refuses `eval()` on it): it runs as exported."""
+        self.training = mode
+        return self
+
+    def forward(self, *args: Tensor) -> Tensor | tuple[Tensor, ...]:
+        a = list(args)
+        for i in self.times:
+            a[i] = self.spec.time_feed(a[i])
+        out = self.net(*(a[i] for i in self.order))
+        if self.role == "encoder":
+            return tuple(out) if isinstance(out, tuple | list) else (out,)
+        return out[0] if isinstance(out, tuple | list) else out
+
+
+def load_networks(folder: Path, spec: ModelCard) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The model folder's two networks as torch modules called in the contract's order."""
+    if spec.format == "dualrate":
+        model = load_checkpoint(folder)
+        return model.encoder, model.denoiser
+    if spec.format == "torch-export":
+        return (ExportedNetwork(Path(folder) / "encoder.pt2", spec, "encoder"),
+                ExportedNetwork(Path(folder) / "denoiser.pt2", spec, "denoiser"))
+    raise EngineError(f"the torch backend runs formats dualrate and torch-export, not {spec.format!r}: serve an onnx "
+                      "model with the onnxruntime backend")
+
+
 class TorchEngine(Engine):
     PRECISIONS = frozenset(Precision)  # tf32 only on CUDA (checked below)
 
     def __init__(
-        self, checkpoint: Path, device: str = "cpu", max_batch: int = 64, cuda_graphs: bool = False,
+        self, checkpoint: Path, spec: ModelCard, device: str = "cpu", max_batch: int = 64, cuda_graphs: bool = False,
         graph_buckets: tuple[int, ...] | None = None, precision: Precision = Precision.FP32, compile: bool = False,
         low_precision: LowPrecision | str = LowPrecision.AUTOCAST,
     ) -> None:
         super().__init__()
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise BackendUnavailable(f"device {device} asked for, but torch sees no CUDA GPU")
-        model = load_checkpoint(checkpoint)
-        self.cfg = model.cfg
-        self.feature_shapes = list(model.cfg.feature_shapes)
-        self.sample_shape = model.cfg.sample_shape
+        encoder, denoiser = load_networks(checkpoint, spec)
+        self.spec = spec
+        self.sample_shape = spec.sample_shape
         self.max_batch = max_batch
         self._device = device
         precision = Precision(precision)
@@ -115,8 +173,8 @@ class TorchEngine(Engine):
             # cuDNN convolutions default to TF32 on Ampere and later; fp32 means fp32 (the first H100 run measured 4/255
             # pixel differences against ONNX Runtime with TF32 on). Process-wide flags: one engine per process.
             torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = precision == "tf32"
-        self.encoder = model.encoder.to(device, self.input_dtype).eval()
-        self.denoiser = model.denoiser.to(device, self.input_dtype).eval()
+        self.encoder = encoder.to(device, self.input_dtype).eval()
+        self.denoiser = denoiser.to(device, self.input_dtype).eval()
         self._encoder_stream = torch.cuda.Stream(device=device) if device.startswith("cuda") else None
         self.compiled = compile
         self.buckets = Buckets.for_batch(max_batch, graph_buckets)
@@ -134,6 +192,11 @@ class TorchEngine(Engine):
         enc_call, den_call = self.network_calls()
         self._enc_fn = wrap(enc_call, self.buckets) if wrap else enc_call
         self._den_fn = wrap(den_call, self.buckets) if wrap else den_call
+        with torch.inference_mode():  # eager, at batch 1: no bucket is compiled or captured for it
+            z = torch.zeros(1, *self.sample_shape, device=device, dtype=self.input_dtype)
+            t = torch.full((1,), 0.5, device=device)
+            y = torch.full((1,), spec.null_label, dtype=torch.long, device=device)
+            self.feature_shapes = [tuple(f.shape[1:]) for f in self.encoder(z, t, y)]
 
     @property
     def info(self) -> EngineInfo:

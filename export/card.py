@@ -14,6 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from torch import Tensor
+
+from dualrate.diffusion import CosineSchedule
+
 FORMATS = {"onnx": ("encoder.onnx", "denoiser.onnx"), "torch-export": ("encoder.pt2", "denoiser.pt2"),
            "dualrate": ("encoder.safetensors", "denoiser.safetensors")}
 PREDICTIONS = ("v", "eps", "x0")
@@ -85,6 +89,9 @@ class Defaults:
 
 @dataclass(frozen=True)
 class ModelCard:
+    """What the service serves a model by, whatever its format: its geometry, classes, diffusion, the two networks'
+    I/O names and its defaults. A "dualrate" card's is derived from its `config` (`model_spec`)."""
+
     format: str
     sample: Sample
     classes: Classes | None  # None: an unconditional model (no label inputs, no guidance)
@@ -92,6 +99,38 @@ class ModelCard:
     encoder: EncoderIO
     denoiser: DenoiserIO
     defaults: Defaults
+
+    @property
+    def sample_shape(self) -> tuple[int, int, int]:
+        """(C, H, W): one sample as the networks see it."""
+        return (self.sample.channels, self.sample.height, self.sample.width)
+
+    @property
+    def output_hw(self) -> tuple[int, int]:
+        """(height, width) of the delivered picture: the centred crop of a sample."""
+        return (self.sample.output_height, self.sample.output_width)
+
+    @property
+    def num_classes(self) -> int:
+        """0 for an unconditional model."""
+        return self.classes.count if self.classes else 0
+
+    @property
+    def null_label(self) -> int:
+        """The label of the unconditional branch (an unconditional model's rows all carry it; its networks take no
+        label, so its value is never seen)."""
+        return self.classes.null_label if self.classes else 0
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return list(self.classes.names) if self.classes and self.classes.names else None
+
+    def schedule(self) -> CosineSchedule:
+        return CosineSchedule(self.diffusion.logsnr_min, self.diffusion.logsnr_max)
+
+    def time_feed(self, t: Tensor) -> Tensor:
+        """What the networks' time inputs receive for time t (1 = noise, 0 = data): t itself, or its log-SNR."""
+        return t if self.diffusion.time_input == "t" else self.schedule().logsnr(t)
 
 
 class _Reader:
@@ -239,6 +278,50 @@ def dualrate_problems(card: dict[str, Any]) -> list[str]:
         if k in schedule and k in config and float(schedule[k]) != float(config[k]):
             out.append(f"schedule.{k}: {schedule[k]} disagrees with config.{k} ({config[k]}), which the sampler uses")
     return out
+
+
+def dualrate_spec(card: dict[str, Any]) -> ModelCard:
+    """The serving contract of a "dualrate" card: this project's networks exported by `export.onnx_export` (the
+    names of export.contract), v-prediction, time input t, the cosine schedule of its config."""
+    from dualrate.checkpoint import card_defaults, class_names
+    from dualrate.config import ModelConfig
+    from export.contract import FEATURE_NAMES
+
+    problems = dualrate_problems(card)
+    try:
+        cfg = ModelConfig.from_dict(card.get("config") or {})
+    except (TypeError, ValueError, KeyError) as e:
+        problems.append(f"config: {e}")
+    if problems:
+        raise CardError(problems)
+    d = card_defaults(card)
+    names = class_names(card)
+    s = cfg.image_size
+    return ModelCard(
+        "dualrate", Sample(cfg.channels, s, s, cfg.output_size, cfg.output_size),
+        Classes(cfg.num_classes, cfg.null_label, tuple(names) if names else None),
+        Diffusion("cosine", cfg.logsnr_min, cfg.logsnr_max, "v", "t"),
+        EncoderIO("z", "tau", "label", FEATURE_NAMES),
+        DenoiserIO("z", "t", "tau", "label", FEATURE_NAMES, "v"),
+        Defaults(d.steps, d.encoder_interval, d.guidance_scale))
+
+
+def model_spec(card: dict[str, Any]) -> ModelCard:
+    """The serving contract of a card of any format; CardError with one line per problem."""
+    if not isinstance(card, dict):
+        raise CardError(["model_card.json: must be a JSON object"])
+    fmt = card.get("format", "dualrate")
+    if fmt == "dualrate":
+        return dualrate_spec(card)
+    return read_model_card(card)
+
+
+def read_spec(folder: Path) -> ModelCard:
+    """A model folder's serving contract, after its files and card are checked (`model_folder_problems`)."""
+    problems = model_folder_problems(Path(folder))
+    if problems:
+        raise CardError(problems)
+    return model_spec(json.loads((Path(folder) / "model_card.json").read_text()))
 
 
 def model_folder_problems(folder: Path) -> list[str]:

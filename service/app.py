@@ -14,8 +14,6 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from prometheus_client import disable_created_metrics
 
-from dualrate.checkpoint import card_defaults, class_names
-from dualrate.config import ModelConfig
 from service.api import ROUTERS, api_router
 from service.api.answers import install_error_handlers
 from service.api.routes.pages import mount_static
@@ -35,12 +33,11 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     or a wrapper around it (a failing engine double in the failure tests)."""
     settings = settings or Settings()
     card = settings.model_card()  # all the front end needs of the checkpoint: the engine loads the weights
-    cfg = ModelConfig.from_dict(card["config"])
-    defaults = card_defaults(card)
+    spec = settings.model_spec
     core_config = settings.core_config(card)
-    state = AppState(settings, cfg, card, core_config.limits,
-                     QualityBudget.from_card(card, settings.quality_budget, defaults.encoder_interval))
-    state.metrics.set_model(cfg.num_classes, class_names(card))
+    state = AppState(settings, spec, card, core_config.limits,
+                     QualityBudget.from_card(card, settings.quality_budget, spec.defaults.encoder_interval))
+    state.metrics.set_model(spec.num_classes, spec.class_names)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -109,7 +106,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     app.state.dualrate = state
     # The published schema carries this server's live limits, so a schema-valid request is one the server takes.
     # A distilled student samples at the steps it was distilled for, with the encoder at most as rarely as then.
-    _limits_in_openapi(app, state.limits.maxima(), class_names(card), state.limits.minima())
+    _limits_in_openapi(app, state.limits.maxima(), spec.class_names, state.limits.minima())
     install_error_handlers(app)
     # Starlette would answer /static with a redirect to http://<Host header>/static/: an absolute URL built from what
     # the client sent. No slash redirects: a path is served as written or 404.

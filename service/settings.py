@@ -14,10 +14,9 @@ from typing import Annotated, Any, Self
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
 
-from dualrate.checkpoint import DEFAULT_CHECKPOINT, card_defaults, checkpoint_problem, distilled_schedule, read_card
-from dualrate.config import ModelConfig
+from dualrate.checkpoint import DEFAULT_CHECKPOINT, checkpoint_problem, distilled_schedule, read_card
 from engines import Backend, BackendUnavailable, EngineConfig, Precision, Resolved, resolve
-from export.card import dualrate_problems
+from export.card import CardError, ModelCard, model_spec
 from service.core import MAX_STEPS, CoreConfig, Policy, Priority, QualityBudget, RequestLimits, RunnerConfig, SchedulerConfig, request_cost
 
 # Reserved slots are lent to large images expected to finish within this many latency targets (6 s by default): the
@@ -162,7 +161,13 @@ class Settings(BaseSettings):
     @cached_property
     def resolved(self) -> Resolved:
         """The backend and device, resolved once (auto -> a concrete backend): every `auto` switch derives from it."""
-        return resolve(self.backend, None if self.device == "auto" else self.device, self.precision)
+        return resolve(self.backend, None if self.device == "auto" else self.device, self.precision,
+                       self.model_spec.format)
+
+    @cached_property
+    def model_spec(self) -> ModelCard:
+        """The served model's contract (export/card.py): geometry, classes, diffusion, I/O names, defaults."""
+        return model_spec(self.model_card())
 
     def _on(self, toggle: Toggle, capable: bool) -> bool:
         """A switch: on, off, or auto = on where the resolved backend can and runs on CUDA."""
@@ -185,9 +190,9 @@ class Settings(BaseSettings):
 
     def request_limits(self, card: dict[str, Any]) -> RequestLimits:
         """Every limit a request is held to, for this server and the model of `card`."""
-        cfg, defaults = ModelConfig.from_dict(card["config"]), card_defaults(card)
-        budget = QualityBudget.from_card(card, self.quality_budget, defaults.encoder_interval)
-        return RequestLimits(num_classes=cfg.num_classes, max_images_per_request=self.max_images_per_request,
+        spec = model_spec(card)
+        budget = QualityBudget.from_card(card, self.quality_budget, spec.defaults.encoder_interval)
+        return RequestLimits(num_classes=spec.num_classes, max_images_per_request=self.max_images_per_request,
                              max_steps=self.max_steps, max_timeout_s=self.max_timeout_s,
                              max_request_cost=self.max_request_cost, distilled=distilled_schedule(card),
                              auto_ks=tuple(budget.allowed))
@@ -195,7 +200,7 @@ class Settings(BaseSettings):
     def core_config(self, card: dict[str, Any]) -> CoreConfig:
         """The engine core's one typed configuration, resolved from these settings and the model card (a request
         costing no more than the card's default one is small)."""
-        defaults = card_defaults(card)
+        defaults = model_spec(card).defaults
         res = self.resolved
         engine = EngineConfig(backend=res.backend, device=res.device, max_batch=2 * self.max_active_images,
                               precision=self.precision, threads=self.threads, cuda_graphs=self.cuda_graphs,
@@ -241,14 +246,10 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        problem = checkpoint_problem(self.checkpoint)
+        problem = model_problem(self.checkpoint)
         if problem is not None:
             raise ValueError(problem)
-        card = read_card(self.checkpoint)
-        unhonoured = dualrate_problems(card)
-        if unhonoured:  # a card whose schedule the sampler does not follow would be served wrongly without a word
-            raise ValueError(f"{self.checkpoint / 'model_card.json'}: {'; '.join(unhonoured)}")
-        steps = card_defaults(card).steps
+        steps = self.model_spec.defaults.steps
         if steps > self.max_steps:
             raise ValueError(f"DUALRATE_MAX_STEPS ({self.max_steps}) is below the model card's default steps "
                              f"({steps}): every request that leaves steps out would be refused; set "
@@ -282,6 +283,26 @@ class Settings(BaseSettings):
         if any(b < 1 for b in self.buckets):
             raise ValueError("DUALRATE_BUCKETS must be positive row counts")
         return self
+
+
+def model_problem(folder: Path) -> str | None:
+    """Why `folder` cannot be served, in one line (None: it can): a missing folder or card, a card that breaks the
+    contract (every field known and allowed; a "dualrate" card whose schedule the sampler would not follow), a file
+    its format needs. The graphs themselves are checked by the engine as it loads them (python -m export.check)."""
+    from export.card import read_spec
+
+    card_path = Path(folder) / "model_card.json"
+    try:
+        fmt = json.loads(card_path.read_text()).get("format", "dualrate") if card_path.is_file() else "dualrate"
+    except (ValueError, AttributeError):
+        fmt = "dualrate"
+    if fmt == "dualrate" and (problem := checkpoint_problem(folder)) is not None:
+        return problem
+    try:
+        read_spec(Path(folder))
+    except CardError as e:
+        return f"{card_path}: {'; '.join(e.problems)}"
+    return None
 
 
 # DUALRATE_* variables that are read elsewhere, not settings: the export/engine caches, the process wiring between

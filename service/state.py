@@ -8,7 +8,7 @@ from collections.abc import Callable
 from typing import Any
 
 from dualrate.checkpoint import card_defaults
-from dualrate.config import ModelConfig
+from export.card import ModelCard
 from service.core import CoreHandle, QualityBudget, RequestLimits
 from service.metrics import PrometheusStats
 from service.settings import Settings
@@ -19,12 +19,12 @@ log = logging.getLogger("service")
 class AppState:
     """Everything the routes need; built with the app, the core attached in the lifespan."""
 
-    def __init__(self, settings: Settings, cfg: ModelConfig, card: dict[str, Any], limits: RequestLimits,
+    def __init__(self, settings: Settings, spec: ModelCard, card: dict[str, Any], limits: RequestLimits,
                  budget: QualityBudget) -> None:
         self.settings = settings
-        self.cfg = cfg  # geometry and labels, from the model card (known before the weights load)
+        self.spec = spec  # geometry, labels and defaults, from the model card (known before the weights load)
         self.model_card = card
-        self.sampling = card_defaults(card)  # the model card's steps, encoder_interval and guidance_scale
+        self.sampling = card_defaults({"defaults": vars(spec.defaults)})  # the model card's steps, encoder_interval and guidance_scale
         self.defaults = dict(vars(self.sampling))  # as /v1/model publishes them
         self.limits = limits  # every limit a request is held to (service.core.RequestLimits)
         self.budget = budget  # what encoder_interval "auto" may pick (the model card's sweep and the quality budget)

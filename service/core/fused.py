@@ -85,9 +85,10 @@ class FusedTick:
     updated in place."""
 
     def __init__(self, encode: NetCall, denoise: NetCall, buckets: Buckets, z: Tensor, cache: list[Tensor],
-                 sched: CosineSchedule, null_label: int, graphs: bool) -> None:
+                 sched: CosineSchedule, null_label: int, graphs: bool, prediction: str = "v") -> None:
         self.encode, self.denoise, self.buckets = encode, denoise, buckets
         self.z, self.cache, self.sched, self.null_label = z, cache, sched, null_label
+        self.prediction = prediction  # what the denoiser predicts: v, eps or x0
         self.trash = z.shape[0] - 1  # the trash slot (= the number of real slots)
         self.stride = self.trash  # cache row of a slot's unconditional features: slot + stride
         self.cache_trash = 2 * self.trash
@@ -111,7 +112,7 @@ class FusedTick:
         assert isinstance(v, Tensor)
         z_before, v_cond, v_uncond = self.z[i["slot"]], v[i["cond_row"]], v[i["uncond_row"]]
         noise = draw_noise(i["seed"], i["step"] + 1, self.sample_shape, self.device)  # type: ignore[arg-type]
-        z_after = guided_step(z_before, v_cond, v_uncond, f["g"], f["t"], f["s"], self.sched, noise)
+        z_after = guided_step(z_before, v_cond, v_uncond, f["g"], f["t"], f["s"], self.sched, noise, self.prediction)
         self.z.index_copy_(0, i["slot"], z_after)
         return z_before, v_cond, v_uncond
 

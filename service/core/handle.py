@@ -118,15 +118,15 @@ def build_core(config: CoreConfig, stats: CoreStats, engine_factory: EngineFacto
                progress: Callable[[str], None] | None = None) -> Built:
     """Build and warm the engine from the checkpoint (compiling where configured; `progress(line)` hears each
     stage), start the engine loop. Runs in whichever process owns the device; only the engine loads the weights."""
-    from dualrate.checkpoint import card_defaults, read_card
-    from dualrate.config import ModelConfig
-    from dualrate.diffusion import CosineSchedule
+    from dualrate.checkpoint import read_card
     from engines import create_engine
+    from export.card import model_spec
     from service.core.autok import AutoK, CostModel, QualityBudget
 
     checkpoint = Path(config.checkpoint)
     card = read_card(checkpoint)
-    cfg, defaults = ModelConfig.from_dict(card["config"]), card_defaults(card)
+    spec = model_spec(card)
+    defaults = spec.defaults
     engine = (engine_factory or create_engine)(checkpoint, config.engine)
     if config.warmup:
         if progress is not None:
@@ -135,8 +135,7 @@ def build_core(config: CoreConfig, stats: CoreStats, engine_factory: EngineFacto
                       (lambda line: progress(f"compiling the networks: {line}")) if progress is not None else None)
     autok = AutoK(QualityBudget.from_card(card, config.quality_budget, defaults.encoder_interval),
                   config.latency_target_s, cost=CostModel(slots=config.scheduler.max_active_images))
-    loop = EngineLoop(engine, CosineSchedule(cfg.logsnr_min, cfg.logsnr_max), cfg.null_label, config.scheduler,
-                      stats, output_size=cfg.output_size, autok=autok, runner=config.runner,
-                      limits=config.limits)
+    loop = EngineLoop(engine, spec.schedule(), spec.null_label, config.scheduler, stats, output_size=spec.output_hw,
+                      autok=autok, runner=config.runner, limits=config.limits, prediction=spec.diffusion.prediction)
     loop.start()
     return Built(engine, loop)

@@ -29,16 +29,18 @@ log = logging.getLogger("service.core.loop")
 
 class EngineLoop:
     def __init__(self, engine: Engine, sched: CosineSchedule, null_label: int, config: SchedulerConfig,
-                 stats: StatsSink | None = None, output_size: int | None = None, autok: AutoK | None = None,
-                 runner: RunnerConfig | None = None, limits: RequestLimits | None = None) -> None:
-        """`output_size`: the delivered crop (None = the whole sample); `autok`: encoder_interval "auto" (None = not
+                 stats: StatsSink | None = None, output_size: int | tuple[int, int] | None = None,
+                 autok: AutoK | None = None, runner: RunnerConfig | None = None, limits: RequestLimits | None = None,
+                 prediction: str = "v") -> None:
+        """`output_size`: the delivered crop, a side or (height, width) (None = the whole sample); `prediction`: what
+        the denoiser predicts (the model card's v, eps or x0); `autok`: encoder_interval "auto" (None = not
         offered); `runner`: the runner's switches (overlap, fused tick); `limits`: every submission is checked against
         them again (it may come from any front end over the process boundary)."""
         self.limits, self.null_label = limits, null_label
         self.stats = stats or StatsSink()
         self.scheduler = Scheduler(config, null_label, autok)
         self.runner = Runner(engine, sched, null_label, config.max_active_images, runner or RunnerConfig(),
-                             output_size, self.stats)
+                             output_size, self.stats, prediction)
         self.handover = Handover()
         self._cv = threading.Condition()
         self._stop = False
@@ -51,7 +53,8 @@ class EngineLoop:
         """Queue a request; raises LimitError / QueueFull / NotReady at once when it cannot be queued."""
         if self.limits is not None:
             label = None if spec.label == self.null_label else spec.label
-            problems = self.limits.problems(label, spec.num_images, spec.steps, spec.encoder_interval, spec.auto, None)
+            problems = self.limits.problems(label, spec.num_images, spec.steps, spec.encoder_interval, spec.auto, None,
+                                            spec.guidance_scale)
             if problems:
                 raise LimitError(problems)
         with self._cv:

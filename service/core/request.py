@@ -62,11 +62,17 @@ class RequestLimits:
         return {"steps": self.distilled[0]} if self.distilled else {}
 
     def problems(self, label: int | None, num_images: int, steps: int, encoder_interval: int, auto: bool,
-                 timeout_s: float | None) -> list[tuple[str, str]]:
+                 timeout_s: float | None, guidance_scale: float | None = None) -> list[tuple[str, str]]:
         """(field, what is wrong) for every limit the request breaks; [] when it is within all of them. `label` is
-        the class asked for (None = unconditional)."""
+        the class asked for (None = unconditional); `guidance_scale` the one asked for (None = the default)."""
         found: list[tuple[str, str]] = []
-        if label is not None and not 0 <= label < self.num_classes:
+        if not self.num_classes:  # an unconditional model: no classes, so nothing to guide towards
+            if label is not None:
+                found.append(("class_label", "this model is unconditional (its card has no classes): leave it out"))
+            if guidance_scale is not None and guidance_scale != 1.0:
+                found.append(("guidance_scale", "this model is unconditional (its card has no classes): 1 or left "
+                              "out"))
+        elif label is not None and not 0 <= label < self.num_classes:
             found.append(("class_label", f"must be < {self.num_classes} (this model's classes) or null"))
         if num_images > self.max_images_per_request:
             found.append(("num_images", f"must be <= {self.max_images_per_request}"))

@@ -67,13 +67,14 @@ class PreviewRows:
     guidance: Tensor
     t: Tensor
     sched: CosineSchedule
-    output_size: int
+    output_size: int | tuple[int, int]
+    prediction: str = "v"
     _pictures: np.ndarray | None = None
 
     def picture(self, row: int) -> np.ndarray:
         """Row `row`'s current x0 estimate as a delivered picture (uint8, like `TickOutcome.finished`)."""
         if self._pictures is None:
-            x0 = preview_x0(self.z, self.v_cond, self.v_uncond, self.guidance, self.t, self.sched)
+            x0 = preview_x0(self.z, self.v_cond, self.v_uncond, self.guidance, self.t, self.sched, self.prediction)
             self._pictures = to_uint8(x0, self.output_size)
         return self._pictures[row]
 
@@ -119,14 +120,17 @@ class RunnerConfig:
 
 class Runner:
     def __init__(self, engine: Engine, sched: CosineSchedule, null_label: int, max_active_images: int,
-                 config: RunnerConfig | None = None, output_size: int | None = None,
-                 stats: StatsSink | None = None) -> None:
+                 config: RunnerConfig | None = None, output_size: int | tuple[int, int] | None = None,
+                 stats: StatsSink | None = None, prediction: str = "v") -> None:
+        """`output_size`: the delivered crop, a side or (height, width) (None = the whole sample); `prediction`:
+        what the denoiser predicts (v, eps or x0: the model card's)."""
         assert engine.max_batch >= 2 * max_active_images, "a guided image takes two rows"
         config = config or RunnerConfig()
         self.engine, self.sched, self.null_label, self.slots = engine, sched, null_label, max_active_images
         self.overlap_encoder = config.overlap_encoder
         self.sample_shape = engine.sample_shape
-        self.output_size = output_size or self.sample_shape[-1]
+        self.output_size: int | tuple[int, int] = output_size or (self.sample_shape[1], self.sample_shape[2])
+        self.prediction = prediction
         self.stats = stats or StatsSink()
         dev = self.device = engine.device
         # One spare "trash" slot past the last (z row max_active_images, cache row 2 max_active_images): the fused
@@ -144,7 +148,7 @@ class Runner:
                                  f"{engine.info.backend}")
             encode, denoise = engine.network_calls()  # type: ignore[attr-defined]
             self.fused = FusedTick(encode, denoise, engine.buckets, self.z, self.cache, sched,  # type: ignore[attr-defined]
-                                   null_label, graphs=dev.startswith("cuda"))
+                                   null_label, graphs=dev.startswith("cuda"), prediction=prediction)
 
     def thread_started(self) -> None:
         """Called once on the thread that runs the ticks. Where the networks are not torch on the CPU, torch does
@@ -229,7 +233,7 @@ class Runner:
         z = self.z[slots]
         previews = self._previews(plan, idx, z, v_cond, v_uncond)
         noise = draw_noise([plan.seeds[i] for i in idx], [plan.steps[i] + 1 for i in idx], self.sample_shape, dev)
-        self.z[slots] = guided_step(z, v_cond, v_uncond, g, t, s, self.sched, noise)
+        self.z[slots] = guided_step(z, v_cond, v_uncond, g, t, s, self.sched, noise, self.prediction)
         return previews
 
     def _previews(self, plan: TickPlan, idx: list[int], z: Tensor, v_cond: Tensor, v_uncond: Tensor) -> dict[int, Preview]:
@@ -240,7 +244,7 @@ class Runner:
         # Two copies to the CPU (two waits for the device), not five.
         zv = torch.cat([z[want], v_cond[want], v_uncond[want]]).float().cpu().chunk(3)
         g, t = (torch.tensor([col[idx[j]] for j in want], dtype=torch.float32) for col in (plan.guidance, plan.t))
-        rows = PreviewRows(zv[0], zv[1], zv[2], g, t, self.sched, self.output_size)
+        rows = PreviewRows(zv[0], zv[1], zv[2], g, t, self.sched, self.output_size, self.prediction)
         return {plan.slots[idx[j]]: Preview(rows, r) for r, j in enumerate(want)}
 
     # ---- the networks -----------------------------------------------------------------------------------------

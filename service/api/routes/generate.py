@@ -73,7 +73,7 @@ async def pngs(images: list[np.ndarray]) -> list[str]:
 
 def prepare(req: GenerateRequest, state: AppState, t0: float) -> tuple[CoreHandle, GenerationSpec, float]:
     """Check the request against this server and model, fill the defaults. -> (engine core, spec, timeout)."""
-    settings, cfg = state.settings, state.cfg
+    settings, spec_ = state.settings, state.spec
     if state.core_dead is not None:
         raise NotReady(state.core_dead)
     if state.core is not None and (frozen := state.core.frozen) is not None:
@@ -85,13 +85,14 @@ def prepare(req: GenerateRequest, state: AppState, t0: float) -> tuple[CoreHandl
     k = (state.sampling.encoder_interval if req.encoder_interval is None or auto else int(req.encoder_interval))
     # K > steps runs the encoder once, at step 0, exactly as K = steps does: accepted (a JSON schema cannot tie K to
     # steps, and a schema-valid request must not be refused); the answer reports the K asked for.
-    problems = state.limits.problems(req.class_label, req.num_images, steps, k, auto, req.timeout_s)
+    problems = state.limits.problems(req.class_label, req.num_images, steps, k, auto, req.timeout_s,
+                                     req.guidance_scale)
     if problems:
         raise LimitError(problems)
     g = state.sampling.guidance_scale if req.guidance_scale is None else req.guidance_scale
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     timeout = req.timeout_s or settings.default_timeout_s
-    label = cfg.null_label if req.class_label is None else req.class_label
+    label = spec_.null_label if req.class_label is None else req.class_label
     priority = Priority(req.priority) if req.priority is not None else settings.default_priority
     spec = GenerationSpec(label, req.num_images, steps, k, g, seed, deadline=t0 + timeout, auto=auto,
                           priority=priority)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from dualrate.checkpoint import class_names
 from service.api.deps import Authorized, StateDep
 from service.core import NotReady
 from service.schemas import ModelInfo
@@ -16,14 +15,19 @@ router = APIRouter()
 async def model_info(state: StateDep) -> ModelInfo:
     if state.core is None or not state.ready:
         raise NotReady("the engine is not loaded yet")
-    settings, cfg, info = state.settings, state.cfg, state.core.engine_info
+    settings, spec, info = state.settings, state.spec, state.core.engine_info
     limits = {"max_images_per_request": settings.max_images_per_request, "max_steps": settings.max_steps,
               "max_timeout_s": settings.max_timeout_s, "default_timeout_s": settings.default_timeout_s,
               "max_active_images": settings.max_active_images, "queue_size": settings.queue_size,
               "default_preview_every": settings.default_preview_every, "min_preview_every": settings.min_preview_every}
-    image = {"channels": cfg.channels, "sample_size": cfg.image_size, "output_size": cfg.output_size,
-             "png_mode": "L" if cfg.channels == 1 else "RGB", "num_classes": cfg.num_classes,
-             "class_names": class_names(state.model_card)}
+    s = spec.sample
+    square = s.height == s.width and s.output_height == s.output_width
+    image = {"channels": s.channels, "sample_size": s.height if square else None,
+             "output_size": s.output_height if square else None, "height": s.height, "width": s.width,
+             "output_height": s.output_height, "output_width": s.output_width,
+             "png_mode": "L" if s.channels == 1 else "RGB", "num_classes": spec.num_classes,
+             "class_names": spec.class_names, "format": spec.format, "prediction": spec.diffusion.prediction,
+             "time_input": spec.diffusion.time_input}
     b = state.budget
     auto = {"allowed": b.allowed, "fid_ratio": {str(k): round(r, 4) for k, r in sorted(b.fid_ratio.items())},
             "fid_ratio_spread": {str(k): round(s, 4) for k, s in sorted(b.fid_ratio_std.items())},
