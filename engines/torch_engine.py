@@ -28,6 +28,7 @@ from dualrate.checkpoint import load_checkpoint
 from engines.base import Backend, BackendUnavailable, Engine, EngineError, EngineInfo, Features, Precision
 from engines.compiled import Buckets, compile_module, configure_inductor_cache
 from export.card import ModelCard
+from export.programs import ExportedNetwork, ProgramError
 
 log = logging.getLogger("engines.torch")
 
@@ -85,60 +86,17 @@ class _GraphRunner:
         return out[:b].clone()
 
 
-class ExportedNetwork(torch.nn.Module):
-    """A `torch.export` program (`.pt2`) called in the contract's order: encoder (z, tau, label), denoiser (z, t, tau,
-    label, *features). Its inputs are matched by name (the card's names are the program's input names, i.e. its
-    forward's parameter names); times are fed as the card's `time_input` says; an unconditional model gets no label.
-    Returns the encoder's outputs as a tuple in the card's order, the denoiser's prediction as one tensor."""
-
-    def __init__(self, path: Path, spec: ModelCard, role: str) -> None:
-        super().__init__()
-        try:
-            program = torch.export.load(str(path))
-        except Exception as e:  # torch raises several types for a file that is not a program
-            raise EngineError(f"torch.export.load could not read {path}: {e}") from e
-        if role == "encoder":
-            io = spec.encoder
-            roles = [io.z, io.time, io.label]
-            self.times: tuple[int, ...] = (1,)
-        else:
-            d = spec.denoiser
-            roles = [d.z, d.time, d.encoder_time, d.label, *d.features]
-            self.times = (1, 2)
-        names = list(program.graph_signature.user_inputs)
-        position = {name: i for i, name in enumerate(roles) if name is not None}
-        unknown = [n for n in names if n not in position]
-        if unknown or len(names) != len(position):
-            raise EngineError(f"{path.name}: the program takes inputs {names}, the card names {sorted(position)}: "
-                              "for format torch-export the card's names are the program's input names (its forward's "
-                              "parameter names); python -m export.check says more")
-        self.order = [position[n] for n in names]
-        self.role, self.spec = role, spec
-        self.net = program.module()
-
-    def train(self, mode: bool = True) -> ExportedNetwork:
-        """An exported program has no train/eval switch (torch refuses `eval()` on it): it runs as exported."""
-        self.training = mode
-        return self
-
-    def forward(self, *args: Tensor) -> Tensor | tuple[Tensor, ...]:
-        a = list(args)
-        for i in self.times:
-            a[i] = self.spec.time_feed(a[i])
-        out = self.net(*(a[i] for i in self.order))
-        if self.role == "encoder":
-            return tuple(out) if isinstance(out, tuple | list) else (out,)
-        return out[0] if isinstance(out, tuple | list) else out
-
-
 def load_networks(folder: Path, spec: ModelCard) -> tuple[torch.nn.Module, torch.nn.Module]:
     """The model folder's two networks as torch modules called in the contract's order."""
     if spec.format == "dualrate":
         model = load_checkpoint(folder)
         return model.encoder, model.denoiser
     if spec.format == "torch-export":
-        return (ExportedNetwork(Path(folder) / "encoder.pt2", spec, "encoder"),
-                ExportedNetwork(Path(folder) / "denoiser.pt2", spec, "denoiser"))
+        try:
+            return (ExportedNetwork(Path(folder) / "encoder.pt2", spec, "encoder"),
+                    ExportedNetwork(Path(folder) / "denoiser.pt2", spec, "denoiser"))
+        except ProgramError as e:
+            raise EngineError(str(e)) from e
     raise EngineError(f"the torch backend runs formats dualrate and torch-export, not {spec.format!r}: serve an onnx "
                       "model with the onnxruntime backend")
 

@@ -50,16 +50,21 @@ def _onnx(path: Path) -> tuple[Net, dict[str, str], list[str]]:
 ORT_TYPES = {np.dtype("float32"): "tensor(float)", np.dtype("int64"): "tensor(int64)"}
 
 
-def _torch_export(path: Path, input_names: list[str], output_names: list[str]) -> Net:
-    """A torch.export program called with the card's inputs in the card's order (positional), its outputs named in
+def _torch_export(path: Path, mc: ModelCard, role: str, output_names: list[str]) -> Net:
+    """A torch.export program with its inputs matched to the card's names (export.programs), its outputs named in
     the card's order."""
     import torch
 
-    module = torch.export.load(str(path)).module()
+    from export.programs import ExportedNetwork
+
+    module = ExportedNetwork(path, mc, role, convert_times=False)
+    roles = ([mc.encoder.z, mc.encoder.time, mc.encoder.label] if role == "encoder" else
+             [mc.denoiser.z, mc.denoiser.time, mc.denoiser.encoder_time, mc.denoiser.label, *mc.denoiser.features])
 
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        args = [torch.from_numpy(feeds[n]) if n is not None else torch.zeros(0) for n in roles]
         with torch.no_grad():
-            out = module(*(torch.from_numpy(feeds[n]) for n in input_names))
+            out = module(*args)
         outs = out if isinstance(out, tuple | list) else (out,)
         if len(outs) != len(output_names):
             raise ValueError(f"returns {len(outs)} tensors, the card names {len(output_names)}")
@@ -139,10 +144,10 @@ def _check_graphs(folder: Path, mc: ModelCard) -> tuple[list[str], str]:
         encode, denoise = nets["encoder"], nets["denoiser"]
     else:
         try:
-            encode = _torch_export(folder / "encoder.pt2", enc_inputs, list(mc.encoder.outputs))
-            denoise = _torch_export(folder / "denoiser.pt2", den_inputs, [mc.denoiser.output])
-        except Exception as e:
-            return [f"torch.export.load: {str(e).splitlines()[0][:200]}"], ""
+            encode = _torch_export(folder / "encoder.pt2", mc, "encoder", list(mc.encoder.outputs))
+            denoise = _torch_export(folder / "denoiser.pt2", mc, "denoiser", [mc.denoiser.output])
+        except Exception as e:  # ProgramError, or what torch raises for a file that is not a program
+            return [str(e).splitlines()[0][:300]], ""
     return _check_runs(mc, encode, denoise)
 
 
@@ -181,6 +186,14 @@ def _check_runs(mc: ModelCard, encode: Net, denoise: Net) -> tuple[list[str], st
         results[b] = (feats, pred)
         if problems:
             return problems, ""
+        if b == 3:  # the light network reuses features of an earlier time: it must read both times
+            for name in (mc.denoiser.time, mc.denoiser.encoder_time):
+                moved = {**den_in, name: (den_in[name] * 0.5 + 0.25).astype(np.float32)}
+                if np.array_equal(denoise(moved)[mc.denoiser.output], pred):
+                    role = "time" if name == mc.denoiser.time else "encoder_time"
+                    return [f"denoiser.inputs.{role}: the prediction does not change with {name!r}: the light network "
+                            "must read both its time and its features' time (torch.export given one tensor for both "
+                            "ties them into one input: export with two tensors)"], ""
     (feats3, pred3), (feats1, pred1) = results[3], results[1]
     for name, a, c in [*((n, feats3[n][:1], feats1[n]) for n in mc.encoder.outputs),
                        (mc.denoiser.output, pred3[:1], pred1)]:

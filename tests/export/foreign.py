@@ -72,13 +72,16 @@ def card(**override: Any) -> dict[str, Any]:
 
 def write_model(folder: Path, fmt: str = "onnx", card_override: dict[str, Any] | None = None,
                 encoder: nn.Module | None = None, denoiser: nn.Module | None = None,
-                denoiser_names: list[str] | None = None, time_dtype: torch.dtype = torch.float32) -> Path:
+                denoiser_names: list[str] | None = None, time_dtype: torch.dtype = torch.float32,
+                tie_times: bool = False) -> Path:
     """A model folder: the pair (seeded), exported in `fmt`, and its card (with `card_override` merged on top)."""
     torch.manual_seed(0)
     enc, den = (encoder or Encoder()).eval(), (denoiser or Denoiser()).eval()
     folder.mkdir(parents=True, exist_ok=True)
     b = 2
     x, t, y = torch.randn(b, C, H, W), torch.rand(b).to(time_dtype), torch.tensor([1, CLASSES])
+    # tau a tensor of its own: given t twice, torch.export ties the two inputs together (one placeholder for both)
+    tau = t if tie_times else torch.rand(b).to(time_dtype)  # tie_times plants the defect
     with torch.no_grad():
         h_lo, h_hi = enc(x, t.float(), y)
     h_lo = h_lo[:, :1].repeat(1, getattr(den, "lo_channels", 6), 1, 1)  # what this denoiser was written for
@@ -88,16 +91,20 @@ def write_model(folder: Path, fmt: str = "onnx", card_override: dict[str, Any] |
                           output_names=["h_lo", "h_hi"], dynamic_axes={n: {0: "b"} for n in
                                                                         ("x_in", "t_in", "y", "h_lo", "h_hi")},
                           opset_version=17, dynamo=False)
-        torch.onnx.export(den, (x, t, t, y, h_lo, h_hi), str(folder / "denoiser.onnx"), input_names=den_names,
+        torch.onnx.export(den, (x, t, tau, y, h_lo, h_hi), str(folder / "denoiser.onnx"), input_names=den_names,
                           output_names=["eps_out"], dynamic_axes={n: {0: "b"} for n in [*den_names, "eps_out"]},
                           opset_version=17, dynamo=False)
     else:
         batch = torch.export.Dim("batch", min=1, max=64)
         ep = torch.export.export(enc, (x, t, y), dynamic_shapes=({0: batch}, {0: batch}, {0: batch}))
         torch.export.save(ep, str(folder / "encoder.pt2"))
-        ep = torch.export.export(den, (x, t, t, y, h_lo, h_hi), dynamic_shapes=tuple({0: batch} for _ in range(6)))
+        ep = torch.export.export(den, (x, t, tau, y, h_lo, h_hi), dynamic_shapes=tuple({0: batch} for _ in range(6)))
         torch.export.save(ep, str(folder / "denoiser.pt2"))
     c = card(format=fmt)
+    if fmt == "torch-export":  # a program's inputs are its forward's parameter names; outputs are named in order
+        c["encoder"] = {"inputs": {"z": "x", "time": "t", "label": "y"}, "outputs": ["h_lo", "h_hi"]}
+        c["denoiser"] = {"inputs": {"z": "x", "time": "t", "encoder_time": "tau", "label": "y",
+                                    "features": ["h_lo", "h_hi"]}, "output": "eps"}
     for k, v in (card_override or {}).items():
         if v is None:
             c.pop(k, None)

@@ -74,6 +74,8 @@ GRAPH_DEFECTS = {
                                "batch independence: 'h_lo' of row 0 differs"),
     "NaN output": (dict(encoder=foreign.Encoder(nan=True)), "encoder.outputs: 'h_lo' is not finite at batch 3"),
     "wrong dtype": (dict(time_dtype=torch.float64), "encoder.inputs: 't_in' is tensor(double), the contract says float32"),
+    "encoder_time tied to time": (dict(fmt="torch-export", tie_times=True),
+                                  "the prediction does not change with 't'"),
 }
 
 
