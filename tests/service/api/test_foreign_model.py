@@ -16,7 +16,7 @@ from PIL import Image
 from dualrate.data import to_uint8
 from dualrate.diffusion import CosineSchedule
 from dualrate.sampler import dual_rate_sample
-from tests.export.foreign import C, CLASSES, H, W, write_model
+from tests.export.foreign import CLASSES, C, H, W, write_model
 
 LOGSNR = (-10.0, 8.0)  # not the cosine schedule's default range
 REQUEST = {"class_label": 2, "num_images": 3, "seed": 11, "steps": 12, "encoder_interval": 3, "guidance_scale": 2.0}
