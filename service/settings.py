@@ -288,7 +288,7 @@ class Settings(BaseSettings):
 def model_problem(folder: Path) -> str | None:
     """Why `folder` cannot be served, in one line (None: it can): a missing folder or card, a card that breaks the
     contract (every field known and allowed; a "dualrate" card whose schedule the sampler would not follow), a file
-    its format needs. The graphs themselves are checked by the engine as it loads them (python -m export.check)."""
+    its format needs; for formats onnx and torch-export the checker's run of both networks (python -m export.check)."""
     from export.card import read_spec
 
     card_path = Path(folder) / "model_card.json"
@@ -302,6 +302,12 @@ def model_problem(folder: Path) -> str | None:
         read_spec(Path(folder))
     except CardError as e:
         return f"{card_path}: {'; '.join(e.problems)}"
+    if fmt != "dualrate":  # a model of another's making: its graphs are run once, as python -m export.check runs them
+        from export.check import check_model
+
+        problems, _ = check_model(Path(folder))
+        if problems:
+            return f"{folder}: {'; '.join(problems)} (python -m export.check {folder} says the same)"
     return None
 
 

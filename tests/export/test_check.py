@@ -106,3 +106,50 @@ def test_a_dualrate_card_whose_schedule_the_sampler_does_not_follow_is_refused(c
     problems = dualrate_problems(card)
     assert any(p.startswith("schedule.prediction: 'epsilon' is not what this project's networks") for p in problems)
     assert any(p.startswith("schedule.eta: unknown field") for p in problems)
+
+
+ALL_DEFECTS = {**{d[0]: ("card", d) for d in CARD_DEFECTS}, **{k: ("graph", v) for k, v in GRAPH_DEFECTS.items()}}
+
+
+def planted(tmp_path, what: str):
+    """-> (a model folder with defect `what`, the message the checker gives for it)."""
+    kind, d = ALL_DEFECTS[what]
+    if kind == "graph":
+        kwargs, message = d
+        return foreign.write_model(tmp_path / "m", **kwargs), message
+    _, path, value, message = d
+    folder = foreign.write_model(tmp_path / "m")
+    c = json.loads((folder / "model_card.json").read_text())
+    (folder / "model_card.json").write_text(json.dumps(with_field(c, path, value)))
+    return folder, message
+
+
+@pytest.mark.parametrize("what", list(ALL_DEFECTS))
+def test_the_service_refuses_to_start_on_each_planted_defect(tmp_path, what, monkeypatch):
+    """The settings the service starts from run the same checks: each defect is its own message."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings, describe_settings_error
+
+    folder, message = planted(tmp_path, what)
+    for var in [v for v in __import__("os").environ if v.startswith("DUALRATE_")]:
+        monkeypatch.delenv(var)
+    with pytest.raises(ValidationError) as e:
+        Settings(checkpoint=folder)
+    lines = describe_settings_error(e.value)
+    assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_python_m_service_exits_2_with_the_checkers_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    folder, message = planted(tmp_path, "wrong input name")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DUALRATE_")}
+    done = subprocess.run([sys.executable, "-m", "service"], cwd=ROOT, env={**env, "DUALRATE_CHECKPOINT": str(folder)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr and "python -m export.check" in done.stderr
