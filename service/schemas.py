@@ -70,7 +70,7 @@ class StreamRequest(GenerateRequest):
 
 class ImageOut(BaseModel):
     png_base64: str = Field(description="PNG, base64: the model's delivered size and mode (see /v1/model's image: "
-                            "output_size and png_mode, L or RGB)")
+                            "output_height x output_width and png_mode, L or RGB)")
     seed: int
 
 
@@ -112,5 +112,7 @@ class ModelInfo(BaseModel):
     auto_encoder_interval: dict[str, Any] = Field(default_factory=dict, description="what encoder_interval \"auto\" "
                                                   "may pick: allowed Ks, their FID / FID(K=1) and its spread, the budget and the "
                                                   "latency target")
-    image: dict[str, Any] = Field(description="channels, sample_size, output_size (the PNGs' size), png_mode, "
-                                  "num_classes, class_names (index = class_label; null where the card has none)")
+    image: dict[str, Any] = Field(description="channels, height, width (the samples), output_height, output_width (the "
+                                  "PNGs' size), sample_size and output_size (the same for a square model, else null), "
+                                  "png_mode, num_classes (0: unconditional), class_names (index = class_label; null "
+                                  "where the card has none), format, prediction, time_input")
