@@ -39,7 +39,9 @@ class Settings(BaseSettings):
     precision: Precision = Field(Precision.FP32, description="fp32 | tf32 | bf16 | fp16: each backend runs its own "
                                  "set (onnxruntime fp32; torch all, tf32 on CUDA; tensorrt fp16) and refuses the rest")
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$", description="auto = cuda:0 if present, else cpu")
-    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="the model folder: model_card.json and its format's two networks (this project's safetensors, ONNX graphs or torch.export programs: docs/own-model.md)")
+    checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="the model folder: model_card.json and its format's two "
+                             "networks (this project's safetensors, ONNX graphs or torch.export programs: "
+                             "docs/own-model.md)")
     max_active_images: int = Field(32, ge=1, le=512, description="images advanced together per tick (batch slots)")
     queue_size: int = Field(64, ge=1, le=100_000, description="requests waiting for a slot before 429 (small "
                             "requests have as many places again of their own while reserved_slots > 0)")
