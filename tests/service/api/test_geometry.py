@@ -70,5 +70,8 @@ def test_reference_cli_and_service_agree(which, backend, checkpoint_dir, tiny_rg
     served = np.stack([np.asarray(p) for p in pics]).astype(int)
     assert np.abs(served - ref).max() <= 1
     info = httpx.get(f"{srv.url}/v1/model").json()["image"]
-    assert info == {"channels": cfg.channels, "sample_size": cfg.image_size, "output_size": cfg.output_size,
-                    "png_mode": "L" if cfg.channels == 1 else "RGB", "num_classes": cfg.num_classes, "class_names": None}
+    s, o = cfg.image_size, cfg.output_size
+    assert info == {"channels": cfg.channels, "sample_size": s, "output_size": o, "height": s, "width": s,
+                    "output_height": o, "output_width": o, "png_mode": "L" if cfg.channels == 1 else "RGB",
+                    "num_classes": cfg.num_classes, "class_names": None, "format": "dualrate", "prediction": "v",
+                    "time_input": "t"}
