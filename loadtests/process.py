@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -74,9 +76,8 @@ class ServerProcess:
 
 
 def metric(text: str, name: str, labels: str = "") -> float:
-    """Value of one sample in Prometheus text format (0 if absent)."""
-    key = f"{name}{{{labels}}}" if labels else name
-    for line in text.splitlines():
-        if line.startswith(key + " "):
-            return float(line.split()[-1])
-    return 0.0
+    """The value of sample `name` in Prometheus text format whose labels include `labels` (`a="x",b="y"`), summed
+    over the samples that match (the per-model series of a service of several models); 0 if none does."""
+    want = dict(re.findall(r'(\w+)="([^"]*)"', labels)).items()
+    return sum(s.value for family in text_string_to_metric_families(text) for s in family.samples
+               if s.name == name and want <= s.labels.items())

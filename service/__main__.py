@@ -82,8 +82,8 @@ class DrainingServer(uvicorn.Server):
         self.forced = True
         if self._forced_event is not None:
             self._forced_event.set()
-        if self.state.core is not None:
-            self.state.core.abort(NotReady(f"{why} before this request finished"))
+        for _, core in self.state.cores:
+            core.abort(NotReady(f"{why} before this request finished"))
 
     def core_died(self, why: str) -> None:
         """The engine core process stopped: its open requests were answered 503; exit soon (non-zero) so that the
@@ -128,8 +128,8 @@ class DrainingServer(uvicorn.Server):
             why = (f"the engine core did not answer the cancelled drain within {self.kill_grace_s:.0f} s "
                    "(DUALRATE_CORE_HEARTBEAT_TIMEOUT_S)")
             log.error("%s: stopping it and answering what is left 503", why)
-            if self.state.core is not None:
-                self.state.core.kill(why)
+            for _, core in self.state.cores:
+                core.kill(why)
             self.state.core_killed = True
         await asyncio.sleep(0.2)  # let those answers go out before the sockets close
 

@@ -14,13 +14,24 @@ from fastapi import FastAPI
 from fastapi_offline import FastAPIOffline
 from prometheus_client import disable_created_metrics
 
+from export.card import model_spec
 from service.api import ROUTERS, api_router
 from service.api.answers import install_error_handlers
 from service.api.routes.pages import mount_static
-from service.core import SHARED_CORE_ENV, CoreStats, EngineFactory, LocalCore, QualityBudget, RemoteCore, build_core, spawn_core
+from service.core import (
+    SHARED_CORE_ENV,
+    Built,
+    CoreStats,
+    EngineFactory,
+    LocalCore,
+    QualityBudget,
+    RemoteCore,
+    build_core,
+    spawn_core,
+)
 from service.middleware import BodyLimit, protected_paths
 from service.settings import Settings
-from service.state import AppState, drain
+from service.state import AppState, ModelEntry, drain
 
 __all__ = ["AppState", "create_app", "drain"]
 
@@ -32,34 +43,43 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     """`engine_factory(checkpoint, engine config)` builds the engine (in-process core only): `engines.create_engine`,
     or a wrapper around it (a failing engine double in the failure tests)."""
     settings = settings or Settings()
-    card = settings.model_card()  # all the front end needs of the checkpoint: the engine loads the weights
-    spec = settings.model_spec
-    core_config = settings.core_config(card)
-    state = AppState(settings, spec, card, core_config.limits,
-                     QualityBudget.from_card(card, settings.quality_budget, spec.defaults.encoder_interval))
-    state.metrics.set_model(spec.num_classes, spec.class_names)
+    entries = []
+    for name, folder in settings.served_models.items():  # the front end reads cards only: the engines load weights
+        card = settings.model_card(name)
+        spec = model_spec(card)
+        entries.append(ModelEntry(name, folder, spec, card, settings.core_config(card, name),
+                                  QualityBudget.from_card(card, settings.quality_budget,
+                                                          spec.defaults.encoder_interval)))
+    state = AppState(settings, entries)
+    for entry in entries:
+        state.metrics.set_model(entry.name, entry.spec.num_classes, entry.spec.class_names)
+    several = len(entries) > 1
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         def starting(line: str) -> None:  # what /health/ready says while not ready (from any thread)
             state.starting = line
 
-        remote: RemoteCore | None = None
-        built = None
+        remotes: list[RemoteCore] = []
+        built: list[Built] = []
         shared = os.environ.get(SHARED_CORE_ENV)  # a front-end worker of several: the supervisor's core
-        if shared or settings.use_engine_process:
-            beat = settings.core_heartbeat_timeout_s
-            remote = (RemoteCore(None, shared, heartbeat_timeout_s=beat) if shared
-                      else RemoteCore(*spawn_core(core_config), heartbeat_timeout_s=beat))
-            remote.on_death = state.core_died
-            remote.start()
-            state.core = remote
-            await remote.wait_ready(starting)
-        else:
-            stats = CoreStats()
-            built = await asyncio.to_thread(build_core, core_config, stats, engine_factory, starting)
-            state.core = LocalCore(built.loop, built.engine.info, stats, settings.core_heartbeat_timeout_s)
-        info = state.core.engine_info
+        for entry in entries:
+            say = (lambda line, n=entry.name: starting(f"model {n}: {line}")) if several else starting
+            if shared or settings.use_engine_process:
+                beat = settings.core_heartbeat_timeout_s
+                remote = (RemoteCore(None, shared, heartbeat_timeout_s=beat) if shared
+                          else RemoteCore(*spawn_core(entry.core_config), heartbeat_timeout_s=beat))
+                remote.on_death = (lambda why, n=entry.name: state.core_died(f"model {n}: {why}")) if several \
+                    else state.core_died
+                remote.start()
+                entry.core = remote
+                remotes.append(remote)
+                await remote.wait_ready(say)
+            else:
+                stats = CoreStats()
+                b = await asyncio.to_thread(build_core, entry.core_config, stats, engine_factory, say)
+                built.append(b)
+                entry.core = LocalCore(b.loop, b.engine.info, stats, settings.core_heartbeat_timeout_s)
         if settings.api_keys:
             log.info("API keys: %d configured: /generate, /generate/stream and /v1/model need one",
                      len(settings.api_keys))
@@ -71,26 +91,31 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
             log.info("API keys: none (DUALRATE_API_KEYS unset): the API is open to whoever reaches %s",
                      settings.host)
         state.ready = True
-        log.info("ready: backend=%s device=%s precision=%s policy=%s slots=%d queue=%d engine core %s",
-                 info.backend, info.device, info.precision, settings.policy, settings.max_active_images,
-                 settings.queue_size, "in this process" if remote is None else
-                 f"in its own process (pid {remote.proc.pid})" if remote.proc is not None else
-                 f"shared by the front-end workers at {remote.address}")
+        for entry in entries:
+            info = entry.core.engine_info  # type: ignore[union-attr]
+            rc = entry.core if isinstance(entry.core, RemoteCore) else None
+            log.info("ready%s: backend=%s device=%s precision=%s policy=%s slots=%d queue=%d engine core %s",
+                     f" (model {entry.name}, format {entry.spec.format})" if several else "",
+                     info.backend, info.device, info.precision, settings.policy, settings.max_active_images,
+                     settings.queue_size, "in this process" if rc is None else
+                     f"in its own process (pid {rc.proc.pid})" if rc.proc is not None else
+                     f"shared by the front-end workers at {rc.address}")
         try:
             yield
         finally:
             state.ready = False
-            if state.core_killed:  # a forced drain found the core frozen: nothing of it is waited for again
-                if remote is not None:
+            if state.core_killed:  # a forced drain found a core frozen: nothing of them is waited for again
+                for remote in remotes:
                     await remote.close(timeout=5)
-            elif remote is not None and remote.dead is None:
+            else:
                 await drain(state)
-                code = await remote.close()
-                log.info("engine core exited with %s", code)
-            elif built is not None:
-                await drain(state)
-                built.loop.shutdown(timeout=30)
-                built.engine.close()
+                for remote in remotes:
+                    if remote.dead is None:
+                        code = await remote.close()
+                        log.info("engine core exited with %s", code)
+                for b in built:
+                    b.loop.shutdown(timeout=30)
+                    b.engine.close()
             log.info("stopped")
 
     # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the service itself (fastapi-offline ships them),
@@ -106,7 +131,13 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     app.state.dualrate = state
     # The published schema carries this server's live limits, so a schema-valid request is one the server takes.
     # A distilled student samples at the steps it was distilled for, with the encoder at most as rarely as then.
-    _limits_in_openapi(app, state.limits.maxima(), spec.class_names, state.limits.minima())
+    maxima: dict[str, float] = {}
+    for entry in entries:  # the loosest over the served models: each request is then held to its own model's
+        for k, v in entry.limits.maxima().items():
+            maxima[k] = max(maxima.get(k, v), v)
+    minima = {k: min(e.limits.minima()[k] for e in entries) for k in entries[0].limits.minima()
+              if all(k in e.limits.minima() for e in entries)}
+    _limits_in_openapi(app, maxima, state.spec.class_names if not several else None, minima)
     install_error_handlers(app)
     # Starlette would answer /static with a redirect to http://<Host header>/static/: an absolute URL built from what
     # the client sent. No slash redirects: a path is served as written or 404.

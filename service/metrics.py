@@ -20,20 +20,32 @@ MAX_CLASS_SERIES = 100  # per-class image counts only for models with at most th
 
 
 class CoreCollector(Collector):
-    """The engine core's series, from the last status the front end read (`status`; none before the first)."""
+    """The engine cores' series, one `model` label value per served model, from the last status the front end read
+    of each (`statuses`; a model is absent before its first)."""
 
     def __init__(self, policy: str) -> None:
         self.policy = policy
-        self.status: CoreStatus | None = None
+        self.statuses: dict[str, CoreStatus] = {}
 
     def collect(self) -> Iterator[Metric]:
-        st = self.status
-        if st is None or st.snapshot is None or st.metrics is None:
+        merged: dict[str, Metric] = {}
+        for model, st in sorted(self.statuses.items()):
+            for family in self._collect(model, st):
+                if family.name in merged:
+                    merged[family.name].samples.extend(family.samples)
+                else:
+                    merged[family.name] = family
+        yield from merged.values()
+
+    def _collect(self, model: str, st: CoreStatus) -> Iterator[Metric]:
+        if st.snapshot is None or st.metrics is None:
             return
         snap, m = st.snapshot, st.metrics
 
         def gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
-            return GaugeMetricFamily(name, doc, value=value)
+            family = GaugeMetricFamily(name, doc, labels=["model"])
+            family.add_metric([model], value)
+            return family
 
         yield gauge("dualrate_queue_depth", "Requests waiting for a slot", snap.queue_depth)
         yield gauge("dualrate_active_images", "Images in the running batch", snap.active_images)
@@ -44,18 +56,20 @@ class CoreCollector(Collector):
                     "features", snap.encoder_reuse_ratio)
         yield gauge("dualrate_paused_images", "Batch images paused at a refresh boundary for interactive ones, "
                     "waiting to resume", snap.paused_images)
-        yield CounterMetricFamily("dualrate_preemptions", "Batch images paused for interactive ones",
-                                  value=snap.preemptions_total)
+        preemptions = CounterMetricFamily("dualrate_preemptions", "Batch images paused for interactive ones",
+                                          labels=["model"])
+        preemptions.add_metric([model], snap.preemptions_total)
+        yield preemptions
         per_priority = GaugeMetricFamily("dualrate_priority_queue_depth", "Requests waiting for a slot, per priority",
-                                         labels=["priority"])
+                                         labels=["model", "priority"])
         for priority in Priority:
-            per_priority.add_metric([priority.value], snap.queue_by_priority.get(priority.value, 0))
+            per_priority.add_metric([model, priority.value], snap.queue_by_priority.get(priority.value, 0))
         yield per_priority
-        calls = CounterMetricFamily("dualrate_network_calls", "Network calls", labels=["network"])
-        rows = CounterMetricFamily("dualrate_network_rows", "Rows run per network", labels=["network"])
+        calls = CounterMetricFamily("dualrate_network_calls", "Network calls", labels=["model", "network"])
+        rows = CounterMetricFamily("dualrate_network_rows", "Rows run per network", labels=["model", "network"])
         for net in m.calls:
-            calls.add_metric([net], m.calls[net])
-            rows.add_metric([net], m.rows[net])
+            calls.add_metric([model, net], m.calls[net])
+            rows.add_metric([model, net], m.rows[net])
         yield calls
         yield rows
         for name, doc, label, hists in (
@@ -64,20 +78,20 @@ class CoreCollector(Collector):
                  "tick)", "network", m.call_seconds),
                 ("dualrate_priority_request_duration_seconds", "Latency of requests answered ok by the engine core, "
                  "submission to last image, per priority", "priority", m.priority_seconds)):
-            family = HistogramMetricFamily(name, doc, labels=[label])
+            family = HistogramMetricFamily(name, doc, labels=["model", label])
             for key, h in hists.items():
-                family.add_metric([key], _buckets(h.bounds, h.counts), h.total)
+                family.add_metric([model, key], _buckets(h.bounds, h.counts), h.total)
             yield family
         for name, doc, h in (("dualrate_tick_duration_seconds", "One scheduler tick (one denoising step)",
                               m.tick_seconds),
                              ("dualrate_queue_wait_seconds", "Wait for a batch slot", m.queue_wait_seconds)):
-            family = HistogramMetricFamily(name, doc)
-            family.add_metric([], _buckets(h.bounds, h.counts), h.total)
+            family = HistogramMetricFamily(name, doc, labels=["model"])
+            family.add_metric([model], _buckets(h.bounds, h.counts), h.total)
             yield family
         if st.engine is not None:
-            info = InfoMetricFamily("dualrate_engine", "Backend, device and precision of the engine")
-            info.add_metric([], {"backend": str(st.engine.backend), "device": st.engine.device,
-                                 "precision": str(st.engine.precision), "policy": self.policy})
+            info = InfoMetricFamily("dualrate_engine", "Backend, device and precision of the engine", labels=["model"])
+            info.add_metric([model], {"backend": str(st.engine.backend), "device": st.engine.device,
+                                      "precision": str(st.engine.precision), "policy": self.policy})
             yield info
 
 
@@ -104,19 +118,24 @@ class PrometheusStats:
                                      "DUALRATE_LATENCY_TARGET_S (their rate is the goodput)", registry=r)
         for outcome in Outcome:
             self.requests.labels(outcome.value)
-        self.class_images = Counter("dualrate_class_images_total", "Images returned, per requested class_label "
-                                    "(class_name from the model card; unconditional: class_label none); models of "
-                                    f"more than {MAX_CLASS_SERIES} classes are not counted per class",
-                                    ["class_label", "class_name"], registry=r)
-        self._class_names: list[str] | None = None
-        self._classes = 0
+        self.class_images = Counter("dualrate_class_images_total", "Images returned, per model and requested "
+                                    "class_label (class_name from the model card; unconditional: class_label none); "
+                                    f"models of more than {MAX_CLASS_SERIES} classes are not counted per class",
+                                    ["model", "class_label", "class_name"], registry=r)
+        self.model_images = Counter("dualrate_model_images_total", "Images returned, per served model", ["model"],
+                                    registry=r)
+        self._classes: dict[str, tuple[int, list[str] | None]] = {}
         self.core = CoreCollector(policy)
         self._core_registry = CollectorRegistry()
         self._core_registry.register(self.core)
 
-    def core_status(self, status: CoreStatus | None) -> None:
-        """The engine core's latest status: its series in the next exposition (None: none, e.g. the core is gone)."""
-        self.core.status = status
+    def core_status(self, status: CoreStatus | None, model: str) -> None:
+        """A model's engine core's latest status: its series in the next exposition (None: none, e.g. the core is
+        gone)."""
+        if status is None:
+            self.core.statuses.pop(model, None)
+        else:
+            self.core.statuses[model] = status
 
     def exposition(self) -> bytes:
         """The front end's series and the core's, in the text format. Front-end workers of one service
@@ -128,9 +147,10 @@ class PrometheusStats:
             front = self.registry
         return generate_latest(front) + generate_latest(self._core_registry)
 
-    def set_model(self, num_classes: int, class_names: list[str] | None) -> None:
-        """The served model's classes: `class_images` names them where the card does."""
-        self._classes, self._class_names = num_classes, class_names
+    def set_model(self, model: str, num_classes: int, class_names: list[str] | None) -> None:
+        """A served model's classes: `class_images` names them where the card does."""
+        self._classes[model] = (num_classes, class_names)
+        self.model_images.labels(model)
 
     def request_answered(self, outcome: str, seconds: float, images: int = 0) -> None:
         """Called by the HTTP layer once per request, whatever its outcome."""
@@ -139,13 +159,14 @@ class PrometheusStats:
         if images:
             self.images.inc(images)
 
-    def class_served(self, class_label: int | None, images: int) -> None:
+    def class_served(self, model: str, class_label: int | None, images: int) -> None:
+        self.model_images.labels(model).inc(images)
+        classes, names = self._classes.get(model, (0, None))
         if class_label is None:
-            self.class_images.labels("none", "unconditional").inc(images)
-        elif 0 <= class_label < self._classes <= MAX_CLASS_SERIES:
-            names = self._class_names
+            self.class_images.labels(model, "none", "unconditional").inc(images)
+        elif 0 <= class_label < classes <= MAX_CLASS_SERIES:
             name = names[class_label] if names and class_label < len(names) else str(class_label)
-            self.class_images.labels(str(class_label), name).inc(images)
+            self.class_images.labels(model, str(class_label), name).inc(images)
 
     def served(self, k: int, auto: bool, within_target: bool) -> None:
         self.k_used.labels("auto" if auto else "fixed").observe(k)

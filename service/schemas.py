@@ -20,6 +20,9 @@ class GenerateRequest(BaseModel):
     )
 
     # Strict: JSON true is not digit 1 and "7" is not 7. Floats must be finite.
+    model: str | None = Field(None, min_length=1, max_length=100, strict=True,
+                              description="the served model to draw from (GET /v1/models); optional when the service "
+                              "serves one model; an unknown name is 404 with the list")
     class_label: int | None = Field(None, ge=0, strict=True,
                                     description="class 0 to num_classes - 1 (MNIST: digit 0-9); null = unconditional")
     num_images: int = Field(1, ge=1, strict=True,
@@ -81,6 +84,7 @@ class Timings(BaseModel):
 
 
 class GenerateResponse(BaseModel):
+    model: str = Field(description="the served model that drew the images (GET /v1/models)")
     images: list[ImageOut]
     class_label: int | None
     steps: int
@@ -100,7 +104,8 @@ class ErrorBody(BaseModel):
 
 
 class ModelInfo(BaseModel):
-    name: str
+    name: str = Field(description="the name requests give in their `model` field")
+    default: bool = Field(True, description="the model /v1/model describes (the only one, or the first served)")
     card: dict[str, Any]
     backend: str
     device: str
@@ -116,3 +121,9 @@ class ModelInfo(BaseModel):
                                   "PNGs' size), sample_size and output_size (the same for a square model, else null), "
                                   "png_mode, num_classes (0: unconditional), class_names (index = class_label; null "
                                   "where the card has none), format, prediction, time_input")
+
+
+class ModelList(BaseModel):
+    default: str = Field(description="the default model's name (/v1/model)")
+    models: list[ModelInfo]
+

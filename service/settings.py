@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import json
+import re
 from collections.abc import Mapping
 from enum import StrEnum
 from functools import cached_property
@@ -42,7 +43,14 @@ class Settings(BaseSettings):
     checkpoint: Path = Field(DEFAULT_CHECKPOINT, description="the model folder: model_card.json and its format's two "
                              "networks (this project's safetensors, ONNX graphs or torch.export programs: "
                              "docs/own-model.md)")
-    max_active_images: int = Field(32, ge=1, le=512, description="images advanced together per tick (batch slots)")
+    model_repository: Path | None = Field(None, description="a folder of model folders (each named as its model, "
+                                          "[a-z0-9][a-z0-9._-]*): serve every model in it, or those DUALRATE_MODELS "
+                                          "lists; replaces DUALRATE_CHECKPOINT (docs/own-model.md)")
+    models: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="with DUALRATE_MODEL_REPOSITORY: the models to serve, comma-separated (the "
+        "first is the default model of /v1/model); default every model folder, the first by name the default")
+    max_active_images: int = Field(32, ge=1, le=512, description="images advanced together per tick (batch slots; "
+                                   "each served model has as many)")
     queue_size: int = Field(64, ge=1, le=100_000, description="requests waiting for a slot before 429 (small "
                             "requests have as many places again of their own while reserved_slots > 0)")
     max_images_per_request: int = Field(16, ge=1)
@@ -141,6 +149,13 @@ class Settings(BaseSettings):
             return keys
         return v
 
+    @field_validator("models", mode="before")
+    @classmethod
+    def _split_models(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [m.strip() for m in v.split(",") if m.strip()]
+        return v
+
     @field_validator("log_level", mode="before")
     @classmethod
     def _lower_level(cls, v: Any) -> Any:
@@ -163,17 +178,35 @@ class Settings(BaseSettings):
     @cached_property
     def resolved(self) -> Resolved:
         """The backend and device, resolved once (auto -> a concrete backend): every `auto` switch derives from it."""
-        return resolve(self.backend, None if self.device == "auto" else self.device, self.precision,
-                       self.model_spec.format)
+        return self.resolve_for(self.model_spec.format)
+
+    def resolve_for(self, fmt: str) -> Resolved:
+        """The backend and device for a model of card format `fmt` (auto picks per format)."""
+        return resolve(self.backend, None if self.device == "auto" else self.device, self.precision, fmt)
+
+    @cached_property
+    def served_models(self) -> dict[str, Path]:
+        """name -> model folder, the default model first: the repository's (all, or DUALRATE_MODELS in its order),
+        else DUALRATE_CHECKPOINT's one (named as its folder, or `model` if that name is not a model name)."""
+        if self.model_repository is None:
+            name = self.checkpoint.name.lower()
+            return {name if MODEL_NAME.match(name) else "model": self.checkpoint}
+        if self.models:
+            return {m: self.model_repository / m for m in self.models}
+        return {d.name: d for d in sorted(self.model_repository.iterdir()) if (d / "model_card.json").is_file()}
+
+    @property
+    def default_model(self) -> str:
+        return next(iter(self.served_models))
 
     @cached_property
     def model_spec(self) -> ModelCard:
-        """The served model's contract (export/card.py): geometry, classes, diffusion, I/O names, defaults."""
+        """The default model's contract (export/card.py): geometry, classes, diffusion, I/O names, defaults."""
         return model_spec(self.model_card())
 
-    def _on(self, toggle: Toggle, capable: bool) -> bool:
+    def _on(self, toggle: Toggle, capable: bool, res: Resolved | None = None) -> bool:
         """A switch: on, off, or auto = on where the resolved backend can and runs on CUDA."""
-        return toggle is Toggle.ON or (toggle is Toggle.AUTO and capable and self.resolved.on_cuda)
+        return toggle is Toggle.ON or (toggle is Toggle.AUTO and capable and (res or self.resolved).on_cuda)
 
     @property
     def use_compile(self) -> bool:
@@ -187,8 +220,9 @@ class Settings(BaseSettings):
     def use_engine_process(self) -> bool:
         return self._on(self.engine_process, True) or (self.frontend_workers > 1 and self.engine_process is not Toggle.OFF)
 
-    def model_card(self) -> dict[str, Any]:
-        return read_card(self.checkpoint)
+    def model_card(self, name: str | None = None) -> dict[str, Any]:
+        """A served model's card (the default model's when `name` is None)."""
+        return read_card(self.served_models[name or self.default_model])
 
     def request_limits(self, card: dict[str, Any]) -> RequestLimits:
         """Every limit a request is held to, for this server and the model of `card`."""
@@ -199,22 +233,26 @@ class Settings(BaseSettings):
                              max_request_cost=self.max_request_cost, distilled=distilled_schedule(card),
                              auto_ks=tuple(budget.allowed))
 
-    def core_config(self, card: dict[str, Any]) -> CoreConfig:
-        """The engine core's one typed configuration, resolved from these settings and the model card (a request
-        costing no more than the card's default one is small)."""
-        defaults = model_spec(card).defaults
-        res = self.resolved
+    def core_config(self, card: dict[str, Any], name: str | None = None) -> CoreConfig:
+        """The engine core's one typed configuration for served model `name` (the default model's when None),
+        resolved from these settings and its card (a request costing no more than the card's default one is small)."""
+        spec = model_spec(card)
+        defaults = spec.defaults
+        res = self.resolve_for(spec.format)
         engine = EngineConfig(backend=res.backend, device=res.device, max_batch=2 * self.max_active_images,
                               precision=self.precision, threads=self.threads, cuda_graphs=self.cuda_graphs,
-                              compile=self.use_compile, buckets=tuple(self.buckets), low_precision=self.low_precision)
+                              compile=self._on(self.compile, res.spec.compiles, res), buckets=tuple(self.buckets),
+                              low_precision=self.low_precision)
         scheduler = SchedulerConfig(
             max_active_images=self.max_active_images, queue_size=self.queue_size, policy=self.policy,
             align_encoder=self.align_encoder, reserved_slots=self.effective_reserved_slots,
             small_cost=request_cost(1, defaults.steps, defaults.encoder_interval),
             lend_horizon_s=LEND_HORIZON_TARGETS * self.latency_target_s, priorities=self.priorities,
             max_paused_images=self.effective_max_paused_images)
-        return CoreConfig(checkpoint=str(self.checkpoint), engine=engine, scheduler=scheduler,
-                          runner=RunnerConfig(overlap_encoder=self.overlap_encoder, fused=self.use_fused_tick),
+        return CoreConfig(checkpoint=str(self.served_models[name or self.default_model]), engine=engine,
+                          scheduler=scheduler, runner=RunnerConfig(overlap_encoder=self.overlap_encoder,
+                                                                   fused=self._on(self.fused_tick,
+                                                                                  res.spec.fused_tick, res)),
                           limits=self.request_limits(card), quality_budget=self.quality_budget,
                           latency_target_s=self.latency_target_s, warmup=self.warmup, log_level=self.log_level)
 
@@ -248,14 +286,39 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> Self:
-        problem = model_problem(self.checkpoint)
-        if problem is not None:
-            raise ValueError(problem)
-        steps = self.model_spec.defaults.steps
-        if steps > self.max_steps:
-            raise ValueError(f"DUALRATE_MAX_STEPS ({self.max_steps}) is below the model card's default steps "
-                             f"({steps}): every request that leaves steps out would be refused; set "
-                             f"DUALRATE_MAX_STEPS >= {steps}")
+        if self.model_repository is not None:
+            if not self.model_repository.is_dir():
+                raise ValueError(f"DUALRATE_MODEL_REPOSITORY {self.model_repository} is not a folder: give a folder "
+                                 "of model folders")
+            bad = [m for m in self.models if not MODEL_NAME.match(m)]
+            if bad:
+                raise ValueError(f"DUALRATE_MODELS: {', '.join(bad)}: a model's name is [a-z0-9][a-z0-9._-]*")
+            if len(set(self.models)) != len(self.models):
+                raise ValueError("DUALRATE_MODELS names a model twice")
+            if not self.served_models:
+                raise ValueError(f"DUALRATE_MODEL_REPOSITORY {self.model_repository} holds no model folder (a folder "
+                                 "with a model_card.json)")
+            if len(self.served_models) > 1 and self.frontend_workers > 1:
+                raise ValueError("DUALRATE_FRONTEND_WORKERS > 1 serves one model: list one in DUALRATE_MODELS, or "
+                                 "run one service per model")
+        elif self.models:
+            raise ValueError("DUALRATE_MODELS selects models of DUALRATE_MODEL_REPOSITORY, which is not set")
+        several = len(self.served_models) > 1
+        for name, folder in self.served_models.items():
+            where = f"model {name}: " if several else ""
+            problem = model_problem(folder)
+            if problem is not None:
+                raise ValueError(where + problem)
+            card_spec = model_spec(read_card(folder))
+            steps = card_spec.defaults.steps
+            if steps > self.max_steps:
+                raise ValueError(f"{where}DUALRATE_MAX_STEPS ({self.max_steps}) is below the model card's default "
+                                 f"steps ({steps}): every request that leaves steps out would be refused; set "
+                                 f"DUALRATE_MAX_STEPS >= {steps}")
+            try:
+                self.resolve_for(card_spec.format)
+            except BackendUnavailable as e:
+                raise ValueError(f"{where}DUALRATE_BACKEND={self.backend}: {e}") from None
         if self.max_images_per_request > self.max_active_images:
             raise ValueError(f"DUALRATE_MAX_IMAGES_PER_REQUEST ({self.max_images_per_request}) must be <= "
                              f"DUALRATE_MAX_ACTIVE_IMAGES ({self.max_active_images}): a request must fit the batch")
@@ -267,24 +330,29 @@ class Settings(BaseSettings):
                              f"DUALRATE_MAX_TIMEOUT_S ({self.max_timeout_s:g})")
         if self.precision is Precision.TF32 and self.device == "cpu":
             raise ValueError("DUALRATE_PRECISION=tf32 needs a CUDA device (set DUALRATE_DEVICE=cuda or another precision)")
-        try:
-            spec = self.resolved.spec
-        except BackendUnavailable as e:
-            raise ValueError(f"DUALRATE_BACKEND={self.backend}: {e} (set DUALRATE_DEVICE=cuda or auto)") from None
-        if self.precision not in spec.precisions:
-            raise ValueError(f"DUALRATE_BACKEND={spec.backend} runs DUALRATE_PRECISION="
-                             f"{' or '.join(sorted(spec.precisions))} only, not {self.precision}")
-        for name, toggle, capable in (("COMPILE", self.compile, spec.compiles),
-                                      ("FUSED_TICK", self.fused_tick, spec.fused_tick)):
-            if toggle is Toggle.ON and not capable:
-                raise ValueError(f"DUALRATE_{name}=on is a torch-backend option, not DUALRATE_BACKEND={spec.backend}'s"
-                                 + (" (auto resolved to it)" if self.backend is Backend.AUTO else ""))
+        for folder in self.served_models.values():
+            try:
+                spec = self.resolve_for(model_spec(read_card(folder)).format).spec
+            except BackendUnavailable as e:
+                raise ValueError(f"DUALRATE_BACKEND={self.backend}: {e} (set DUALRATE_DEVICE=cuda or auto)") from None
+            if self.precision not in spec.precisions:
+                raise ValueError(f"DUALRATE_BACKEND={spec.backend} runs DUALRATE_PRECISION="
+                                 f"{' or '.join(sorted(spec.precisions))} only, not {self.precision}")
+            for name, toggle, capable in (("COMPILE", self.compile, spec.compiles),
+                                          ("FUSED_TICK", self.fused_tick, spec.fused_tick)):
+                if toggle is Toggle.ON and not capable:
+                    raise ValueError(f"DUALRATE_{name}=on is a torch-backend option, not DUALRATE_BACKEND="
+                                     f"{spec.backend}'s" + (" (auto resolved to it)" if self.backend is Backend.AUTO
+                                                            else ""))
         if self.frontend_workers > 1 and self.engine_process is Toggle.OFF:
             raise ValueError("DUALRATE_FRONTEND_WORKERS > 1 needs the engine core in its own process "
                              "(DUALRATE_ENGINE_PROCESS on or auto)")
         if any(b < 1 for b in self.buckets):
             raise ValueError("DUALRATE_BUCKETS must be positive row counts")
         return self
+
+
+MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 
 def model_problem(folder: Path) -> str | None:

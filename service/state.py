@@ -5,38 +5,100 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from dualrate.checkpoint import card_defaults
+from dualrate.config import SamplingDefaults
 from export.card import ModelCard
-from service.core import CoreHandle, QualityBudget, RequestLimits
+from service.core import CoreConfig, CoreHandle, QualityBudget, RequestLimits, UnknownModel
 from service.metrics import PrometheusStats
 from service.settings import Settings
 
 log = logging.getLogger("service")
 
 
-class AppState:
-    """Everything the routes need; built with the app, the core attached in the lifespan."""
+class ModelEntry:
+    """One served model: its card and contract, its limits, and its engine core (attached in the lifespan)."""
 
-    def __init__(self, settings: Settings, spec: ModelCard, card: dict[str, Any], limits: RequestLimits,
+    def __init__(self, name: str, folder: Path, spec: ModelCard, card: dict[str, Any], core_config: CoreConfig,
                  budget: QualityBudget) -> None:
-        self.settings = settings
+        self.name, self.folder = name, folder
         self.spec = spec  # geometry, labels and defaults, from the model card (known before the weights load)
         self.model_card = card
-        self.sampling = card_defaults({"defaults": vars(spec.defaults)})  # the model card's steps, encoder_interval and guidance_scale
+        self.sampling = card_defaults({"defaults": vars(spec.defaults)})  # the card's steps, K and guidance
         self.defaults = dict(vars(self.sampling))  # as /v1/model publishes them
-        self.limits = limits  # every limit a request is held to (service.core.RequestLimits)
+        self.core_config = core_config
+        self.limits = core_config.limits  # every limit a request is held to (service.core.RequestLimits)
         self.budget = budget  # what encoder_interval "auto" may pick (the model card's sweep and the quality budget)
+        self.core: CoreHandle | None = None  # its engine core, here or in its own process (service.core.handle)
+
+
+class AppState:
+    """Everything the routes need; built with the app, the cores attached in the lifespan. The single-model fields
+    (`spec`, `limits`, `core`, ...) are the default model's (the first served)."""
+
+    def __init__(self, settings: Settings, models: list[ModelEntry]) -> None:
+        self.settings = settings
+        self.models = {m.name: m for m in models}
+        self.default = models[0]
         self.ready = False
         self.starting = "starting"  # what the start-up is doing (GET /health/ready while not ready)
         self.draining = False
-        self.core: CoreHandle | None = None  # the engine core, here or in its own process (service.core.handle)
         self.core_dead: str | None = None  # why the engine core process stopped, once it has
         self.core_killed = False  # a forced drain found the core frozen and stopped it (service.__main__)
         self.on_core_death: Callable[[str], None] | None = None  # set by the server: exit non-zero
         self.metrics = PrometheusStats(settings.policy.value)
         self.open_streams = 0  # /generate/stream responses still sending
+
+    # ---- the default model's (what a single-model service has) ----
+    @property
+    def spec(self) -> ModelCard:
+        return self.default.spec
+
+    @property
+    def model_card(self) -> dict[str, Any]:
+        return self.default.model_card
+
+    @property
+    def sampling(self) -> SamplingDefaults:
+        return self.default.sampling
+
+    @property
+    def defaults(self) -> dict[str, Any]:
+        return self.default.defaults
+
+    @property
+    def limits(self) -> RequestLimits:
+        return self.default.limits
+
+    @property
+    def budget(self) -> QualityBudget:
+        return self.default.budget
+
+    @property
+    def core(self) -> CoreHandle | None:
+        return self.default.core
+
+    @property
+    def cores(self) -> list[tuple[str, CoreHandle]]:
+        """(model, engine core) of every served model whose core is attached."""
+        return [(m.name, m.core) for m in self.models.values() if m.core is not None]
+
+    def frozen(self) -> str | None:
+        """Why a served model's core is frozen (named when several are served), or None."""
+        for name, core in self.cores:
+            if (why := core.frozen) is not None:
+                return f"model {name}: {why}" if len(self.models) > 1 else why
+        return None
+
+    def model(self, name: str | None) -> ModelEntry:
+        """The served model a request names (the only one when it names none and one is served)."""
+        if name is None and len(self.models) == 1:
+            return self.default
+        if name not in self.models:
+            raise UnknownModel(name, list(self.models))
+        return self.models[name]
 
     def core_died(self, why: str) -> None:
         """The engine core process stopped: not live, not ready; the server exits non-zero (on_core_death)."""
@@ -50,8 +112,14 @@ class AppState:
 async def drain(state: AppState, poll_s: float = 0.05) -> None:
     """Stop admission (503) and wait until every accepted request has its answer (streams: their last event)."""
     state.draining = True
-    if state.core is None:
+    cores = [core for _, core in state.cores]
+    if not cores:
         return
-    state.core.stop_admission()
-    while state.core_dead is None and (not await state.core.idle() or state.open_streams):
+    for core in cores:
+        core.stop_admission()
+
+    async def idle() -> bool:
+        return all([await core.idle() for core in cores])
+
+    while state.core_dead is None and (not await idle() or state.open_streams):
         await asyncio.sleep(poll_s)

@@ -14,7 +14,16 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.deps import Unauthorized
-from service.core import EngineFailure, InternalError, LimitError, Outcome, QueueFull, ServiceError, new_error_id
+from service.core import (
+    EngineFailure,
+    InternalError,
+    LimitError,
+    Outcome,
+    QueueFull,
+    ServiceError,
+    UnknownModel,
+    new_error_id,
+)
 from service.schemas import ErrorBody
 from service.state import AppState
 
@@ -42,6 +51,9 @@ def describe(e: ServiceError) -> tuple[int, ErrorBody, dict[str, str] | None]:
     if isinstance(e, LimitError):
         return e.status, ErrorBody(error=e.kind, message=f"invalid field(s): {', '.join(f for f, _ in e.fields)}",
                                    details=[{"field": f, "message": m} for f, m in e.fields]), None
+    if isinstance(e, UnknownModel):
+        return e.status, ErrorBody(error=e.kind, message=str(e), details=[{"field": "model", "message": str(e),
+                                                                           "models": e.models}]), None
     if isinstance(e, QueueFull):
         return e.status, ErrorBody(error=e.kind, message=str(e)), {"Retry-After": str(math.ceil(e.retry_after_s))}
     if isinstance(e, EngineFailure | InternalError):

@@ -26,6 +26,7 @@ from service.core.errors import (
                                  Outcome,
                                  QueueFull,
                                  ServiceError,
+                                 UnknownModel,
                                  new_error_id,
 )
 from service.core.handle import Built, CoreHandle, EngineFactory, JobHandle, LocalCore, build_core
@@ -92,6 +93,7 @@ __all__ = [
     "SchedulerConfig",
     "SchedulerSnapshot",
     "ServiceError",
+    "UnknownModel",
     "build_core",
     "new_error_id",
     "request_cost",

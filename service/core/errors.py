@@ -71,6 +71,18 @@ class InternalError(ServiceError):
         self.error_id = error_id
 
 
+class UnknownModel(ServiceError):
+    """A request names a model this service does not serve, or names none while several are served (404, with the
+    list)."""
+
+    status, kind = 404, Outcome.NOT_FOUND
+
+    def __init__(self, name: str | None, models: list[str]) -> None:
+        what = f"no model {name!r} is served here" if name is not None else "several models are served: name one"
+        super().__init__(f"{what} (model: {', '.join(models)}; GET /v1/models lists them)")
+        self.name, self.models = name, models
+
+
 class LimitError(ServiceError):
     """Fields valid in themselves but beyond this server's limits or this model (422, naming each field)."""
 

@@ -188,5 +188,6 @@ def test_autoscaling_is_on_the_service_load_metric_not_cpu(overlay):
     assert m["type"] == "Pods" and m["pods"]["metric"]["name"] == "dualrate_load_ratio"
     # The service exports that metric.
     stats = PrometheusStats()
-    stats.core_status(CoreStatus(ready=True, snapshot=SchedulerSnapshot(0, 0, 0, 4, 0, 0), metrics=CoreStats().metrics()))
-    assert "dualrate_load_ratio" in stats.exposition().decode()
+    stats.core_status(CoreStatus(ready=True, snapshot=SchedulerSnapshot(0, 0, 0, 4, 0, 0), metrics=CoreStats().metrics()),
+                      "mnist-dualrate")
+    assert 'dualrate_load_ratio{model="mnist-dualrate"}' in stats.exposition().decode()

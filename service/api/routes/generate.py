@@ -46,7 +46,7 @@ from service.core import (
 )
 from service.png import encode_pngs
 from service.schemas import ErrorBody, GenerateRequest, GenerateResponse, ImageOut, StreamRequest, Timings
-from service.state import AppState
+from service.state import AppState, ModelEntry
 
 log = logging.getLogger("service")
 router = APIRouter(tags=["generate"], dependencies=[Authorized])
@@ -71,37 +71,42 @@ async def pngs(images: list[np.ndarray]) -> list[str]:
     return await asyncio.to_thread(encode_pngs, images)
 
 
-def prepare(req: GenerateRequest, state: AppState, t0: float) -> tuple[CoreHandle, GenerationSpec, float]:
-    """Check the request against this server and model, fill the defaults. -> (engine core, spec, timeout)."""
-    settings, spec_ = state.settings, state.spec
+def prepare(req: GenerateRequest, state: AppState, t0: float) -> tuple[ModelEntry, CoreHandle, GenerationSpec, float]:
+    """Check the request against this server and its model, fill the defaults. -> (the model, its engine core,
+    spec, timeout)."""
+    settings = state.settings
+    entry = state.model(req.model)
     if state.core_dead is not None:
         raise NotReady(state.core_dead)
-    if state.core is not None and (frozen := state.core.frozen) is not None:
+    core = entry.core
+    if core is not None and (frozen := core.frozen) is not None:
         raise NotReady(frozen)
-    if not state.ready or state.draining or state.core is None:
+    if not state.ready or state.draining or core is None:
         raise NotReady("the service is draining" if state.draining else "the service is starting")
-    steps = req.steps or state.sampling.steps
+    steps = req.steps or entry.sampling.steps
     auto = req.encoder_interval == "auto"
-    k = (state.sampling.encoder_interval if req.encoder_interval is None or auto else int(req.encoder_interval))
+    k = (entry.sampling.encoder_interval if req.encoder_interval is None or auto else int(req.encoder_interval))
     # K > steps runs the encoder once, at step 0, exactly as K = steps does: accepted (a JSON schema cannot tie K to
     # steps, and a schema-valid request must not be refused); the answer reports the K asked for.
-    problems = state.limits.problems(req.class_label, req.num_images, steps, k, auto, req.timeout_s,
+    problems = entry.limits.problems(req.class_label, req.num_images, steps, k, auto, req.timeout_s,
                                      req.guidance_scale)
     if problems:
         raise LimitError(problems)
-    g = state.sampling.guidance_scale if req.guidance_scale is None else req.guidance_scale
+    g = entry.sampling.guidance_scale if req.guidance_scale is None else req.guidance_scale
     seed = req.seed if req.seed is not None else secrets.randbelow(2**31)
     timeout = req.timeout_s or settings.default_timeout_s
-    label = spec_.null_label if req.class_label is None else req.class_label
+    label = entry.spec.null_label if req.class_label is None else req.class_label
     priority = Priority(req.priority) if req.priority is not None else settings.default_priority
     spec = GenerationSpec(label, req.num_images, steps, k, g, seed, deadline=t0 + timeout, auto=auto,
                           priority=priority)
-    return state.core, spec, timeout
+    return entry, core, spec, timeout
 
 
-async def respond(req: GenerateRequest, spec: GenerationSpec, result: JobResult, t0: float) -> GenerateResponse:
+async def respond(req: GenerateRequest, spec: GenerationSpec, result: JobResult, t0: float,
+                  model: str) -> GenerateResponse:
     encoded = await pngs(result.images)
     return GenerateResponse(
+        model=model,
         images=[ImageOut(png_base64=p, seed=s) for p, s in zip(encoded, result.seeds, strict=True)],
         class_label=req.class_label, steps=spec.steps, encoder_interval=result.encoder_interval,
         encoder_interval_auto=spec.auto, guidance_scale=spec.guidance_scale, encoder_calls=result.encoder_calls,
@@ -114,7 +119,7 @@ async def respond(req: GenerateRequest, spec: GenerationSpec, result: JobResult,
 def served(state: AppState, resp: GenerateResponse, seconds: float) -> None:
     """Count an answered request: outcome ok, its images, the K it ran at, whether it met the latency target."""
     state.metrics.request_answered(Outcome.OK, seconds, len(resp.images))
-    state.metrics.class_served(resp.class_label, len(resp.images))
+    state.metrics.class_served(resp.model, resp.class_label, len(resp.images))
     state.metrics.served(resp.encoder_interval, resp.encoder_interval_auto, seconds <= state.settings.latency_target_s)
 
 
@@ -149,7 +154,7 @@ def abandon(job: JobHandle, fut: asyncio.Future) -> None:
 async def generate(req: GenerateRequest, request: Request, state: StateDep) -> Response:
     t0 = time.monotonic()
     try:
-        core, spec, timeout = prepare(req, state, t0)
+        entry, core, spec, timeout = prepare(req, state, t0)
         job = await submit_within(core, spec, t0 + timeout)
         fut = asyncio.wrap_future(job.future)
         # Wait for the result or the client going away, whichever comes first, without polling: a poll per request
@@ -164,7 +169,7 @@ async def generate(req: GenerateRequest, request: Request, state: StateDep) -> R
         if fut not in done:
             abandon(job, fut)
             raise Cancelled("client disconnected") if gone in done else await late(core)
-        resp = await respond(req, spec, fut.result(), t0)
+        resp = await respond(req, spec, fut.result(), t0, entry.name)
     except ServiceError as e:
         return service_error_response(state, e, time.monotonic() - t0)
     served(state, resp, time.monotonic() - t0)
@@ -184,18 +189,19 @@ async def generate_stream(req: StreamRequest, request: Request, state: StateDep)
         loop.call_soon_threadsafe(events.put_nowait, tick_events)
 
     try:
-        core, spec, timeout = prepare(req, state, t0)
+        entry, core, spec, timeout = prepare(req, state, t0)
         job = await submit_within(core, spec, t0 + timeout, listener, every)
     except ServiceError as e:
         return service_error_response(state, e, time.monotonic() - t0)
-    response = EventSourceResponse(_stream(req, state, core, spec, job, events, timeout, t0), ping=15)
+    response = EventSourceResponse(_stream(req, state, entry.name, core, spec, job, events, timeout, t0), ping=15)
     # sse-starlette always says keep-alive; an HTTP/1.0 client or one that asked to close gets one Connection header.
     if request.scope.get("http_version") == "1.0" or "close" in request.headers.get("connection", "").lower():
         response.headers["connection"] = "close"
     return response
 
 
-async def _stream(req: StreamRequest, state: AppState, core: CoreHandle, spec: GenerationSpec, job: JobHandle,
+async def _stream(req: StreamRequest, state: AppState, model: str, core: CoreHandle, spec: GenerationSpec,
+                  job: JobHandle,
                   events: asyncio.Queue, timeout: float, t0: float) -> AsyncIterator[ServerSentEvent | bytes]:
     state.open_streams += 1  # the drain waits for this stream's last event
     fut = asyncio.wrap_future(job.future)
@@ -225,7 +231,7 @@ async def _stream(req: StreamRequest, state: AppState, core: CoreHandle, spec: G
             else:
                 yield chunk
         try:
-            resp = await respond(req, spec, fut.result(), t0)
+            resp = await respond(req, spec, fut.result(), t0, model)
         except ServiceError as e:
             answered = True
             yield last + _event("error", error_event(state, e, time.monotonic() - t0)).encode()

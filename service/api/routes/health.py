@@ -18,7 +18,7 @@ def _core_problem(state: AppState) -> str | None:
     """Why the engine core cannot serve: it stopped, or it is frozen (no heartbeat, or work and no tick)."""
     if state.core_dead is not None:
         return state.core_dead
-    return state.core.frozen if state.core is not None else None
+    return state.frozen()
 
 
 def _unavailable(why: str) -> JSONResponse:
@@ -43,11 +43,13 @@ async def ready(state: StateDep) -> Response:
 
 @router.get("/metrics", tags=["ops"], response_class=Response)
 async def metrics(state: StateDep) -> Response:
-    status = None
-    if state.core is not None and _core_problem(state) is None:
-        try:
-            status = await state.core.status()
-        except (TimeoutError, ServiceError):
-            status = None  # the core's series are left out of this scrape; the front end's are there
-    state.metrics.core_status(status)
+    healthy = state.core_dead is None
+    for name, core in state.cores:
+        status = None
+        if healthy and core.frozen is None:
+            try:
+                status = await core.status()
+            except (TimeoutError, ServiceError):
+                status = None  # this core's series are left out of this scrape; the front end's are there
+        state.metrics.core_status(status, name)
     return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

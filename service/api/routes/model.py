@@ -1,4 +1,5 @@
-"""GET /v1/model: the model card, the engine, the limits and the delivered image geometry."""
+"""GET /v1/models (every served model), /v1/models/{name} (one), /v1/model (the default one): the model card, the
+engine, the limits and the delivered image geometry."""
 
 from __future__ import annotations
 
@@ -6,16 +7,34 @@ from fastapi import APIRouter
 
 from service.api.deps import Authorized, StateDep
 from service.core import NotReady
-from service.schemas import ModelInfo
+from service.schemas import ModelInfo, ModelList
+from service.state import AppState, ModelEntry
 
 router = APIRouter()
 
 
 @router.get("/v1/model", response_model=ModelInfo, tags=["model"], dependencies=[Authorized])
 async def model_info(state: StateDep) -> ModelInfo:
-    if state.core is None or not state.ready:
+    """The default model (the only one, or the first of DUALRATE_MODELS)."""
+    return describe(state, state.default)
+
+
+@router.get("/v1/models", response_model=ModelList, tags=["model"], dependencies=[Authorized])
+async def models(state: StateDep) -> ModelList:
+    """Every served model; requests name one in their `model` field."""
+    return ModelList(default=state.default.name, models=[describe(state, e) for e in state.models.values()])
+
+
+@router.get("/v1/models/{name}", response_model=ModelInfo, tags=["model"], dependencies=[Authorized],
+            responses={404: {"description": "no such model: the body lists the served ones"}})
+async def one_model(name: str, state: StateDep) -> ModelInfo:
+    return describe(state, state.model(name))
+
+
+def describe(state: AppState, entry: ModelEntry) -> ModelInfo:
+    if entry.core is None or not state.ready:
         raise NotReady("the engine is not loaded yet")
-    settings, spec, info = state.settings, state.spec, state.core.engine_info
+    settings, spec, info = state.settings, entry.spec, entry.core.engine_info
     limits = {"max_images_per_request": settings.max_images_per_request, "max_steps": settings.max_steps,
               "max_timeout_s": settings.max_timeout_s, "default_timeout_s": settings.default_timeout_s,
               "max_active_images": settings.max_active_images, "queue_size": settings.queue_size,
@@ -28,11 +47,12 @@ async def model_info(state: StateDep) -> ModelInfo:
              "png_mode": "L" if s.channels == 1 else "RGB", "num_classes": spec.num_classes,
              "class_names": spec.class_names, "format": spec.format, "prediction": spec.diffusion.prediction,
              "time_input": spec.diffusion.time_input}
-    b = state.budget
+    b = entry.budget
     auto = {"allowed": b.allowed, "fid_ratio": {str(k): round(r, 4) for k, r in sorted(b.fid_ratio.items())},
             "fid_ratio_spread": {str(k): round(s, 4) for k, s in sorted(b.fid_ratio_std.items())},
             "quality_budget": b.budget, "latency_target_s": settings.latency_target_s}
-    return ModelInfo(name=state.model_card.get("name", settings.checkpoint.name), card=state.model_card,
+    return ModelInfo(name=entry.name, card=entry.model_card,
                      backend=info.backend, device=info.device, precision=info.precision,
                      providers=list(info.providers), policy=settings.policy.value, limits=limits,
-                     defaults=state.defaults, image=image, auto_encoder_interval=auto)
+                     defaults=entry.defaults, image=image, auto_encoder_interval=auto,
+                     default=entry is state.default)

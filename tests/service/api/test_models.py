@@ -1,0 +1,58 @@
+"""Several models in one service: the three shipped dual-rate models served from one model repository (the
+checkpoints/ folder, DUALRATE_MODELS picking them): listed, each addressed by the `model` field, each drawing the
+images it draws served alone."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from loadtests.process import metric
+from tests.conftest import ROOT
+
+MODELS = ["mnist-dualrate", "fashion-dualrate", "mnist-dualrate-8step"]
+SETTINGS = {"max_active_images": 8, "max_images_per_request": 4, "queue_size": 16}
+
+
+@pytest.fixture(scope="module")
+def several(start_server):
+    return start_server(model_repository=ROOT / "checkpoints", models=",".join(MODELS), **SETTINGS)
+
+
+def pngs(server, body: dict) -> list[str]:
+    r = httpx.post(f"{server.url}/generate", json=body, timeout=120)
+    assert r.status_code == 200, r.text
+    return [i["png_base64"] for i in r.json()["images"]]
+
+
+def test_v1_models_lists_the_served_models_and_v1_model_is_the_first(several):
+    listing = httpx.get(f"{several.url}/v1/models").json()
+    assert listing["default"] == MODELS[0]
+    assert [m["name"] for m in listing["models"]] == MODELS
+    assert [m["default"] for m in listing["models"]] == [True, False, False]
+    fashion = httpx.get(f"{several.url}/v1/models/fashion-dualrate").json()
+    assert fashion["defaults"]["encoder_interval"] == 2 and fashion["image"]["format"] == "dualrate"
+    assert httpx.get(f"{several.url}/v1/model").json()["name"] == MODELS[0]
+    missing = httpx.get(f"{several.url}/v1/models/nope")
+    assert missing.status_code == 404 and missing.json()["details"][0]["models"] == MODELS
+
+
+def test_a_request_must_name_a_served_model(several):
+    for body in ({"seed": 1}, {"model": "nope", "seed": 1}):
+        r = httpx.post(f"{several.url}/generate", json=body, timeout=60)
+        assert r.status_code == 404, r.text
+        assert r.json()["error"] == "not_found" and r.json()["details"][0]["models"] == MODELS
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_each_model_draws_what_it_draws_served_alone(start_server, several, name):
+    alone = start_server(model_repository=ROOT / "checkpoints", models=name, **SETTINGS)
+    body = {"class_label": 3, "num_images": 2, "seed": 21}
+    r = httpx.post(f"{several.url}/generate", json={**body, "model": name}, timeout=120)
+    assert r.status_code == 200 and r.json()["model"] == name
+    together = [i["png_base64"] for i in r.json()["images"]]
+    assert together == pngs(alone, body)  # alone: one model served, the field may be left out
+    assert pngs(several, {**body, "model": MODELS[0]}) != together or name == MODELS[0]
+    text = httpx.get(f"{several.url}/metrics").text
+    assert metric(text, "dualrate_model_images_total", f'model="{name}"') >= 2
+    assert all(metric(text, "dualrate_engine_info", f'model="{m}"') == 1 for m in MODELS)
