@@ -1,9 +1,10 @@
-// The demo page: reads /v1/model, then draws from POST /generate/stream (Server-Sent Events over fetch, since
+// The demo page: reads /v1/models (a select when the service serves several), then draws from POST /generate/stream (Server-Sent Events over fetch, since
 // EventSource cannot POST) and shows the previews forming, then the final images.
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-let model = null;
+let model = null; // the picked model, as /v1/models describes it
+let models = []; // every served model
 let controller = null;
 
 function headers() {
@@ -27,12 +28,17 @@ function qualityRows() {
 function fillForm() {
   const d = model.defaults;
   const cls = $("class_label");
+  cls.length = 0;
+  $("encoder_interval").length = 0;
+  $("steps").readOnly = false;
+  $("steps").removeAttribute("min");
+  $("distilled-note").textContent = "";
   cls.add(new Option("unconditional", ""));
   const names = model.image.class_names;
   for (let c = 0; c < model.image.num_classes; c++) {
     cls.add(new Option(names ? c + " (" + names[c] + ")" : String(c), String(c)));
   }
-  cls.value = "7";
+  cls.value = model.image.num_classes > 7 ? "7" : "";
   const rows = qualityRows();
   const base = rows.find((r) => r.encoder_interval === 1);
   // A distilled few-step student (its card's "distilled"): its own steps only, K up to the one it was distilled with.
@@ -66,7 +72,8 @@ function fillForm() {
   $("preview_every").min = model.limits.min_preview_every;
   showCost();
   $("model-line").textContent = model.name + " on " + model.backend + " (" + model.device + "), " +
-    model.image.output_size + "x" + model.image.output_size + " " + (model.image.png_mode === "L" ? "grayscale" : "RGB");
+    model.image.output_width + "x" + model.image.output_height + " " +
+    (model.image.png_mode === "L" ? "grayscale" : "RGB");
 }
 
 function showCost() {
@@ -147,6 +154,7 @@ function requestBody() {
   };
   if ($("seed").value !== "") body.seed = num("seed");
   if ($("priority").value !== "") body.priority = $("priority").value;
+  if (models.length > 1) body.model = model.name;
   return body;
 }
 
@@ -216,17 +224,28 @@ async function generate(ev) {
 }
 
 async function loadModel() {
-  const r = await fetch("/v1/model", { headers: headers() });
+  const r = await fetch("/v1/models", { headers: headers() });
   if (!r.ok) {
-    $("model-line").textContent = "could not read /v1/model (" + r.status + ")" +
+    $("model-line").textContent = "could not read /v1/models (" + r.status + ")" +
       (r.status === 401 ? ": enter the API key" : "");
     $("model-line").className = "error";
     return null;
   }
-  model = await r.json();
+  const listing = await r.json();
+  models = listing.models;
+  const sel = $("model");
+  for (const m of models) sel.add(new Option(m.name + " (" + m.image.format + ")", m.name));
+  sel.value = listing.default;
+  $("model-field").hidden = models.length < 2;
+  model = models.find((m) => m.name === listing.default);
   $("model-line").className = "muted";
   fillForm();
   return model;
+}
+
+function pickModel() {
+  model = models.find((m) => m.name === $("model").value) || model;
+  fillForm();
 }
 
 let loading = null;
@@ -245,6 +264,7 @@ function init() {
   $("encoder_interval").addEventListener("change", showCost);
   $("steps").addEventListener("input", () => model && showCost());
   $("api_key").addEventListener("change", ensureModel);
+  $("model").addEventListener("change", pickModel);
   ensureModel();
 }
 

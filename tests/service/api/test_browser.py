@@ -45,6 +45,7 @@ def test_demo_page_shows_previews_then_the_final_images(server, browser):
     wait.until(lambda d: d.find_element(By.ID, "encoder_interval").find_elements(By.TAG_NAME, "option"))
     k_options = [o.text for o in Select(browser.find_element(By.ID, "encoder_interval")).options]
     assert any("FID" in t for t in k_options), k_options  # the card's FID cost beside K
+    assert not browser.find_element(By.ID, "model-field").is_displayed()  # one model: no model select
     Select(browser.find_element(By.ID, "class_label")).select_by_value("5")
     set_value(browser, "num_images", 3)
     set_value(browser, "steps", 96)
@@ -184,3 +185,31 @@ def test_the_page_keeps_a_distilled_student_to_its_schedule(distilled_server, br
     images = browser.find_element(By.ID, "images")
     WebDriverWait(browser, 120).until(lambda d: images.get_attribute("data-done") == "true")
     assert "4 steps, K = 2" in browser.find_element(By.ID, "summary").text
+
+
+def test_the_model_select_draws_from_the_picked_model(start_server):
+    """A service of two models: the page offers both (the default picked), and a draw from the other one answers
+    with that model's images (its `model` in the request)."""
+    from tests.conftest import ROOT
+
+    several = start_server(model_repository=ROOT / "checkpoints", models="mnist-dualrate,mnist-dualrate-8step",
+                           max_active_images=4, max_images_per_request=2)
+    driver = chromium(1280, 900)
+    try:
+        driver.get(several.url + "/")
+        wait = WebDriverWait(driver, 60, poll_frequency=0.02)
+        wait.until(lambda d: d.find_element(By.ID, "model").find_elements(By.TAG_NAME, "option"))
+        assert driver.find_element(By.ID, "model-field").is_displayed()
+        pick = Select(driver.find_element(By.ID, "model"))
+        assert [o.get_attribute("value") for o in pick.options] == ["mnist-dualrate", "mnist-dualrate-8step"]
+        assert pick.first_selected_option.get_attribute("value") == "mnist-dualrate"
+        pick.select_by_value("mnist-dualrate-8step")
+        wait.until(lambda d: d.find_element(By.ID, "steps").get_attribute("value") == "8")  # the student's form
+        set_value(driver, "num_images", 1)
+        driver.find_element(By.ID, "generate").click()
+        images = driver.find_element(By.ID, "images")
+        WebDriverWait(driver, 120).until(lambda d: images.get_attribute("data-done") == "true")
+        assert "mnist-dualrate-8step" in driver.find_element(By.ID, "model-line").text
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#images img.final")) == 1
+    finally:
+        driver.quit()
