@@ -6,7 +6,8 @@
 3. runs it with a read-only root filesystem and a tmpfs at /tmp, waits for Docker's health status `healthy`,
    gets PNGs from POST /generate, checks the process runs as non-root and that the start exported no ONNX;
 4. `docker stop` with a request in flight: the request completes (200) and the container exits 0;
-5. serves your own model: a random tiny-rgb checkpoint (`python -m dualrate.init`) mounted read-only into the
+5. serves your own models from a mounted model repository: a random tiny-rgb checkpoint (`python -m dualrate.init`)
+   and a foreign ONNX pair, mounted read-only into the
    read-only container, exported into the tmpfs, answered as 16x16 RGB PNGs;
 6. brings up the compose `cpu` profile (service + Prometheus, local images) with DUALRATE_API_KEYS set in the shell,
    waits until Prometheus scrapes the service (`up == 1`), and checks the key reached the container (401 without it,
@@ -189,17 +190,24 @@ class Deploy:
         self.d("rm", "-f", NAME)
 
     def own_model(self) -> None:
-        """The README's "serve your own model": a random tiny-rgb checkpoint written on the host by dualrate.init,
-        mounted read-only into the read-only container; it is exported into the tmpfs and served as 3x16x16 RGB."""
+        """The README's "serve your own model", as a model repository: a random tiny-rgb checkpoint written on the host
+        by dualrate.init and a foreign ONNX pair (tests/export/foreign.py: eps, 8x12 samples) in one folder, mounted
+        read-only into the read-only container (DUALRATE_MODEL_REPOSITORY); the checkpoint is exported into the tmpfs
+        and served as 3x16x16 RGB, the foreign graphs run in place."""
         folder = Path(tempfile.mkdtemp(prefix="dualrate-own-"))
         folder.chmod(0o755)  # the container's user (uid 10001) must reach the checkpoint
         sh(sys.executable, "-m", "dualrate.init", "--preset", "tiny-rgb", "--out", str(folder / "tiny-rgb"), cwd=ROOT)
+        sh(sys.executable, "-c", f"from pathlib import Path; from tests.export.foreign import write_model; "
+           f"write_model(Path({str(folder / 'foreign')!r}))", cwd=ROOT)
+        for path in folder.rglob("*"):
+            path.chmod(0o755 if path.is_dir() else 0o644)
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        log(f"running {TAG} read-only with a mounted tiny-rgb checkpoint on port {port}")
+        log(f"running {TAG} read-only with a mounted model repository (tiny-rgb, foreign) on port {port}")
         self.d("rm", "-f", NAME, check=False)
         self.d("run", "-d", "--name", NAME, "--network", "host", "--read-only", "--tmpfs", "/tmp",
-               "-v", f"{folder / 'tiny-rgb'}:/models/tiny-rgb:ro", "-e", "DUALRATE_CHECKPOINT=/models/tiny-rgb",
+               "-v", f"{folder}:/models:ro", "-e", "DUALRATE_MODEL_REPOSITORY=/models",
+               "-e", "DUALRATE_MODELS=tiny-rgb,foreign",
                "-e", f"DUALRATE_PORT={port}", TAG)
 
         def ready() -> bool:
@@ -220,8 +228,16 @@ class Deploy:
         assert png[12:16] == b"IHDR" and int.from_bytes(png[16:20], "big") == 16 and png[25] == 2, png[:32]  # RGB
         logs = self.d("logs", NAME).stderr
         assert "exporting to /tmp/dualrate-onnx" in logs, logs[-3000:]
+        listing = httpx.get(f"{url}/v1/models", timeout=30).json()
+        assert [m["name"] for m in listing["models"]] == ["tiny-rgb", "foreign"], listing
+        r = httpx.post(f"{url}/generate", json={"model": "foreign", "class_label": 1, "seed": 1}, timeout=120)
+        assert r.status_code == 200 and r.json()["model"] == "foreign", r.text
+        png = base64.b64decode(r.json()["images"][0]["png_base64"])
+        assert (int.from_bytes(png[16:20], "big"), int.from_bytes(png[20:24], "big")) == (10, 8), png[:32]
         self.results["own_model_served"] = True
-        log("own tiny-rgb checkpoint, mounted read-only: exported into the tmpfs, served as 16x16 RGB PNGs")
+        self.results["model_repository_served"] = True
+        log("a mounted model repository: the tiny-rgb checkpoint exported into the tmpfs, served as 16x16 RGB PNGs; "
+            "the foreign ONNX pair served in place as 10x8")
         self.d("rm", "-f", NAME)
         shutil.rmtree(folder, ignore_errors=True)
 
