@@ -227,3 +227,33 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def feature_shapes(folder: Path) -> list[tuple[int, ...]]:
+    """The encoder's feature shapes (without the batch axis) of a model folder that passes the checks: from the config
+    of a "dualrate" card, else from one encoder call at batch 1."""
+    card = json.loads((Path(folder) / "model_card.json").read_text())
+    if card.get("format", "dualrate") == "dualrate":
+        from dualrate.config import ModelConfig
+
+        return [tuple(s) for s in ModelConfig.from_dict(card["config"]).feature_shapes]
+    mc = read_model_card(card)
+    if mc.format == "onnx":
+        encode, _, _ = _onnx(Path(folder) / "encoder.onnx")
+    else:
+        encode = _torch_export(Path(folder) / "encoder.pt2", mc, "encoder", list(mc.encoder.outputs))
+    enc_in, _ = _inputs(mc, 1, np.random.default_rng(0))
+    feats = encode(enc_in)
+    return [tuple(feats[name].shape[1:]) for name in mc.encoder.outputs]
+
+
+def per_image_state_bytes(folder: Path) -> int:
+    """What one image holds in a batch slot on the device: its sample and the feature cache of its conditional and
+    unconditional rows, float32."""
+    card = json.loads((Path(folder) / "model_card.json").read_text())
+    from export.card import model_spec
+
+    spec = model_spec(card)
+    sample = int(np.prod(spec.sample_shape))
+    features = sum(int(np.prod(s)) for s in feature_shapes(folder))
+    return 4 * (sample + 2 * features)

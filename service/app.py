@@ -96,7 +96,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
             rc = entry.core if isinstance(entry.core, RemoteCore) else None
             log.info("ready%s: backend=%s device=%s precision=%s policy=%s slots=%d queue=%d engine core %s",
                      f" (model {entry.name}, format {entry.spec.format})" if several else "",
-                     info.backend, info.device, info.precision, settings.policy, settings.max_active_images,
+                     info.backend, info.device, info.precision, settings.policy, settings.slots(entry.name),
                      settings.queue_size, "in this process" if rc is None else
                      f"in its own process (pid {rc.proc.pid})" if rc.proc is not None else
                      f"shared by the front-end workers at {rc.address}")

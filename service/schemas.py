@@ -106,6 +106,10 @@ class ErrorBody(BaseModel):
 class ModelInfo(BaseModel):
     name: str = Field(description="the name requests give in their `model` field")
     default: bool = Field(True, description="the model /v1/model describes (the only one, or the first served)")
+    state: dict[str, Any] = Field(default_factory=dict, description="slots (this model's batch slots), "
+                                  "per_image_state_bytes (a sample and its conditional and unconditional feature "
+                                  "caches, float32), state_bytes (slots x that), budget_bytes (DUALRATE_STATE_MEMORY_MB; "
+                                  "null: none) and share_bytes (this model's even share of it)")
     card: dict[str, Any]
     backend: str
     device: str

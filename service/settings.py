@@ -51,6 +51,10 @@ class Settings(BaseSettings):
         "first is the default model of /v1/model); default every model folder, the first by name the default")
     max_active_images: int = Field(32, ge=1, le=512, description="images advanced together per tick (batch slots; "
                                    "each served model has as many)")
+    state_memory_mb: float | None = Field(None, gt=0, description="device memory for the served models' per-image "
+                                          "state (samples and feature caches), split evenly between the models: "
+                                          "each gets min(max_active_images, its share / its per-image state) slots; "
+                                          "unset: every model has max_active_images")
     queue_size: int = Field(64, ge=1, le=100_000, description="requests waiting for a slot before 429 (small "
                             "requests have as many places again of their own while reserved_slots > 0)")
     max_images_per_request: int = Field(16, ge=1)
@@ -224,11 +228,29 @@ class Settings(BaseSettings):
         """A served model's card (the default model's when `name` is None)."""
         return read_card(self.served_models[name or self.default_model])
 
-    def request_limits(self, card: dict[str, Any]) -> RequestLimits:
-        """Every limit a request is held to, for this server and the model of `card`."""
+    @cached_property
+    def model_state(self) -> dict[str, tuple[int, int]]:
+        """name -> (batch slots, per-image state bytes) of each served model: DUALRATE_MAX_ACTIVE_IMAGES each, or
+        what its even share of DUALRATE_STATE_MEMORY_MB holds, at most that."""
+        from export.check import per_image_state_bytes
+
+        out = {}
+        share = None if self.state_memory_mb is None else self.state_memory_mb * 2**20 / len(self.served_models)
+        for name, folder in self.served_models.items():
+            per_image = per_image_state_bytes(folder)
+            slots = self.max_active_images if share is None else min(self.max_active_images, int(share // per_image))
+            out[name] = (slots, per_image)
+        return out
+
+    def slots(self, name: str | None = None) -> int:
+        return self.model_state[name or self.default_model][0]
+
+    def request_limits(self, card: dict[str, Any], name: str | None = None) -> RequestLimits:
+        """Every limit a request is held to, for this server and served model `name` of `card`."""
         spec = model_spec(card)
         budget = QualityBudget.from_card(card, self.quality_budget, spec.defaults.encoder_interval)
-        return RequestLimits(num_classes=spec.num_classes, max_images_per_request=self.max_images_per_request,
+        return RequestLimits(num_classes=spec.num_classes,
+                             max_images_per_request=min(self.max_images_per_request, self.slots(name)),
                              max_steps=self.max_steps, max_timeout_s=self.max_timeout_s,
                              max_request_cost=self.max_request_cost, distilled=distilled_schedule(card),
                              auto_ks=tuple(budget.allowed))
@@ -239,21 +261,22 @@ class Settings(BaseSettings):
         spec = model_spec(card)
         defaults = spec.defaults
         res = self.resolve_for(spec.format)
-        engine = EngineConfig(backend=res.backend, device=res.device, max_batch=2 * self.max_active_images,
+        slots = self.slots(name)
+        engine = EngineConfig(backend=res.backend, device=res.device, max_batch=2 * slots,
                               precision=self.precision, threads=self.threads, cuda_graphs=self.cuda_graphs,
                               compile=self._on(self.compile, res.spec.compiles, res), buckets=tuple(self.buckets),
                               low_precision=self.low_precision)
         scheduler = SchedulerConfig(
-            max_active_images=self.max_active_images, queue_size=self.queue_size, policy=self.policy,
-            align_encoder=self.align_encoder, reserved_slots=self.effective_reserved_slots,
+            max_active_images=slots, queue_size=self.queue_size, policy=self.policy,
+            align_encoder=self.align_encoder, reserved_slots=self.reserved_for(slots),
             small_cost=request_cost(1, defaults.steps, defaults.encoder_interval),
             lend_horizon_s=LEND_HORIZON_TARGETS * self.latency_target_s, priorities=self.priorities,
-            max_paused_images=self.effective_max_paused_images)
+            max_paused_images=self.max_paused_images if self.max_paused_images is not None else 4 * slots)
         return CoreConfig(checkpoint=str(self.served_models[name or self.default_model]), engine=engine,
                           scheduler=scheduler, runner=RunnerConfig(overlap_encoder=self.overlap_encoder,
                                                                    fused=self._on(self.fused_tick,
                                                                                   res.spec.fused_tick, res)),
-                          limits=self.request_limits(card), quality_budget=self.quality_budget,
+                          limits=self.request_limits(card, name), quality_budget=self.quality_budget,
                           latency_target_s=self.latency_target_s, warmup=self.warmup, log_level=self.log_level)
 
     @property
@@ -262,7 +285,11 @@ class Settings(BaseSettings):
 
     @property
     def effective_reserved_slots(self) -> int:
-        return self.reserved_slots if self.reserved_slots is not None else self.max_active_images // 8
+        return self.reserved_for(self.max_active_images)
+
+    def reserved_for(self, slots: int) -> int:
+        """Slots kept for small requests out of a model's `slots` (DUALRATE_RESERVED_SLOTS, at most all but one)."""
+        return min(self.reserved_slots, slots - 1) if self.reserved_slots is not None else slots // 8
 
     @property
     def listens_beyond_loopback(self) -> bool:
@@ -319,6 +346,12 @@ class Settings(BaseSettings):
                 self.resolve_for(card_spec.format)
             except BackendUnavailable as e:
                 raise ValueError(f"{where}DUALRATE_BACKEND={self.backend}: {e}") from None
+        if self.state_memory_mb is not None:
+            for name, (slots, per_image) in self.model_state.items():
+                if slots < 1:
+                    raise ValueError(f"DUALRATE_STATE_MEMORY_MB ({self.state_memory_mb:g}) split between "
+                                     f"{len(self.served_models)} model(s) holds no image of model {name} (one takes "
+                                     f"{per_image / 2**20:.2f} MB): raise it")
         if self.max_images_per_request > self.max_active_images:
             raise ValueError(f"DUALRATE_MAX_IMAGES_PER_REQUEST ({self.max_images_per_request}) must be <= "
                              f"DUALRATE_MAX_ACTIVE_IMAGES ({self.max_active_images}): a request must fit the batch")

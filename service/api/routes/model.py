@@ -37,7 +37,7 @@ def describe(state: AppState, entry: ModelEntry) -> ModelInfo:
     settings, spec, info = state.settings, entry.spec, entry.core.engine_info
     limits = {"max_images_per_request": settings.max_images_per_request, "max_steps": settings.max_steps,
               "max_timeout_s": settings.max_timeout_s, "default_timeout_s": settings.default_timeout_s,
-              "max_active_images": settings.max_active_images, "queue_size": settings.queue_size,
+              "max_active_images": settings.slots(entry.name), "queue_size": settings.queue_size,
               "default_preview_every": settings.default_preview_every, "min_preview_every": settings.min_preview_every}
     s = spec.sample
     square = s.height == s.width and s.output_height == s.output_width
@@ -55,4 +55,14 @@ def describe(state: AppState, entry: ModelEntry) -> ModelInfo:
                      backend=info.backend, device=info.device, precision=info.precision,
                      providers=list(info.providers), policy=settings.policy.value, limits=limits,
                      defaults=entry.defaults, image=image, auto_encoder_interval=auto,
-                     default=entry is state.default)
+                     default=entry is state.default, state=state_info(state, entry))
+
+
+def state_info(state: AppState, entry: ModelEntry) -> dict[str, float | int | None]:
+    """The model's batch slots and what their per-image state takes (the split of DUALRATE_STATE_MEMORY_MB)."""
+    settings = state.settings
+    slots, per_image = settings.model_state[entry.name]
+    budget = settings.state_memory_mb
+    return {"slots": slots, "per_image_state_bytes": per_image, "state_bytes": slots * per_image,
+            "budget_bytes": None if budget is None else int(budget * 2**20),
+            "share_bytes": None if budget is None else int(budget * 2**20 / len(state.models))}

@@ -30,6 +30,10 @@ def test_v1_models_lists_the_served_models_and_v1_model_is_the_first(several):
     assert listing["default"] == MODELS[0]
     assert [m["name"] for m in listing["models"]] == MODELS
     assert [m["default"] for m in listing["models"]] == [True, False, False]
+    # Each its own 8 slots (no memory budget set); the shipped models' per-image state: a 1x32x32 sample and two
+    # rows of features (16x32x32, 48x16x16, 128x8x8), float32.
+    assert all(m["state"]["slots"] == 8 and m["state"]["per_image_state_bytes"] == 4 * (1024 + 2 * 36864)
+               and m["state"]["budget_bytes"] is None for m in listing["models"])
     fashion = httpx.get(f"{several.url}/v1/models/fashion-dualrate").json()
     assert fashion["defaults"]["encoder_interval"] == 2 and fashion["image"]["format"] == "dualrate"
     assert httpx.get(f"{several.url}/v1/model").json()["name"] == MODELS[0]
@@ -56,3 +60,22 @@ def test_each_model_draws_what_it_draws_served_alone(start_server, several, name
     text = httpx.get(f"{several.url}/metrics").text
     assert metric(text, "dualrate_model_images_total", f'model="{name}"') >= 2
     assert all(metric(text, "dualrate_engine_info", f'model="{m}"') == 1 for m in MODELS)
+
+
+def test_a_memory_budget_splits_the_slots_between_the_models(monkeypatch):
+    """DUALRATE_STATE_MEMORY_MB split evenly: 2 MiB over two models of 299,008 bytes per image gives each 3 slots (the
+    batch and the largest request follow); a budget that holds no image of a model stops the start with one line."""
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    for var in [v for v in __import__("os").environ if v.startswith("DUALRATE_")]:
+        monkeypatch.delenv(var)
+    s = Settings(model_repository=ROOT / "checkpoints", models=MODELS[:2], state_memory_mb=2, max_active_images=16,
+                 max_images_per_request=8)
+    assert s.model_state == {m: (3, 299008) for m in MODELS[:2]}
+    config = s.core_config(s.model_card(MODELS[1]), MODELS[1])
+    assert config.scheduler.max_active_images == 3 and config.engine.max_batch == 6
+    assert config.limits.max_images_per_request == 3 and config.checkpoint.endswith(MODELS[1])
+    with pytest.raises(ValidationError, match="holds no image of model"):
+        Settings(model_repository=ROOT / "checkpoints", models=MODELS[:2], state_memory_mb=0.5)
