@@ -13,7 +13,10 @@ the commit and the checkpoint hash:
 3. service-rgb64: the HTTP service on the same checkpoint, 256 slots, compiled bf16, one captured graph per tick, the
    engine core in its own process; closed-loop clients in several load-generator processes; images/s against the
    bare loop of check 2;
-4. bare-mnist / service-mnist: the same for the shipped checkpoint (fp32, CUDA graphs), 256 slots.
+4. bare-mnist / service-mnist: the same for the shipped checkpoint (fp32, CUDA graphs), 256 slots;
+5. foreign: a pair that is not this project's (tests/export/foreign.py: eps, two features, 8x12 samples) as a
+   torch.export program on the torch backend, compiled on the GPU, against the same weights as ONNX on ONNX Runtime
+   (CPU): the largest pixel difference of 255 over 16 images.
 
 `--dry-run` runs the same code paths on the CPU at the `tiny` preset (eager networks: compiling on two CPU cores
 takes minutes; tests/engines cover compilation), 8 slots, short windows: a harness bug shows here, not on the GPU.
@@ -143,12 +146,37 @@ def quality(run: Run, ck: Path, res: dict, n: int = 16) -> None:
         res[f"quality_{tag}_mean_pixel_diff_vs_eager_fp32"] = float((got - ref).abs().float().mean())
 
 
+def foreign(run: Run, res: dict, n: int = 16) -> None:
+    """A foreign torch.export pair, compiled, against its ONNX twin on ONNX Runtime: max pixel difference."""
+    from export.card import read_spec
+    from tests.export.foreign import write_model
+
+    folders = {fmt: write_model(run.out / f"foreign-{fmt}", fmt) for fmt in ("onnx", "torch-export")}
+    spec = read_spec(folders["onnx"])
+    d = spec.defaults
+    labels = torch.arange(n) % spec.num_classes
+
+    def draw(fmt: str, **opts: Any) -> torch.Tensor:
+        e = create_engine(folders[fmt], max_batch=2 * n, **opts)
+        t0 = time.perf_counter()
+        x, _ = dual_rate_sample(e.encode, e.denoise, labels, list(range(n)), d.steps, d.encoder_interval,
+                                d.guidance_scale, spec.schedule(), spec.null_label, sample_shape=spec.sample_shape,
+                                device=e.device, prediction=spec.diffusion.prediction)
+        res[f"foreign_{fmt}_sample_seconds"] = time.perf_counter() - t0
+        return torch.from_numpy(to_uint8(x.cpu(), spec.output_hw)).int()
+
+    ref = draw("onnx", backend="onnxruntime", device="cpu")
+    got = draw("torch-export", backend="torch", device=run.device, compile=run.compile, buckets=(2 * n,))
+    res["foreign_torch_export_compiled" if run.compile else "foreign_torch_export_eager"] = True
+    res["foreign_max_pixel_diff_vs_onnxruntime"] = int((got - ref).abs().max())
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT, help="the trained checkpoint (mnist)")
     p.add_argument("--out", type=Path, default=Path("artifacts/gpu_check"))
     p.add_argument("--only", default="", help="comma-separated checks (default: all): quality, bare-rgb64, "
-                   "service-rgb64, bare-mnist, service-mnist")
+                   "service-rgb64, bare-mnist, service-mnist, foreign")
     p.add_argument("--dry-run", action="store_true", help="the same code paths on the CPU at the tiny preset")
     a = p.parse_args()
     run = Run(a.dry_run, a.out)
@@ -186,7 +214,8 @@ def main() -> int:
 
     # The issue's must-shows first: a time-out loses the last ones (quality is also measured on the CPU).
     checks = [("bare-rgb64", bare_big), ("service-rgb64", service_big), ("bare-mnist", bare_small),
-              ("service-mnist", service_small), ("quality", lambda: quality(run, small, res))]
+              ("service-mnist", service_small), ("quality", lambda: quality(run, small, res)),
+              ("foreign", lambda: foreign(run, res))]
     only = {x for x in a.only.split(",") if x}
     failed = False
     for name, fn in checks:

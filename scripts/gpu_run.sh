@@ -6,7 +6,8 @@
 #
 # 1. unpacks the wheels from scripts/gpu_vendor.sh (artifacts/gpu_wheels) that match this Python into a temp folder,
 #    for a bare GPU machine that has torch + CUDA, numpy, onnx and onnxruntime but none of the service's packages;
-# 2. scripts/gpu_check.py: compiled bf16 quality, the bare loop and the service at rgb64 and MNIST size (256 slots);
+# 2. scripts/gpu_check.py: compiled bf16 quality, the bare loop and the service at rgb64 and MNIST size (256 slots),
+#    a foreign torch.export pair compiled against its ONNX twin;
 # 3. the tests marked gpu / tensorrt (not in a dry run).
 # Results land in $OUT (default artifacts/gpu_check): env.txt, gpu_check.{md,json,log}, service-*.log, pytest.log.
 set -uo pipefail

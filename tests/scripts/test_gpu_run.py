@@ -28,4 +28,5 @@ def test_gpu_run_dry_run_measures_every_check(tmp_path):
                 "rgb64_checkpoint_sha256"):
         assert key in res, key
     assert res["service_rgb64_images_per_s"] > 0 and res["service_rgb64_exit_code"] == 0
+    assert res["foreign_torch_export_eager"] and res["foreign_max_pixel_diff_vs_onnxruntime"] <= 1
     assert (tmp_path / "gpu_check.md").is_file()
