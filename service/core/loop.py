@@ -58,6 +58,10 @@ class EngineLoop:
             if problems:
                 raise LimitError(problems)
         with self._cv:
+            if not self.scheduler.has_work():
+                # Work starts now, not when the loop last ticked: an idle loop that gets work is not stalled for the
+                # time it waited (a second request checked before the tick thread wakes would call it frozen).
+                self._progress = time.monotonic()
             job = self.scheduler.submit(spec, listener, preview_every)
             self._cv.notify()
         return job

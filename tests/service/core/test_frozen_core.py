@@ -86,3 +86,27 @@ def test_sigterm_with_the_core_stopped_exits_within_the_drain_and_its_grace(star
         time.sleep(0.1)
     assert not alive(core), "the frozen core was left running"
     assert not folder.exists()
+
+
+def test_an_idle_loop_that_gets_work_is_not_stalled_for_its_idle_time(engine, model):
+    """A loop idle for a long time (here: its last tick 100 s ago) that gets a request counts its stall from the
+    submission, not from its last tick: a second request checked before the tick thread wakes must not find the core
+    frozen (it answered 503 after the flooded model of a two-model service had idled for 15 s)."""
+    import threading
+
+    from dualrate.diffusion import CosineSchedule
+    from service.core import GenerationSpec, SchedulerConfig
+    from service.core.loop import EngineLoop
+
+    loop = EngineLoop(engine, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
+                      SchedulerConfig(4, queue_size=8))
+    asleep = threading.Event()
+    loop._thread = threading.Thread(target=asleep.wait)  # a tick thread that has not woken yet
+    loop._thread.start()
+    try:
+        loop._progress -= 100.0
+        loop.submit(GenerationSpec(1, 1, 4, 2, 1.0, seed=1))
+        assert loop.stalled_for() < 1.0
+    finally:
+        asleep.set()
+        loop._thread.join()
