@@ -81,12 +81,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seconds", type=float, default=30.0, help="length of the flood (the idle and capacity phases "
                    "take half as long each)")
     p.add_argument("--overload", type=float, default=1.5, help="the flood's rate as a multiple of the capacity")
+    p.add_argument("--threads", type=int, default=0, help="DUALRATE_THREADS: CPU threads per network (0: the library's "
+                   "default, every core)")
     p.add_argument("--out", type=Path, default=None, help="append the report to this markdown file (raw JSON beside)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)
     srv = ServerProcess(a.repository / a.flooded, Path("/tmp/dualrate-models.log"), model_repository=a.repository,
-                        models=f"{a.flooded},{a.probed}", **SETTINGS)
+                        models=f"{a.flooded},{a.probed}", threads=a.threads, **SETTINGS)
     try:
         srv.wait_ready()
         res = asyncio.run(scenario(srv.url, a.flooded, a.probed, a.seconds, a.overload))
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     command = command_line("python -m loadtests.models", argv)
     lines = [f"### Two models, one flooded at {a.overload:g}x its capacity, {utc_stamp()}", "",
              f"Command: `{command}`", "",
-             f"One service, models {a.flooded} (flooded) and {a.probed} (probed), 8 slots each. {a.flooded}'s "
+             f"One service, models {a.flooded} (flooded) and {a.probed} (probed), 8 slots each, "
+             f"DUALRATE_THREADS={a.threads}. {a.flooded}'s "
              f"capacity: {res['capacity_rps']:.2f} requests/s (8 closed-loop clients, 1 image each); the flood: "
              f"Poisson arrivals at {res['offered_rps']:.2f}/s for {a.seconds:.0f} s.", "",
              "| figure | idle | under the flood |", "|---|---:|---:|",

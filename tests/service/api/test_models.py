@@ -79,3 +79,19 @@ def test_a_memory_budget_splits_the_slots_between_the_models(monkeypatch):
     assert config.limits.max_images_per_request == 3 and config.checkpoint.endswith(MODELS[1])
     with pytest.raises(ValidationError, match="holds no image of model"):
         Settings(model_repository=ROOT / "checkpoints", models=MODELS[:2], state_memory_mb=0.5)
+
+
+def test_several_models_on_the_cpu_split_its_cores_unless_threads_is_set(monkeypatch):
+    import os
+
+    from service.settings import Settings
+
+    for var in [v for v in os.environ if v.startswith("DUALRATE_")]:
+        monkeypatch.delenv(var)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    s = Settings(model_repository=ROOT / "checkpoints", models=MODELS, device="cpu")
+    assert {s.core_config(s.model_card(m), m).engine.threads for m in MODELS} == {8 // 3}
+    s = Settings(model_repository=ROOT / "checkpoints", models=MODELS, device="cpu", threads=3)
+    assert {s.core_config(s.model_card(m), m).engine.threads for m in MODELS} == {3}
+    alone = Settings(model_repository=ROOT / "checkpoints", models=MODELS[:1], device="cpu")
+    assert alone.core_config(alone.model_card()).engine.threads == 0
