@@ -108,16 +108,18 @@ class PrometheusStats:
     def __init__(self, policy: str = "continuous") -> None:
         """The front end's series in its registry, and the engine core's (`core`, fed by `core_status`)."""
         self.registry = r = CollectorRegistry()
-        self.requests = Counter("dualrate_requests_total", "Requests by outcome", ["outcome"], registry=r)
+        self.requests = Counter("dualrate_requests_total", "Requests by model and outcome (model \"\": none known, "
+                                "e.g. an unknown model or a body that does not parse)", ["model", "outcome"],
+                                registry=r)
         self.request_duration = Histogram("dualrate_request_duration_seconds", "Request latency, arrival to "
-                                          "answer", ["outcome"], buckets=LATENCY_BUCKETS, registry=r)
+                                          "answer", ["model", "outcome"], buckets=LATENCY_BUCKETS, registry=r)
         self.images = Counter("dualrate_images_generated_total", "Images returned to clients", registry=r)
-        self.k_used = Histogram("dualrate_encoder_interval", "K that answered requests ran at", ["mode"],
+        self.k_used = Histogram("dualrate_encoder_interval", "K that answered requests ran at", ["model", "mode"],
                                 buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
         self.within_target = Counter("dualrate_requests_within_target_total", "Requests answered ok within "
-                                     "DUALRATE_LATENCY_TARGET_S (their rate is the goodput)", registry=r)
+                                     "DUALRATE_LATENCY_TARGET_S (their rate is the goodput)", ["model"], registry=r)
         for outcome in Outcome:
-            self.requests.labels(outcome.value)
+            self.requests.labels("", outcome.value)
         self.class_images = Counter("dualrate_class_images_total", "Images returned, per model and requested "
                                     "class_label (class_name from the model card; unconditional: class_label none); "
                                     f"models of more than {MAX_CLASS_SERIES} classes are not counted per class",
@@ -151,11 +153,14 @@ class PrometheusStats:
         """A served model's classes: `class_images` names them where the card does."""
         self._classes[model] = (num_classes, class_names)
         self.model_images.labels(model)
+        self.within_target.labels(model)
+        for outcome in Outcome:
+            self.requests.labels(model, outcome.value)
 
-    def request_answered(self, outcome: str, seconds: float, images: int = 0) -> None:
+    def request_answered(self, outcome: str, seconds: float, images: int = 0, *, model: str = "") -> None:
         """Called by the HTTP layer once per request, whatever its outcome."""
-        self.requests.labels(outcome).inc()
-        self.request_duration.labels(outcome).observe(seconds)
+        self.requests.labels(model, outcome).inc()
+        self.request_duration.labels(model, outcome).observe(seconds)
         if images:
             self.images.inc(images)
 
@@ -168,7 +173,7 @@ class PrometheusStats:
             name = names[class_label] if names and class_label < len(names) else str(class_label)
             self.class_images.labels(model, str(class_label), name).inc(images)
 
-    def served(self, k: int, auto: bool, within_target: bool) -> None:
-        self.k_used.labels("auto" if auto else "fixed").observe(k)
+    def served(self, k: int, auto: bool, within_target: bool, model: str = "") -> None:
+        self.k_used.labels(model, "auto" if auto else "fixed").observe(k)
         if within_target:
-            self.within_target.inc()
+            self.within_target.labels(model).inc()

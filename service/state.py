@@ -100,6 +100,12 @@ class AppState:
             raise UnknownModel(name, list(self.models))
         return self.models[name]
 
+    def model_label(self, name: str | None) -> str:
+        """The `model` label of a request's series: the served model it names (or the only one), else ""."""
+        if name is None and len(self.models) == 1:
+            return self.default.name
+        return name if name in self.models else ""
+
     def core_died(self, why: str) -> None:
         """The engine core process stopped: not live, not ready; the server exits non-zero (on_core_death)."""
         self.core_dead = why

@@ -39,9 +39,9 @@ UNAUTHORIZED_MESSAGE = "missing or wrong API key: send Authorization: Bearer <ke
 
 def error_response(state: AppState, status: int, kind: str, message: str, seconds: float = 0.0, *,
                    error_id: str | None = None, details: list | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    """An error answer in the documented body, counted by kind."""
-    state.metrics.request_answered(kind, seconds)
+                   headers: dict[str, str] | None = None, model: str = "") -> JSONResponse:
+    """An error answer in the documented body, counted by kind (and model: "" where none is known)."""
+    state.metrics.request_answered(kind, seconds, model=model)
     body = ErrorBody(error=kind, message=message, error_id=error_id, details=details)
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
@@ -61,16 +61,16 @@ def describe(e: ServiceError) -> tuple[int, ErrorBody, dict[str, str] | None]:
     return e.status, ErrorBody(error=e.kind, message=str(e)), None
 
 
-def service_error_response(state: AppState, e: ServiceError, seconds: float = 0.0) -> JSONResponse:
+def service_error_response(state: AppState, e: ServiceError, seconds: float = 0.0, model: str = "") -> JSONResponse:
     status, body, headers = describe(e)
     return error_response(state, status, body.error, body.message, seconds, error_id=body.error_id,
-                          details=body.details, headers=headers)
+                          details=body.details, headers=headers, model=model)
 
 
-def error_event(state: AppState, e: ServiceError, seconds: float) -> dict[str, Any]:
+def error_event(state: AppState, e: ServiceError, seconds: float, model: str = "") -> dict[str, Any]:
     """The payload of a stream's `error` event: the error body /generate would send, plus its status; counted."""
     status, body, _ = describe(e)
-    state.metrics.request_answered(body.error, seconds)
+    state.metrics.request_answered(body.error, seconds, model=model)
     return {"status": status, **body.model_dump(exclude_none=True)}
 
 

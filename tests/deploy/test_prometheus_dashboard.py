@@ -77,6 +77,6 @@ def test_every_dashboard_query_returns_data(prometheus):
             empty.append(expr)
     assert not empty, f"dashboard queries without data: {empty}"
     # Prometheus saw the rejections and the invalid requests as their own outcomes.
-    r = httpx.get(f"{url}/api/v1/query", params={"query": "dualrate_requests_total"}).json()
+    r = httpx.get(f"{url}/api/v1/query", params={"query": "sum by (outcome) (dualrate_requests_total)"}).json()
     by_outcome = {s["metric"]["outcome"]: float(s["value"][1]) for s in r["data"]["result"]}
     assert by_outcome["ok"] > 0 and by_outcome["invalid_request"] > 0 and by_outcome["queue_full"] > 0

@@ -118,9 +118,10 @@ async def respond(req: GenerateRequest, spec: GenerationSpec, result: JobResult,
 
 def served(state: AppState, resp: GenerateResponse, seconds: float) -> None:
     """Count an answered request: outcome ok, its images, the K it ran at, whether it met the latency target."""
-    state.metrics.request_answered(Outcome.OK, seconds, len(resp.images))
+    state.metrics.request_answered(Outcome.OK, seconds, len(resp.images), model=resp.model)
     state.metrics.class_served(resp.model, resp.class_label, len(resp.images))
-    state.metrics.served(resp.encoder_interval, resp.encoder_interval_auto, seconds <= state.settings.latency_target_s)
+    state.metrics.served(resp.encoder_interval, resp.encoder_interval_auto, seconds <= state.settings.latency_target_s,
+                         resp.model)
 
 
 async def submit_within(core: CoreHandle, spec: GenerationSpec, deadline: float, listener: Listener | None = None,
@@ -171,7 +172,7 @@ async def generate(req: GenerateRequest, request: Request, state: StateDep) -> R
             raise Cancelled("client disconnected") if gone in done else await late(core)
         resp = await respond(req, spec, fut.result(), t0, entry.name)
     except ServiceError as e:
-        return service_error_response(state, e, time.monotonic() - t0)
+        return service_error_response(state, e, time.monotonic() - t0, state.model_label(req.model))
     served(state, resp, time.monotonic() - t0)
     return JSONResponse(resp.model_dump())
 
@@ -192,7 +193,7 @@ async def generate_stream(req: StreamRequest, request: Request, state: StateDep)
         entry, core, spec, timeout = prepare(req, state, t0)
         job = await submit_within(core, spec, t0 + timeout, listener, every)
     except ServiceError as e:
-        return service_error_response(state, e, time.monotonic() - t0)
+        return service_error_response(state, e, time.monotonic() - t0, state.model_label(req.model))
     response = EventSourceResponse(_stream(req, state, entry.name, core, spec, job, events, timeout, t0), ping=15)
     # sse-starlette always says keep-alive; an HTTP/1.0 client or one that asked to close gets one Connection header.
     if request.scope.get("http_version") == "1.0" or "close" in request.headers.get("connection", "").lower():
@@ -234,7 +235,7 @@ async def _stream(req: StreamRequest, state: AppState, model: str, core: CoreHan
             resp = await respond(req, spec, fut.result(), t0, model)
         except ServiceError as e:
             answered = True
-            yield last + _event("error", error_event(state, e, time.monotonic() - t0)).encode()
+            yield last + _event("error", error_event(state, e, time.monotonic() - t0, model)).encode()
             return
         answered = True
         served(state, resp, time.monotonic() - t0)
@@ -242,19 +243,20 @@ async def _stream(req: StreamRequest, state: AppState, model: str, core: CoreHan
     except TimeoutError:
         abandon(job, fut)
         answered = True
-        yield last + _event("error", error_event(state, await late(core), time.monotonic() - t0)).encode()
+        yield last + _event("error", error_event(state, await late(core), time.monotonic() - t0, model)).encode()
     except Exception:  # a bug here: the client gets the error event /generate's 500 would have been
         error_id = new_error_id()
         log.exception("internal error %s in a stream", error_id)
         abandon(job, fut)
         answered = True
-        yield last + _event("error", error_event(state, InternalError(error_id), time.monotonic() - t0)).encode()
+        yield last + _event("error", error_event(state, InternalError(error_id), time.monotonic() - t0,
+                                                 model)).encode()
     finally:
         state.open_streams -= 1
         if not answered:  # the client went away (sse-starlette cancelled this generator)
             if not fut.done():
                 abandon(job, fut)
-            state.metrics.request_answered(Cancelled.kind, time.monotonic() - t0)
+            state.metrics.request_answered(Cancelled.kind, time.monotonic() - t0, model=model)
 
 
 def _event(name: str, payload: dict[str, Any]) -> ServerSentEvent:
