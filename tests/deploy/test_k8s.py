@@ -47,7 +47,7 @@ def env(c: dict) -> dict[str, str]:
     return {e["name"]: e["value"] for e in c["env"]}
 
 
-@pytest.fixture(scope="module", params=["cpu", "gpu"])
+@pytest.fixture(scope="module", params=["cpu", "gpu", "models"])
 def overlay(request) -> tuple[str, list[dict]]:
     return request.param, render(K8S / "overlays" / request.param)
 
@@ -56,7 +56,7 @@ def overlay(request) -> tuple[str, list[dict]]:
 def test_every_object_validates_against_the_kubernetes_schema(overlay, version):
     name, objs = overlay
     kinds = {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"}
-    assert {o["kind"] for o in objs} == kinds | ({"PersistentVolumeClaim"} if name == "gpu" else set())
+    assert {o["kind"] for o in objs} == kinds | ({"PersistentVolumeClaim"} if name in ("gpu", "models") else set())
     for obj in objs:
         kubernetes_validate.validate(obj, version, strict=True)  # raises on any schema error
 
@@ -191,3 +191,18 @@ def test_autoscaling_is_on_the_service_load_metric_not_cpu(overlay):
     stats.core_status(CoreStatus(ready=True, snapshot=SchedulerSnapshot(0, 0, 0, 4, 0, 0), metrics=CoreStats().metrics()),
                       "mnist-dualrate")
     assert 'dualrate_load_ratio{model="mnist-dualrate"}' in stats.exposition().decode()
+
+
+def test_the_models_overlay_serves_a_read_only_repository_volume():
+    """deploy/k8s/overlays/models: the claim mounted read-only where DUALRATE_MODEL_REPOSITORY points, the models
+    named, the settings valid for the service (one thread per network: the CPU split between the two models)."""
+    objs = render(K8S / "overlays" / "models")
+    c, pod = container(objs), by_kind(objs, "Deployment")["spec"]["template"]["spec"]
+    e = env(c)
+    (mount,) = [m for m in c["volumeMounts"] if m["name"] == "models"]
+    assert mount["readOnly"] and mount["mountPath"] == e["DUALRATE_MODEL_REPOSITORY"]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == "models"]
+    assert volume["persistentVolumeClaim"]["claimName"] == by_kind(objs, "PersistentVolumeClaim")["metadata"]["name"]
+    models = e["DUALRATE_MODELS"].split(",")
+    assert len(models) == 2 and all((ROOT / "checkpoints" / m / "model_card.json").is_file() for m in models)
+    assert e["DUALRATE_THREADS"] == "1"
