@@ -7,10 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from dualrate.checkpoint import load_checkpoint
-from dualrate.diffusion import CosineSchedule
 from dualrate.init import init_checkpoint
 from engines import create_engine
+from export.card import read_spec
 from service.core import GenerationSpec, RunnerConfig, SchedulerConfig
 from service.core.loop import EngineLoop
 
@@ -24,13 +23,13 @@ def tiny(tmp_path_factory):
     return init_checkpoint("tiny-rgb", tmp_path_factory.mktemp("ck") / "tiny-rgb")
 
 
-def run(ck, fused: bool, device: str = "cpu", **engine_opts):
-    model = load_checkpoint(ck)
+def run(ck, fused: bool, device: str = "cpu", specs: list[GenerationSpec] = SPECS, **engine_opts):
+    spec = read_spec(ck)
     e = create_engine(ck, backend="torch", device=device, max_batch=16, **engine_opts)
-    s = EngineLoop(e, CosineSchedule(model.cfg.logsnr_min, model.cfg.logsnr_max), model.cfg.null_label,
-                   SchedulerConfig(8, 32), output_size=model.cfg.output_size, runner=RunnerConfig(fused=fused))
-    previews: list[list] = [[] for _ in SPECS]
-    jobs = [s.submit(sp, listener=previews[i].extend, preview_every=2) for i, sp in enumerate(SPECS)]
+    s = EngineLoop(e, spec.schedule(), spec.null_label, SchedulerConfig(8, 32), output_size=spec.output_hw,
+                   runner=RunnerConfig(fused=fused), prediction=spec.diffusion.prediction)
+    previews: list[list] = [[] for _ in specs]
+    jobs = [s.submit(sp, listener=previews[i].extend, preview_every=2) for i, sp in enumerate(specs)]
     for _ in range(1000):
         if all(j.future.done() for j in jobs):
             break
@@ -50,6 +49,20 @@ def test_fused_tick_gives_the_images_of_the_unfused_runner(tiny):
                                                                                  strict=True)) == 0
     # Padded rows wrote only to the trash slot: the last row of z and of each feature cache level.
     assert s.runner.z.shape[0] == 9 and all(c.shape[0] == 17 for c in s.runner.cache)
+
+
+def test_a_foreign_torch_export_program_runs_fused_as_unfused(tmp_path):
+    """A foreign pair (tests/export/foreign.py: eps, two features, 8x12 samples, labels 0-4, null 5) as torch.export
+    programs: the fused tick gives the unfused runner's images, as for this project's networks."""
+    from tests.export.foreign import write_model
+
+    folder = write_model(tmp_path / "foreign", "torch-export")
+    specs = [GenerationSpec(y % 6, n, steps, k, g, seed=10 * i) for i, (y, n, steps, k, g) in
+             enumerate([(3, 2, 8, 4, 1.5), (5, 1, 5, 2, 1.5), (1, 3, 12, 1, 1.0), (0, 1, 9, 9, 2.0)])]
+    plain, _, _ = run(folder, fused=False, specs=specs)
+    fused, _, s = run(folder, fused=True, specs=specs)
+    assert s.runner.fused is not None and plain[0].shape == (2, 8, 10, 3)
+    assert max(int(np.abs(a - b).max()) for a, b in zip(plain, fused, strict=True)) == 0
 
 
 def test_a_failing_fused_program_falls_back_to_the_unfused_path(tiny, monkeypatch, caplog):
