@@ -254,12 +254,27 @@ def read_model_card(card: dict[str, Any]) -> ModelCard:
 DUALRATE_SCHEDULE = {"kind": "cosine-logsnr", "prediction": "v", "process": "variance-preserving", "sampler": "ancestral"}
 
 
+# The fields of a "dualrate" card: what this project's trainer, distiller and evaluator write (and `format`).
+DUALRATE_FIELDS = frozenset({"format", "config", "schedule", "defaults", "defaults_note", "distilled", "quality",
+                             "flops_per_forward"}) | METADATA
+DEFAULTS_FIELDS = ("steps", "encoder_interval", "guidance_scale")
+
+
 def dualrate_problems(card: dict[str, Any]) -> list[str]:
     """One line per field of a "dualrate" card (this project's networks) that the service would not honour."""
     out = []
     fmt = card.get("format", "dualrate")
     if fmt != "dualrate":
         out.append(f"format: {fmt!r}: a card with encoder.safetensors/denoiser.safetensors says 'dualrate'")
+    for k in sorted(set(card) - DUALRATE_FIELDS):
+        out.append(f"{k}: unknown field of a 'dualrate' card (allowed: {', '.join(sorted(DUALRATE_FIELDS))}); a "
+                   "model of another kind is served as format 'onnx' or 'torch-export' (docs/own-model.md)")
+    defaults = card.get("defaults", {})
+    if not isinstance(defaults, dict):
+        out.append("defaults: must be an object")
+    else:
+        for k in sorted(set(defaults) - set(DEFAULTS_FIELDS)):
+            out.append(f"defaults.{k}: unknown field (allowed: {', '.join(DEFAULTS_FIELDS)})")
     schedule = card.get("schedule")
     if schedule is None:
         return out

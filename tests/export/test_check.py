@@ -106,6 +106,13 @@ def test_a_dualrate_card_whose_schedule_the_sampler_does_not_follow_is_refused(c
     problems = dualrate_problems(card)
     assert any(p.startswith("schedule.prediction: 'epsilon' is not what this project's networks") for p in problems)
     assert any(p.startswith("schedule.eta: unknown field") for p in problems)
+    # Nothing anywhere in the card is silently ignored: a field the sampler does not read is one line.
+    card = json.loads((checkpoint_dir / "model_card.json").read_text())
+    card["prediction"] = "eps"
+    card["defaults"]["sampler"] = "ddim"
+    problems = dualrate_problems(card)
+    assert any(p.startswith("prediction: unknown field of a 'dualrate' card") for p in problems), problems
+    assert any(p.startswith("defaults.sampler: unknown field") for p in problems), problems
 
 
 ALL_DEFECTS = {**{d[0]: ("card", d) for d in CARD_DEFECTS}, **{k: ("graph", v) for k, v in GRAPH_DEFECTS.items()}}
