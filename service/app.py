@@ -137,7 +137,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
             maxima[k] = max(maxima.get(k, v), v)
     minima = {k: min(e.limits.minima()[k] for e in entries) for k in entries[0].limits.minima()
               if all(k in e.limits.minima() for e in entries)}
-    _limits_in_openapi(app, maxima, state.spec.class_names if not several else None, minima)
+    _limits_in_openapi(app, maxima, state.spec.class_names if not several else None, minima, list(state.models))
     install_error_handlers(app)
     # Starlette would answer /static with a redirect to http://<Host header>/static/: an absolute URL built from what
     # the client sent. No slash redirects: a path is served as written or 404.
@@ -150,7 +150,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
 
 
 def _limits_in_openapi(app: FastAPI, maxima: dict[str, float], names: list[str] | None = None,
-                       minima: dict[str, float] | None = None) -> None:
+                       minima: dict[str, float] | None = None, models: list[str] | None = None) -> None:
     """FastAPI's OpenAPI model stores minimum/maximum as floats (2**53 - 1 came out as 9007199254740991.0 and 2**62
     as 4.611686018427388e+18); give integer fields integer limits so a schema-driven client sends valid values.
     `maxima`: request fields whose maximum depends on the model or the settings (class_label < num_classes,
@@ -190,6 +190,16 @@ def _limits_in_openapi(app: FastAPI, maxima: dict[str, float], names: list[str] 
                     props["class_label"]["description"] = (props["class_label"].get("description", "") + ". This "
                                                            "model's classes: " + ", ".join(
                                                                f"{i} = {n}" for i, n in enumerate(names)))
+                for variant in props["model"].get("anyOf", [props["model"]]) if models else ():
+                    if variant.get("type") == "string":  # the served models by name: a valid request names one
+                        variant["enum"] = models
+                if models and len(models) > 1:  # several served: `model` is required and names one of them
+                    string = next(v for v in props["model"]["anyOf"] if v.get("type") == "string")
+                    props["model"] = {**{k: v for k, v in props["model"].items() if k != "anyOf"}, **string}
+                    schema["components"]["schemas"][model].setdefault("required", []).append("model")
+            for param in schema["paths"].get("/v1/models/{name}", {}).get("get", {}).get("parameters", []):
+                if param.get("name") == "name" and models:
+                    param["schema"]["enum"] = models
             fix(schema)
         return app.openapi_schema  # type: ignore[return-value]
 

@@ -54,7 +54,7 @@ router = APIRouter(tags=["generate"], dependencies=[Authorized])
 # Every status these routes answer, documented with the error body (408, 431 and the connection cap's 503 come from
 # service.http_limits before the app).
 ERRORS: dict[int | str, dict[str, Any]] = {s: {"model": ErrorBody}
-                                           for s in (400, 401, 408, 413, 415, 422, 429, 431, 500, 503, 504)}
+                                           for s in (400, 401, 404, 408, 413, 415, 422, 429, 431, 500, 503, 504)}
 STREAM_DOC: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/event-stream": {}},
           "description": "Server-Sent Events: queued, progress, preview, then done (the /generate body) or error (its "

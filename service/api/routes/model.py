@@ -7,7 +7,7 @@ from fastapi import APIRouter
 
 from service.api.deps import Authorized, StateDep
 from service.core import NotReady
-from service.schemas import ModelInfo, ModelList
+from service.schemas import ErrorBody, ModelInfo, ModelList
 from service.state import AppState, ModelEntry
 
 router = APIRouter()
@@ -26,7 +26,7 @@ async def models(state: StateDep) -> ModelList:
 
 
 @router.get("/v1/models/{name}", response_model=ModelInfo, tags=["model"], dependencies=[Authorized],
-            responses={404: {"description": "no such model: the body lists the served ones"}})
+            responses={404: {"model": ErrorBody, "description": "no such model: the body lists the served ones"}})
 async def one_model(name: str, state: StateDep) -> ModelInfo:
     return describe(state, state.model(name))
 

@@ -37,6 +37,9 @@ def test_v1_models_lists_the_served_models_and_v1_model_is_the_first(several):
     fashion = httpx.get(f"{several.url}/v1/models/fashion-dualrate").json()
     assert fashion["defaults"]["encoder_interval"] == 2 and fashion["image"]["format"] == "dualrate"
     assert httpx.get(f"{several.url}/v1/model").json()["name"] == MODELS[0]
+    schema = httpx.get(f"{several.url}/openapi.json").json()
+    body = schema["components"]["schemas"]["GenerateRequest"]
+    assert body["properties"]["model"]["enum"] == MODELS and "model" in body["required"]  # a valid request names one
     missing = httpx.get(f"{several.url}/v1/models/nope")
     assert missing.status_code == 404 and missing.json()["details"][0]["models"] == MODELS
 
