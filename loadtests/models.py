@@ -28,12 +28,16 @@ ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {"max_active_images": 8, "max_images_per_request": 4, "queue_size": 64}
 
 
+async def classes(c: httpx.AsyncClient, model: str) -> int:
+    return (await c.get(f"/v1/models/{model}")).json()["image"]["num_classes"]
+
+
 async def probe(c: httpx.AsyncClient, model: str, stop: float, latencies: list[float]) -> None:
-    """Single-image requests to `model`, one after another, until `stop`."""
-    i = 0
+    """Single-image requests to `model`, one after another (class i mod its classes), until `stop`."""
+    i, n = 0, await classes(c, model)
     while time.perf_counter() < stop:
         t0 = time.perf_counter()
-        r = await c.post("/generate", json={"model": model, "class_label": i % 10, "seed": i})
+        r = await c.post("/generate", json={"model": model, "class_label": i % n, "seed": i})
         r.raise_for_status()
         latencies.append(time.perf_counter() - t0)
         i += 1
@@ -42,9 +46,10 @@ async def probe(c: httpx.AsyncClient, model: str, stop: float, latencies: list[f
 async def flood(c: httpx.AsyncClient, model: str, rate: float, stop: float, statuses: list[int]) -> None:
     """Poisson arrivals of single-image requests to `model` at `rate` per second until `stop`."""
     rng = random.Random(0)
+    n = await classes(c, model)
 
     async def one(i: int) -> None:
-        r = await c.post("/generate", json={"model": model, "class_label": i % 10, "seed": i})
+        r = await c.post("/generate", json={"model": model, "class_label": i % n, "seed": i})
         statuses.append(r.status_code)
 
     tasks, i = [], 0
@@ -59,9 +64,10 @@ async def scenario(url: str, flooded: str, probed: str, seconds: float, overload
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=None)) as c:
         for m in (flooded, probed):  # warm both
             (await c.post("/generate", json={"model": m, "num_images": 2})).raise_for_status()
+        flooded_classes = await classes(c, flooded)
         idle: list[float] = []
         await probe(c, probed, time.perf_counter() + seconds / 2, idle)
-    capacity, _ = await closed_loop(url, 8, seconds / 2, {"model": flooded, "num_images": 1})
+    capacity, _ = await closed_loop(url, 8, seconds / 2, {"model": flooded, "num_images": 1}, flooded_classes)
     under: list[float] = []
     statuses: list[int] = []
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=httpx.Limits(max_connections=None)) as c:
