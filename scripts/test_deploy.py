@@ -222,7 +222,8 @@ class Deploy:
         wait_for("the own model ready", ready, 240, every=1.0)
         image = httpx.get(f"{url}/v1/model", timeout=30).json()["image"]
         assert (image["channels"], image["output_size"], image["png_mode"]) == (3, 16, "RGB"), image
-        r = httpx.post(f"{url}/generate", json={"class_label": 1, "steps": 4, "seed": 1}, timeout=120)
+        r = httpx.post(f"{url}/generate", json={"model": "tiny-rgb", "class_label": 1, "steps": 4, "seed": 1},
+                       timeout=120)
         assert r.status_code == 200, r.text
         png = base64.b64decode(r.json()["images"][0]["png_base64"])
         assert png[12:16] == b"IHDR" and int.from_bytes(png[16:20], "big") == 16 and png[25] == 2, png[:32]  # RGB
