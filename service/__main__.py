@@ -22,6 +22,7 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 from types import FrameType
 
 import uvicorn
@@ -162,7 +163,34 @@ def raise_open_file_limit() -> None:
             log.warning("open-file limit stays %d (%s): at most about %d concurrent connections", soft, e, soft - 64)
 
 
+def settings_help() -> str:
+    """`python -m service --help`: what it does, then every setting (its variable, default and meaning, one line each)."""
+    lines = ["usage: python -m service          (make serve: the same, after exporting the checkpoint)", "",
+             "Serves a Dual-Rate Diffusion model (or a repository of them) over HTTP: POST /generate, POST",
+             "/generate/stream, GET /v1/models, a demo page at /, API docs at /docs, /metrics, /health/*.",
+             "Configured by environment variables (docs/configuration.md); an invalid value stops the start",
+             "with one line. Example: DUALRATE_PORT=8080 DUALRATE_CHECKPOINT=checkpoints/fashion-dualrate "
+             "python -m service", "", "settings (variable, default: meaning):"]
+    for name, field in Settings.model_fields.items():
+        default = field.get_default(call_default_factory=True)
+        if isinstance(default, list):
+            default = ",".join(map(str, default)) or "(none)"
+        elif default is None:
+            default = "(unset)"
+        shown = str(default).replace(str(Path.cwd()) + "/", "")
+        text = f"DUALRATE_{name.upper()} = {shown}: {field.description or ''}".rstrip(": ")
+        lines.append("  " + text)
+    return "\n".join(lines)
+
+
 def main() -> int:
+    if any(a in ("-h", "--help") for a in sys.argv[1:]):
+        print(settings_help())
+        return 0
+    if sys.argv[1:]:
+        print(f"error: python -m service takes no arguments ({' '.join(sys.argv[1:])}): it is configured by "
+              "DUALRATE_* environment variables; python -m service --help lists them", file=sys.stderr)
+        return 2
     try:
         settings = Settings()
     except (ValidationError, SettingsError) as e:

@@ -91,15 +91,17 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
             log.info("API keys: none (DUALRATE_API_KEYS unset): the API is open to whoever reaches %s",
                      settings.host)
         state.ready = True
+        described = []
         for entry in entries:
             info = entry.core.engine_info  # type: ignore[union-attr]
             rc = entry.core if isinstance(entry.core, RemoteCore) else None
-            log.info("ready%s: backend=%s device=%s precision=%s policy=%s slots=%d queue=%d engine core %s",
-                     f" (model {entry.name}, format {entry.spec.format})" if several else "",
-                     info.backend, info.device, info.precision, settings.policy, settings.slots(entry.name),
-                     settings.queue_size, "in this process" if rc is None else
-                     f"in its own process (pid {rc.proc.pid})" if rc.proc is not None else
-                     f"shared by the front-end workers at {rc.address}")
+            described.append(f"{entry.name} ({entry.spec.format}; backend={info.backend} device={info.device} "
+                             f"precision={info.precision} slots={settings.slots(entry.name)}; engine core "
+                             + ("in this process" if rc is None else f"in its own process (pid {rc.proc.pid})"
+                                if rc.proc is not None else f"shared by the front-end workers at {rc.address}") + ")")
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host
+        log.info("ready on http://%s:%d: %s %s; policy=%s queue=%d", host, settings.port,
+                 "models" if several else "model", "; ".join(described), settings.policy, settings.queue_size)
         try:
             yield
         finally:

@@ -4,6 +4,7 @@ body limit, the JSON checks the parser cannot name, the API key before the body,
 from __future__ import annotations
 
 import json
+import re
 
 from fastapi import APIRouter
 from fastapi.routing import APIRoute
@@ -12,6 +13,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.deps import authorize, key_ok
+
+
+def huge_number_message(text: str) -> str:
+    """What to tell a client whose JSON body holds a number of more digits than Python reads (4,300): which field,
+    how long it is, and what the field takes."""
+    m = re.search(r'"([^"\\]{1,64})"\s*:\s*-?(\d{4000,})', text)
+    field, digits = (m.group(1), len(m.group(2))) if m else ("a number", None)
+    what = f"{field}: a number of {digits} digits" if digits else "a number in the JSON body has thousands of digits"
+    return (f"{what} is far beyond what any field takes: seed is an integer from 0 to {2**53 - 1} (16 digits), the "
+            "other numbers are small (see /v1/model's limits)")
 
 
 def protected_paths(routers: list[APIRouter]) -> frozenset[str]:
@@ -108,5 +119,5 @@ def _check_json(body: bytes) -> None:
     except RecursionError:
         raise StarletteHTTPException(400, "the JSON body is nested too deeply to parse (keep it under ~900 levels)"
                                      ) from None
-    except ValueError as e:
-        raise StarletteHTTPException(400, f"a number in the JSON body is too large to read: {e}") from None
+    except ValueError:
+        raise StarletteHTTPException(400, huge_number_message(text)) from None

@@ -36,7 +36,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DUALRATE_", extra="forbid")
 
     host: str = Field("127.0.0.1", description="address uvicorn binds")
-    port: int = Field(8000, ge=1, le=65535)
+    port: int = Field(8000, ge=1, le=65535, description="port uvicorn listens on")
     backend: Backend = Field(Backend.ONNXRUNTIME, description="onnxruntime | torch | tensorrt | auto")
     precision: Precision = Field(Precision.FP32, description="fp32 | tf32 | bf16 | fp16: each backend runs its own "
                                  "set (onnxruntime fp32; torch all, tf32 on CUDA; tensorrt fp16) and refuses the rest")
@@ -58,10 +58,10 @@ class Settings(BaseSettings):
                                           "unset: every model has max_active_images")
     queue_size: int = Field(64, ge=1, le=100_000, description="requests waiting for a slot before 429 (small "
                             "requests have as many places again of their own while reserved_slots > 0)")
-    max_images_per_request: int = Field(16, ge=1)
-    max_steps: int = Field(256, ge=1, le=MAX_STEPS)
-    default_timeout_s: float = Field(120.0, gt=0)
-    max_timeout_s: float = Field(600.0, gt=0)
+    max_images_per_request: int = Field(16, ge=1, description="num_images cap of one request (<= max_active_images)")
+    max_steps: int = Field(256, ge=1, le=MAX_STEPS, description="steps cap of one request")
+    default_timeout_s: float = Field(120.0, gt=0, description="deadline of a request that names none")
+    max_timeout_s: float = Field(600.0, gt=0, description="the longest deadline a request may ask for")
     max_body_bytes: int = Field(65_536, ge=256, description="larger request bodies are refused with 413 unread")
     max_header_bytes: int = Field(32_768, ge=1024, le=1_048_576, description="request line + headers larger than this "
                                   "get 431 and the connection is closed (nothing larger is buffered)")
@@ -129,8 +129,9 @@ class Settings(BaseSettings):
     max_paused_images: int | None = Field(None, ge=0, le=100_000, description="batch images held paused at most "
                                           "(each keeps its sample in host memory: channels x size^2 x 4 bytes); "
                                           "default 4 x max_active_images")
-    warmup: bool = True
-    log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$")
+    warmup: bool = Field(True, description="run both networks at start (and compile, where compiling) before ready")
+    log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$", description="debug | info | warning | "
+                           "error")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -432,13 +433,28 @@ OTHER_VARIABLES = frozenset({"DUALRATE_ONNX_CACHE", "DUALRATE_ENGINE_CACHE", "DU
                              "DUALRATE_TEST_CHECKPOINT"})
 
 
+# Words a user may reach for, and the setting each means (matched like names: SLOTZ finds slots).
+ALIASES = {"SLOTS": "MAX_ACTIVE_IMAGES", "BATCH": "MAX_ACTIVE_IMAGES", "BATCH_SIZE": "MAX_ACTIVE_IMAGES",
+           "ACTIVE_IMAGES": "MAX_ACTIVE_IMAGES", "MODEL": "CHECKPOINT", "MODEL_DIR": "CHECKPOINT",
+           "MODEL_PATH": "CHECKPOINT", "REPOSITORY": "MODEL_REPOSITORY", "MODELS_DIR": "MODEL_REPOSITORY",
+           "KEY": "API_KEYS", "API_KEY": "API_KEYS", "TOKEN": "API_KEYS", "TOKENS": "API_KEYS",
+           "WORKERS": "FRONTEND_WORKERS", "TIMEOUT": "DEFAULT_TIMEOUT_S", "QUEUE": "QUEUE_SIZE",
+           "BIND": "HOST", "ADDRESS": "HOST", "LISTEN": "HOST", "GPU": "DEVICE", "K": "MAX_STEPS",
+           "ENGINE": "BACKEND", "RUNTIME": "BACKEND", "DTYPE": "PRECISION", "THREAD": "THREADS"}
+
+
 def unknown_variables(environ: Mapping[str, str]) -> list[str]:
-    """A line per DUALRATE_* variable that no setting reads (a typo such as DUALRATE_PROT), with the nearest name."""
+    """A line per DUALRATE_* variable that no setting reads (a typo such as DUALRATE_PROT), with the nearest setting:
+    by name, or by meaning (DUALRATE_SLOTS -> DUALRATE_MAX_ACTIVE_IMAGES, what the ready line calls slots)."""
     known = {f"DUALRATE_{name.upper()}" for name in Settings.model_fields} | OTHER_VARIABLES
     lines = []
     for var in sorted(v for v in environ if v.upper().startswith("DUALRATE_") and v.upper() not in known):
-        near = difflib.get_close_matches(var.upper(), sorted(known), n=1, cutoff=0.7)
-        lines.append(f"{var} is not a setting and is ignored" + (f" (did you mean {near[0]}?)" if near else ""))
+        word = var.upper().removeprefix("DUALRATE_")
+        # Compared without the common prefix (which would make any two names look alike).
+        candidates = {n.removeprefix("DUALRATE_"): n for n in known} | {a: f"DUALRATE_{s}" for a, s in ALIASES.items()}
+        best_score, best = max((difflib.SequenceMatcher(None, word, c).ratio(), c) for c in sorted(candidates))
+        near = candidates[best] if best_score >= 0.7 else None
+        lines.append(f"{var} is not a setting and is ignored" + (f" (did you mean {near}?)" if near else ""))
     return lines
 
 

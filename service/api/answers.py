@@ -79,6 +79,14 @@ def _is_json(content_type: str | None) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
+# Fields whose schema is a choice (an integer or a string): pydantic's message names each alternative's failure ("Input
+# should be greater than or equal to 1 or Input should be 'auto'"); the client is told what the field takes instead.
+FIELD_MESSAGES = {
+    "encoder_interval": 'must be an integer K >= 1 (the heavy encoder runs every K-th step; 1 = every step) or "auto" '
+                        "(the service picks K by load), or left out (the model card's K)",
+}
+
+
 def _validation_details(exc: RequestValidationError) -> tuple[str, list[dict]]:
     """-> (message, details) for a request that failed parsing or validation (422)."""
     errors = exc.errors()
@@ -99,6 +107,8 @@ def _validation_details(exc: RequestValidationError) -> tuple[str, list[dict]]:
             message = "must be a finite number (NaN and infinity are not accepted)"
         elif e.get("type") == "missing" and not field:
             message = "a JSON object body is required"
+        elif field in FIELD_MESSAGES and e.get("type") != "missing":
+            message = FIELD_MESSAGES[field]
         by_field.setdefault(field or "body", []).append(message)
     details = [{"field": f, "message": " or ".join(dict.fromkeys(m))} for f, m in by_field.items()]
     return f"invalid field(s): {', '.join(d['field'] for d in details)}", details

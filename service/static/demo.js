@@ -99,6 +99,11 @@ function showCost() {
   $("k-cost").textContent = text;
 }
 
+// A blank tile in the picture's shape until its first preview arrives (an <img> without a picture would show the
+// browser's broken-image icon and its alt text).
+const PLACEHOLDER = "data:image/svg+xml," + encodeURIComponent(
+  '<svg xmlns="http://www.w3.org/2000/svg" width="1" height="1"><rect width="1" height="1" fill="#1b1b1b"/></svg>');
+
 function cells(n) {
   const box = $("images");
   box.innerHTML = "";
@@ -109,6 +114,9 @@ function cells(n) {
     const fig = document.createElement("figure");
     const img = document.createElement("img");
     img.alt = "image " + i;
+    img.src = PLACEHOLDER;
+    img.className = "placeholder";
+    img.style.aspectRatio = model.image.output_width + " / " + model.image.output_height;
     const cap = document.createElement("figcaption");
     cap.textContent = "waiting";
     fig.append(img, cap);

@@ -76,7 +76,7 @@ def test_a_port_in_use_is_one_clear_line_before_anything_loads():
                              env={**os.environ, "DUALRATE_PORT": str(port), "DUALRATE_PROT": "1"})
     assert out.returncode == 2, out.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "DUALRATE_PORT" in out.stderr
-    assert "did you mean DUALRATE_PORT" in out.stderr and "ready: backend" not in out.stderr
+    assert "did you mean DUALRATE_PORT" in out.stderr and "ready on http" not in out.stderr
     assert time.monotonic() - t0 < 30
 
 
@@ -97,3 +97,29 @@ def test_the_installer_stops_only_the_processes_it_started(tmp_path):
     finally:
         for p in (old,):
             p.kill()
+
+
+def test_a_setting_is_suggested_by_meaning_too():
+    """The ready line calls DUALRATE_MAX_ACTIVE_IMAGES slots: a user who types SLOTS (or SLOTZ) is pointed there, not
+    to DUALRATE_PORT; a name like nothing gets no suggestion."""
+    lines = unknown_variables({"DUALRATE_SLOTZ": "4", "DUALRATE_API_KEY": "k", "DUALRATE_XYZZY": "1"})
+    assert lines == ["DUALRATE_API_KEY is not a setting and is ignored (did you mean DUALRATE_API_KEYS?)",
+                     "DUALRATE_SLOTZ is not a setting and is ignored (did you mean DUALRATE_MAX_ACTIVE_IMAGES?)",
+                     "DUALRATE_XYZZY is not a setting and is ignored"]
+
+
+def test_help_lists_every_setting_one_line_each_and_starts_nothing():
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    done = subprocess.run([sys.executable, "-m", "service", "--help"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0 and "Uvicorn" not in done.stderr and "ready on" not in done.stderr
+    listed = [line for line in done.stdout.splitlines() if line.startswith("  DUALRATE_")]
+    assert [line.split(" = ")[0].strip() for line in listed] == [f"DUALRATE_{n.upper()}" for n in Settings.model_fields]
+    assert "  DUALRATE_PORT = 8000: port uvicorn listens on" in listed
+    wrong = subprocess.run([sys.executable, "-m", "service", "serve"], cwd=ROOT, capture_output=True, text=True,
+                           timeout=60)
+    assert wrong.returncode == 2 and "python -m service --help lists them" in wrong.stderr

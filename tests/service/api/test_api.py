@@ -139,3 +139,17 @@ def test_health_and_openapi(server):
     props = spec["components"]["schemas"]["GenerateRequest"]["properties"]
     assert props["class_label"]["anyOf"][0]["maximum"] == 9
     assert "/generate" in spec["paths"]
+
+
+def test_the_ready_line_says_where_it_listens_and_what_it_serves(server):
+    assert f"ready on http://127.0.0.1:{server.port}: model mnist-dualrate (dualrate; backend=onnxruntime" in server.log()
+
+
+def test_messages_say_what_the_field_takes(server):
+    huge = httpx.post(f"{server.url}/generate", content='{"seed": ' + "9" * 5000 + "}",
+                      headers={"content-type": "application/json"})
+    assert huge.status_code == 400 and "set_int_max_str_digits" not in huge.text
+    assert huge.json()["message"].startswith("seed: a number of 5000 digits") and "9007199254740991" in huge.text
+    zero = httpx.post(f"{server.url}/generate", json={"encoder_interval": 0})
+    assert zero.status_code == 422 and "Input should" not in zero.text
+    assert zero.json()["details"][0]["message"].startswith('must be an integer K >= 1 (the heavy encoder runs every')

@@ -53,6 +53,12 @@ def test_demo_page_shows_previews_then_the_final_images(server, browser):
     set_value(browser, "preview_every", 2)
     browser.find_element(By.ID, "generate").click()
     images = browser.find_element(By.ID, "images")
+    # Before the first preview: a blank tile per image, never a broken-image icon (an <img> with no picture has
+    # naturalWidth 0 and shows its alt text).
+    tiles = browser.execute_script("return [...document.querySelectorAll('#images img')].map("
+                                   "i => [i.className, i.getAttribute('src') || ''])")
+    assert len(tiles) == 3 and all(src.startswith("data:image/") for _, src in tiles), tiles
+    assert {cls for cls, _ in tiles} <= {"placeholder", "preview"}, tiles
     # A preview is on the page while the final images are not yet there.
     wait.until(lambda d: int(images.get_attribute("data-previews")) >= 1 and images.get_attribute("data-done") == "false")
     WebDriverWait(browser, 120).until(lambda d: images.get_attribute("data-done") == "true")
