@@ -108,6 +108,7 @@ def test_a_setting_is_suggested_by_meaning_too():
                      "DUALRATE_XYZZY is not a setting and is ignored"]
 
 
+@pytest.mark.slow
 def test_help_lists_every_setting_one_line_each_and_starts_nothing():
     import subprocess
     import sys

@@ -78,6 +78,7 @@ def images(engine, spec) -> np.ndarray:
     return to_uint8(x, spec.output_hw).astype(int)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prediction", ["eps", "x0"])
 def test_the_mnist_pair_repackaged_as_another_prediction_draws_the_same_images(model, checkpoint_dir, engine,
                                                                                tmp_path, prediction):

@@ -147,6 +147,7 @@ def test_the_service_refuses_to_start_on_each_planted_defect(tmp_path, what, mon
     assert len(lines) == 1 and message in lines[0], lines
 
 
+@pytest.mark.slow
 def test_python_m_service_exits_2_with_the_checkers_line(tmp_path):
     import os
     import subprocess
