@@ -139,7 +139,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
             maxima[k] = max(maxima.get(k, v), v)
     minima = {k: min(e.limits.minima()[k] for e in entries) for k in entries[0].limits.minima()
               if all(k in e.limits.minima() for e in entries)}
-    _limits_in_openapi(app, maxima, state.spec.class_names if not several else None, minima, list(state.models))
+    _limits_in_openapi(app, maxima, state.spec.class_names if not several else None, minima, list(state.models),
+                       protected_paths(ROUTERS) if settings.api_keys else frozenset())
     install_error_handlers(app)
     # Starlette would answer /static with a redirect to http://<Host header>/static/: an absolute URL built from what
     # the client sent. No slash redirects: a path is served as written or 404.
@@ -152,7 +153,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
 
 
 def _limits_in_openapi(app: FastAPI, maxima: dict[str, float], names: list[str] | None = None,
-                       minima: dict[str, float] | None = None, models: list[str] | None = None) -> None:
+                       minima: dict[str, float] | None = None, models: list[str] | None = None,
+                       protected: frozenset[str] = frozenset()) -> None:
     """FastAPI's OpenAPI model stores minimum/maximum as floats (2**53 - 1 came out as 9007199254740991.0 and 2**62
     as 4.611686018427388e+18); give integer fields integer limits so a schema-driven client sends valid values.
     `maxima`: request fields whose maximum depends on the model or the settings (class_label < num_classes,
@@ -199,6 +201,13 @@ def _limits_in_openapi(app: FastAPI, maxima: dict[str, float], names: list[str] 
                     string = next(v for v in props["model"]["anyOf"] if v.get("type") == "string")
                     props["model"] = {**{k: v for k, v in props["model"].items() if k != "anyOf"}, **string}
                     schema["components"]["schemas"][model].setdefault("required", []).append("model")
+            if protected:  # keys are set: an HTTP bearer scheme on the routes that need one (Swagger UI's Authorize)
+                schema.setdefault("components", {})["securitySchemes"] = {"bearer": {
+                    "type": "http", "scheme": "bearer",
+                    "description": "one of DUALRATE_API_KEYS, sent as Authorization: Bearer <key>"}}
+                for path in protected:
+                    for operation in schema["paths"].get(path, {}).values():
+                        operation["security"] = [{"bearer": []}]
             for param in schema["paths"].get("/v1/models/{name}", {}).get("get", {}).get("parameters", []):
                 if param.get("name") == "name" and models:
                     param["schema"]["enum"] = models

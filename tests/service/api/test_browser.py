@@ -219,3 +219,28 @@ def test_the_model_select_draws_from_the_picked_model(start_server):
         assert len(driver.find_elements(By.CSS_SELECTOR, "#images img.final")) == 1
     finally:
         driver.quit()
+
+
+def test_authorize_in_the_api_docs_then_try_a_request(keyed_server):
+    """With keys set the OpenAPI document has an HTTP bearer scheme: Swagger UI at /docs shows Authorize (without the
+    scheme it has none, and every "Try it out" was a 401); a key given there makes "Try it out" on GET /v1/model
+    answer 200."""
+    driver = chromium(1280, 900)
+    try:
+        driver.get(keyed_server.url + "/docs")
+        wait = WebDriverWait(driver, 60, poll_frequency=0.05)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "button.authorize"))
+        driver.find_element(By.CSS_SELECTOR, "button.authorize").click()
+        key_input = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, ".modal-ux input"))
+        key_input.send_keys("page-key")
+        driver.find_element(By.CSS_SELECTOR, ".modal-ux button.authorize").click()
+        driver.find_element(By.CSS_SELECTOR, ".modal-ux button.btn-done").click()
+        block = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#operations-model-model_info_v1_model_get"))
+        block.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+        wait.until(lambda d: block.find_element(By.CSS_SELECTOR, ".try-out__btn")).click()
+        wait.until(lambda d: block.find_element(By.CSS_SELECTOR, ".execute")).click()
+        status = wait.until(lambda d: [c.text.strip() for c in block.find_elements(
+            By.CSS_SELECTOR, ".live-responses-table tbody .response-col_status") if c.text.strip()])
+        assert status[0].startswith("200"), status
+    finally:
+        driver.quit()

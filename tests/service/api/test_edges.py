@@ -155,3 +155,15 @@ def test_the_service_raises_a_low_open_file_limit():
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] > 1024
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_with_keys_the_openapi_document_has_a_bearer_scheme_on_the_protected_routes(keyed, server):
+    schema = httpx.get(f"{keyed.url}/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["bearer"] == {
+        "type": "http", "scheme": "bearer", "description": "one of DUALRATE_API_KEYS, sent as Authorization: Bearer <key>"}
+    paths = schema["paths"]
+    for path in ("/generate", "/generate/stream", "/v1/model", "/v1/models", "/v1/models/{name}"):
+        assert all(op["security"] == [{"bearer": []}] for op in paths[path].values()), path
+    assert "security" not in paths["/health/ready"]["get"] and "security" not in paths["/metrics"]["get"]
+    # Without keys: no scheme (Swagger UI offers no Authorize).
+    assert "securitySchemes" not in httpx.get(f"{server.url}/openapi.json").json()["components"]
