@@ -156,21 +156,15 @@ class Engine(ABC):
     def encoder_feeds(self, z: Tensor, tau: Tensor, label: Tensor) -> dict[str, Tensor]:
         """The encoder's inputs named as the model card names them (times as its `time_input` says; no label for an
         unconditional model). Backends that run graphs feed by these names."""
-        io, spec = self.spec.encoder, self.spec
-        feeds = {io.z: z.float(), io.time: spec.time_feed(tau.float())}
-        if io.label is not None:
-            feeds[io.label] = label.long()
-        return feeds
+        values = (z.float(), self.spec.time_feed(tau.float()), label.long())
+        return {n: v for n, v in zip(self.spec.encoder.inputs(), values, strict=True) if n is not None}
 
     def denoiser_feeds(self, z: Tensor, t: Tensor, tau: Tensor, label: Tensor, features: Features) -> dict[str, Tensor]:
-        io, spec = self.spec.denoiser, self.spec
+        io, time = self.spec.denoiser, self.spec.time_feed
         if len(features) != len(io.features):
             raise EngineError(f"{len(features)} feature tensors for the denoiser's {len(io.features)} ({io.features})")
-        feeds = {io.z: z.float(), io.time: spec.time_feed(t.float()), io.encoder_time: spec.time_feed(tau.float())}
-        if io.label is not None:
-            feeds[io.label] = label.long()
-        feeds.update({name: f.float() for name, f in zip(io.features, features, strict=True)})
-        return feeds
+        values = (z.float(), time(t.float()), time(tau.float()), label.long(), *(f.float() for f in features))
+        return {n: v for n, v in zip(io.inputs(), values, strict=True) if n is not None}
 
     def probe_feature_shapes(self) -> list[tuple[int, ...]]:
         """The encoder's feature shapes (without the batch axis), from one call at batch 1."""

@@ -69,6 +69,10 @@ class EncoderIO:
     label: str | None
     outputs: tuple[str, ...]
 
+    def inputs(self) -> list[str | None]:
+        """Its input names in the contract's call order (z, time, label); None for an unconditional model's label."""
+        return [self.z, self.time, self.label]
+
 
 @dataclass(frozen=True)
 class DenoiserIO:
@@ -78,6 +82,11 @@ class DenoiserIO:
     label: str | None
     features: tuple[str, ...]
     output: str
+
+    def inputs(self) -> list[str | None]:
+        """Its input names in the contract's call order (z, time, encoder_time, label, features...); None for an
+        unconditional model's label."""
+        return [self.z, self.time, self.encoder_time, self.label, *self.features]
 
 
 @dataclass(frozen=True)

@@ -58,8 +58,7 @@ def _torch_export(path: Path, mc: ModelCard, role: str, output_names: list[str])
     from export.programs import ExportedNetwork
 
     module = ExportedNetwork(path, mc, role, convert_times=False)
-    roles = ([mc.encoder.z, mc.encoder.time, mc.encoder.label] if role == "encoder" else
-             [mc.denoiser.z, mc.denoiser.time, mc.denoiser.encoder_time, mc.denoiser.label, *mc.denoiser.features])
+    roles = mc.encoder.inputs() if role == "encoder" else mc.denoiser.inputs()
 
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         args = [torch.from_numpy(feeds[n]) if n is not None else torch.zeros(0) for n in roles]
@@ -110,9 +109,8 @@ def _inputs(mc: ModelCard, b: int, rng: np.random.Generator) -> tuple[dict[str, 
 
 def _check_graphs(folder: Path, mc: ModelCard) -> tuple[list[str], str]:
     problems: list[str] = []
-    enc_inputs = [mc.encoder.z, mc.encoder.time, *([mc.encoder.label] if mc.encoder.label else [])]
-    den_inputs = [mc.denoiser.z, mc.denoiser.time, mc.denoiser.encoder_time,
-                  *([mc.denoiser.label] if mc.denoiser.label else []), *mc.denoiser.features]
+    enc_inputs = [n for n in mc.encoder.inputs() if n is not None]
+    den_inputs = [n for n in mc.denoiser.inputs() if n is not None]
     want_types = {mc.encoder.z: "float32", mc.encoder.time: "float32", mc.denoiser.z: "float32",
                   mc.denoiser.time: "float32", mc.denoiser.encoder_time: "float32",
                   **{f: "float32" for f in mc.denoiser.features}}

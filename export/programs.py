@@ -28,14 +28,8 @@ class ExportedNetwork(torch.nn.Module):
             program = torch.export.load(str(path))
         except Exception as e:  # torch raises several types for a file that is not a program
             raise ProgramError(f"torch.export.load could not read {path.name}: {str(e).splitlines()[0][:200]}") from e
-        if role == "encoder":
-            io = spec.encoder
-            roles = [io.z, io.time, io.label]
-            self.times: tuple[int, ...] = (1,)
-        else:
-            d = spec.denoiser
-            roles = [d.z, d.time, d.encoder_time, d.label, *d.features]
-            self.times = (1, 2)
+        roles = spec.encoder.inputs() if role == "encoder" else spec.denoiser.inputs()
+        self.times: tuple[int, ...] = (1,) if role == "encoder" else (1, 2)
         if not convert_times:
             self.times = ()
         names = list(program.graph_signature.user_inputs)

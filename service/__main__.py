@@ -233,8 +233,8 @@ def main() -> int:
         sockets = [socket.socket(fileno=int(worker_fd))]
 
         def core_gone(sig: int, frame: FrameType | None) -> None:  # the supervisor saw the shared core die
-            if server._loop is not None and state.core is not None:
-                server._loop.call_soon_threadsafe(state.core.died, "the engine core stopped; the service "
+            if server._loop is not None and state.default.core is not None:
+                server._loop.call_soon_threadsafe(state.default.core.died, "the engine core stopped; the service "
                                                   "is restarting")
 
         signal.signal(signal.SIGUSR1, core_gone)

@@ -139,7 +139,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
             maxima[k] = max(maxima.get(k, v), v)
     minima = {k: min(e.limits.minima()[k] for e in entries) for k in entries[0].limits.minima()
               if all(k in e.limits.minima() for e in entries)}
-    _limits_in_openapi(app, maxima, state.spec.class_names if not several else None, minima, list(state.models),
+    _limits_in_openapi(app, maxima, state.default.spec.class_names if not several else None, minima, list(state.models),
                        protected_paths(ROUTERS) if settings.api_keys else frozenset())
     install_error_handlers(app)
     # Starlette would answer /static with a redirect to http://<Host header>/static/: an absolute URL built from what

@@ -215,14 +215,6 @@ class Settings(BaseSettings):
         return toggle is Toggle.ON or (toggle is Toggle.AUTO and capable and (res or self.resolved).on_cuda)
 
     @property
-    def use_compile(self) -> bool:
-        return self._on(self.compile, self.resolved.spec.compiles)
-
-    @property
-    def use_fused_tick(self) -> bool:
-        return self._on(self.fused_tick, self.resolved.spec.fused_tick)
-
-    @property
     def use_engine_process(self) -> bool:
         return self._on(self.engine_process, True) or (self.frontend_workers > 1 and self.engine_process is not Toggle.OFF)
 
@@ -281,14 +273,6 @@ class Settings(BaseSettings):
                           limits=self.request_limits(card, name), quality_budget=self.quality_budget,
                           latency_target_s=self.latency_target_s, warmup=self.warmup, log_level=self.log_level)
 
-    @property
-    def effective_max_paused_images(self) -> int:
-        return self.max_paused_images if self.max_paused_images is not None else 4 * self.max_active_images
-
-    @property
-    def effective_reserved_slots(self) -> int:
-        return self.reserved_for(self.max_active_images)
-
     def threads_for(self, res: Resolved) -> int:
         """CPU threads per network of one model's engine: DUALRATE_THREADS, or where that is 0 (the library's default:
         every core) and several models share the CPU, the cores split between them (measured on 2 cores with one
@@ -343,6 +327,7 @@ class Settings(BaseSettings):
         elif self.models:
             raise ValueError("DUALRATE_MODELS selects models of DUALRATE_MODEL_REPOSITORY, which is not set")
         several = len(self.served_models) > 1
+        backends = []  # each served model's resolved backend, checked against the precision and switches below
         for name, folder in self.served_models.items():
             where = f"model {name}: " if several else ""
             problem = model_problem(folder)
@@ -355,9 +340,10 @@ class Settings(BaseSettings):
                                  f"steps ({steps}): every request that leaves steps out would be refused; set "
                                  f"DUALRATE_MAX_STEPS >= {steps}")
             try:
-                self.resolve_for(card_spec.format)
+                backends.append(self.resolve_for(card_spec.format).spec)
             except BackendUnavailable as e:
-                raise ValueError(f"{where}DUALRATE_BACKEND={self.backend}: {e}") from None
+                hint = " (set DUALRATE_DEVICE=cuda or auto)" if "CUDA" in str(e) else ""
+                raise ValueError(f"{where}DUALRATE_BACKEND={self.backend}: {e}{hint}") from None
         if self.state_memory_mb is not None:
             for name, (slots, per_image) in self.model_state.items():
                 if slots < 1:
@@ -375,11 +361,7 @@ class Settings(BaseSettings):
                              f"DUALRATE_MAX_TIMEOUT_S ({self.max_timeout_s:g})")
         if self.precision is Precision.TF32 and self.device == "cpu":
             raise ValueError("DUALRATE_PRECISION=tf32 needs a CUDA device (set DUALRATE_DEVICE=cuda or another precision)")
-        for folder in self.served_models.values():
-            try:
-                spec = self.resolve_for(model_spec(read_card(folder)).format).spec
-            except BackendUnavailable as e:
-                raise ValueError(f"DUALRATE_BACKEND={self.backend}: {e} (set DUALRATE_DEVICE=cuda or auto)") from None
+        for spec in backends:
             if self.precision not in spec.precisions:
                 raise ValueError(f"DUALRATE_BACKEND={spec.backend} runs DUALRATE_PRECISION="
                                  f"{' or '.join(sorted(spec.precisions))} only, not {self.precision}")

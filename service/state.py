@@ -9,9 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from dualrate.checkpoint import card_defaults
-from dualrate.config import SamplingDefaults
 from export.card import ModelCard
-from service.core import CoreConfig, CoreHandle, QualityBudget, RequestLimits, UnknownModel
+from service.core import CoreConfig, CoreHandle, QualityBudget, UnknownModel
 from service.metrics import PrometheusStats
 from service.settings import Settings
 
@@ -35,8 +34,8 @@ class ModelEntry:
 
 
 class AppState:
-    """Everything the routes need; built with the app, the cores attached in the lifespan. The single-model fields
-    (`spec`, `limits`, `core`, ...) are the default model's (the first served)."""
+    """Everything the routes need; built with the app, the cores attached in the lifespan. `default` is the default
+    model's entry (the first served)."""
 
     def __init__(self, settings: Settings, models: list[ModelEntry]) -> None:
         self.settings = settings
@@ -50,35 +49,6 @@ class AppState:
         self.on_core_death: Callable[[str], None] | None = None  # set by the server: exit non-zero
         self.metrics = PrometheusStats(settings.policy.value)
         self.open_streams = 0  # /generate/stream responses still sending
-
-    # ---- the default model's (what a single-model service has) ----
-    @property
-    def spec(self) -> ModelCard:
-        return self.default.spec
-
-    @property
-    def model_card(self) -> dict[str, Any]:
-        return self.default.model_card
-
-    @property
-    def sampling(self) -> SamplingDefaults:
-        return self.default.sampling
-
-    @property
-    def defaults(self) -> dict[str, Any]:
-        return self.default.defaults
-
-    @property
-    def limits(self) -> RequestLimits:
-        return self.default.limits
-
-    @property
-    def budget(self) -> QualityBudget:
-        return self.default.budget
-
-    @property
-    def core(self) -> CoreHandle | None:
-        return self.default.core
 
     @property
     def cores(self) -> list[tuple[str, CoreHandle]]:
