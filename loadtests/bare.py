@@ -3,6 +3,8 @@ service's own metrics."""
 
 from __future__ import annotations
 
+import argparse
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,7 @@ from typing import Any
 import httpx
 import torch
 
-from dualrate.checkpoint import load_checkpoint
+from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
 from dualrate.diffusion import CosineSchedule
 from dualrate.sampler import dual_rate_sample
 from engines import create_engine
@@ -69,3 +71,17 @@ def tick_breakdown(url: str, run) -> tuple[Any, dict[str, float]]:
     return out, {"ticks_per_s": d["ticks"] / wall, "in_ticks": d["tick_s"] / wall, "in_light_network": d["den_s"] / wall,
                  "in_encoder": d["enc_s"] / wall, "rows_per_tick": d["den_rows"] / ticks,
                  "ms_per_tick_outside_light_network": 1000 * (d["tick_s"] - d["den_s"]) / ticks}
+
+
+def saturation_args(p: argparse.ArgumentParser) -> None:
+    """The options the saturation benchmarks share (service_bench, saturation, interleaved, windows)."""
+    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
+    p.add_argument("--seconds", type=float, default=20.0, help="per measurement")
+    p.add_argument("--slots", type=int, default=16, help="max_active_images of the service")
+    p.add_argument("--out", type=Path, default=None, help="append the report to this markdown file")
+
+
+def log_progress() -> None:
+    """Progress lines on stderr, without httpx's line per request."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)

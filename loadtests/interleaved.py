@@ -16,9 +16,9 @@ import platform
 import statistics
 from pathlib import Path
 
-from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from dualrate.checkpoint import load_checkpoint
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
-from loadtests.bare import bare_engine_ips, saturation_body, settings_arm, tick_breakdown
+from loadtests.bare import bare_engine_ips, log_progress, saturation_args, saturation_body, settings_arm, tick_breakdown
 from loadtests.clients import closed_loop
 from loadtests.process import ServerProcess
 
@@ -73,17 +73,13 @@ def interleaved(a: argparse.Namespace, argv: list[str] | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m loadtests.interleaved", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    p.add_argument("--seconds", type=float, default=20.0, help="per measurement")
-    p.add_argument("--slots", type=int, default=16, help="max_active_images of the service")
-    p.add_argument("--out", type=Path, default=None, help="append the report to this markdown file")
+    saturation_args(p)
     p.add_argument("--pairs", type=int, required=True, help="rounds: bare loop and service interleaved this many times")
     p.add_argument("--arms", nargs="+", metavar="KEY=VALUE[,KEY=VALUE]", default=None,
                    help="the service once per settings set in each round (e.g. engine_process=off "
                         "engine_process=on); default: the service's defaults")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    log_progress()
     interleaved(a, argv)
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import random
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from pathlib import Path
 import httpx
 
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
+from loadtests.bare import log_progress
 from loadtests.clients import closed_loop, pct
 from loadtests.process import ServerProcess
 
@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> None:
                    "default, every core)")
     p.add_argument("--out", type=Path, default=None, help="append the report to this markdown file (raw JSON beside)")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    log_progress()
     srv = ServerProcess(a.repository / a.flooded, Path("/tmp/dualrate-models.log"), model_repository=a.repository,
                         models=f"{a.flooded},{a.probed}", threads=a.threads, **SETTINGS)
     try:

@@ -13,8 +13,8 @@ import asyncio
 import logging
 from pathlib import Path
 
-from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
-from loadtests.bare import bare_engine_ips, saturation_body, settings_arm, tick_breakdown
+from dualrate.checkpoint import load_checkpoint
+from loadtests.bare import bare_engine_ips, saturation_args, saturation_body, settings_arm, tick_breakdown
 from loadtests.clients import closed_loop
 from loadtests.process import ServerProcess
 
@@ -46,10 +46,7 @@ def saturation(a: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m loadtests.saturation", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    p.add_argument("--seconds", type=float, default=20.0, help="per measurement")
-    p.add_argument("--slots", type=int, default=16, help="max_active_images of the service")
-    p.add_argument("--out", type=Path, default=None, help="append the report to this markdown file")
+    saturation_args(p)
     p.add_argument("--saturation", nargs="+", metavar="KEY=VALUE[,KEY=VALUE]", required=True,
                    help="the service once per given settings set (e.g. threads=1 overlap_encoder=false; default = "
                    "its defaults)")

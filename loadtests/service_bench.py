@@ -28,9 +28,9 @@ from pathlib import Path
 
 import torch
 
-from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from dualrate.checkpoint import load_checkpoint
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
-from loadtests.bare import bare_engine_ips
+from loadtests.bare import bare_engine_ips, saturation_args
 from loadtests.clients import (
     closed_loop,
     open_loop_mix,
@@ -56,10 +56,7 @@ def main(argv: list[str] | None = None) -> None:
         return
     p = argparse.ArgumentParser(prog="python -m loadtests.service_bench", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    p.add_argument("--seconds", type=float, default=20.0, help="per measurement")
-    p.add_argument("--slots", type=int, default=16, help="max_active_images of the service")
-    p.add_argument("--out", type=Path, default=None, help="append the report to this markdown file")
+    saturation_args(p)
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     model = load_checkpoint(a.checkpoint)

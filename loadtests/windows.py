@@ -22,12 +22,12 @@ from pathlib import Path
 import httpx
 import torch
 
-from dualrate.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from dualrate.checkpoint import load_checkpoint
 from dualrate.diffusion import CosineSchedule
 from dualrate.provenance import command_line, provenance, publish, utc_stamp
 from dualrate.sampler import dual_rate_sample
 from engines import create_engine
-from loadtests.bare import saturation_body
+from loadtests.bare import log_progress, saturation_args, saturation_body
 from loadtests.clients import core_requests, fixed_requests, httpx_post, lean_post
 from loadtests.lean_http import LeanConnection
 from loadtests.process import ServerProcess
@@ -137,10 +137,7 @@ def alternating(a: argparse.Namespace, argv: list[str] | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(prog="python -m loadtests.windows", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=DEFAULT_CHECKPOINT)
-    p.add_argument("--seconds", type=float, default=20.0, help="per measurement")
-    p.add_argument("--slots", type=int, default=16, help="max_active_images of the service")
-    p.add_argument("--out", type=Path, default=None, help="append the report to this markdown file")
+    saturation_args(p)
     p.add_argument("--windows", type=int, required=True,
                    help="bare loop and one warm service alternately in this many short windows of the same images "
                         "(median ratio; drift of the machine cancels within a pair)")
@@ -156,8 +153,7 @@ def main(argv: list[str] | None = None) -> None:
                    "server has started; 19 makes the load generator take mostly the cores the service leaves idle, a "
                    "stand-in for clients on other machines (default 0: as the service)")
     a = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    log_progress()
     alternating(a, argv)
 
 
