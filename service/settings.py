@@ -276,8 +276,8 @@ class Settings(BaseSettings):
     def threads_for(self, res: Resolved) -> int:
         """CPU threads per network of one model's engine: DUALRATE_THREADS, or where that is 0 (the library's default:
         every core) and several models share the CPU, the cores split between them (measured on 2 cores with one
-        model flooded: the other's p99 latency 2.41x its idle p99 with every engine on every core, 1.13x with one
-        core each; docs/runs/models.md)."""
+        model flooded: the other's p99 latency 1.99-2.41x its idle p99 with every engine on every core, 1.14x with one
+        core each, at the price of the flooded model's capacity, 12.2-12.3 -> 9.5 requests/s; docs/runs/models.md)."""
         n = len(self.served_models)
         if self.threads or n == 1 or res.on_cuda:
             return self.threads
