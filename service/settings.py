@@ -102,8 +102,8 @@ class Settings(BaseSettings):
     fused_tick: Toggle = Field(Toggle.AUTO, description="torch backend: each tick as one program (on CUDA one "
                                "captured graph per bucket); auto = on with CUDA")
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(
-        default_factory=list, description="comma-separated (or a JSON list); if set, /generate, /generate/stream and /v1/model require "
-        "Authorization: Bearer <key> (health and /metrics stay open)")
+        default_factory=list, description="comma-separated (or a JSON list); if set, every API route (/generate, "
+        "/generate/stream, /v1/...) requires Authorization: Bearer <key> (health and /metrics stay open)")
     overlap_encoder: bool = Field(True, description="run the light network on rows that reuse features while the "
                                   "encoder refreshes the others (off: one light-network call per tick after the encoder)")
     align_encoder: bool = Field(True, description="admit an image at the next tick where the images with the same "

@@ -44,7 +44,12 @@ def container(objs: list[dict]) -> dict:
 
 
 def env(c: dict) -> dict[str, str]:
-    return {e["name"]: e["value"] for e in c["env"]}
+    """The container's plain values (variables read from a Secret are left out: `secret_env`)."""
+    return {e["name"]: e["value"] for e in c["env"] if "value" in e}
+
+
+def secret_env(c: dict) -> dict[str, dict]:
+    return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
 
 
 @pytest.fixture(scope="module", params=["cpu", "gpu", "models"])
@@ -55,7 +60,7 @@ def overlay(request) -> tuple[str, list[dict]]:
 @pytest.mark.parametrize("version", VERSIONS)
 def test_every_object_validates_against_the_kubernetes_schema(overlay, version):
     name, objs = overlay
-    kinds = {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler"}
+    kinds = {"Deployment", "Service", "PodDisruptionBudget", "HorizontalPodAutoscaler", "Ingress", "NetworkPolicy"}
     assert {o["kind"] for o in objs} == kinds | ({"PersistentVolumeClaim"} if name in ("gpu", "models") else set())
     for obj in objs:
         kubernetes_validate.validate(obj, version, strict=True)  # raises on any schema error
@@ -206,3 +211,65 @@ def test_the_models_overlay_serves_a_read_only_repository_volume():
     models = e["DUALRATE_MODELS"].split(",")
     assert len(models) == 2 and all((ROOT / "checkpoints" / m / "model_card.json").is_file() for m in models)
     assert e["DUALRATE_THREADS"] == "1"
+
+
+def test_the_api_keys_come_from_a_secret_and_a_missing_secret_stops_the_pod(overlay):
+    """Issue 36: the manifests said nothing of keys. DUALRATE_API_KEYS is read from the Secret the README tells to
+    create, never written in a manifest, and the reference is not optional (no Secret: no pod, not an open API)."""
+    _, objs = overlay
+    c = container(objs)
+    assert "DUALRATE_API_KEYS" not in env(c)
+    ref = secret_env(c)["DUALRATE_API_KEYS"]
+    assert (ref["name"], ref["key"]) == ("dualrate-api-keys", "keys") and not ref.get("optional", False)
+    assert not [o for o in objs if o["kind"] == "Secret"]  # no key ships in the repository
+    readme = (K8S / "README.md").read_text()
+    assert "kubectl create secret generic dualrate-api-keys --from-file=keys=" in readme
+
+
+def test_the_ingress_serves_its_host_over_tls_to_the_service_port(overlay):
+    _, objs = overlay
+    ing, svc = by_kind(objs, "Ingress"), by_kind(objs, "Service")
+    assert ing["metadata"]["annotations"]["cert-manager.io/cluster-issuer"]
+    (tls,) = ing["spec"]["tls"]
+    assert tls["secretName"] and tls["hosts"] == [r["host"] for r in ing["spec"]["rules"]]
+    (rule,) = ing["spec"]["rules"]
+    (path,) = rule["http"]["paths"]
+    backend = path["backend"]["service"]
+    assert backend["name"] == svc["metadata"]["name"]
+    assert backend["port"]["name"] in {p["name"] for p in svc["spec"]["ports"]}
+    # The proxy waits for the longest request and passes server-sent events through unbuffered.
+    ann = ing["metadata"]["annotations"]
+    assert float(ann["nginx.ingress.kubernetes.io/proxy-read-timeout"]) > float(env(container(objs))["DUALRATE_MAX_TIMEOUT_S"])
+    assert ann["nginx.ingress.kubernetes.io/proxy-buffering"] == "off"
+
+
+def test_the_network_policy_admits_only_the_ingress_controller_and_prometheus(overlay):
+    _, objs = overlay
+    pol = by_kind(objs, "NetworkPolicy")
+    labels = by_kind(objs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    selector = pol["spec"]["podSelector"]["matchLabels"]
+    assert selector and all(labels.get(k) == v for k, v in selector.items())  # this app's pods, not the namespace's
+    assert pol["spec"]["policyTypes"] == ["Ingress"]
+    (rule,) = pol["spec"]["ingress"]
+    sources = [f["namespaceSelector"]["matchLabels"] for f in rule["from"]]
+    assert all(set(f) == {"namespaceSelector"} for f in rule["from"])  # no ipBlock, no pod-only rule
+    assert sources == [{"kubernetes.io/metadata.name": "ingress-nginx"}, {"kubernetes.io/metadata.name": "monitoring"}]
+    ((port),) = rule["ports"]
+    assert port["port"] in {p["name"] for p in container(objs)["ports"]}
+
+
+def test_the_readme_build_commands_are_complete_and_the_gpu_node_label_is_explained():
+    """Issue 36: the README's `docker build --target cpu ...` lacked the build argument without which the build stops;
+    the gpu overlay's nodeSelector label was not explained."""
+    import re
+
+    readme = (K8S / "README.md").read_text()
+    builds = re.findall(r"docker build --target (\w+)((?:[^\n]*\\\n)*[^\n]*)", readme)
+    assert {t for t, _ in builds} == {"cpu", "gpu"}
+    needed = {"cpu": "--build-arg TORCH_INDEX_URL=", "gpu": "--build-arg GPU_TORCH_INDEX_URL="}
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    for target, rest in builds:
+        assert needed[target] in rest, (target, rest)
+        assert f"ARG {needed[target].split()[1].rstrip('=')}" in dockerfile  # the argument the Dockerfile reads
+    (selector,) = by_kind(render(K8S / "overlays" / "gpu"), "Deployment")["spec"]["template"]["spec"]["nodeSelector"]
+    assert f"`{selector}=true`" in readme and "GPU Feature Discovery" in readme
