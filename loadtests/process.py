@@ -39,13 +39,17 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, checkpoint: Path, log_path: Path, new_session: bool = False, **settings: object) -> None:
-        """`new_session`: the child leads its own process group (tests signal the group, as a terminal does)."""
+    def __init__(self, checkpoint: Path, log_path: Path, new_session: bool = False, env: dict[str, str] | None = None,
+                 **settings: object) -> None:
+        """`new_session`: the child leads its own process group (tests signal the group, as a terminal does); `env`:
+        other variables for it (OTEL_*); `settings`: DUALRATE_<NAME> values."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        # Each server its own job store (beside its log) unless told otherwise: servers of a test run never share one.
+        extra = {"DUALRATE_JOB_STORE": f"sqlite:///{log_path.parent / (log_path.stem + '-jobs.db')}", **(env or {})}
         env = {**os.environ, "DUALRATE_PORT": str(self.port), "DUALRATE_HOST": "127.0.0.1",
                "DUALRATE_CHECKPOINT": str(checkpoint), "DUALRATE_BACKEND": "onnxruntime", "DUALRATE_DEVICE": "cpu",
-               "DUALRATE_LOG_LEVEL": "info"}
+               "DUALRATE_LOG_LEVEL": "info", **extra}
         env.update({f"DUALRATE_{k.upper()}": str(v) for k, v in settings.items()})
         self.log_path = log_path
         self._log = open(log_path, "wb")  # noqa: SIM115

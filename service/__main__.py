@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from pydantic_settings import SettingsError
 
 from service.app import AppState, create_app, drain
-from service.core import NotReady
+from service.core import TRACING, NotReady, setup_logging
 from service.http_limits import bounded_protocol
 from service.settings import Settings, describe_settings_error, unknown_variables
 from service.supervisor import WORKER_FD_ENV, bind
@@ -198,9 +198,15 @@ def main() -> int:
             print(f"invalid setting: {line}", file=sys.stderr)
         return 2
     worker_fd = os.environ.get(WORKER_FD_ENV)
-    who = f"worker {os.getpid()} " if worker_fd else ""
-    logging.basicConfig(level=settings.log_level.upper(), format=f"%(asctime)s %(levelname)s {who}%(name)s: %(message)s")
+    setup_logging(settings.log_level, settings.log_format, f"worker {os.getpid()}" if worker_fd else "")
     logging.getLogger("uvicorn.access").addFilter(QuietHealthProbes())
+    try:
+        if TRACING.start("worker" if worker_fd else "front end"):
+            log.info("traces: exported to %s (OpenTelemetry, OTLP over HTTP)", os.environ.get(
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or "the console")
+    except ValueError as e:
+        print(f"invalid setting: {e}", file=sys.stderr)
+        return 2
     for line in unknown_variables(os.environ):
         log.warning("%s", line)
     raise_open_file_limit()
@@ -238,7 +244,10 @@ def main() -> int:
                                                   "is restarting")
 
         signal.signal(signal.SIGUSR1, core_gone)
-    server.run(sockets=sockets)
+    try:
+        server.run(sockets=sockets)
+    finally:
+        TRACING.shutdown()  # the last spans leave before the process does
     if app.state.dualrate.core_dead is not None:
         return 4  # the engine core died: restart
     if server.forced:

@@ -20,6 +20,7 @@ from service.api.answers import install_error_handlers
 from service.api.routes.pages import mount_static
 from service.core import (
     SHARED_CORE_ENV,
+    TRACING,
     Built,
     CoreStats,
     EngineFactory,
@@ -29,7 +30,7 @@ from service.core import (
     build_core,
     spawn_core,
 )
-from service.middleware import BodyLimit, protected_paths
+from service.middleware import BodyLimit, RequestContext, protected_paths
 from service.settings import Settings
 from service.state import AppState, ModelEntry, drain
 
@@ -81,7 +82,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
                 built.append(b)
                 entry.core = LocalCore(b.loop, b.engine.info, stats, settings.core_heartbeat_timeout_s)
         if settings.api_keys:
-            log.info("API keys: %d configured: /generate, /generate/stream and /v1/model need one",
+            log.info("API keys: %d configured: every API route (/generate, /generate/stream, /v1/...) needs one",
                      len(settings.api_keys))
         elif settings.listens_beyond_loopback:
             log.warning("API keys: none, and the service listens on %s (not loopback): the API is open to whoever "
@@ -90,6 +91,18 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         else:
             log.info("API keys: none (DUALRATE_API_KEYS unset): the API is open to whoever reaches %s",
                      settings.host)
+        worker_task = None
+        if settings.job_store != "off":
+            from service.jobs.store import JobStore
+            from service.jobs.worker import JobWorker
+
+            store = JobStore(settings.job_store)
+            await store.open()
+            state.jobs, state.job_worker = store, JobWorker(store, state)
+            worker_task = asyncio.create_task(state.job_worker.run(), name="job-worker")
+            log.info("jobs: stored in %s (lease %g s, checkpoints every %g s, kept %g s)",
+                     store.engine.url.render_as_string(hide_password=True), settings.job_lease_s,
+                     settings.job_checkpoint_s, settings.job_ttl_s)
         state.ready = True
         described = []
         for entry in entries:
@@ -106,6 +119,10 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
             yield
         finally:
             state.ready = False
+            if worker_task is not None:
+                if state.job_worker is not None and not state.job_worker.stopping:
+                    await state.job_worker.release()
+                worker_task.cancel()
             if state.core_killed:  # a forced drain found a core frozen: nothing of them is waited for again
                 for remote in remotes:
                     await remote.close(timeout=5)
@@ -118,6 +135,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
                 for b in built:
                     b.loop.shutdown(timeout=30)
                     b.engine.close()
+            if state.jobs is not None:
+                await state.jobs.close()
             log.info("stopped")
 
     # FastAPIOffline: /docs and /redoc load Swagger UI and ReDoc from the service itself (fastapi-offline ships them),
@@ -129,6 +148,9 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
         "denoiser every step, batched at the step level. A demo page is at `/`.",
         lifespan=lifespan,
         static_url="/static-docs",
+        # FastAPI's own OpenTelemetry server spans, on this process's tracer when OTEL_* turned traces on (service.core
+        # .telemetry); probes and scrapes get none.
+        telemetry=TRACING.fastapi_config(frozenset({"/health/live", "/health/ready", "/metrics"})),
     )
     app.state.dualrate = state
     # The published schema carries this server's live limits, so a schema-valid request is one the server takes.
@@ -149,6 +171,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     mount_static(app)
     app.add_middleware(BodyLimit, max_bytes=settings.max_body_bytes, keys=settings.api_key_bytes,
                        protected=protected_paths(ROUTERS))
+    app.add_middleware(RequestContext)  # added last: outermost, so every answer and log line has the request's id
     return app
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -26,8 +26,20 @@ class CoreCollector(Collector):
     def __init__(self, policy: str) -> None:
         self.policy = policy
         self.statuses: dict[str, CoreStatus] = {}
+        self.up: dict[str, bool] = {}  # every served model's core: answered its last status read (alerts.yml)
+        self.ready: bool | None = None  # the service's readiness (GET /health/ready) at the last scrape
 
     def collect(self) -> Iterator[Metric]:
+        if self.ready is not None:
+            yield GaugeMetricFamily("dualrate_ready", "1 when this replica takes requests (GET /health/ready answers "
+                                    "200), 0 while starting, draining or with a stopped or frozen engine core",
+                                    value=float(self.ready))
+        if self.up:
+            up = GaugeMetricFamily("dualrate_engine_core_up", "1 when the model's engine core answered its status at "
+                                   "this scrape, 0 when it stopped, froze or did not answer", labels=["model"])
+            for model, alive in sorted(self.up.items()):
+                up.add_metric([model], float(alive))
+            yield up
         merged: dict[str, Metric] = {}
         for model, st in sorted(self.statuses.items()):
             for family in self._collect(model, st):
@@ -126,6 +138,21 @@ class PrometheusStats:
                                     ["model", "class_label", "class_name"], registry=r)
         self.model_images = Counter("dualrate_model_images_total", "Images returned, per served model", ["model"],
                                     registry=r)
+        self.jobs = Gauge("dualrate_jobs", "Jobs in the store by state (any replica's)", ["state"], registry=r,
+                          multiprocess_mode="mostrecent")
+        self.job_images = Counter("dualrate_job_images_total", "Job images finished and stored by this replica",
+                                  registry=r)
+        self.jobs_finished = Counter("dualrate_jobs_finished_total", "Jobs this replica finished, by state",
+                                     ["state"], registry=r)
+        self.job_checkpoint_seconds = Histogram("dualrate_job_checkpoint_seconds", "Writing one image's checkpoint "
+                                                "to the store (count: checkpoint writes)", registry=r,
+                                                buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
+        self.job_takeovers = Counter("dualrate_job_lease_takeovers_total", "Running jobs this replica took over "
+                                     "after their replica's lease lapsed", registry=r)
+        self.job_webhooks = Counter("dualrate_job_webhooks_total", "Webhook delivery attempts by outcome "
+                                    "(delivered, failed: retried, refused: host not allowed)", ["outcome"], registry=r)
+        for delivery in ("delivered", "failed", "refused"):
+            self.job_webhooks.labels(delivery)
         self._classes: dict[str, tuple[int, list[str] | None]] = {}
         self.core = CoreCollector(policy)
         self._core_registry = CollectorRegistry()
@@ -134,6 +161,7 @@ class PrometheusStats:
     def core_status(self, status: CoreStatus | None, model: str) -> None:
         """A model's engine core's latest status: its series in the next exposition (None: none, e.g. the core is
         gone)."""
+        self.core.up[model] = status is not None
         if status is None:
             self.core.statuses.pop(model, None)
         else:
@@ -172,6 +200,25 @@ class PrometheusStats:
         elif 0 <= class_label < classes <= MAX_CLASS_SERIES:
             name = names[class_label] if names and class_label < len(names) else str(class_label)
             self.class_images.labels(model, str(class_label), name).inc(images)
+
+    def job_counts(self, counts: dict[str, int]) -> None:
+        for state, n in counts.items():
+            self.jobs.labels(state).set(n)
+
+    def job_image(self) -> None:
+        self.job_images.inc()
+
+    def job_finished(self, state: str) -> None:
+        self.jobs_finished.labels(state).inc()
+
+    def job_checkpoint(self, seconds: float) -> None:
+        self.job_checkpoint_seconds.observe(seconds)
+
+    def job_lease_takeover(self) -> None:
+        self.job_takeovers.inc()
+
+    def job_webhook(self, outcome: str) -> None:
+        self.job_webhooks.labels(outcome).inc()
 
     def served(self, k: int, auto: bool, within_target: bool, model: str = "") -> None:
         self.k_used.labels(model, "auto" if auto else "fixed").observe(k)

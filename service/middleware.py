@@ -1,5 +1,6 @@
 """ASGI middleware in front of the app (beside `service.http_limits`, which bounds the HTTP layer below it): the
-body limit, the JSON checks the parser cannot name, the API key before the body, and `nosniff` on every answer."""
+request's id (`RequestContext`, outermost), the body limit, the JSON checks the parser cannot name, the
+API key before the body, and `nosniff` on every answer."""
 
 from __future__ import annotations
 
@@ -13,6 +14,41 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.deps import authorize, key_ok
+from service.core import REQUEST_ID, REQUEST_ID_HEADER, TRACING, accept_request_id
+
+_HEADER = REQUEST_ID_HEADER.encode()
+
+
+class RequestContext:
+    """Every HTTP request's id: the client's `X-Request-ID` when it is 1-128 plain characters, else a new one
+    (`service.core.accept_request_id`). It is set as the request's context (`service.core.REQUEST_ID`: the log lines
+    about the request, the error bodies, the stream's events and the spec sent to the engine core read it there) and
+    echoed in the answer's X-Request-ID header. (The request's trace span is FastAPI's own: `service.app`.)"""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rid = accept_request_id(Headers(scope=scope).get(REQUEST_ID_HEADER))
+        # Not reset afterwards: each request runs in its own task (a copy of the context), and the 500 handler, which
+        # Starlette runs outside this middleware, still reads it (service.api.answers adds the header there).
+        REQUEST_ID.set(rid)
+        echo = (_HEADER, rid.encode())
+        if TRACING.tracer is not None:  # on FastAPI's server span of this request
+            from opentelemetry import trace
+
+            trace.get_current_span().set_attribute("dualrate.request_id", rid)
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start" and not any(
+                    k.lower() == _HEADER for k, _ in message.get("headers", [])):
+                message = {**message, "headers": [*message.get("headers", []), echo]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 def huge_number_message(text: str) -> str:

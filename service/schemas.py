@@ -8,7 +8,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from service.core import MAX_ENCODER_INTERVAL, MAX_GUIDANCE, MAX_PREVIEW_EVERY, MAX_SEED, MIN_TIMEOUT_S, Priority
+from service.core import (
+    MAX_ENCODER_INTERVAL,
+    MAX_GUIDANCE,
+    MAX_PREVIEW_EVERY,
+    MAX_SEED,
+    MIN_TIMEOUT_S,
+    REQUEST_ID,
+    Priority,
+)
 
 INTEGER_FIELDS = frozenset({"class_label", "num_images", "steps", "encoder_interval", "seed", "preview_every"})
 
@@ -71,6 +79,54 @@ class StreamRequest(GenerateRequest):
                                       "minimum are raised to it")
 
 
+class JobRequest(GenerateRequest):
+    """POST /v1/jobs: the /generate body (priority batch unless it says otherwise; no timeout_s: a job has no
+    deadline), plus a webhook called when the job ends."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"class_label": 7, "num_images": 8, "seed": 42}]},
+    )
+
+    webhook: str | None = Field(None, min_length=8, max_length=2048, description="http(s) URL to POST the job's "
+                                "status to when it ends, signed (Dualrate-Signature); only hosts in the server's "
+                                "DUALRATE_WEBHOOK_ALLOW")
+
+
+class JobImage(BaseModel):
+    index: int
+    seed: int
+    url: str = Field(description="the PNG: GET it with the same API key")
+
+
+class JobOut(BaseModel):
+    id: str
+    object: Literal["job"] = "job"
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    model: str
+    status_url: str
+    num_images: int
+    steps: int
+    created_at: float = Field(description="Unix seconds")
+    updated_at: float
+    finished_at: float | None = None
+    expires_at: float | None = Field(None, description="when a finished job and its images are deleted "
+                                     "(DUALRATE_JOB_TTL_S after it ended)")
+    step: int = Field(description="running: the least advanced running image's step")
+    images_done: int
+    queue_position: int | None = Field(None, description="queued: jobs ahead of it")
+    images: list[JobImage] = Field(description="the finished images (all of them once succeeded)")
+    error: dict[str, Any] | None = Field(None, description="failed: the error body /generate would answer, plus "
+                                         "its status")
+    resumed: int | None = Field(None, description="times the job was taken over after its replica stopped (it "
+                                "went on from its checkpoints)")
+
+
+class JobList(BaseModel):
+    jobs: list[JobOut]
+    next: int | None = Field(description="pass as `after` for the next page; null on the last")
+
+
 class ImageOut(BaseModel):
     png_base64: str = Field(description="PNG, base64: the model's delivered size and mode (see /v1/model's image: "
                             "output_height x output_width and png_mode, L or RGB)")
@@ -94,13 +150,18 @@ class GenerateResponse(BaseModel):
     encoder_calls: int = Field(description="encoder calls per image = ceil(steps / encoder_interval)")
     denoiser_calls: int = Field(description="light network calls per image = steps")
     timings: Timings
+    request_id: str = Field(default_factory=lambda: REQUEST_ID.get(), description="the request's id (the X-Request-ID it "
+                            "sent, or one the service made; also the answer's X-Request-ID header)")
 
 
 class ErrorBody(BaseModel):
     error: str = Field(description="kind: invalid_request, queue_full, unavailable, timeout, internal, ...")
     message: str
-    error_id: str | None = None
+    error_id: str | None = Field(None, description="an internal or engine error's id, also in the service's log")
     details: list[dict[str, Any]] | None = None
+    request_id: str | None = Field(default_factory=lambda: REQUEST_ID.get() or None,
+                                   description="the request's id (its X-Request-ID header): on every log line "
+                                   "about it")
 
 
 class ModelInfo(BaseModel):

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from enum import StrEnum
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict, SettingsError
@@ -132,6 +132,25 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run both networks at start (and compile, where compiling) before ready")
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$", description="debug | info | warning | "
                            "error")
+    job_store: str = Field("sqlite:///artifacts/jobs/jobs.db", description="where /v1/jobs keeps its jobs: "
+                           "sqlite:///PATH (an embedded file; one replica, or front-end workers of one host), "
+                           "postgresql://USER:PASSWORD@HOST/DB (several replicas), or off")
+    job_ttl_s: float = Field(86_400.0, gt=0, description="a finished job and its images are deleted this long after "
+                             "it ended")
+    job_checkpoint_s: float = Field(5.0, ge=0, description="a running job image's state is written at an encoder "
+                                    "refresh at most this often (0 = never: a resumed image starts over)")
+    job_lease_s: float = Field(30.0, gt=0, description="a replica's claim on a running job, renewed every fifth of "
+                               "it; a job whose lease lapses (its replica died) is taken over by another")
+    webhook_allow: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="comma-separated hosts (host, host:port or *.domain) a job's webhook may "
+        "call; empty = webhooks off (the server calls no address a client chose)")
+    webhook_secret: SecretStr | None = Field(None, description="the HMAC-SHA256 key that signs webhook bodies "
+                                             "(Dualrate-Signature); required with DUALRATE_WEBHOOK_ALLOW")
+    webhook_attempts: int = Field(5, ge=1, le=20, description="delivery attempts per webhook, 1 s, 2 s, 4 s, ... "
+                                  "apart")
+    log_format: Literal["text", "json"] = Field("text", description="text (one line per record, `request_id=` at its "
+                                                "end) or json (one object per line: time, level, logger, process, "
+                                                "message, request_id and the request's fields)")
 
     @field_validator("api_keys", mode="before")
     @classmethod
@@ -153,6 +172,13 @@ class Settings(BaseSettings):
                                  "to serve without keys, or give at least one key (e.g. a compose line ${A},${B} "
                                  "with both unset would silently turn authentication off)")
             return keys
+        return v
+
+    @field_validator("webhook_allow", mode="before")
+    @classmethod
+    def _split_hosts(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            return [h.strip() for h in v.split(",") if h.strip()]
         return v
 
     @field_validator("models", mode="before")
@@ -271,7 +297,8 @@ class Settings(BaseSettings):
                                                                    fused=self._on(self.fused_tick,
                                                                                   res.spec.fused_tick, res)),
                           limits=self.request_limits(card, name), quality_budget=self.quality_budget,
-                          latency_target_s=self.latency_target_s, warmup=self.warmup, log_level=self.log_level)
+                          latency_target_s=self.latency_target_s, warmup=self.warmup, log_level=self.log_level,
+                          log_format=self.log_format)
 
     def threads_for(self, res: Resolved) -> int:
         """CPU threads per network of one model's engine: DUALRATE_THREADS, or where that is 0 (the library's default:
@@ -350,6 +377,13 @@ class Settings(BaseSettings):
                     raise ValueError(f"DUALRATE_STATE_MEMORY_MB ({self.state_memory_mb:g}) split between "
                                      f"{len(self.served_models)} model(s) holds no image of model {name} (one takes "
                                      f"{per_image / 2**20:.2f} MB): raise it")
+        if self.job_store != "off" and not re.match(r"^(sqlite(\+aiosqlite)?:///|postgres(ql)?(\+asyncpg)?://)",
+                                                     self.job_store):
+            raise ValueError(f"DUALRATE_JOB_STORE={self.job_store}: sqlite:///PATH, postgresql://USER:PASSWORD@HOST/DB "
+                             "or off")
+        if self.webhook_allow and self.webhook_secret is None:
+            raise ValueError("DUALRATE_WEBHOOK_ALLOW turns webhooks on: set DUALRATE_WEBHOOK_SECRET too (the key that "
+                             "signs them, so receivers can tell them from forgeries)")
         if self.max_images_per_request > self.max_active_images:
             raise ValueError(f"DUALRATE_MAX_IMAGES_PER_REQUEST ({self.max_images_per_request}) must be <= "
                              f"DUALRATE_MAX_ACTIVE_IMAGES ({self.max_active_images}): a request must fit the batch")

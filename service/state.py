@@ -6,13 +6,17 @@ import asyncio
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dualrate.checkpoint import card_defaults
 from export.card import ModelCard
 from service.core import CoreConfig, CoreHandle, QualityBudget, UnknownModel
 from service.metrics import PrometheusStats
 from service.settings import Settings
+
+if TYPE_CHECKING:
+    from service.jobs.store import JobStore
+    from service.jobs.worker import JobWorker
 
 log = logging.getLogger("service")
 
@@ -49,6 +53,8 @@ class AppState:
         self.on_core_death: Callable[[str], None] | None = None  # set by the server: exit non-zero
         self.metrics = PrometheusStats(settings.policy.value)
         self.open_streams = 0  # /generate/stream responses still sending
+        self.jobs: JobStore | None = None  # the durable job store (/v1/jobs), None while starting or with jobs off
+        self.job_worker: JobWorker | None = None  # claims and runs jobs on this replica
 
     @property
     def cores(self) -> list[tuple[str, CoreHandle]]:
@@ -88,6 +94,11 @@ class AppState:
 async def drain(state: AppState, poll_s: float = 0.05) -> None:
     """Stop admission (503) and wait until every accepted request has its answer (streams: their last event)."""
     state.draining = True
+    if state.job_worker is not None:  # running jobs go back to the store, for another replica or this one's restart
+        try:
+            await state.job_worker.release()
+        except Exception:
+            log.exception("jobs: handing the running jobs back failed (their leases lapse instead)")
     cores = [core for _, core in state.cores]
     if not cores:
         return

@@ -3,9 +3,9 @@ an HTTP answer (`answers`). `service.app.create_app` assembles them."""
 
 from fastapi import APIRouter
 
-from service.api.routes import generate, health, model, pages
+from service.api.routes import generate, health, jobs, model, pages
 
-ROUTERS = [m.router for m in (health, model, generate, pages)]  # included without prefixes
+ROUTERS = [m.router for m in (health, model, generate, jobs, pages)]  # included without prefixes
 api_router = APIRouter()
 for _router in ROUTERS:
     api_router.include_router(_router)

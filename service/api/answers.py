@@ -43,6 +43,8 @@ def error_response(state: AppState, status: int, kind: str, message: str, second
     """An error answer in the documented body, counted by kind (and model: "" where none is known)."""
     state.metrics.request_answered(kind, seconds, model=model)
     body = ErrorBody(error=kind, message=message, error_id=error_id, details=details)
+    if body.request_id:  # also set by service.middleware.RequestContext, except on the 500 answered outside it
+        headers = {**(headers or {}), "X-Request-ID": body.request_id}
     return JSONResponse(body.model_dump(exclude_none=True), status_code=status, headers=headers)
 
 

@@ -8,6 +8,7 @@ imports only what this package exports (tests/test_layout.py checks both directi
   `runner` executes a plan on the device-resident state (`fused`: a whole tick as one captured program); `loop`
   (`EngineLoop`) owns the thread, the lock, the runner and the futures; `progress` hands streamed events over;
   `stats` are the plain figures the front end's `service.metrics` turns into Prometheus series.
+- `telemetry`: the request id, the log format (text or JSON) and OpenTelemetry traces, the same in both processes.
 - `protocol`: every message between the front end and the core, and the core's whole configuration (`CoreConfig`);
   `handle`: the interface the front end sees (`CoreHandle`; `LocalCore` in-process) and `build_core`;
   `engine_core`: the core's own process (ZeroMQ ROUTER); `client`: its front-end side (`RemoteCore`).
@@ -48,11 +49,22 @@ from service.core.request import (
 from service.core.runner import RunnerConfig
 from service.core.scheduler import SchedulerConfig
 from service.core.stats import CALL_BUCKETS, LATENCY_BUCKETS, ROW_BUCKETS, CoreMetrics, CoreStats, SchedulerSnapshot
+from service.core.telemetry import (
+                                 LOG_FORMATS,
+                                 REQUEST_ID,
+                                 REQUEST_ID_HEADER,
+                                 TRACING,
+                                 accept_request_id,
+                                 current_traceparent,
+                                 setup_logging,
+                                 span,
+)
 
 __all__ = [
     "CALL_BUCKETS",
     "CORE_CONFIG_ENV",
     "LATENCY_BUCKETS",
+    "LOG_FORMATS",
     "MAX_ENCODER_INTERVAL",
     "MAX_GUIDANCE",
     "MAX_PREVIEW_EVERY",
@@ -60,8 +72,11 @@ __all__ = [
     "MAX_STEPS",
     "MIN_TIMEOUT_S",
     "PROGRESS_INTERVAL_S",
+    "REQUEST_ID",
+    "REQUEST_ID_HEADER",
     "ROW_BUCKETS",
     "SHARED_CORE_ENV",
+    "TRACING",
     "Built",
     "Cancelled",
     "CoreConfig",
@@ -94,9 +109,13 @@ __all__ = [
     "SchedulerSnapshot",
     "ServiceError",
     "UnknownModel",
+    "accept_request_id",
     "build_core",
+    "current_traceparent",
     "new_error_id",
     "request_cost",
+    "setup_logging",
+    "span",
     "spawn_core",
     "tell_core_to_stop",
 ]

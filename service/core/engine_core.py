@@ -34,6 +34,7 @@ from service.core.loop import EngineLoop
 from service.core.progress import Event
 from service.core.request import Job
 from service.core.stats import CoreStats
+from service.core.telemetry import TRACING, setup_logging
 
 log = logging.getLogger("service.core.engine_core")
 OUTBOX = "inproc://outbox"
@@ -218,9 +219,15 @@ def main(argv: list[str] | None = None) -> int:
     set_process_title(a.title)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, signal.SIG_IGN)  # the front end drains, then sends Shutdown
-    logging.basicConfig(level=config.log_level.upper(),
-                        format="%(asctime)s %(levelname)s engine-core %(name)s: %(message)s")
-    return CoreServer(config, a.address).run()
+    setup_logging(config.log_level, config.log_format, "engine-core")
+    try:
+        TRACING.start("engine core")  # on where the front end's environment (OTEL_*) asks for traces
+    except ValueError as e:
+        log.error("traces off: %s", e)
+    try:
+        return CoreServer(config, a.address).run()
+    finally:
+        TRACING.shutdown()
 
 
 if __name__ == "__main__":

@@ -14,7 +14,10 @@ import logging
 import threading
 import time
 
+import numpy as np
+
 from dualrate.diffusion import CosineSchedule
+from dualrate.sampler import encoder_due
 from engines import Engine
 from service.core.autok import AutoK
 from service.core.errors import EngineFailure, LimitError, Outcome, ServiceError, new_error_id
@@ -23,6 +26,7 @@ from service.core.request import GenerationSpec, Job, RequestLimits
 from service.core.runner import Runner, RunnerConfig
 from service.core.scheduler import Ended, Scheduler, SchedulerConfig
 from service.core.stats import RequestDone, SchedulerSnapshot, StatsSink, TickStats
+from service.core.telemetry import TRACING, log_extra
 
 log = logging.getLogger("service.core.loop")
 
@@ -57,6 +61,8 @@ class EngineLoop:
                                             spec.guidance_scale)
             if problems:
                 raise LimitError(problems)
+        if spec.start_step:
+            self._check_resume(spec)
         with self._cv:
             if not self.scheduler.has_work():
                 # Work starts now, not when the loop last ticked: an idle loop that gets work is not stalled for the
@@ -65,6 +71,21 @@ class EngineLoop:
             job = self.scheduler.submit(spec, listener, preview_every)
             self._cv.notify()
         return job
+
+    def _check_resume(self, spec: GenerationSpec) -> None:
+        """A resumed image (a job's checkpoint): one image, at an encoder refresh before its last step, with a sample
+        of this model's shape."""
+        sample_bytes = 4 * int(np.prod(self.runner.sample_shape))
+        problems = []
+        if spec.num_images != 1:
+            problems.append(("num_images", "a resumed image is submitted alone"))
+        if spec.auto or not 0 < spec.start_step < spec.steps or not encoder_due(spec.start_step, spec.encoder_interval):
+            problems.append(("start_step", "must be an encoder refresh (a multiple of the fixed K) before the last "
+                             "step"))
+        if len(spec.start_sample) != sample_bytes:
+            problems.append(("start_sample", f"must be {sample_bytes} bytes (float32 of the model's sample)"))
+        if problems:
+            raise LimitError(problems)
 
     def snapshot(self) -> SchedulerSnapshot:
         with self._cv:
@@ -138,6 +159,9 @@ class EngineLoop:
                                             EngineFailure(new_error_id(), "internal scheduler error"))
             self._resolve(ended)
             return
+        if TRACING.tracer is not None:  # the ticks each request ran in: an attribute of its core span
+            for job in {a.job for a in scheduled.batch}:
+                job.ticks += 1
         failed = {a.job for a in scheduled.batch if a.slot in out.failed}
         self.handover.emit(scheduled.batch, out.previews, failed)  # before any job resolves: its events come first
         self._resolve(ended)
@@ -158,5 +182,30 @@ class EngineLoop:
             else:
                 job.future.set_exception(e.error)
                 outcome = e.error.kind
-            self.stats.request_done(RequestDone(outcome, job.spec.num_images, admitted - job.submitted,
-                                                now - job.submitted, job.spec.priority.value))
+            spec = job.spec
+            self.stats.request_done(RequestDone(outcome, spec.num_images, admitted - job.submitted,
+                                                now - job.submitted, spec.priority.value))
+            if isinstance(e.error, EngineFailure):
+                log.error("request failed: %s", e.error, extra=log_extra(spec.request_id, error_id=e.error.error_id))
+            elif log.isEnabledFor(logging.DEBUG):
+                log.debug("request ended: %s, %d images, queued %.3f s, %.3f s in all", outcome, spec.num_images,
+                          admitted - job.submitted, now - job.submitted,
+                          extra=log_extra(spec.request_id, outcome=str(outcome), images=spec.num_images))
+            if TRACING.tracer is not None:
+                self._trace(job, e, admitted, now, str(outcome))
+
+    @staticmethod
+    def _trace(job: Job, e: Ended, admitted: float, now: float, outcome: str) -> None:
+        """The request's time in the core as two spans under its front-end span: waiting for a slot, then running
+        (its ticks, and per image its encoder and light-network calls, as attributes)."""
+        spec = job.spec
+        base = {"dualrate.request_id": spec.request_id, "dualrate.priority": spec.priority.value}
+        TRACING.span_between("core.queue", spec.traceparent, job.submitted, admitted,
+                             {**base, "dualrate.queue_position": job.queue_position})
+        result = e.result
+        TRACING.span_between("core.generate", spec.traceparent, admitted, now, {
+            **base, "dualrate.outcome": outcome, "dualrate.images": spec.num_images, "dualrate.steps": spec.steps,
+            "dualrate.encoder_interval": result.encoder_interval if result else spec.encoder_interval,
+            "dualrate.ticks": job.ticks,
+            "dualrate.encoder_calls_per_image": result.encoder_calls if result else job.encoder_calls,
+            "dualrate.light_calls_per_image": result.denoiser_calls if result else 0})

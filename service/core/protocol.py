@@ -45,6 +45,7 @@ class CoreConfig:
     latency_target_s: float = 2.0
     warmup: bool = True
     log_level: str = "info"
+    log_format: str = "text"  # text | json (service.core.telemetry.setup_logging)
 
     def to_json(self) -> str:
         return msgspec.json.encode(self).decode()

@@ -112,6 +112,16 @@ class GenerationSpec:
     deadline: float | None = None  # time.monotonic() deadline
     auto: bool = False  # encoder_interval "auto": the scheduler picks K at submission (service.core.autok)
     priority: Priority = Priority.INTERACTIVE
+    request_id: str = ""  # the front end's X-Request-ID: on the core's log lines about this request
+    traceparent: str = ""  # W3C trace context of the front end's request span ("" when tracing is off)
+    # A job's image resumed from a checkpoint (service.jobs; one image per spec): it starts at `start_step` from the
+    # sample `start_sample` (float32 bytes of the model's sample shape), with `start_encoder_calls` made so far. A
+    # checkpoint is taken at an encoder refresh, so the resumed image's first tick refreshes its features as the
+    # uninterrupted run's did, and its noise is a function of seed and step: the result is the same, byte for byte.
+    start_step: int = 0
+    start_sample: bytes = b""
+    start_encoder_calls: int = 0
+    checkpoint_every_s: float = 0.0  # > 0: a `checkpoint` event at an encoder refresh at most this often (service.jobs)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "priority", Priority(self.priority))
@@ -143,6 +153,8 @@ class Job:
     preview_every: int = 0  # a preview every this many steps of each image (0 = none); only with a listener
     queue_position: int = 0  # requests ahead of it when it was queued
     pending: list[Event] = field(default_factory=list)  # its previews not handed over yet
+    ticks: int = 0  # ticks that ran any of its images (counted only while tracing: a span attribute)
+    last_checkpoint: float = field(default_factory=time.monotonic)  # when its images last sent a checkpoint
 
     def cancel(self) -> None:
         """Called from any thread (client disconnect); the slot is freed at the next tick."""

@@ -53,6 +53,7 @@ class TickPlan:
     preview: tuple[bool, ...] = ()  # return this image's current x0 estimate (a streamed preview); () = none
     resumed: tuple[tuple[int, np.ndarray], ...] = ()  # (slot, z) of paused images coming back: z is restored first
     paused: tuple[int, ...] = ()  # slots whose image pauses now: their z is read back before anything else
+    snapshot: tuple[int, ...] = ()  # slots whose z is read back before the step (a job's checkpoint), and kept
 
 
 @dataclass(eq=False)
@@ -96,6 +97,7 @@ class TickOutcome:
     failed: dict[int, str] = field(default_factory=dict)  # slot -> error id (logged with the traceback)
     previews: dict[int, Preview] = field(default_factory=dict)  # slot -> x0 estimate before this step, made on use
     paused: dict[int, np.ndarray] = field(default_factory=dict)  # slot -> z of an image paused by this plan (host)
+    snapshots: dict[int, np.ndarray] = field(default_factory=dict)  # slot -> z before this step (plan.snapshot)
     encoder_rows: int = 0
     denoiser_rows: int = 0
 
@@ -166,12 +168,13 @@ class Runner:
         return self.z[slot].cpu().numpy().copy()
 
     def run(self, plan: TickPlan) -> TickOutcome:
-        out = TickOutcome(paused={slot: self.sample(slot) for slot in plan.paused})  # before the slots are reused
+        out = TickOutcome(paused={slot: self.sample(slot) for slot in plan.paused},  # before the slots are reused
+                          snapshots={slot: self.sample(slot) for slot in plan.snapshot})
         if plan.admitted:
             slots, seeds = zip(*plan.admitted, strict=True)
             self.z[list(slots)] = draw_noise(seeds, [0] * len(seeds), self.sample_shape, self.device)
-        for slot, z in plan.resumed:
-            self.z[slot] = torch.from_numpy(z).to(self.device)
+        for slot, z in plan.resumed:  # a paused image's sample, or a checkpoint's (flat float32)
+            self.z[slot] = torch.from_numpy(np.asarray(z).reshape(self.sample_shape)).to(self.device)
         if not plan.slots:
             return out
         everything = list(range(len(plan.slots)))

@@ -16,12 +16,14 @@ from collections import Counter, deque
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
 
+import numpy as np
+
 from dualrate.diffusion import step_times
 from dualrate.sampler import encoder_due, needs_uncond_row, rows_per_image
 from service.core.admission import Policy, admission_policy
 from service.core.autok import AutoK, CostModel
 from service.core.errors import Cancelled, DeadlineExceeded, EngineFailure, NotReady, QueueFull, ServiceError
-from service.core.progress import Listener, preview_due
+from service.core.progress import Event, Listener, preview_due
 from service.core.request import GenerationSpec, ImageSlot, Job, JobResult, PausedImage, Priority, request_cost
 from service.core.runner import TickOutcome, TickPlan
 from service.core.stats import SchedulerSnapshot
@@ -180,6 +182,11 @@ class Scheduler:
         self.encoder_rows += outcome.encoder_rows
         self.denoiser_rows += outcome.denoiser_rows
         failed = {a.job: outcome.failed[a.slot] for a in batch if a.slot in outcome.failed}
+        for a in batch:  # checkpoints: the sample as it stood at this step's refresh, before the step
+            if a.slot in outcome.snapshots and a.job not in failed:
+                a.job.pending.append(Event("checkpoint", {
+                    "index": a.index, "step": a.step, "encoder_interval": a.job.spec.encoder_interval,
+                    "encoder_calls": a.encoder_calls, "sample": outcome.snapshots[a.slot].tobytes()}))
         for a, due, tau in zip(batch, plan.due, plan.tau, strict=True):
             if a.job in failed:
                 continue
@@ -217,6 +224,14 @@ class Scheduler:
 
     def _plan(self, batch: list[ImageSlot]) -> TickPlan:
         due = tuple(encoder_due(a.step, a.job.spec.encoder_interval) for a in batch)
+        snapshot: tuple[int, ...] = ()
+        if any(a.job.spec.checkpoint_every_s > 0 for a in batch):
+            now = time.monotonic()
+            snapshot = tuple(a.slot for a, d in zip(batch, due, strict=True) if d and a.step > 0
+                             and 0 < a.job.spec.checkpoint_every_s <= now - a.job.last_checkpoint)
+            for a in batch:
+                if a.slot in snapshot:
+                    a.job.last_checkpoint = now
         plan = TickPlan(
             slots=tuple(a.slot for a in batch), seeds=tuple(a.job.spec.seed + a.index for a in batch),
             steps=tuple(a.step for a in batch), labels=tuple(a.job.spec.label for a in batch),
@@ -226,7 +241,7 @@ class Scheduler:
             last=tuple(a.step + 1 == a.job.spec.steps for a in batch),
             admitted=tuple(self._admitted), preview=preview_due(batch),
             resumed=tuple(self._resumed),  # type: ignore[arg-type]
-            paused=tuple(self._pausing))
+            paused=tuple(self._pausing), snapshot=snapshot)
         self._admitted, self._resumed, self._pausing = [], [], []
         return plan
 
@@ -315,9 +330,14 @@ class Scheduler:
         if job.first_admitted is None:
             job.first_admitted = time.monotonic()
         slot = self.free_slots.pop(0)
-        self._admitted.append((slot, spec.seed + i))
         guided = needs_uncond_row(spec.label, spec.guidance_scale, self.null_label)
-        self.active.append(ImageSlot(job, i, slot, guided, _times(spec.steps)))
+        image = ImageSlot(job, i, slot, guided, _times(spec.steps))
+        if spec.start_step:  # a checkpointed image: its sample goes back first, and it goes on from its step
+            self._resumed.append((slot, np.frombuffer(spec.start_sample, dtype=np.float32).copy()))
+            image.step, image.encoder_calls = spec.start_step, spec.start_encoder_calls
+        else:
+            self._admitted.append((slot, spec.seed + i))
+        self.active.append(image)
 
     def _release(self, slots: list[ImageSlot]) -> None:
         gone = set(map(id, slots))

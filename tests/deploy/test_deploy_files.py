@@ -59,6 +59,9 @@ def test_compose_passes_every_setting_the_user_sets(tmp_path):
     assert out.returncode == 0, out.stderr
     services = yaml.safe_load(out.stdout)["services"]
     expected = {f"DUALRATE_{n.upper()}" for n in Settings.model_fields} - {"DUALRATE_HOST", "DUALRATE_PORT"}
+    from service.core.telemetry import OTEL_VARIABLES
+
+    expected |= set(OTEL_VARIABLES)  # the OpenTelemetry variables that turn traces on, passed through too
     for name in ("dualrate-cpu", "dualrate-gpu", "dualrate-replica"):
         environment = services[name]["environment"]
         assert environment["DUALRATE_API_KEYS"] == "abc", name
@@ -101,7 +104,7 @@ def test_dockerfile_has_no_hadolint_errors():
 
 
 def test_prometheus_config_is_valid():
-    out = subprocess.run([tool("promtool"), "check", "config", "deploy/prometheus.yml"], cwd=ROOT,
+    out = subprocess.run([tool("promtool"), "check", "config", "deploy/prometheus/prometheus.yml"], cwd=ROOT,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 

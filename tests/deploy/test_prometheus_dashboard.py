@@ -1,4 +1,5 @@
-"""A real service, a real Prometheus scraping it, load, and every PromQL expression of the dashboard returns data."""
+"""A real service, a real Prometheus scraping it and evaluating the shipped alert rules, load, and every PromQL
+expression of the dashboard returns data."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from loadtests.process import free_port, wait_until_ok
 
 ROOT = Path(__file__).resolve().parents[2]
 DASHBOARD = ROOT / "deploy" / "grafana" / "dashboards" / "dualrate.json"
+ALERTS = ROOT / "deploy" / "prometheus" / "alerts.yml"
 
 pytestmark = pytest.mark.slow
 
@@ -30,7 +32,9 @@ def prometheus(start_server, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("prom")
     cfg = tmp / "prometheus.yml"
     cfg.write_text(
-        "global:\n  scrape_interval: 1s\nscrape_configs:\n  - job_name: dualrate\n    static_configs:\n"
+        "global:\n  scrape_interval: 1s\n  evaluation_interval: 1s\n"
+        f"rule_files:\n  - {ALERTS}\n"
+        "scrape_configs:\n  - job_name: dualrate\n    static_configs:\n"
         f"      - targets: ['127.0.0.1:{srv.port}']\n"
     )
     port = free_port()
@@ -80,3 +84,15 @@ def test_every_dashboard_query_returns_data(prometheus):
     r = httpx.get(f"{url}/api/v1/query", params={"query": "sum by (outcome) (dualrate_requests_total)"}).json()
     by_outcome = {s["metric"]["outcome"]: float(s["value"][1]) for s in r["data"]["result"]}
     assert by_outcome["ok"] > 0 and by_outcome["invalid_request"] > 0 and by_outcome["queue_full"] > 0
+    # The shipped alert rules evaluate against the real series: no rule in error, the recorded latency ratio has a
+    # value for the model, the healthy replica is ready with its core up, and nothing fires.
+    groups = httpx.get(f"{url}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    evaluated = [r for g in groups for r in g["rules"]]
+    assert len(evaluated) == 10 and all(r["health"] == "ok" for r in evaluated), evaluated
+    assert not [r["name"] for r in evaluated if r.get("state") == "firing"]
+    for query in ("dualrate:slow_ratio:rate5m", "dualrate_ready", "dualrate_engine_core_up"):
+        r = httpx.get(f"{url}/api/v1/query", params={"query": query}, timeout=10).json()
+        values = [float(v["value"][1]) for v in r["data"]["result"]]
+        assert values and not any(math.isnan(v) for v in values), (query, r)
+        if query != "dualrate:slow_ratio:rate5m":
+            assert values == [1.0], (query, values)

@@ -4,10 +4,10 @@ response builder; the stream's `done` event is exactly the body /generate answer
 Stream events, in order: `queued` (requests ahead), then `preview` (image `index`, `step`, `png_base64` of the
 current x0 estimate) every `preview_every` steps and `progress` (the least advanced image's completed steps `step`
 of `of`, images done, encoder calls so far), then `done` or `error` (the error body /generate would send, plus its
-`status`). Previews and progress come in batches, at most one per 0.25 s for all streams together
-(service.core.progress.Handover); the last step's progress comes with `done`, in one write. A request refused before it
-is queued (invalid, 401, 429, 503) gets the same HTTP error as /generate, not a stream. A client that goes away frees
-its slots at the next tick.
+`status`); every event's data has the request's `request_id`. Previews and progress come in batches, at most one per
+0.25 s for all streams together (service.core.progress.Handover); the last step's progress comes with `done`, in one
+write. A request refused before it is queued (invalid, 401, 429, 503) gets the same HTTP error as /generate, not a
+stream. A client that goes away frees its slots at the next tick.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from service.api.answers import error_event, service_error_response
 from service.api.deps import Authorized, StateDep
 from service.core import (
+    REQUEST_ID,
     Cancelled,
     CoreHandle,
     DeadlineExceeded,
@@ -42,7 +43,9 @@ from service.core import (
     Outcome,
     Priority,
     ServiceError,
+    current_traceparent,
     new_error_id,
+    span,
 )
 from service.png import encode_pngs
 from service.schemas import ErrorBody, GenerateRequest, GenerateResponse, ImageOut, StreamRequest, Timings
@@ -71,9 +74,10 @@ async def pngs(images: list[np.ndarray]) -> list[str]:
     return await asyncio.to_thread(encode_pngs, images)
 
 
-def prepare(req: GenerateRequest, state: AppState, t0: float) -> tuple[ModelEntry, CoreHandle, GenerationSpec, float]:
+def prepare(req: GenerateRequest, state: AppState, t0: float,
+            traceparent: str = "") -> tuple[ModelEntry, CoreHandle, GenerationSpec, float]:
     """Check the request against this server and its model, fill the defaults. -> (the model, its engine core,
-    spec, timeout)."""
+    spec, timeout). `traceparent`: the request's span, for the core's spans of it."""
     settings = state.settings
     entry = state.model(req.model)
     if state.core_dead is not None:
@@ -98,13 +102,14 @@ def prepare(req: GenerateRequest, state: AppState, t0: float) -> tuple[ModelEntr
     label = entry.spec.null_label if req.class_label is None else req.class_label
     priority = Priority(req.priority) if req.priority is not None else settings.default_priority
     spec = GenerationSpec(label, req.num_images, steps, k, g, seed, deadline=t0 + timeout, auto=auto,
-                          priority=priority)
+                          priority=priority, request_id=REQUEST_ID.get(), traceparent=traceparent)
     return entry, core, spec, timeout
 
 
 async def respond(req: GenerateRequest, spec: GenerationSpec, result: JobResult, t0: float,
                   model: str) -> GenerateResponse:
-    encoded = await pngs(result.images)
+    with span("encode_png", images=len(result.images)):
+        encoded = await pngs(result.images)
     return GenerateResponse(
         model=model,
         images=[ImageOut(png_base64=p, seed=s) for p, s in zip(encoded, result.seeds, strict=True)],
@@ -155,7 +160,9 @@ def abandon(job: JobHandle, fut: asyncio.Future) -> None:
 async def generate(req: GenerateRequest, request: Request, state: StateDep) -> Response:
     t0 = time.monotonic()
     try:
-        entry, core, spec, timeout = prepare(req, state, t0)
+        parent = current_traceparent()  # the request's server span (before the validate span below is current)
+        with span("validate"):
+            entry, core, spec, timeout = prepare(req, state, t0, parent)
         job = await submit_within(core, spec, t0 + timeout)
         fut = asyncio.wrap_future(job.future)
         # Wait for the result or the client going away, whichever comes first, without polling: a poll per request
@@ -190,7 +197,9 @@ async def generate_stream(req: StreamRequest, request: Request, state: StateDep)
         loop.call_soon_threadsafe(events.put_nowait, tick_events)
 
     try:
-        entry, core, spec, timeout = prepare(req, state, t0)
+        parent = current_traceparent()  # the request's server span (before the validate span below is current)
+        with span("validate"):
+            entry, core, spec, timeout = prepare(req, state, t0, parent)
         job = await submit_within(core, spec, t0 + timeout, listener, every)
     except ServiceError as e:
         return service_error_response(state, e, time.monotonic() - t0, state.model_label(req.model))
@@ -260,7 +269,9 @@ async def _stream(req: StreamRequest, state: AppState, model: str, core: CoreHan
 
 
 def _event(name: str, payload: dict[str, Any]) -> ServerSentEvent:
-    return ServerSentEvent(event=name, data=json.dumps(payload, separators=(",", ":")))
+    """An event; each carries the request's id (as `done` does: the /generate body has it)."""
+    return ServerSentEvent(event=name, data=json.dumps({**payload, "request_id": REQUEST_ID.get()},
+                                                       separators=(",", ":")))
 
 
 def _consume(fut: asyncio.Future) -> None:

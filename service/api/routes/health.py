@@ -33,11 +33,17 @@ async def live(state: StateDep) -> Response:
     return _unavailable(why) if why is not None else JSONResponse({"status": "alive"})
 
 
-@router.get("/health/ready", tags=["health"], responses={503: {"model": ErrorBody}})
-async def ready(state: StateDep) -> Response:
+def _not_ready(state: AppState) -> str | None:
+    """Why this replica takes no requests now (GET /health/ready's 503), or None."""
     why = _core_problem(state)
     if why is None and (not state.ready or state.draining):
         why = "draining" if state.draining else state.starting
+    return why
+
+
+@router.get("/health/ready", tags=["health"], responses={503: {"model": ErrorBody}})
+async def ready(state: StateDep) -> Response:
+    why = _not_ready(state)
     return _unavailable(why) if why is not None else JSONResponse({"status": "ready"})
 
 
@@ -52,4 +58,5 @@ async def metrics(state: StateDep) -> Response:
             except (TimeoutError, ServiceError):
                 status = None  # this core's series are left out of this scrape; the front end's are there
         state.metrics.core_status(status, name)
+    state.metrics.core.ready = _not_ready(state) is None
     return Response(state.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)

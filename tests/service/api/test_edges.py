@@ -68,7 +68,8 @@ def test_framework_errors_use_the_documented_error_shape(server):
     for r, status, kind in ((r404, 404, "not_found"), (r405, 405, "method_not_allowed"), (r400, 400, "invalid_request")):
         assert r.status_code == status, r.text
         body = r.json()
-        assert set(body) == {"error", "message"} and body["error"] == kind, body
+        assert set(body) == {"error", "message", "request_id"} and body["error"] == kind, body
+        assert body["request_id"] == r.headers["x-request-id"]  # the request's id, in the body and the header
     assert "UTF-8" in r400.json()["message"]
 
 
