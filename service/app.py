@@ -100,9 +100,9 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
             await store.open()
             state.jobs, state.job_worker = store, JobWorker(store, state)
             worker_task = asyncio.create_task(state.job_worker.run(), name="job-worker")
-            log.info("jobs: stored in %s (lease %g s, checkpoints every %g s, kept %g s)",
-                     store.engine.url.render_as_string(hide_password=True), settings.job_lease_s,
-                     settings.job_checkpoint_s, settings.job_ttl_s)
+            log.info("jobs: replica %s, store %s (lease %g s, checkpoints every %g s, kept %g s)",
+                     state.job_worker.replica, store.engine.url.render_as_string(hide_password=True),
+                     settings.job_lease_s, settings.job_checkpoint_s, settings.job_ttl_s)
         state.ready = True
         described = []
         for entry in entries:

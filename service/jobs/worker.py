@@ -302,7 +302,8 @@ async def job_status(store: JobStore, job: JobRow, state: AppState | None = None
         "id": job.id, "object": "job", "status": job.status, "model": job.model,
         "status_url": f"/v1/jobs/{job.id}", "num_images": job.num_images, "steps": job.steps,
         "created_at": job.created_at, "updated_at": job.updated_at, "finished_at": job.finished_at,
-        "expires_at": job.expires_at, "step": job.step, "images_done": job.images_done,
+        "expires_at": job.expires_at, "step": job.steps if job.status == "succeeded" else job.step,
+        "images_done": job.images_done,
     }
     if job.status == "queued":
         out["queue_position"] = await store.position(job)
