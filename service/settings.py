@@ -132,6 +132,9 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run both networks at start (and compile, where compiling) before ready")
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$", description="debug | info | warning | "
                            "error")
+    interactive_slowdown: float = Field(3.0, ge=0, description="while interactive images run, a tick may take at "
+                                        "most this many times their own tick: batch images (jobs) pause at their "
+                                        "encoder refresh until it fits (0 = no limit)")
     job_store: str = Field("sqlite:///artifacts/jobs/jobs.db", description="where /v1/jobs keeps its jobs: "
                            "sqlite:///PATH (an embedded file; one replica, or front-end workers of one host), "
                            "postgresql://USER:PASSWORD@HOST/DB (several replicas), or off")
@@ -291,7 +294,8 @@ class Settings(BaseSettings):
             align_encoder=self.align_encoder, reserved_slots=self.reserved_for(slots),
             small_cost=request_cost(1, defaults.steps, defaults.encoder_interval),
             lend_horizon_s=LEND_HORIZON_TARGETS * self.latency_target_s, priorities=self.priorities,
-            max_paused_images=self.max_paused_images if self.max_paused_images is not None else 4 * slots)
+            max_paused_images=self.max_paused_images if self.max_paused_images is not None else 4 * slots,
+            interactive_slowdown=self.interactive_slowdown)
         return CoreConfig(checkpoint=str(self.served_models[name or self.default_model]), engine=engine,
                           scheduler=scheduler, runner=RunnerConfig(overlap_encoder=self.overlap_encoder,
                                                                    fused=self._on(self.fused_tick,

@@ -41,6 +41,8 @@ class AdmissionView(Protocol):
 
     def resume_image(self, p: Any) -> None: ...
 
+    def batch_room(self) -> bool: ...
+
 
 class Admission:
     """Which queued images join at this tick. Chosen by `admission_policy`."""
@@ -81,14 +83,14 @@ class ContinuousAdmission(Admission):
         if s.interactive_waiting():
             return
         for p in list(s.paused):
-            if not s.free_slots:
+            if not s.free_slots or not s.batch_room():
                 return
             if p.z is None:  # paused at this very tick: its sample is read back by this tick's run
                 continue
             if self._blocked(s, p.image.job, active_k, small_waits=False):
                 continue
             s.resume_image(p)
-        if not s.paused:
+        if not s.paused and s.batch_room():
             self._jobs(s, active_k, Priority.BATCH)
 
     def _blocked(self, s: AdmissionView, job: Any, active_k: set[int], small_waits: bool) -> bool:
@@ -118,6 +120,8 @@ class ContinuousAdmission(Admission):
                     break
                 if self._blocked(s, job, active_k, small_waits):
                     continue
+                if priority is Priority.BATCH and not s.batch_room():
+                    return  # interactive images run and the tick takes its budget
                 s.admit_image(job)
                 admitted = True
                 if job.next_image == job.spec.num_images:

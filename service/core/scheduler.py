@@ -48,6 +48,10 @@ class SchedulerConfig:
     lend_horizon_s: float = 6.0  # reserved slots are lent to large images expected to finish within this
     priorities: bool = True  # interactive images first, batch images paused at a refresh boundary for them
     max_paused_images: int = 0  # batch images held paused at most (their samples in host memory)
+    # While interactive images run, a tick may take at most this many times the interactive rows' own refresh tick
+    # (the cost model's prediction): batch images pause at their encoder refresh, and none joins, until it fits.
+    # 0 = no budget. On a GPU, where a tick's time is nearly flat in its rows, it rarely binds.
+    interactive_slowdown: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -169,6 +173,7 @@ class Scheduler:
         ended = self._reap(now)
         self._preempt(now)
         self.admission.admit(self)
+        self._fit_budget(now)  # after admission: the interactive images admitted now count
         batch = sorted(self.active, key=lambda a: a.slot)  # slot order: a full batch reads the cache as views
         return Scheduled(self._plan(batch), batch, ended)
 
@@ -296,6 +301,48 @@ class Scheduler:
                and encoder_due(a.step, a.job.spec.encoder_interval) and not a.job.cancelled]
         due.sort(key=lambda a: (a.job.submitted, a.index), reverse=True)
         for a in due[:need]:
+            self.paused.append(PausedImage(a, now))
+            self._pausing.append(a.slot)
+            self._release([a])
+            self.preemptions += 1
+        self.paused.sort(key=lambda p: (p.image.job.submitted, p.image.index))
+
+    def _tick_s(self, images: list[ImageSlot], all_due: bool = False) -> float:
+        """The cost model's prediction of a tick of `images` (each refreshing where it is due, or all with
+        `all_due`)."""
+        c0, a, c1, b = self.cost.theta
+        light = sum(1 + a_.guided for a_ in images)
+        enc = sum(1 + a_.guided for a_ in images if all_due or encoder_due(a_.step, a_.job.spec.encoder_interval))
+        return c0 + a * light + ((c1 + b * enc) if enc else 0.0)
+
+    def _budget(self) -> float | None:
+        """The tick time allowed now (None: no budget: no interactive image runs or waits, or the budget is off)."""
+        if not self.config.interactive_slowdown or not self.priorities:
+            return None
+        interactive = [a for a in self.active if a.job.spec.priority is Priority.INTERACTIVE]
+        if not interactive and not self.interactive_waiting():
+            return None
+        return self.config.interactive_slowdown * self._tick_s(interactive or self.active[:1], all_due=True)
+
+    def batch_room(self) -> bool:
+        """May another batch image join (or resume) at this tick? Not while interactive images run and the tick
+        already takes its budget."""
+        budget = self._budget()
+        return budget is None or self._tick_s(self.active) < budget
+
+    def _fit_budget(self, now: float) -> None:
+        """While interactive images run, pause batch images that are due a refresh (youngest first) until the
+        predicted tick fits the budget; the others pause at their own refresh if it still does not fit then."""
+        budget = self._budget()
+        if budget is None or self._tick_s(self.active) <= budget:
+            return
+        due = [a for a in self.active if a.job.spec.priority is Priority.BATCH and a.step > 0
+               and encoder_due(a.step, a.job.spec.encoder_interval) and not a.job.cancelled]
+        due.sort(key=lambda a: (a.job.submitted, a.index), reverse=True)
+        room = self.config.max_paused_images - len(self.paused)
+        for a in due[:max(0, room)]:
+            if self._tick_s(self.active) <= budget:
+                break
             self.paused.append(PausedImage(a, now))
             self._pausing.append(a.slot)
             self._release([a])
