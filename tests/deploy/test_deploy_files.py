@@ -54,15 +54,15 @@ def test_compose_passes_every_setting_the_user_sets(tmp_path):
     (tmp_path / ".env").write_text("DUALRATE_QUEUE_SIZE=7\nDUALRATE_MAX_ACTIVE_IMAGES=5\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("DUALRATE_")}
     env.update(DUALRATE_API_KEYS="abc", DUALRATE_BIND_ADDRESS="0.0.0.0")
-    out = subprocess.run([tool("docker-compose"), "--profile", "cpu", "--profile", "gpu", "--profile", "lb", "config"],
-                         cwd=tmp_path, env=env, capture_output=True, text=True)
+    out = subprocess.run([tool("docker-compose"), "--profile", "cpu", "--profile", "gpu", "--profile", "lb",
+                          "--profile", "replicas", "config"], cwd=tmp_path, env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     services = yaml.safe_load(out.stdout)["services"]
     expected = {f"DUALRATE_{n.upper()}" for n in Settings.model_fields} - {"DUALRATE_HOST", "DUALRATE_PORT"}
     from service.core.telemetry import OTEL_VARIABLES
 
     expected |= set(OTEL_VARIABLES)  # the OpenTelemetry variables that turn traces on, passed through too
-    for name in ("dualrate-cpu", "dualrate-gpu", "dualrate-replica"):
+    for name in ("dualrate-cpu", "dualrate-gpu", "dualrate-replica", "dualrate-pg-replica"):
         environment = services[name]["environment"]
         assert environment["DUALRATE_API_KEYS"] == "abc", name
         assert str(environment["DUALRATE_QUEUE_SIZE"]) == "7" and str(environment["DUALRATE_MAX_ACTIVE_IMAGES"]) == "5"
@@ -119,6 +119,8 @@ def test_dashboard_is_valid_provisionable_json():
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
     for p in dash["panels"]:
+        if p["type"] == "row":  # a row only groups the panels below it
+            continue
         assert p["datasource"]["uid"] == ds_uid
         assert p["targets"] and all(t["expr"] for t in p["targets"])
     titles = " ".join(p["title"].lower() for p in dash["panels"])
@@ -137,3 +139,34 @@ def test_compose_publishes_on_loopback_unless_told_otherwise():
     if shutil.which("docker-compose"):
         out = subprocess.run(["docker-compose", "--profile", "cpu", "config"], cwd=ROOT, capture_output=True, text=True)
         assert out.returncode == 0 and "127.0.0.1" in out.stdout, out.stderr
+
+
+def test_the_replicas_profile_shares_one_postgres_job_store_behind_nginx():
+    """Issue 39: `--profile replicas` runs two replicas on one PostgreSQL (not published), behind nginx; the `lb`
+    replicas, which would each keep their own SQLite file, have jobs off; the single services keep theirs in a volume."""
+    import yaml
+
+    out = subprocess.run([tool("docker-compose"), "--profile", "replicas", "--profile", "lb", "--profile", "cpu",
+                          "config"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    svc = yaml.safe_load(out.stdout)["services"]
+    pg, rep = svc["postgres"], svc["dualrate-pg-replica"]
+    assert "ports" not in pg and rep["scale"] == 2 and rep["depends_on"]["postgres"]["condition"] == "service_healthy"
+    store = rep["environment"]["DUALRATE_JOB_STORE"]
+    assert store.startswith("postgresql://dualrate:") and store.endswith("@postgres:5432/dualrate")
+    assert pg["environment"]["POSTGRES_DB"] == "dualrate" and pg["environment"]["POSTGRES_USER"] == "dualrate"
+    assert svc["dualrate-replica"]["environment"]["DUALRATE_JOB_STORE"] == "off"
+    conf = (ROOT / "deploy" / "nginx" / "replicas.conf").read_text()
+    assert "server dualrate-pg-replica:8000" in conf
+
+    def mounts(service: dict) -> dict[str, str]:  # target -> source, from either rendering (v1 strings, v2 objects)
+        out = {}
+        for v in service["volumes"]:
+            source, target = (v["source"], v["target"]) if isinstance(v, dict) else v.split(":")[:2]
+            out[target] = source
+        return out
+
+    assert mounts(svc["nginx-replicas"])["/etc/nginx/conf.d/default.conf"].endswith("replicas.conf")
+    assert "/var/lib/dualrate" in mounts(svc["dualrate-cpu"])
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert dockerfile.count("DUALRATE_JOB_STORE=sqlite:////var/lib/dualrate/jobs.db") == 2  # both images

@@ -52,7 +52,7 @@ def secret_env(c: dict) -> dict[str, dict]:
     return {e["name"]: e["valueFrom"]["secretKeyRef"] for e in c["env"] if "secretKeyRef" in e.get("valueFrom", {})}
 
 
-@pytest.fixture(scope="module", params=["cpu", "gpu", "models"])
+@pytest.fixture(scope="module", params=["cpu", "gpu", "models", "jobs"])
 def overlay(request) -> tuple[str, list[dict]]:
     return request.param, render(K8S / "overlays" / request.param)
 
@@ -273,3 +273,19 @@ def test_the_readme_build_commands_are_complete_and_the_gpu_node_label_is_explai
         assert f"ARG {needed[target].split()[1].rstrip('=')}" in dockerfile  # the argument the Dockerfile reads
     (selector,) = by_kind(render(K8S / "overlays" / "gpu"), "Deployment")["spec"]["template"]["spec"]["nodeSelector"]
     assert f"`{selector}=true`" in readme and "GPU Feature Discovery" in readme
+
+
+def test_jobs_are_off_unless_the_replicas_share_a_postgres_store_from_a_secret(overlay):
+    """Issue 39: an SQLite file per pod would show each job on one pod only; the jobs overlay gives every replica the
+    PostgreSQL URL from a Secret (never written in a manifest)."""
+    name, objs = overlay
+    c = container(objs)
+    if name != "jobs":
+        assert env(c)["DUALRATE_JOB_STORE"] == "off"
+        return
+    assert "DUALRATE_JOB_STORE" not in env(c)
+    ref = secret_env(c)["DUALRATE_JOB_STORE"]
+    assert (ref["name"], ref["key"]) == ("dualrate-job-store", "url")
+    assert float(env(c)["DUALRATE_JOB_LEASE_S"]) > 0
+    readme = (K8S / "README.md").read_text()
+    assert "kubectl create secret generic dualrate-job-store" in readme and "CloudNativePG" in readme

@@ -69,7 +69,8 @@ def resolve(req: JobRequest, state: AppState) -> tuple[str, dict[str, Any]]:
         "priority": (req.priority or Priority.BATCH).value}
 
 
-@router.post("", status_code=202, response_model=JobOut, responses=ERRORS)
+@router.post("", status_code=202, response_model=JobOut, responses={
+    **ERRORS, 200: {"model": JobOut, "description": "the job an earlier submit with this Idempotency-Key made"}})
 async def submit(req: JobRequest, request: Request, state: StateDep,
                  idempotency_key: Annotated[str | None, Header(max_length=255)] = None) -> Response:
     """Queue a job (batch priority: interactive /generate goes first). 202 with its status and `Location`. The same
