@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> int:
              micro["request_id_us"])
     tmp = Path(tempfile.mkdtemp(prefix="tracing-cost-"))
     with OtlpReceiver() as rx:
-        settings = {"max_active_images": a.slots, "queue_size": 4 * a.clients, "threads": 1}
+        settings = {"max_active_images": a.slots, "max_images_per_request": a.slots, "queue_size": 4 * a.clients,
+                    "threads": 1}
         servers = {
             "off": ServerProcess(a.checkpoint, tmp / "off.log", env=plain_env, **settings),
             "on": ServerProcess(a.checkpoint, tmp / "on.log", env={**plain_env, "OTEL_EXPORTER_OTLP_ENDPOINT":
