@@ -34,7 +34,7 @@ async def one_run(url: str, jobs: int) -> dict[str, float]:
     await store.open()
     times: dict[str, list[float]] = {"submit": [], "get": [], "claim": [], "renew": [], "checkpoint": []}
 
-    async def timed(name: str, coro):  # noqa: ANN001, ANN202
+    async def timed(name: str, coro):
         t0 = time.perf_counter()
         out = await coro
         times[name].append(time.perf_counter() - t0)

@@ -37,7 +37,7 @@ class Receiver:
         rx = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers["content-length"]))
                 status = 500 if len(rx.got) < fail_first else 200
                 rx.got.append((dict(self.headers), body, status))
