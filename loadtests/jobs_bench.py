@@ -38,6 +38,14 @@ log = logging.getLogger("loadtests.jobs_bench")
 INTERACTIVE = {"class_label": 3, "steps": 32, "priority": "interactive"}
 
 
+def classes(checkpoint: Path) -> int:
+    """The model's class count (labels cycle through it)."""
+    from dualrate.checkpoint import read_card
+    from export.card import model_spec
+
+    return max(1, model_spec(read_card(checkpoint)).num_classes)
+
+
 def job_images(url: str) -> float:
     return metric(httpx.get(f"{url}/metrics", timeout=30).text, "dualrate_job_images_total")
 
@@ -102,7 +110,8 @@ def checkpoint_benchmark(checkpoint: Path, pairs: int, tmp: Path, jobs: int = 8,
                 before = job_images(srv.url)
                 t0 = time.perf_counter()
                 for j in range(jobs):
-                    httpx.post(f"{srv.url}/v1/jobs", json={"class_label": j % 10, "num_images": images,
+                    httpx.post(f"{srv.url}/v1/jobs", json={"class_label": j % classes(checkpoint),
+                                                           "num_images": images,
                                                            "steps": steps, "seed": 100 * i + j},
                                timeout=30).raise_for_status()
                 wait_done(srv.url, before + jobs * images)
@@ -141,7 +150,8 @@ def interactive_benchmark(checkpoint: Path, tmp: Path, window_s: float = 15.0) -
         slots = int(info["state"]["slots"])
         # A backlog: more job images than slots, long enough to outlast the windows below.
         for j in range(3 * slots // 16 + 4):
-            httpx.post(f"{srv.url}/v1/jobs", json={"class_label": j % 10, "num_images": 16, "steps": 128,
+            httpx.post(f"{srv.url}/v1/jobs", json={"class_label": j % classes(checkpoint), "num_images": 16,
+                                                   "steps": 128,
                                                    "seed": j}, timeout=30).raise_for_status()
         time.sleep(3.0)
         m = httpx.get(f"{srv.url}/metrics").text

@@ -11,7 +11,9 @@ from service.middleware import protected_paths
 
 
 def test_the_protected_paths_are_read_off_the_route_declarations():
-    assert protected_paths(ROUTERS) == {"/generate", "/generate/stream", "/v1/model", "/v1/models", "/v1/models/{name}"}
+    assert protected_paths(ROUTERS) == {"/generate", "/generate/stream", "/v1/model", "/v1/models", "/v1/models/{name}",
+                                        "/v1/jobs", "/v1/jobs/{job_id}", "/v1/jobs/{job_id}/events",
+                                        "/v1/jobs/{job_id}/images/{index}.png"}
     whole, one = APIRouter(dependencies=[Authorized]), APIRouter()
     whole.add_api_route("/a", lambda: None)
     one.add_api_route("/b", lambda: None, dependencies=[Authorized])
