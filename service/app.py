@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -162,7 +163,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
     minima = {k: min(e.limits.minima()[k] for e in entries) for k in entries[0].limits.minima()
               if all(k in e.limits.minima() for e in entries)}
     _limits_in_openapi(app, maxima, state.default.spec.class_names if not several else None, minima, list(state.models),
-                       protected_paths(ROUTERS) if settings.api_keys else frozenset())
+                       protected_paths(ROUTERS) if settings.api_keys else frozenset(), settings.webhook_allow)
     install_error_handlers(app)
     # Starlette would answer /static with a redirect to http://<Host header>/static/: an absolute URL built from what
     # the client sent. No slash redirects: a path is served as written or 404.
@@ -177,7 +178,7 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
 
 def _limits_in_openapi(app: FastAPI, maxima: dict[str, float], names: list[str] | None = None,
                        minima: dict[str, float] | None = None, models: list[str] | None = None,
-                       protected: frozenset[str] = frozenset()) -> None:
+                       protected: frozenset[str] = frozenset(), webhook_allow: list[str] | None = None) -> None:
     """FastAPI's OpenAPI model stores minimum/maximum as floats (2**53 - 1 came out as 9007199254740991.0 and 2**62
     as 4.611686018427388e+18); give integer fields integer limits so a schema-driven client sends valid values.
     `maxima`: request fields whose maximum depends on the model or the settings (class_label < num_classes,
@@ -201,7 +202,7 @@ def _limits_in_openapi(app: FastAPI, maxima: dict[str, float], names: list[str] 
     def openapi() -> dict:
         if app.openapi_schema is None:
             schema = build()
-            for model in ("GenerateRequest", "StreamRequest"):
+            for model in ("GenerateRequest", "StreamRequest", "JobRequest"):
                 props = schema["components"]["schemas"][model]["properties"]
                 for name, maximum in maxima.items():
                     for variant in props[name].get("anyOf", [props[name]]):
@@ -224,6 +225,18 @@ def _limits_in_openapi(app: FastAPI, maxima: dict[str, float], names: list[str] 
                     string = next(v for v in props["model"]["anyOf"] if v.get("type") == "string")
                     props["model"] = {**{k: v for k, v in props["model"].items() if k != "anyOf"}, **string}
                     schema["components"]["schemas"][model].setdefault("required", []).append("model")
+            jobs = schema["components"]["schemas"].get("JobRequest", {}).get("properties", {})
+            if "webhook" in jobs:  # the hosts this server may call, or none: a schema-valid webhook is one it takes
+                hosts = [h for h in webhook_allow or [] if not h.startswith("*.")]
+                wild = [h[2:] for h in webhook_allow or [] if h.startswith("*.")]
+                if not webhook_allow:
+                    jobs["webhook"] = {"type": "null", "description": "webhooks are off on this server "
+                                       "(DUALRATE_WEBHOOK_ALLOW)"}
+                else:
+                    alts = [re.escape(h) for h in hosts] + [r"[A-Za-z0-9.-]+\." + re.escape(w) for w in wild]
+                    for variant in jobs["webhook"].get("anyOf", [jobs["webhook"]]):
+                        if variant.get("type") == "string":
+                            variant["pattern"] = rf"^https?://({'|'.join(alts)})(:[0-9]{{1,5}})?(/[!-~]*)?$"
             if protected:  # keys are set: an HTTP bearer scheme on the routes that need one (Swagger UI's Authorize)
                 schema.setdefault("components", {})["securitySchemes"] = {"bearer": {
                     "type": "http", "scheme": "bearer",

@@ -153,6 +153,8 @@ class PrometheusStats:
                                     "(delivered, failed: retried, refused: host not allowed)", ["outcome"], registry=r)
         for delivery in ("delivered", "failed", "refused"):
             self.job_webhooks.labels(delivery)
+        for ended in ("succeeded", "failed"):
+            self.jobs_finished.labels(ended)
         self._classes: dict[str, tuple[int, list[str] | None]] = {}
         self.core = CoreCollector(policy)
         self._core_registry = CollectorRegistry()

@@ -88,6 +88,8 @@ class JobRequest(GenerateRequest):
         json_schema_extra={"examples": [{"class_label": 7, "num_images": 8, "seed": 42}]},
     )
 
+    timeout_s: None = Field(None, description="not for jobs: a job has no deadline (cancel it with DELETE "
+                            "/v1/jobs/{id})")  # type: ignore[assignment]
     webhook: str | None = Field(None, min_length=8, max_length=2048, description="http(s) URL to POST the job's "
                                 "status to when it ends, signed (Dualrate-Signature); only hosts in the server's "
                                 "DUALRATE_WEBHOOK_ALLOW")

@@ -132,6 +132,10 @@ class Settings(BaseSettings):
     warmup: bool = Field(True, description="run both networks at start (and compile, where compiling) before ready")
     log_level: str = Field("info", pattern=r"^(debug|info|warning|error)$", description="debug | info | warning | "
                            "error")
+    deadline_admission: bool = Field(True, description="refuse at submission (429 + Retry-After) a request whose "
+                                     "predicted latency at the current load lies past its deadline (timeout_s), or, "
+                                     "for an interactive encoder_interval \"auto\" request, past "
+                                     "DUALRATE_LATENCY_TARGET_S")
     interactive_slowdown: float = Field(3.0, ge=0, description="while interactive images run, a tick may take at "
                                         "most this many times their own tick: batch images (jobs) pause at their "
                                         "encoder refresh until it fits (0 = no limit)")
@@ -295,7 +299,8 @@ class Settings(BaseSettings):
             small_cost=request_cost(1, defaults.steps, defaults.encoder_interval),
             lend_horizon_s=LEND_HORIZON_TARGETS * self.latency_target_s, priorities=self.priorities,
             max_paused_images=self.max_paused_images if self.max_paused_images is not None else 4 * slots,
-            interactive_slowdown=self.interactive_slowdown)
+            interactive_slowdown=self.interactive_slowdown, deadline_admission=self.deadline_admission,
+            admit_target_s=self.latency_target_s)
         return CoreConfig(checkpoint=str(self.served_models[name or self.default_model]), engine=engine,
                           scheduler=scheduler, runner=RunnerConfig(overlap_encoder=self.overlap_encoder,
                                                                    fused=self._on(self.fused_tick,

@@ -116,6 +116,18 @@ def _validation_details(exc: RequestValidationError) -> tuple[str, list[dict]]:
     return f"invalid field(s): {', '.join(d['field'] for d in details)}", details
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """The methods of every route whose path matches the request's (a 405's Allow header)."""
+    from starlette.routing import Match
+
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match in (Match.FULL, Match.PARTIAL):
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
 def install_error_handlers(app: FastAPI) -> None:
     """Every error the app or the framework raises is answered here, in the documented error body."""
 
@@ -146,6 +158,8 @@ def install_error_handlers(app: FastAPI) -> None:
         elif exc.status_code == 405:
             message = f"{request.method} is not allowed on {request.url.path}"
         headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # every method the path takes (Starlette names only the first route's)
+            headers["Allow"] = ", ".join(allowed_methods(request))
         if exc.status_code == 413:
             message = f"the request body is larger than {state.settings.max_body_bytes} bytes (DUALRATE_MAX_BODY_BYTES)"
             headers["Connection"] = "close"  # the rest of the body is not read: the connection ends with this answer

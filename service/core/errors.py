@@ -38,8 +38,8 @@ class ServiceError(Exception):
 class QueueFull(ServiceError):
     status, kind = 429, Outcome.QUEUE_FULL
 
-    def __init__(self, retry_after_s: float) -> None:
-        super().__init__(f"the request queue is full; retry after {retry_after_s:.0f} s")
+    def __init__(self, retry_after_s: float, message: str | None = None) -> None:
+        super().__init__(message or f"the request queue is full; retry after {retry_after_s:.0f} s")
         self.retry_after_s = retry_after_s
 
 

@@ -91,7 +91,7 @@ class WireError(msgspec.Struct, array_like=True, frozen=True):
         if self.kind == LimitError.kind:
             return LimitError(self.fields or [("request", self.message)])
         if self.kind == QueueFull.kind:
-            return QueueFull(self.retry_after_s if self.retry_after_s is not None else 1.0)
+            return QueueFull(self.retry_after_s if self.retry_after_s is not None else 1.0, self.message)
         if self.kind == EngineFailure.kind:
             return EngineFailure(self.error_id or "", self.message)
         if self.kind == InternalError.kind:

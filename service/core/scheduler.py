@@ -52,6 +52,12 @@ class SchedulerConfig:
     # (the cost model's prediction): batch images pause at their encoder refresh, and none joins, until it fits.
     # 0 = no budget. On a GPU, where a tick's time is nearly flat in its rows, it rarely binds.
     interactive_slowdown: float = 0.0
+    # Deadline-aware admission: refuse at submission (429 + Retry-After) a request whose predicted latency (the work
+    # ahead of it and its own steps, at the measured costs) lies past its deadline, or, for an interactive "auto"
+    # request, past `admit_target_s` (the latency target auto trades quality for; 0 = none), when the wait is what
+    # makes it late.
+    deadline_admission: bool = False
+    admit_target_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,7 @@ class Scheduler:
         self.free_slots = list(range(config.max_active_images))
         self.ticks = 0
         self.preemptions = 0
+        self.refused_late = 0  # requests refused at submission because they could not finish in time
         self.accepting = True
         self.abort_error: ServiceError | None = None  # set by abort(): every job fails with it at the next tick
         self.encoder_rows = 0
@@ -131,6 +138,8 @@ class Scheduler:
             k = self.autok.choose(spec.steps, rows, self._queued_images() + spec.num_images, len(self.free_slots),
                                   sum(mix) / len(mix) if mix else 0.0, now)
             spec = replace(spec, encoder_interval=k)
+        if self.config.deadline_admission:
+            self._admit_in_time(spec, now)
         job = Job(spec, images=[None] * spec.num_images, listener=listener,
                   preview_every=preview_every if listener is not None else 0, queue_position=len(self.queue))
         self.queue.append(job)
@@ -160,6 +169,48 @@ class Scheduler:
         rate = self.cost.steps_per_s
         work = sum((j.spec.num_images - j.next_image) * j.spec.steps for j in self.queue)
         return max(1.0, work / rate if rate > 0 else len(self.queue) * 0.5)
+
+    def predicted_latency(self, spec: GenerationSpec) -> float:
+        """Seconds from now to `spec`'s last image, at the measured costs (0 before the first ticks). With a full
+        batch a slot frees every `image_cost` seconds on average (an image's share of the service's time), so the
+        request's last image gets a slot after as many turnovers as images wait before it beyond the free slots (an
+        interactive request has only the interactive ones ahead), and then takes its own steps at the tick time."""
+        cost = self.cost
+        if cost.tick_s <= 0:
+            return 0.0
+        batch = spec.priority is Priority.BATCH or not self.priorities
+        ahead = [j for j in self.queue if batch or j.spec.priority is Priority.INTERACTIVE]
+        waiting = sum(j.spec.num_images - j.next_image for j in ahead) + (len(self.paused) if batch else 0)
+        own = spec.steps * cost.tick_s
+        turnovers = waiting + spec.num_images - len(self.free_slots)
+        if turnovers <= 0:
+            return own
+
+        def image_s(s: GenerationSpec) -> float:
+            return cost.image_cost(s.steps, s.encoder_interval, rows_per_image(s.label, s.guidance_scale,
+                                                                               self.null_label))
+
+        running = [image_s(a.job.spec) for a in self.active] or [image_s(spec)]
+        return turnovers * sum(running) / len(running) + own
+
+    def _admit_in_time(self, spec: GenerationSpec, now: float) -> None:
+        """Deadline-aware admission: QueueFull (429 + Retry-After) for a request that cannot finish in time."""
+        limits = []
+        if spec.deadline is not None:
+            limits.append((spec.deadline - now, "its deadline (timeout_s)"))
+        if spec.auto and spec.priority is Priority.INTERACTIVE and self.config.admit_target_s > 0:
+            limits.append((self.config.admit_target_s, "the latency target (DUALRATE_LATENCY_TARGET_S)"))
+        if not limits:
+            return
+        limit, what = min(limits)
+        predicted = self.predicted_latency(spec)
+        # Refused only when the wait makes it late: a request that could not finish in time on an idle service either
+        # (a deadline shorter than its own steps take) is taken and answered as before (504 at its deadline).
+        if predicted > limit and spec.steps * self.cost.tick_s <= limit:
+            self.refused_late += 1
+            raise QueueFull(max(1.0, predicted - limit), f"at the current load this request would take about "
+                            f"{predicted:.1f} s, past {what} of {limit:.1f} s: retry later, or with a longer "
+                            "timeout_s")
 
     def _queued_images(self) -> int:
         """Images waiting for a slot: of queued requests, not yet admitted, and paused."""

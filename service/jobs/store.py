@@ -48,6 +48,8 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = "queued", "running", "succeeded", "failed", "cancelled"
+SCHEMA_LOCK = 0x6475616C72617465  # "dualrate": the advisory lock that serializes table creation on PostgreSQL
+MAX_CURSOR = 2**62  # the largest `after` a page may start from (SQLite and PostgreSQL integers are 64-bit)
 STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED)
 TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 
@@ -190,7 +192,11 @@ class JobStore:
                 cur.close()
 
     async def open(self) -> None:
+        """Create the tables where missing. Replicas starting together on one PostgreSQL take a transaction-scoped
+        advisory lock first: two concurrent CREATE TABLE IF NOT EXISTS would race on the catalog."""
         async with self.engine.begin() as conn:
+            if not self.sqlite:
+                await conn.execute(select(func.pg_advisory_xact_lock(SCHEMA_LOCK)))
             await conn.run_sync(metadata.create_all)
 
     async def close(self) -> None:

@@ -10,14 +10,24 @@ import asyncio
 import json
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import JSONResponse, Response
 from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from service.api.answers import error_response
 from service.api.deps import Authorized, StateDep
-from service.core import REQUEST_ID, LimitError, NotReady, Outcome, Priority, ServiceError
-from service.jobs.store import CANCELLED, FAILED, QUEUED, SUCCEEDED, TERMINAL, IdempotencyConflict, JobStore, owner_of
+from service.core import MAX_STEPS, REQUEST_ID, LimitError, NotReady, Outcome, Priority, ServiceError
+from service.jobs.store import (
+    CANCELLED,
+    FAILED,
+    MAX_CURSOR,
+    QUEUED,
+    SUCCEEDED,
+    TERMINAL,
+    IdempotencyConflict,
+    JobStore,
+    owner_of,
+)
 from service.jobs.webhooks import host_allowed
 from service.jobs.worker import job_status, new_seed
 from service.schemas import ErrorBody, JobList, JobOut, JobRequest
@@ -94,7 +104,7 @@ async def submit(req: JobRequest, request: Request, state: StateDep,
 
 @router.get("", response_model=JobList, responses=ERRORS)
 async def list_jobs(request: Request, state: StateDep, limit: Annotated[int, Query(ge=1, le=100)] = 20,
-                    after: Annotated[int | None, Query(ge=0, description="the `next` of the previous page")] = None
+                    after: Annotated[int | None, Query(ge=0, le=MAX_CURSOR, description="the `next` of the previous page")] = None
                     ) -> Response:
     """The caller's jobs, newest first."""
     store = _store(state)
@@ -139,7 +149,8 @@ async def cancel_job(job_id: str, request: Request, state: StateDep) -> Response
 
 @router.get("/{job_id}/images/{index}.png", response_class=Response, responses={
     **ERRORS, 200: {"content": {"image/png": {}}, "description": "the image, as /generate would encode it"}})
-async def job_image(job_id: str, index: int, request: Request, state: StateDep) -> Response:
+async def job_image(job_id: str, index: Annotated[int, Path(ge=0, le=MAX_STEPS)], request: Request,
+                    state: StateDep) -> Response:
     store, job = await _job(request, state, job_id)
     png = await store.image(job.id, index)
     if png is None:

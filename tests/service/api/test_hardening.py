@@ -266,7 +266,10 @@ def test_schemathesis_finds_nothing_over_the_published_schema(start_server, chea
                        queue_size=1000)
     out = subprocess.run([str(Path(ROOT) / ".venv/bin/schemathesis") if (Path(ROOT) / ".venv/bin/schemathesis").exists()
                           else "schemathesis", "run", f"{srv.url}/openapi.json", "--checks", "all", "-n", "1000",
-                          "--exclude-checks", "not_a_server_error", "--generation-deterministic", "-w", "1"],
+                          # use_after_free: DELETE /v1/jobs/{id} cancels a job, whose record stays readable (status
+                          # cancelled) until DUALRATE_JOB_TTL_S, as docs/jobs.md says; the check wants a 404 after it.
+                          "--exclude-checks", "not_a_server_error,use_after_free", "--generation-deterministic",
+                          "-w", "1"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     m = re.search(r"(\d+) generated, (\d+) passed", out.stdout)
     assert out.returncode == 0 and m, out.stdout[-5000:]

@@ -230,8 +230,12 @@ def test_a_small_request_after_four_at_the_caps_finishes_long_before_them(start_
     # First come first served would put the small one behind all 16 big images, round robin alone behind the first
     # wave; the reserved slot (8 // 8 = 1, which large requests cannot take) lets it start at once and finish within
     # its own 32 steps, long before even a request that got all its images into the first wave.
-    print(f"small request done after {small_done:.2f} s; the first large one after {min(first_big):.2f} s")
-    assert small_done < 0.5 * min(first_big), (small_done, first_big)
+    # Its own latency counts from its sending (0.5 s in); without the reserved slot it would wait at least for the
+    # first large request's images to free their slots, then run its own steps. (The first large request finishes
+    # after one wave or two, as its images happened to arrive before or beside the others': 3.0-6.5 s measured.)
+    small_latency = small_done - 0.5
+    print(f"small request done after {small_latency:.2f} s of its own; the first large one after {min(first_big):.2f} s")
+    assert small_latency < 0.7 * min(first_big), (small_latency, first_big)
 
 
 @pytest.mark.slow
