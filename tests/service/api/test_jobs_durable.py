@@ -90,20 +90,24 @@ def test_sqlite_jobs_survive_a_sigkill_and_resume_exactly(checkpoint_dir, tmp_pa
     store = tmp_path / "jobs.db"
     env = {"DUALRATE_JOB_STORE": f"sqlite:///{store}"}
     first = ServerProcess(checkpoint_dir, tmp_path / "first.log", env=env, **SETTINGS)
-    first.wait_ready()
-    ids = submit_jobs(first.url, 20)
-    # Kill it while jobs run: some finished, some running with checkpoints written.
-    def written() -> int:
-        db = sqlite3.connect(store)
-        try:
-            return db.execute("SELECT count(*) FROM job_checkpoints").fetchone()[0]
-        finally:
-            db.close()
+    try:
+        first.wait_ready()
+        ids = submit_jobs(first.url, 20)
+        # Kill it while jobs run: some finished, some running with checkpoints written.
+        def written() -> int:
+            db = sqlite3.connect(store)
+            try:
+                return db.execute("SELECT count(*) FROM job_checkpoints").fetchone()[0]
+            finally:
+                db.close()
 
-    wait_until(lambda: list(states(first.url).values()).count("succeeded") >= 3, 120, "3 jobs done")
-    per_checkpoint = steps_per_checkpoint(first.url)
-    wait_until(lambda: written() >= 2, 60, "checkpoints of running images")
-    ran = image_steps_run(first.url)  # what it computed, read just before the kill (a few ticks may follow)
+        wait_until(lambda: list(states(first.url).values()).count("succeeded") >= 3, 120, "3 jobs done")
+        per_checkpoint = steps_per_checkpoint(first.url)
+        wait_until(lambda: written() >= 2, 60, "checkpoints of running images")
+        ran = image_steps_run(first.url)  # what it computed, read just before the kill (a few ticks may follow)
+    except BaseException:  # it does not outlive a failure before the kill
+        first.terminate()
+        raise
     first.proc.kill()
     first.proc.wait()
     first.terminate()
@@ -168,8 +172,13 @@ def two_replicas(checkpoint_dir, tmp_path, url: str) -> tuple[ServerProcess, Ser
     env = {"DUALRATE_JOB_STORE": url}
     a = ServerProcess(checkpoint_dir, tmp_path / "a.log", env=env, **SETTINGS)
     b = ServerProcess(checkpoint_dir, tmp_path / "b.log", env=env, **SETTINGS)
-    a.wait_ready()
-    b.wait_ready()
+    try:
+        a.wait_ready()
+        b.wait_ready()
+    except BaseException:  # neither outlives a failed start
+        a.terminate()
+        b.terminate()
+        raise
     return a, b
 
 
