@@ -106,10 +106,11 @@ class Deploy:
         self.results["torch_in_image"] = torch_v
         log(f"built {TAG} in {self.results['build_seconds']} s: {size / 1e9:.2f} GB, torch {torch_v}")
         assert torch_v.endswith("None") and "+cpu" in torch_v, f"the CPU image must carry the CPU build: {torch_v}"
-        # `pip install .` without extras: serving needs no load generator, plots or progress bars.
+        # `pip install .` without extras: serving needs no load generator, plots or progress bars. (httpx is serving's
+        # own since the job webhooks: service.jobs.webhooks.)
         tooling = self.d("run", "--rm", "--entrypoint", "python", TAG, "-c",
-                         "import importlib.util as u; print(' '.join(m for m in ('httpx', 'matplotlib', 'scipy', 'tqdm',"
-                         " 'pytest') if u.find_spec(m)))").stdout.strip()
+                         "import importlib.util as u; print(' '.join(m for m in ('locust', 'matplotlib', 'scipy', "
+                         "'tqdm', 'pytest') if u.find_spec(m)))").stdout.strip()
         assert not tooling, f"the CPU image carries tooling it never runs: {tooling}"
 
     def run_container(self) -> None:

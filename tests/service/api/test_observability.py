@@ -158,6 +158,7 @@ def test_one_requests_spans_link_across_both_processes_under_the_clients_trace(t
     assert spans["core.generate"].end_ns <= server.end_ns
 
 
+@pytest.mark.slow  # a fresh interpreter importing the service (torch and all): seconds
 def test_with_tracing_off_the_service_does_not_load_the_opentelemetry_sdk():
     """No OTEL_* variable: the service's modules load without OpenTelemetry's SDK or exporter (FastAPI itself imports
     the API package), and tracing does not start (the hooks test one attribute; docs/operations.md measures what that
