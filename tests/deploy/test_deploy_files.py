@@ -168,5 +168,8 @@ def test_the_replicas_profile_shares_one_postgres_job_store_behind_nginx():
 
     assert mounts(svc["nginx-replicas"])["/etc/nginx/conf.d/default.conf"].endswith("replicas.conf")
     assert "/var/lib/dualrate" in mounts(svc["dualrate-cpu"])
+    # The single services name the image's store explicitly: a bare name would reach the container empty.
+    for name in ("dualrate-cpu", "dualrate-gpu"):
+        assert svc[name]["environment"]["DUALRATE_JOB_STORE"] == "sqlite:////var/lib/dualrate/jobs.db", name
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert dockerfile.count("DUALRATE_JOB_STORE=sqlite:////var/lib/dualrate/jobs.db") == 2  # both images
