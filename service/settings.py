@@ -181,16 +181,10 @@ class Settings(BaseSettings):
             return keys
         return v
 
-    @field_validator("webhook_allow", mode="before")
+    @field_validator("models", "webhook_allow", mode="before")
     @classmethod
-    def _split_hosts(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            return [h.strip() for h in v.split(",") if h.strip()]
-        return v
-
-    @field_validator("models", mode="before")
-    @classmethod
-    def _split_models(cls, v: Any) -> Any:
+    def _split_names(cls, v: Any) -> Any:
+        """A comma-separated list of names (models, webhook hosts), blanks dropped."""
         if isinstance(v, str):
             return [m.strip() for m in v.split(",") if m.strip()]
         return v
