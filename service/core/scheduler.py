@@ -348,15 +348,22 @@ class Scheduler:
         need = min(self.interactive_waiting() - len(self.free_slots), self.config.max_paused_images - len(self.paused))
         if need <= 0:
             return
+        for a in self._pausable()[:need]:
+            self._pause(a, now)
+        self.paused.sort(key=lambda p: (p.image.job.submitted, p.image.index))
+
+    def _pausable(self) -> list[ImageSlot]:
+        """Batch images due an encoder refresh at this tick (where pausing loses nothing), youngest request first."""
         due = [a for a in self.active if a.job.spec.priority is Priority.BATCH and a.step > 0
                and encoder_due(a.step, a.job.spec.encoder_interval) and not a.job.cancelled]
-        due.sort(key=lambda a: (a.job.submitted, a.index), reverse=True)
-        for a in due[:need]:
-            self.paused.append(PausedImage(a, now))
-            self._pausing.append(a.slot)
-            self._release([a])
-            self.preemptions += 1
-        self.paused.sort(key=lambda p: (p.image.job.submitted, p.image.index))
+        return sorted(due, key=lambda a: (a.job.submitted, a.index), reverse=True)
+
+    def _pause(self, a: ImageSlot, now: float) -> None:
+        """Take a batch image out of its slot; the runner reads its sample back in this tick's plan."""
+        self.paused.append(PausedImage(a, now))
+        self._pausing.append(a.slot)
+        self._release([a])
+        self.preemptions += 1
 
     def _tick_s(self, images: list[ImageSlot], all_due: bool = False) -> float:
         """The cost model's prediction of a tick of `images` (each refreshing where it is due, or all with
@@ -387,17 +394,11 @@ class Scheduler:
         budget = self._budget()
         if budget is None or self._tick_s(self.active) <= budget:
             return
-        due = [a for a in self.active if a.job.spec.priority is Priority.BATCH and a.step > 0
-               and encoder_due(a.step, a.job.spec.encoder_interval) and not a.job.cancelled]
-        due.sort(key=lambda a: (a.job.submitted, a.index), reverse=True)
         room = self.config.max_paused_images - len(self.paused)
-        for a in due[:max(0, room)]:
+        for a in self._pausable()[:max(0, room)]:
             if self._tick_s(self.active) <= budget:
                 break
-            self.paused.append(PausedImage(a, now))
-            self._pausing.append(a.slot)
-            self._release([a])
-            self.preemptions += 1
+            self._pause(a, now)
         self.paused.sort(key=lambda p: (p.image.job.submitted, p.image.index))
 
     def resume_image(self, p: PausedImage) -> None:
