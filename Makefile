@@ -37,14 +37,18 @@ export: runtime
 serve: export
 	exec env DUALRATE_CHECKPOINT=$(CHECKPOINT) $(BIN)/python -m service
 
+# Two pytest-xdist workers, one per core, each given whole modules (a module's server is started once); the longest
+# modules first (tests/conftest.py). PYTEST_PARALLEL= runs the tests in one process.
+PYTEST_PARALLEL ?= -n 2 --dist loadfile
+
 test: setup
 	bash scripts/install_test_tools.sh
 	$(BIN)/ruff check .
 	$(BIN)/mypy dualrate export engines service
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL)
 
 test-quick: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_PARALLEL)
 
 # Builds the CPU image from a clean clone with ../shared/docker/local-docker.sh and runs it for real (README).
 test-deploy: setup

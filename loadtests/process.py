@@ -64,7 +64,8 @@ class ServerProcess:
         raise TimeoutError(f"service not ready after {timeout} s:\n{self.log()}")
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text(errors="replace")
 
     def terminate(self) -> int:
