@@ -76,7 +76,7 @@ async def alternate(url: str, server_pid: int, body: dict, pairs: int, window: f
     # Per answered request: when its images were being computed (from the answer's timings, on this clock), who sent
     # it ("plain", or the extra clients' "control" / "streams"), and its images.
     done: list[tuple[float, float, str, int]] = []
-    previews: list[float] = []  # arrival times of preview events (counted from the raw stream)
+    previews: list[tuple[float, str]] = []  # preview events (counted from the raw stream): arrival, the sender's arm
 
     async def plain_client(c: httpx.AsyncClient, i: int) -> None:
         while True:
@@ -96,7 +96,7 @@ async def alternate(url: str, server_pid: int, body: dict, pairs: int, window: f
                 done.append(computed(sent, r.json(), arm))
                 continue
             raw = await read_stream(c, {**req, "preview_every": PREVIEW_EVERY})
-            previews.extend([time.perf_counter()] * raw.count(b"event: preview"))
+            previews.extend([(time.perf_counter(), arm)] * raw.count(b"event: preview"))
             answer = json.loads(raw[raw.rindex(b"event: done"):].split(b"data: ", 1)[1].split(b"\r\n", 1)[0])
             done.append(computed(sent, answer, arm))
 
@@ -129,7 +129,10 @@ async def alternate(url: str, server_pid: int, body: dict, pairs: int, window: f
         windows.append({"pair": k // 2 + 1, "arm": arm, "seconds": t1 - t0,
                         "plain_images_per_s": plain / (t1 - t0), "all_images_per_s": (plain + extra) / (t1 - t0),
                         "extra_images_in_other_mode": sum(n for g, n in counted if g not in ("plain", arm)),
-                        "previews": sum(t0 <= t < t1 for t in previews),
+                        # previews of requests sent in this window's mode; those of the other mode's requests still
+                        # running (a settle shorter than a request on a busy machine) apart
+                        "previews": sum(t0 <= t < t1 and a == arm for t, a in previews),
+                        "previews_in_other_mode": sum(t0 <= t < t1 and a != arm for t, a in previews),
                         "service_cpu_pct": 100 * (srv1 - srv0) / (t1 - t0),
                         "client_cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0)})
     return windows

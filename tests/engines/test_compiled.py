@@ -67,6 +67,8 @@ def test_a_restart_loads_the_compiled_networks_from_the_cache(tiny, cache_root):
     """Run after the test above filled the cache: a new process compiles the same networks from the FX graph cache."""
     code = (
         "import json, torch\n"
+        # the thread count is part of the cache key (Inductor's C++ kernels are generated for it): this process's
+        f"torch.set_num_threads({torch.get_num_threads()})\n"
         "from engines import create_engine\n"
         f"e = create_engine({str(tiny)!r}, backend='torch', device='cpu', max_batch=8, compile=True, buckets=(8,))\n"
         "e.warmup()\n"

@@ -78,12 +78,20 @@ def replica_id(log: str) -> str:
     return found
 
 
-def steps_per_checkpoint(url: str) -> float:
-    """Steps an image advances in one checkpoint interval, at this replica's measured tick time (+ K: a checkpoint
-    waits for the next encoder refresh)."""
+def steps_per_checkpoint(url: str, window_s: float = 1.0) -> float:
+    """Steps an image advances in one checkpoint interval and the write of its checkpoint (its mean time so far: the
+    snapshot is kept once the store has it), at the ticks per second this replica ran over the last `window_s` (a
+    step a tick), + K (a checkpoint waits for the next encoder refresh). The recent rate, not the run's mean tick
+    time: on a machine shared with other work the rate moves, and the kill follows this reading."""
+    def ticks() -> float:
+        return metric(httpx.get(f"{url}/metrics", timeout=30).text, "dualrate_tick_duration_seconds_count")
+
+    n0, t0 = ticks(), time.monotonic()
+    time.sleep(window_s)
+    rate = (ticks() - n0) / (time.monotonic() - t0)
     m = httpx.get(f"{url}/metrics", timeout=30).text
-    tick_s = metric(m, "dualrate_tick_duration_seconds_sum") / max(1.0, metric(m, "dualrate_tick_duration_seconds_count"))
-    return CHECKPOINT_S / tick_s + K
+    write_s = metric(m, "dualrate_job_checkpoint_seconds_sum") / max(1.0, metric(m, "dualrate_job_checkpoint_seconds_count"))
+    return (CHECKPOINT_S + write_s) * rate + K
 
 
 def test_sqlite_jobs_survive_a_sigkill_and_resume_exactly(checkpoint_dir, tmp_path):
