@@ -6,6 +6,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -37,17 +39,36 @@ def dataset_of(card: dict) -> str:
 
 
 _REFERENCE_STATS: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
+# Where reference_stats keeps them on disk (`DUALRATE_FID_CACHE`, else artifacts/fid_reference in the repository).
+DEFAULT_FID_CACHE = Path(__file__).resolve().parents[2] / "artifacts" / "fid_reference"
+
+
+def fid_cache() -> Path:
+    return Path(os.environ.get("DUALRATE_FID_CACHE") or DEFAULT_FID_CACHE)
 
 
 def reference_stats(dataset: str, arch: str, net: Classifier) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance of the test split's features in one shipped classifier's space, computed once per process
-    for those classifier weights (~7 s each on 2 cores): every later Evaluator of the same data set reuses them. The
-    key holds the weights' sha256, so a retrained classifier is measured afresh."""
+    """Mean and covariance of the test split's features in one shipped classifier's space (~7 s each on 2 cores),
+    computed once for those classifier weights and those test images: kept for the process and on disk (fid_cache(),
+    written whole or not at all), so that later Evaluators, other processes and later runs reuse them. The key holds
+    the weights' and the images' sha256: a retrained classifier or another split is measured afresh."""
     weights = classifier_dir(dataset, arch) / "classifier.safetensors"
-    key = (dataset, arch, hashlib.sha256(weights.read_bytes()).hexdigest())
+    x, _ = load_dataset(dataset, "test")
+    key = (dataset, arch, hashlib.sha256(weights.read_bytes() + x.numpy().tobytes()).hexdigest())
     if key not in _REFERENCE_STATS:
-        x, _ = load_dataset(dataset, "test")
-        mu, cov = feature_stats(batched(net.features, x))
+        path = fid_cache() / f"{dataset}-{arch}-{key[2][:16]}.npz"
+        try:
+            with np.load(path) as kept:
+                mu, cov = kept["mu"], kept["cov"]
+        except (OSError, KeyError, ValueError):
+            mu, cov = feature_stats(batched(net.features, x))
+            try:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:
+                    np.savez(f, mu=mu, cov=cov)
+                os.replace(f.name, path)
+            except OSError as e:  # a read-only checkout: computed again next time
+                log.warning("could not keep the FID reference statistics at %s (%s)", path, e)
         mu.flags.writeable = cov.flags.writeable = False  # shared by every Evaluator that follows
         _REFERENCE_STATS[key] = mu, cov
     return _REFERENCE_STATS[key]

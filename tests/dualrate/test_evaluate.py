@@ -247,3 +247,33 @@ def test_fashion_mnist_evaluator_tells_real_from_degraded_in_both_feature_spaces
         assert real[space] < 0.25 * noisy[space] and real[space] < 0.25 * blurred[space], (space, real, noisy, blurred)
     assert real["cnn"] != real["gap"]
     assert ev.accuracy(x, y) > 0.85
+
+
+def test_reference_statistics_are_kept_on_disk_for_other_processes(ev, tmp_path, monkeypatch):
+    """A new process (here: the in-process cache emptied) reads the statistics the first one wrote, without running
+    the classifier; the file is keyed by the weights and the test images."""
+    import numpy as np
+
+    import dualrate.eval.fid as fid
+    from dualrate.classifier import batched
+
+    monkeypatch.setenv("DUALRATE_FID_CACHE", str(tmp_path))
+    monkeypatch.setattr(fid, "_REFERENCE_STATS", {})
+    mu, cov = fid.reference_stats("mnist", "cnn", ev.net)
+    (kept,) = tmp_path.glob("mnist-cnn-*.npz")
+    assert (mu == ev.refs["cnn"][1]).all() and (cov == ev.refs["cnn"][2]).all()
+
+    def no_classifier(*args, **kwargs):
+        raise AssertionError("the classifier ran although the statistics were on disk")
+
+    monkeypatch.setattr(fid, "_REFERENCE_STATS", {})
+    monkeypatch.setattr(fid, "batched", no_classifier)
+    again = fid.reference_stats("mnist", "cnn", ev.net)
+    assert (again[0] == mu).all() and (again[1] == cov).all()
+    kept.write_bytes(b"half a file")  # a damaged file is measured again, not trusted, and written anew
+    monkeypatch.setattr(fid, "_REFERENCE_STATS", {})
+    monkeypatch.setattr(fid, "batched", batched)
+    again = fid.reference_stats("mnist", "cnn", ev.net)
+    assert (again[0] == mu).all() and (again[1] == cov).all()
+    with np.load(kept) as rewritten:
+        assert (rewritten["mu"] == mu).all()
