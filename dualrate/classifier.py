@@ -99,7 +99,7 @@ def load_classifier(path: Path = CLASSIFIER_DIR) -> Classifier:
     arch = json.loads(info_path.read_text()).get("kind", "cnn") if info_path.is_file() else "cnn"
     net = _NETS[arch]()
     net.load_state_dict(load_file(str(weights)))
-    return net.eval().to(memory_format=torch.channels_last)  # with batched(): see there
+    return net.eval().to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # with batched()
 
 
 @torch.no_grad()
