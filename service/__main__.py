@@ -250,7 +250,7 @@ def main() -> int:
         TRACING.shutdown()  # the last spans leave before the process does
     if app.state.dualrate.core_dead is not None:
         return 4  # the engine core died: restart
-    if server.forced:
+    if server.forced or app.state.dualrate.core_killed:  # a frozen core was stopped: what it held was lost
         return 1
     if server.drain_started is None and not server.started:
         return 3  # the start failed (the log says why)

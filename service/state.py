@@ -49,7 +49,7 @@ class AppState:
         self.starting = "starting"  # what the start-up is doing (GET /health/ready while not ready)
         self.draining = False
         self.core_dead: str | None = None  # why the engine core process stopped, once it has
-        self.core_killed = False  # a forced drain found the core frozen and stopped it (service.__main__)
+        self.core_killed = False  # a drain found the core frozen and stopped it (service.__main__, service.app)
         self.on_core_death: Callable[[str], None] | None = None  # set by the server: exit non-zero
         self.metrics = PrometheusStats(settings.policy.value)
         self.open_streams = 0  # /generate/stream responses still sending

@@ -24,7 +24,7 @@ def test_a_request_counts_in_a_window_by_the_share_of_its_computation_inside_it(
 @pytest.mark.slow
 def test_a_short_run_measures_both_arms_and_records_them(checkpoint_dir, onnx_dir, tmp_path):
     out = tmp_path / "bench.md"
-    stream_cost.main(["--checkpoint", str(checkpoint_dir), "--pairs", "2", "--window", "5", "--settle", "2.5",
+    stream_cost.main(["--checkpoint", str(checkpoint_dir), "--pairs", "2", "--window", "4", "--settle", "2",
                       "--warmup", "2", "--client-nice", "0", "--out", str(out)])
     run = json.loads(out.with_suffix(".json").read_text())["runs"][-1]
     windows = run["windows"]

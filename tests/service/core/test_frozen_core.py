@@ -79,7 +79,10 @@ def test_sigterm_with_the_core_stopped_exits_within_the_drain_and_its_grace(star
             os.kill(core, signal.SIGKILL)
     assert code not in (0, None) and took < drain_s + BEAT + 5, (code, took)
     log = srv.log()
-    assert "DUALRATE_DRAIN_TIMEOUT_S" in log and "did not answer the cancelled drain" in log, log[-3000:]
+    # The signal's drain found the core frozen, or (a status answered just before the SIGSTOP took hold) it finished
+    # and the shutdown's own drain found it: either way bounded, the core stopped, the exit non-zero.
+    assert "DUALRATE_DRAIN_TIMEOUT_S" in log, log[-3000:]
+    assert "did not answer the cancelled drain" in log or "did not answer the shutdown's drain" in log, log[-3000:]
     assert "610 s" not in log  # the status query's timeout is not the drain's
     deadline = time.monotonic() + 5
     while alive(core) and time.monotonic() < deadline:
