@@ -76,7 +76,8 @@ async def alternate(url: str, server_pid: int, body: dict, pairs: int, window: f
     # Per answered request: when its images were being computed (from the answer's timings, on this clock), who sent
     # it ("plain", or the extra clients' "control" / "streams"), and its images.
     done: list[tuple[float, float, str, int]] = []
-    previews: list[tuple[float, str]] = []  # preview events (counted from the raw stream): arrival, the sender's arm
+    # preview events (counted from the raw stream): when their request was sent, when it ended, the sender's arm
+    previews: list[tuple[float, float, str]] = []
 
     async def plain_client(c: httpx.AsyncClient, i: int) -> None:
         while True:
@@ -96,7 +97,7 @@ async def alternate(url: str, server_pid: int, body: dict, pairs: int, window: f
                 done.append(computed(sent, r.json(), arm))
                 continue
             raw = await read_stream(c, {**req, "preview_every": PREVIEW_EVERY})
-            previews.extend([(time.perf_counter(), arm)] * raw.count(b"event: preview"))
+            previews.extend([(sent, time.perf_counter(), arm)] * raw.count(b"event: preview"))
             answer = json.loads(raw[raw.rindex(b"event: done"):].split(b"data: ", 1)[1].split(b"\r\n", 1)[0])
             done.append(computed(sent, answer, arm))
 
@@ -108,10 +109,12 @@ async def alternate(url: str, server_pid: int, body: dict, pairs: int, window: f
             await asyncio.sleep(warmup)
             for k, arm in enumerate(arms(pairs)):
                 mode["now"] = arm
+                switched = time.perf_counter()
                 await asyncio.sleep(settle)
                 start = (time.perf_counter(), time.process_time(), process_cpu_s(server_pid))
                 await asyncio.sleep(window - settle)
-                spans.append((k, arm, start, (time.perf_counter(), time.process_time(), process_cpu_s(server_pid))))
+                spans.append((k, arm, switched, start,
+                              (time.perf_counter(), time.process_time(), process_cpu_s(server_pid))))
                 log.info("window %d of %d (%s) done", k + 1, 2 * pairs, arm)
                 for t in tasks:
                     if t.done():  # a client failed: stop with its error rather than measure fewer clients
@@ -122,17 +125,18 @@ async def alternate(url: str, server_pid: int, body: dict, pairs: int, window: f
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
     windows = []
-    for k, arm, (t0, cpu0, srv0), (t1, cpu1, srv1) in spans:
+    for k, arm, switched, (t0, cpu0, srv0), (t1, cpu1, srv1) in spans:
         counted = [(g, n * overlap(b, e, t0, t1)) for b, e, g, n in done if b < t1 and e > t0]
         plain = sum(n for g, n in counted if g == "plain")
         extra = sum(n for g, n in counted if g != "plain")
         windows.append({"pair": k // 2 + 1, "arm": arm, "seconds": t1 - t0,
                         "plain_images_per_s": plain / (t1 - t0), "all_images_per_s": (plain + extra) / (t1 - t0),
                         "extra_images_in_other_mode": sum(n for g, n in counted if g not in ("plain", arm)),
-                        # previews of requests sent in this window's mode; those of the other mode's requests still
-                        # running (a settle shorter than a request on a busy machine) apart
-                        "previews": sum(t0 <= t < t1 and a == arm for t, a in previews),
-                        "previews_in_other_mode": sum(t0 <= t < t1 and a != arm for t, a in previews),
+                        # previews of the requests sent in this window (from its switch on), whenever they ended; those
+                        # of the other mode's requests still running in its counted span (a settle shorter than a
+                        # request on a busy machine) apart
+                        "previews": sum(switched <= sent < t1 and a == arm for sent, _, a in previews),
+                        "previews_in_other_mode": sum(t0 <= end < t1 and a != arm for _, end, a in previews),
                         "service_cpu_pct": 100 * (srv1 - srv0) / (t1 - t0),
                         "client_cpu_pct": 100 * (cpu1 - cpu0) / (t1 - t0)})
     return windows
