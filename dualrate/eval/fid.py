@@ -52,11 +52,13 @@ def reference_stats(dataset: str, arch: str, net: Classifier) -> tuple[np.ndarra
     computed once for those classifier weights and those test images: kept for the process and on disk (fid_cache(),
     written whole or not at all), so that later Evaluators, other processes and later runs reuse them. The key holds
     the weights' and the images' sha256: a retrained classifier or another split is measured afresh."""
-    weights = classifier_dir(dataset, arch) / "classifier.safetensors"
-    x, _ = load_dataset(dataset, "test")
-    key = (dataset, arch, hashlib.sha256(weights.read_bytes() + x.numpy().tobytes()).hexdigest())
+    weight_bytes = (classifier_dir(dataset, arch) / "classifier.safetensors").read_bytes()
+    key = (dataset, arch, hashlib.sha256(weight_bytes).hexdigest())  # a process's test split does not change
     if key not in _REFERENCE_STATS:
-        path = fid_cache() / f"{dataset}-{arch}-{key[2][:16]}.npz"
+        x, _ = load_dataset(dataset, "test")
+        on_disk = hashlib.sha256(weight_bytes)
+        on_disk.update(x.numpy().tobytes())
+        path = fid_cache() / f"{dataset}-{arch}-{on_disk.hexdigest()[:16]}.npz"
         try:
             with np.load(path) as kept:
                 mu, cov = kept["mu"], kept["cov"]
