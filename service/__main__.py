@@ -33,6 +33,7 @@ from service.app import AppState, create_app, drain
 from service.core import TRACING, NotReady, setup_logging
 from service.http_limits import bounded_protocol
 from service.settings import Settings, describe_settings_error, unknown_variables
+from service.state import drain_or_stop_cores
 from service.supervisor import WORKER_FD_ENV, bind
 
 log = logging.getLogger("service")
@@ -122,16 +123,8 @@ class DrainingServer(uvicorn.Server):
     async def _after_force(self) -> None:
         """The aborted requests are answered 503 at the core's next tick; a core that does not get there within the
         heartbeat timeout is frozen: kill it, answer them here."""
-        try:
-            async with asyncio.timeout(self.kill_grace_s):
-                await drain(self.state)
-        except TimeoutError:
-            why = (f"the engine core did not answer the cancelled drain within {self.kill_grace_s:.0f} s "
-                   "(DUALRATE_CORE_HEARTBEAT_TIMEOUT_S)")
-            log.error("%s: stopping it and answering what is left 503", why)
-            for _, core in self.state.cores:
-                core.kill(why)
-            self.state.core_killed = True
+        await drain_or_stop_cores(self.state, self.kill_grace_s, "the engine core did not answer the cancelled drain "
+                                  f"within {self.kill_grace_s:.0f} s (DUALRATE_CORE_HEARTBEAT_TIMEOUT_S)")
         await asyncio.sleep(0.2)  # let those answers go out before the sockets close
 
 

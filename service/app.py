@@ -33,7 +33,7 @@ from service.core import (
 )
 from service.middleware import BodyLimit, RequestContext, protected_paths
 from service.settings import Settings
-from service.state import AppState, ModelEntry, drain
+from service.state import AppState, ModelEntry, drain, drain_or_stop_cores
 
 __all__ = ["AppState", "create_app", "drain"]
 
@@ -131,16 +131,8 @@ def create_app(settings: Settings | None = None, engine_factory: EngineFactory |
                 # Bounded: a core that froze after a signal's drain had finished (or with no signal at all) would
                 # keep this drain waiting for good; it gets the drain's time and the heartbeat's, then it is stopped.
                 bound = settings.effective_drain_timeout_s + settings.core_heartbeat_timeout_s
-                try:
-                    async with asyncio.timeout(bound):
-                        await drain(state)
-                except TimeoutError:
-                    why = (f"the engine core did not answer the shutdown's drain within {bound:.0f} s "
-                           "(DUALRATE_DRAIN_TIMEOUT_S + DUALRATE_CORE_HEARTBEAT_TIMEOUT_S)")
-                    log.error("%s: stopping it and answering what is left 503", why)
-                    for remote in remotes:
-                        remote.kill(why)
-                    state.core_killed = True
+                await drain_or_stop_cores(state, bound, f"the engine core did not answer the shutdown's drain within "
+                                          f"{bound:.0f} s (DUALRATE_DRAIN_TIMEOUT_S + DUALRATE_CORE_HEARTBEAT_TIMEOUT_S)")
                 for remote in remotes:
                     if remote.dead is None:
                         code = await remote.close()

@@ -110,3 +110,16 @@ async def drain(state: AppState, poll_s: float = 0.05) -> None:
 
     while state.core_dead is None and (not await idle() or state.open_streams):
         await asyncio.sleep(poll_s)
+
+
+async def drain_or_stop_cores(state: AppState, seconds: float, why: str) -> None:
+    """drain(), for at most `seconds`: a core that has not answered by then is frozen: each core is stopped (its
+    open requests answered 503 here), `state.core_killed` is set (the exit is non-zero), and `why` is logged."""
+    try:
+        async with asyncio.timeout(seconds):
+            await drain(state)
+    except TimeoutError:
+        log.error("%s: stopping it and answering what is left 503", why)
+        for _, core in state.cores:
+            core.kill(why)
+        state.core_killed = True
