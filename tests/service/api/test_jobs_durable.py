@@ -17,7 +17,7 @@ from loadtests.postgres import Postgres, available
 from loadtests.process import ServerProcess, metric
 
 pytestmark = pytest.mark.slow
-STEPS, K, CHECKPOINT_S = 64, 4, 0.2  # 64 steps: ~15 checkpoint intervals an image
+STEPS, K, CHECKPOINT_S = 128, 4, 0.2  # 128 steps: an image outlives several checkpoints (64 let one kill find none)
 SETTINGS = dict(max_active_images=4, max_images_per_request=2, queue_size=32, max_steps=STEPS, threads=1,
                 job_lease_s=2, job_checkpoint_s=CHECKPOINT_S)
 
