@@ -8,6 +8,9 @@ their penultimate layers the two FID feature spaces, the first one's logits the 
 - `gap`: strided convolutions with batch norm, global average pooling to 128 channels (the feature space), a linear
   head: no max pooling and no fully connected layer over positions, so its features weigh where things are differently.
 
+Each classifier's folder also keeps its test split's FID statistics (`test_stats.npz`, written after training;
+`--stats-only` rewrites them for a classifier already there).
+
 A claim about FID counts where both feature spaces agree beyond their spread (docs/model.md).
 """
 
@@ -149,7 +152,15 @@ def train(out: Path, epochs: int = 3, seed: int = 0, dataset: str = "mnist", arc
             "data": f"{DATASETS[dataset].licence}, train split ({x.shape[0]} images)"}
     (out / "classifier.json").write_text(json.dumps(info, indent=2) + "\n")
     log.info("%s classifier on %s: held-out accuracy %.4f, saved to %s", arch, dataset, acc, out)
+    write_stats(dataset, out)
     return info
+
+
+def write_stats(dataset: str, folder: Path) -> None:
+    """The test split's FID statistics in this classifier's feature space, kept beside it (dualrate.eval.fid)."""
+    from dualrate.eval.fid import write_test_stats  # the evaluator builds on this module, not the other way round
+
+    log.info("test split statistics of %s kept at %s", folder, write_test_stats(dataset, folder))
 
 
 ARCH_TEXT = {"cnn": "5 conv + fc(128) + head", "gap": "5 strided conv + batch norm, global average pool (128) + head"}
@@ -162,11 +173,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=None, help="default: checkpoints/<dataset>-classifier[-<arch>]")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: one per core)")
+    p.add_argument("--stats-only", action="store_true",
+                   help="train nothing: (re)write the test split's FID statistics beside the classifier already there")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if a.threads:
         torch.set_num_threads(a.threads)
-    train(a.out or classifier_dir(a.dataset, a.arch), a.epochs, dataset=a.dataset, arch=a.arch)
+    out = a.out or classifier_dir(a.dataset, a.arch)
+    if a.stats_only:
+        write_stats(a.dataset, out)
+    else:
+        train(out, a.epochs, dataset=a.dataset, arch=a.arch)
 
 
 if __name__ == "__main__":

@@ -41,36 +41,74 @@ def dataset_of(card: dict) -> str:
 _REFERENCE_STATS: dict[tuple[str, str, str], tuple[np.ndarray, np.ndarray]] = {}
 # Where reference_stats keeps them on disk (`DUALRATE_FID_CACHE`, else artifacts/fid_reference in the repository).
 DEFAULT_FID_CACHE = Path(__file__).resolve().parents[2] / "artifacts" / "fid_reference"
+# Beside each shipped classifier: its test split's statistics, written when it was trained (`python -m
+# dualrate.classifier`, or `--stats-only` for one already trained), so that a fresh clone measures nothing.
+SHIPPED_STATS = "test_stats.npz"
 
 
 def fid_cache() -> Path:
     return Path(os.environ.get("DUALRATE_FID_CACHE") or DEFAULT_FID_CACHE)
 
 
+def stats_key(weight_bytes: bytes, images: Tensor) -> str:
+    """sha256 of a classifier's weights and the images its statistics are of: what a kept file must carry."""
+    h = hashlib.sha256(weight_bytes)
+    h.update(images.numpy().tobytes())
+    return h.hexdigest()
+
+
+def read_stats(path: Path, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The statistics kept at `path` if they are whole and of `key` (else None: measure them again)."""
+    try:
+        with np.load(path) as kept:
+            if str(kept["key"]) == key:
+                return kept["mu"], kept["cov"]
+    except (OSError, KeyError, ValueError):
+        pass
+    return None
+
+
+def write_stats(path: Path, key: str, mu: np.ndarray, cov: np.ndarray) -> None:
+    """Written whole or not at all (a temporary file renamed over it)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:
+        np.savez(f, mu=mu, cov=cov, key=np.array(key))
+    os.chmod(f.name, 0o644)
+    os.replace(f.name, path)
+
+
+def write_test_stats(dataset: str, folder: Path) -> Path:
+    """Measure the test split's statistics in the feature space of the classifier in `folder` and keep them beside
+    it (SHIPPED_STATS): what `python -m dualrate.classifier` does after training."""
+    weight_bytes = (folder / "classifier.safetensors").read_bytes()
+    x, _ = load_dataset(dataset, "test")
+    mu, cov = feature_stats(batched(load_classifier(folder).features, x))
+    write_stats(folder / SHIPPED_STATS, stats_key(weight_bytes, x), mu, cov)
+    return folder / SHIPPED_STATS
+
+
 def reference_stats(dataset: str, arch: str, net: Classifier) -> tuple[np.ndarray, np.ndarray]:
-    """Mean and covariance of the test split's features in one shipped classifier's space (~7 s each on 2 cores),
-    computed once for those classifier weights and those test images: kept for the process and on disk (fid_cache(),
-    written whole or not at all), so that later Evaluators, other processes and later runs reuse them. The key holds
-    the weights' and the images' sha256: a retrained classifier or another split is measured afresh."""
-    weight_bytes = (classifier_dir(dataset, arch) / "classifier.safetensors").read_bytes()
+    """Mean and covariance of the test split's features in one shipped classifier's space (~13 s each at one
+    thread), looked for beside the classifier (SHIPPED_STATS), then in fid_cache(), else computed and kept there;
+    kept for the process too, so that later Evaluators reuse them. A kept file counts only if it carries the sha256
+    of these weights and these test images: a retrained classifier or another split is measured afresh."""
+    folder = classifier_dir(dataset, arch)
+    weight_bytes = (folder / "classifier.safetensors").read_bytes()
     key = (dataset, arch, hashlib.sha256(weight_bytes).hexdigest())  # a process's test split does not change
     if key not in _REFERENCE_STATS:
         x, _ = load_dataset(dataset, "test")
-        on_disk = hashlib.sha256(weight_bytes)
-        on_disk.update(x.numpy().tobytes())
-        path = fid_cache() / f"{dataset}-{arch}-{on_disk.hexdigest()[:16]}.npz"
-        try:
-            with np.load(path) as kept:
-                mu, cov = kept["mu"], kept["cov"]
-        except (OSError, KeyError, ValueError):
-            mu, cov = feature_stats(batched(net.features, x))
+        digest = stats_key(weight_bytes, x)
+        path = fid_cache() / f"{dataset}-{arch}-{digest[:16]}.npz"
+        kept = read_stats(folder / SHIPPED_STATS, digest) or read_stats(path, digest)
+        if kept is None:
+            log.info("measuring the %s test split's statistics in the %s feature space (once: kept in %s)", dataset,
+                     arch, path.parent)
+            kept = feature_stats(batched(net.features, x))
             try:
-                path.parent.mkdir(parents=True, exist_ok=True)
-                with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz", delete=False) as f:
-                    np.savez(f, mu=mu, cov=cov)
-                os.replace(f.name, path)
+                write_stats(path, digest, *kept)
             except OSError as e:  # a read-only checkout: computed again next time
                 log.warning("could not keep the FID reference statistics at %s (%s)", path, e)
+        mu, cov = kept
         mu.flags.writeable = cov.flags.writeable = False  # shared by every Evaluator that follows
         _REFERENCE_STATS[key] = mu, cov
     return _REFERENCE_STATS[key]

@@ -258,6 +258,7 @@ def test_reference_statistics_are_kept_on_disk_for_other_processes(ev, tmp_path,
     from dualrate.classifier import batched
 
     monkeypatch.setenv("DUALRATE_FID_CACHE", str(tmp_path))
+    monkeypatch.setattr(fid, "SHIPPED_STATS", "none-shipped.npz")  # as for a classifier trained before they were
     monkeypatch.setattr(fid, "_REFERENCE_STATS", {})
     mu, cov = fid.reference_stats("mnist", "cnn", ev.net)
     (kept,) = tmp_path.glob("mnist-cnn-*.npz")
@@ -277,3 +278,41 @@ def test_reference_statistics_are_kept_on_disk_for_other_processes(ev, tmp_path,
     assert (again[0] == mu).all() and (again[1] == cov).all()
     with np.load(kept) as rewritten:
         assert (rewritten["mu"] == mu).all()
+
+
+def test_shipped_statistics_are_those_of_the_shipped_classifiers_and_a_stale_file_is_not_trusted(tmp_path,
+                                                                                                 monkeypatch):
+    """Each shipped classifier carries its test split's statistics (a fresh clone measures nothing): their key is the
+    sha256 of those weights and that split, so a retrained classifier (here: a file of another key beside it) is
+    measured afresh instead of being served the old ones."""
+    import shutil
+
+    import numpy as np
+
+    import dualrate.eval.fid as fid
+    from dualrate.classifier import ARCHS, classifier_dir, load_classifier
+    from dualrate.data import load_dataset
+
+    for dataset in ("mnist", "fashion-mnist"):
+        x, _ = load_dataset(dataset, "test")
+        for arch in ARCHS:
+            folder = classifier_dir(dataset, arch)
+            key = fid.stats_key((folder / "classifier.safetensors").read_bytes(), x)
+            assert fid.read_stats(folder / fid.SHIPPED_STATS, key) is not None, (dataset, arch)
+
+    monkeypatch.setenv("DUALRATE_FID_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(fid, "_REFERENCE_STATS", {})
+    real = classifier_dir("mnist", "gap")
+    shutil.copytree(real, tmp_path / "gap")
+    with np.load(real / fid.SHIPPED_STATS) as shipped:
+        assert not (tmp_path / "cache").exists()
+        used = fid.reference_stats("mnist", "gap", load_classifier(real))
+        assert (used[0] == shipped["mu"]).all() and (used[1] == shipped["cov"]).all()
+        assert not (tmp_path / "cache").exists(), "the shipped statistics were measured again"
+        stale = tmp_path / "gap" / fid.SHIPPED_STATS
+        fid.write_stats(stale, "0" * 64, shipped["mu"] + 1.0, shipped["cov"])
+    monkeypatch.setattr(fid, "classifier_dir", lambda d, arch="cnn": tmp_path / "gap")
+    monkeypatch.setattr(fid, "_REFERENCE_STATS", {})
+    measured = fid.reference_stats("mnist", "gap", load_classifier(real))
+    assert (measured[0] == used[0]).all() and (measured[1] == used[1]).all()
+    assert list((tmp_path / "cache").glob("mnist-gap-*.npz")), "the stale file was trusted"
