@@ -18,6 +18,8 @@ def test_each_architecture_trains_on_a_data_set_and_loads_back_as_itself(tmp_pat
     rng = np.random.default_rng(0)
     write_idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 256, (300, 28, 28), dtype=np.uint8), compress=True)
     write_idx(tmp_path / "train-labels-idx1-ubyte.gz", rng.integers(0, 10, 300, dtype=np.uint8), compress=True)
+    write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 256, (40, 28, 28), dtype=np.uint8), compress=True)
+    write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", rng.integers(0, 10, 40, dtype=np.uint8), compress=True)
     monkeypatch.setenv("DUALRATE_FASHION_MNIST_DIR", str(tmp_path))
     x = torch.rand(4, 1, 32, 32) * 2 - 1
     for arch, cls in (("cnn", DigitClassifier), ("gap", GapClassifier)):
@@ -27,6 +29,8 @@ def test_each_architecture_trains_on_a_data_set_and_loads_back_as_itself(tmp_pat
         assert type(net) is cls and not net.training
         assert net.features(x).shape == (4, 128) and net(x).shape == (4, 10)
         assert json.loads((tmp_path / arch / "classifier.json").read_text())["kind"] == arch
+        with np.load(tmp_path / arch / "test_stats.npz") as stats:  # the test split's FID statistics, beside it
+            assert stats["mu"].shape == (128,) and stats["cov"].shape == (128, 128)
     # Different architectures: different feature spaces for the same images.
     a, b = load_classifier(tmp_path / "cnn").features(x), load_classifier(tmp_path / "gap").features(x)
     assert not torch.allclose(a, b)
