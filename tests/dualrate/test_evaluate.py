@@ -251,18 +251,22 @@ def test_fashion_mnist_evaluator_tells_real_from_degraded_in_both_feature_spaces
 
 def test_reference_statistics_are_kept_on_disk_for_other_processes(ev, tmp_path, monkeypatch):
     """A new process (here: the in-process cache emptied) reads the statistics the first one wrote, without running
-    the classifier; the file is keyed by the weights and the test images."""
+    the classifier; the file is keyed by the weights and the test images (here the split's first 1000: the same path
+    at a tenth of the classifier's work)."""
     import numpy as np
 
     import dualrate.eval.fid as fid
     from dualrate.classifier import batched
 
+    x, y = load_mnist("test")
+    monkeypatch.setattr(fid, "load_dataset", lambda dataset, split: (x[:1000], y[:1000]))
     monkeypatch.setenv("DUALRATE_FID_CACHE", str(tmp_path))
     monkeypatch.setattr(fid, "SHIPPED_STATS", "none-shipped.npz")  # as for a classifier trained before they were
     monkeypatch.setattr(fid, "_REFERENCE_STATS", {})
     mu, cov = fid.reference_stats("mnist", "cnn", ev.net)
     (kept,) = tmp_path.glob("mnist-cnn-*.npz")
-    assert (mu == ev.refs["cnn"][1]).all() and (cov == ev.refs["cnn"][2]).all()
+    expected = fid.feature_stats(batched(ev.net.features, x[:1000]))
+    assert (mu == expected[0]).all() and (cov == expected[1]).all()
 
     def no_classifier(*args, **kwargs):
         raise AssertionError("the classifier ran although the statistics were on disk")
@@ -278,6 +282,10 @@ def test_reference_statistics_are_kept_on_disk_for_other_processes(ev, tmp_path,
     assert (again[0] == mu).all() and (again[1] == cov).all()
     with np.load(kept) as rewritten:
         assert (rewritten["mu"] == mu).all()
+    monkeypatch.setattr(fid, "load_dataset", lambda dataset, split: (x[1:1001], y[1:1001]))  # other images: other key
+    monkeypatch.setattr(fid, "_REFERENCE_STATS", {})
+    other = fid.reference_stats("mnist", "cnn", ev.net)
+    assert len(list(tmp_path.glob("mnist-cnn-*.npz"))) == 2 and not (other[0] == mu).all()
 
 
 def test_shipped_statistics_are_those_of_the_shipped_classifiers_and_a_stale_file_is_not_trusted(tmp_path,
