@@ -112,6 +112,7 @@ def checkpoint_benchmark(checkpoint: Path, pairs: int, tmp: Path, jobs: int = 8,
                                         "DUALRATE_JOB_CHECKPOINT_S": value})
                for name, value in (("on", "5"), ("off", "0"))}
     windows = []
+    n_classes = classes(checkpoint)  # read once, not inside the timed loop
     try:
         for srv in servers.values():
             srv.wait_ready()
@@ -123,7 +124,7 @@ def checkpoint_benchmark(checkpoint: Path, pairs: int, tmp: Path, jobs: int = 8,
                 before = job_images(srv.url)
                 t0 = time.perf_counter()
                 for j in range(jobs):
-                    httpx.post(f"{srv.url}/v1/jobs", json={"class_label": j % classes(checkpoint),
+                    httpx.post(f"{srv.url}/v1/jobs", json={"class_label": j % n_classes,
                                                            "num_images": images,
                                                            "steps": steps, "seed": 100 * i + j},
                                timeout=30).raise_for_status()
@@ -162,8 +163,9 @@ def interactive_benchmark(checkpoint: Path, tmp: Path, window_s: float = 15.0) -
         info = httpx.get(f"{srv.url}/v1/model", timeout=30).json()
         slots = int(info["state"]["slots"])
         # A backlog: more job images than slots, long enough to outlast the windows below.
+        spec = card_spec(checkpoint)
         for j in range(3 * slots // 16 + 4):
-            httpx.post(f"{srv.url}/v1/jobs", json={"class_label": j % classes(checkpoint), "num_images": 16,
+            httpx.post(f"{srv.url}/v1/jobs", json={"class_label": j % max(1, spec.num_classes), "num_images": 16,
                                                    "steps": JOB_STEPS,
                                                    "seed": j}, timeout=30).raise_for_status()
         time.sleep(3.0)
@@ -171,9 +173,8 @@ def interactive_benchmark(checkpoint: Path, tmp: Path, window_s: float = 15.0) -
         active = metric(m, "dualrate_active_images")
         busy = [generate() for _ in range(5)]
         # Batch throughput: windows without and with interactive traffic (one request after another), counted in
-        # image-steps the light network ran (less the interactive requests' own) over the jobs' 128 steps: finished
+        # image-steps the light network ran (less the interactive requests' own) over the jobs' JOB_STEPS: finished
         # images arrive in bursts (the slots run in step), which a short window may miss altogether.
-        spec = card_spec(checkpoint)
         rows = rows_per_image(INTERACTIVE["class_label"], spec.defaults.guidance_scale, spec.null_label)
         alone_before = image_steps(srv.url, rows)
         time.sleep(window_s)
