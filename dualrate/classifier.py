@@ -152,11 +152,11 @@ def train(out: Path, epochs: int = 3, seed: int = 0, dataset: str = "mnist", arc
             "data": f"{DATASETS[dataset].licence}, train split ({x.shape[0]} images)"}
     (out / "classifier.json").write_text(json.dumps(info, indent=2) + "\n")
     log.info("%s classifier on %s: held-out accuracy %.4f, saved to %s", arch, dataset, acc, out)
-    write_stats(dataset, out)
+    keep_test_stats(dataset, out)
     return info
 
 
-def write_stats(dataset: str, folder: Path) -> None:
+def keep_test_stats(dataset: str, folder: Path) -> None:
     """The test split's FID statistics in this classifier's feature space, kept beside it (dualrate.eval.fid)."""
     from dualrate.eval.fid import write_test_stats  # the evaluator builds on this module, not the other way round
 
@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(a.threads)
     out = a.out or classifier_dir(a.dataset, a.arch)
     if a.stats_only:
-        write_stats(a.dataset, out)
+        keep_test_stats(a.dataset, out)
     else:
         train(out, a.epochs, dataset=a.dataset, arch=a.arch)
 
